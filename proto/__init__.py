@@ -1,0 +1,3 @@
+"""Wire messages between pied's processes. A leaf package: imports nothing from pied or workers."""
+
+from proto.messages import *  # noqa: F401,F403

@@ -1,0 +1,232 @@
+"""Every message pied's processes exchange. msgspec Structs only; this package imports nothing of ours.
+
+Wire rules (see DESIGN.md "Messages"):
+- Hot-path messages are ``array_like``, ``omit_defaults``, ``gc=False``: field order is the wire
+  format, so new fields go last and have defaults.
+- Token ids, positions and block tables travel as packed little-endian arrays in ``bytes`` fields
+  (``int32`` unless a field says otherwise), built with :func:`pack_i32` and read with
+  :func:`unpack_i32` (zero-copy ``np.frombuffer``).
+- Every request-scoped message carries ``trace_context``: the W3C ``traceparent`` of the span it
+  belongs to ("" when there is none).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Union
+
+import msgspec
+import numpy as np
+
+HOT = dict(array_like=True, omit_defaults=True, gc=False)
+
+
+def pack_i32(values) -> bytes:
+    """Pack a sequence of ints (list or ndarray) as little-endian int32 bytes."""
+    return np.ascontiguousarray(values, dtype="<i4").tobytes()
+
+
+def unpack_i32(data: bytes) -> np.ndarray:
+    """A read-only int32 view of bytes made by :func:`pack_i32` (no copy)."""
+    return np.frombuffer(data, dtype="<i4")
+
+
+def pack_f32(values) -> bytes:
+    return np.ascontiguousarray(values, dtype="<f4").tobytes()
+
+
+def unpack_f32(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<f4")
+
+
+class FinishReason(enum.IntEnum):
+    """Why a request ended. ``str()`` gives the OpenAI name."""
+
+    STOP = 0  # eos, a stop token id or a stop string
+    LENGTH = 1  # max_tokens or the model's context length
+    ABORT = 2  # aborted by the caller (disconnect, abort())
+    ERROR = 3  # the engine failed the request
+
+    def __str__(self) -> str:
+        return ("stop", "length", "abort", "error")[self.value]
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How to sample one request, shaped like vLLM's ``SamplingParams``.
+
+    Invariants (checked by :meth:`validate`): ``temperature >= 0`` (0 means greedy);
+    ``0 < top_p <= 1``; ``top_k`` of 0 or -1 disables it; ``0 <= min_p <= 1``;
+    ``repetition_penalty > 0``; ``max_tokens`` None means "until the context is full";
+    ``min_tokens <= max_tokens``; ``logprobs`` None means none, otherwise the number of top
+    alternatives (0 returns only the sampled token's logprob).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: Union[int, None] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: Union[int, None] = 16
+    min_tokens: int = 0
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: Union[int, None] = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def validate(self, max_logprobs: int = 20) -> None:
+        """Raise ``ValueError(message)`` naming the offending parameter; ``.param`` is set on it."""
+
+        def bad(param: str, message: str):
+            error = ValueError(message)
+            error.param = param  # type: ignore[attr-defined]
+            raise error
+
+        if self.n < 1:
+            bad("n", f"n must be at least 1, got {self.n}.")
+        if self.temperature < 0:
+            bad("temperature", f"temperature must be non-negative, got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < -1:
+            bad("top_k", f"top_k must be -1 (disable), 0 (disable) or at least 1, got {self.top_k}.")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", f"min_p must be in [0, 1], got {self.min_p}.")
+        if not -2 <= self.presence_penalty <= 2:
+            bad("presence_penalty", f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        if not -2 <= self.frequency_penalty <= 2:
+            bad("frequency_penalty", f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        if not 0 < self.repetition_penalty <= 2:
+            bad("repetition_penalty", f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}.")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            bad("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if self.min_tokens < 0:
+            bad("min_tokens", f"min_tokens must be non-negative, got {self.min_tokens}.")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens}).")
+        if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
+            bad("logprobs", f"logprobs must be in [0, {max_logprobs}], got {self.logprobs}.")
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            bad("stop", "stop strings must be non-empty strings.")
+        if any(t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "stop_token_ids must be non-negative token ids.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+# ---------------------------------------------------------------- frontend <-> scheduler
+
+
+class AddRequest(msgspec.Struct, tag=True, **HOT):
+    """A new request. ``prompt_token_ids`` is non-empty int32, already checked to fit the context.
+
+    ``n > 1`` is expanded by the frontend into n requests; the scheduler sees ``n == 1`` only.
+    """
+
+    request_id: str
+    prompt_token_ids: bytes
+    params: SamplingParams
+    arrival_time: float = 0.0
+    trace_context: str = ""
+
+
+class AbortRequests(msgspec.Struct, tag=True, **HOT):
+    """Drop these requests wherever they are; unknown ids are ignored. Their blocks are free
+    before the next step is planned, and each gets a final delta with ``FinishReason.ABORT``."""
+
+    request_ids: list[str]
+
+
+class TokenDelta(msgspec.Struct, **HOT):
+    """New output of one request since its previous delta.
+
+    ``token_ids`` are int32 packed. ``finish_reason`` is set on the last delta of a request
+    and only there; ``stop_token_id`` is the eos/stop token that ended it (-1 if none; the token is
+    included in ``token_ids``). ``logprobs`` (when asked) has one entry per token in ``token_ids``.
+    """
+
+    request_id: str
+    token_ids: bytes
+    finish_reason: Union[FinishReason, None] = None
+    stop_token_id: int = -1
+    num_prompt_tokens: int = 0
+    logprobs: list["TokenLogprobs"] = []
+    num_cached_tokens: int = 0
+    trace_context: str = ""
+    error: str = ""
+
+
+class TokenDeltas(msgspec.Struct, tag=True, **HOT):
+    """One step's deltas, for every request that produced output or finished in it."""
+
+    deltas: list[TokenDelta]
+
+
+class TokenLogprobs(msgspec.Struct, **HOT):
+    """Logprob of one sampled token and its ``k`` best alternatives (int32 ids, float32 values,
+    best first). Logprobs are of the model's distribution before any sampling transform."""
+
+    logprob: float
+    top_ids: bytes = b""
+    top_logprobs: bytes = b""
+
+
+# ---------------------------------------------------------------- scheduler <-> executor
+
+
+class NewRequestData(msgspec.Struct, **HOT):
+    """Sent to the executor the first time a request is scheduled (and only then), so it can keep
+    per-request sampling state (generator, penalty counts) until the request is finished."""
+
+    request_id: str
+    prompt_token_ids: bytes
+    params: SamplingParams
+
+
+class StepPlan(msgspec.Struct, tag=True, **HOT):
+    """One forward pass. For the i-th scheduled request:
+
+    - ``num_scheduled_tokens[i]`` tokens, ``token_ids`` concatenated in request order;
+    - its first token sits at position ``start_positions[i]`` (tokens before it are in the cache);
+    - ``block_tables``: its block ids concatenated, ``num_blocks[i]`` of them, covering every
+      position up to ``start_positions[i] + num_scheduled_tokens[i]``;
+    - ``sample[i]`` (uint8) is 1 when the last scheduled token is the request's last known token,
+      so a new token is sampled after it.
+
+    ``finished_request_ids``: requests whose executor state can be dropped (sent once).
+    Block ids in ``[0, num_device_blocks)`` are device blocks.
+    """
+
+    step_id: int
+    request_ids: list[str]
+    num_scheduled_tokens: bytes
+    token_ids: bytes
+    start_positions: bytes
+    num_blocks: bytes
+    block_tables: bytes
+    sample: bytes
+    new_requests: list[NewRequestData] = []
+    finished_request_ids: list[str] = []
+
+
+class StepResult(msgspec.Struct, tag=True, **HOT):
+    """What a StepPlan produced: one sampled token (int32) per request with ``sample[i] == 1``,
+    in plan order. ``logprobs`` is empty unless some request asked; then it has one entry per
+    sampled token (``None`` for requests that did not ask). Times are seconds."""
+
+    step_id: int
+    sampled_token_ids: bytes
+    logprobs: list[Union[TokenLogprobs, None]] = []
+    forward_time: float = 0.0
+    step_time: float = 0.0
+    error: str = ""
+
+
+HotMessage = Union[AddRequest, AbortRequests, TokenDeltas, StepPlan, StepResult]

@@ -1,0 +1,131 @@
+"""Tiny Hugging Face model folders built on the spot (nothing is downloaded).
+
+``build_model_dir(path, arch)`` writes config.json, safetensors weights (optionally sharded),
+generation_config.json, tokenizer.json (a byte-level BPE trained on Python's bundled docs) and
+tokenizer_config.json with a chat template, using transformers itself so the folders look exactly
+like the ones users download.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+BOS, EOS, IM_END = 1, 2, 4
+
+ARCHES = ("llama", "qwen2", "mistral")
+
+
+def corpus_lines() -> list[str]:
+    import pydoc_data.topics
+
+    text = "\n".join(pydoc_data.topics.topics.values())
+    return [line for line in text.splitlines() if line.strip()]
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_json(vocab_size: int) -> str:
+    """A byte-level BPE tokenizer (lossless for any UTF-8) as a tokenizer.json string."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus_lines(), trainer=trainer)
+    return tok.to_str()
+
+
+def model_config(arch: str, vocab_size: int = 512, **overrides):
+    import transformers
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        tie_word_embeddings=False,
+        initializer_range=0.2,  # peaked logits, so greedy comparisons rarely meet near-ties
+    )
+    common.update(overrides)
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "mistral": transformers.MistralConfig,
+    }[arch]
+    if arch == "mistral":
+        common.setdefault("sliding_window", 4096)
+    return cls(**common)
+
+
+def build_model_dir(
+    path: str | Path,
+    arch: str = "llama",
+    *,
+    vocab_size: int = 512,
+    sharded: bool = False,
+    seed: int = 0,
+    dtype: str = "float32",
+    extra_eos: list[int] | None = None,
+    **config_overrides,
+) -> Path:
+    """Write a random tiny model folder of ``arch`` to ``path`` and return the path."""
+    import torch
+    import transformers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model_config(arch, vocab_size=vocab_size, **config_overrides)
+    torch.manual_seed(seed)
+    model_cls = {
+        "llama": transformers.LlamaForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
+        "mistral": transformers.MistralForCausalLM,
+    }[arch]
+    model = model_cls(config).to(getattr(torch, dtype))
+    model.eval()
+    save_kwargs = {"max_shard_size": "60KB"} if sharded else {}
+    model.save_pretrained(path, **save_kwargs)
+
+    generation = {"bos_token_id": BOS, "eos_token_id": [EOS] + list(extra_eos or [])}
+    (path / "generation_config.json").write_text(json.dumps(generation))
+    (path / "tokenizer.json").write_text(tokenizer_json(vocab_size))
+    tokenizer_config = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "</s>",
+        "add_bos_token": True,
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": config.max_position_embeddings,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return path
+
+
+def load_hf_model(path: str | Path):
+    """The transformers reference model for a folder (fp32, eval mode)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.eval()
+    return model
