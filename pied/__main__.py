@@ -1,0 +1,5 @@
+import sys
+
+from pied.cli import main
+
+sys.exit(main())

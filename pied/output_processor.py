@@ -1,0 +1,100 @@
+"""Turns the engine's token deltas into text: incremental detokenisation, stop strings, logprobs.
+
+One :class:`ChoiceState` per engine request (a request with ``n`` choices is ``n`` engine requests).
+Shared by ``pied.LLM`` and the HTTP API so both produce the same text for the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import proto
+from pied.detokenizer import IncrementalDetokenizer
+from pied.tokenizer import Tokenizer
+
+
+@dataclass
+class ChoiceUpdate:
+    """What one delta changed for one choice."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # True when the frontend itself ended the request (a stop string): the engine must abort it.
+    abort_engine: bool = False
+    error: str = ""
+
+
+def logprobs_dicts(entries: list[proto.TokenLogprobs], token_ids: list[int]) -> list[dict[int, float]]:
+    """vLLM-style logprobs: per token, {token_id: logprob}, the sampled token first."""
+    result = []
+    for token_id, entry in zip(token_ids, entries):
+        top = dict(zip(proto.unpack_i32(entry.top_ids).tolist(), proto.unpack_f32(entry.top_logprobs).tolist()))
+        result.append({token_id: entry.logprob, **{k: v for k, v in top.items() if k != token_id}})
+    return result
+
+
+@dataclass
+class ChoiceState:
+    """The frontend's state for one engine request."""
+
+    request_id: str
+    index: int
+    prompt_token_ids: list[int]
+    params: proto.SamplingParams
+    tokenizer: Tokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.detokenizer = IncrementalDetokenizer(self.tokenizer, self.prompt_token_ids, self.params)
+        if self.params.logprobs is not None:
+            self.logprobs = []
+
+    @property
+    def text(self) -> str:
+        return self.detokenizer.text
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def update(self, delta: proto.TokenDelta) -> ChoiceUpdate:
+        """Apply one delta. After a stop string the rest of the delta is dropped."""
+        if self.finished:
+            return ChoiceUpdate("", [])
+        new_ids = proto.unpack_i32(delta.token_ids).tolist()
+        self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
+        # The eos / stop token that ended the request is kept in token_ids but not in the text.
+        text_ids = new_ids
+        if delta.finish_reason == proto.FinishReason.STOP and delta.stop_token_id >= 0 and new_ids:
+            text_ids = new_ids[:-1]
+        text = self.detokenizer.push(text_ids) if text_ids else ""
+        update = ChoiceUpdate(text, new_ids)
+        if self.detokenizer.stopped:
+            # A stop string. Deltas carry one token per step while decoding, so the tokens kept are
+            # those up to the one that completed it.
+            update.finish_reason = "stop"
+            update.stop_reason = self.detokenizer.stop_reason
+            update.abort_engine = delta.finish_reason is None
+        elif delta.finish_reason is not None:
+            update.text += self.detokenizer.finish()
+            update.finish_reason = str(delta.finish_reason)
+            update.stop_reason = delta.stop_token_id if delta.stop_token_id >= 0 else None
+            update.error = delta.error
+        if self.logprobs is not None and delta.logprobs:
+            entries = delta.logprobs[: len(update.token_ids)]
+            update.logprobs = logprobs_dicts(entries, update.token_ids)
+            self.logprobs.extend(update.logprobs)
+            self.cumulative_logprob += sum(e.logprob for e in entries)
+        self.token_ids.extend(update.token_ids)
+        if update.finish_reason is not None:
+            self.finish_reason = update.finish_reason
+            self.stop_reason = update.stop_reason
+        return update
