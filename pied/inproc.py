@@ -30,8 +30,9 @@ class EngineCore:
         self.scheduler = Scheduler(self.config, self.runner.num_device_blocks, self.eos_token_ids, self.max_model_len)
         self.num_steps = 0
 
-    def add_request(self, request: proto.AddRequest) -> None:
-        self.scheduler.add_request(request)
+    def add_request(self, request: proto.AddRequest) -> list[proto.TokenDelta]:
+        """Usually no deltas; one final ERROR delta for a request the scheduler can never run."""
+        return self.scheduler.add_request(request)
 
     def abort(self, request_ids: list[str]) -> list[proto.TokenDelta]:
         return self.scheduler.abort_requests(request_ids)
@@ -129,7 +130,7 @@ class InprocEngineClient:
                         self._deliver(core.abort([r for r in list(self._streams)]))
                         return
                     if isinstance(message, proto.AddRequest):
-                        core.add_request(message)
+                        self._deliver(core.add_request(message))
                     else:
                         self._deliver(core.abort(message.request_ids))
                 if not core.has_unfinished():

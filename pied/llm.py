@@ -111,7 +111,8 @@ class LLM:
                 choices[request.request_id] = ChoiceState(
                     request.request_id, index, token_ids, request.params, self.tokenizer
                 )
-                self.engine.add_request(request)
+                for delta in self.engine.add_request(request):
+                    choices[delta.request_id].update(delta)
 
         try:
             while self.engine.has_unfinished():

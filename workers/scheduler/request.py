@@ -1,0 +1,133 @@
+"""Per-request state on the scheduler: tokens, progress through the cache, blocks, and how it ended."""
+
+from __future__ import annotations
+
+import enum
+import sys
+import time
+from array import array
+
+from proto import AddRequest, FinishReason, SamplingParams
+
+# Token ids and block tables are kept as ``array('i')`` so a step packs them with a memcpy: the wire
+# format is little-endian int32 (proto.pack_i32), which is array('i')'s native layout here.
+if sys.byteorder != "little" or array("i").itemsize != 4:
+    raise ImportError("pied's scheduler packs int32 arrays natively and needs a little-endian platform.")
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0  # queued: never run yet, or preempted and waiting to be recomputed
+    RUNNING = 1  # holds blocks; scheduled in every step the token budget allows
+    FINISHED = 2
+
+
+class Request:
+    """One request as the scheduler sees it. Only the scheduler mutates it.
+
+    ``token_ids`` holds the prompt followed by the output so far. ``num_computed_tokens`` of them
+    have their K/V in the cache, in the blocks of ``block_table`` (block ``j`` holds positions
+    ``[j * block_size, (j + 1) * block_size)``).
+    """
+
+    __slots__ = (
+        "request_id",
+        "token_ids",
+        "num_prompt_tokens",
+        "packed_prompt_token_ids",
+        "params",
+        "stop_token_ids",
+        "max_num_tokens",
+        "block_table",
+        "num_computed_tokens",
+        "status",
+        "arrival_time",
+        "trace_context",
+        "finish_reason",
+        "stop_token_id",
+        "error",
+        "executor_has_state",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        packed_prompt_token_ids: bytes,
+        params: SamplingParams,
+        *,
+        eos_token_ids: frozenset[int] | set[int],
+        max_model_len: int,
+        arrival_time: float = 0.0,
+        trace_context: str = "",
+    ) -> None:
+        self.request_id = request_id
+        self.token_ids = array("i")
+        self.token_ids.frombytes(packed_prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.packed_prompt_token_ids = packed_prompt_token_ids
+        self.params = params
+        # Derived once so the per-token stop check is one set lookup and one comparison.
+        stop_token_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_token_ids |= eos_token_ids
+        self.stop_token_ids = frozenset(stop_token_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else max_model_len
+        self.max_num_tokens = min(self.num_prompt_tokens + max_tokens, max_model_len)
+        self.block_table = array("i")
+        self.num_computed_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.arrival_time = arrival_time or time.time()
+        self.trace_context = trace_context
+        self.finish_reason: FinishReason | None = None
+        self.stop_token_id = -1
+        self.error = ""
+        # Whether the executor got this request's NewRequestData (sent once, kept across preemption).
+        self.executor_has_state = False
+
+    @classmethod
+    def from_message(
+        cls, msg: AddRequest, eos_token_ids: frozenset[int] | set[int], max_model_len: int
+    ) -> Request:
+        return cls(
+            msg.request_id,
+            msg.prompt_token_ids,
+            msg.params,
+            eos_token_ids=eos_token_ids,
+            max_model_len=max_model_len,
+            arrival_time=msg.arrival_time,
+            trace_context=msg.trace_context,
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> array:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> array:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Known tokens whose K/V is not in the cache yet (what the next steps must compute)."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, {self.status.name}, tokens={self.num_prompt_tokens}+"
+            f"{self.num_output_tokens}, computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
+        )
