@@ -1,0 +1,204 @@
+"""Reading a Hugging Face model folder: the fields pied uses, both rope formats, dtypes, and errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pied.model_config import (
+    SUPPORTED_ARCHITECTURES,
+    ModelConfig,
+    ModelFolderError,
+    RopeConfig,
+    resolve_dtype,
+)
+
+
+def editable_copy(folder: Path, tmp_path: Path) -> Path:
+    return shutil.copytree(folder, tmp_path / "model")
+
+
+def edit_config(folder: Path, **changes) -> None:
+    """Set (or with value None, remove) top-level keys of config.json."""
+    file = folder / "config.json"
+    config = json.loads(file.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    file.write_text(json.dumps(config))
+
+
+def test_llama_fields(tiny_model_dir):
+    config = ModelConfig.from_folder(tiny_model_dir("llama"))
+    assert config.architecture == "LlamaForCausalLM"
+    assert (config.hidden_size, config.intermediate_size, config.num_layers) == (64, 128, 2)
+    assert (config.num_heads, config.num_kv_heads, config.head_dim) == (4, 2, 16)
+    assert (config.vocab_size, config.max_position_embeddings, config.rms_norm_eps) == (512, 512, 1e-6)
+    assert not config.tie_word_embeddings and not config.qkv_bias and not config.o_proj_bias
+    assert config.rope == RopeConfig(theta=10000.0, original_max_position_embeddings=512)
+    assert config.layer_sliding_windows == (None, None)
+    assert config.dtype == "float32" and config.bos_token_id == 1 and config.eos_token_ids == {2}
+
+
+def test_qwen2_always_has_qkv_bias(tiny_model_dir):
+    config = ModelConfig.from_folder(tiny_model_dir("qwen2", sharded=True))
+    assert config.qkv_bias and not config.o_proj_bias
+    assert config.layer_sliding_windows == (None, None)  # use_sliding_window is off
+
+
+def test_llama_attention_bias_covers_all_projections(tiny_model_dir, tmp_path):
+    folder = editable_copy(tiny_model_dir("llama"), tmp_path)
+    edit_config(folder, attention_bias=True)
+    config = ModelConfig.from_folder(folder)
+    assert config.qkv_bias and config.o_proj_bias
+
+
+def test_sliding_windows(tiny_model_dir, tmp_path):
+    assert ModelConfig.from_folder(tiny_model_dir("mistral")).layer_sliding_windows == (4096, 4096)
+    qwen = editable_copy(tiny_model_dir("qwen2", sharded=True), tmp_path)
+    edit_config(qwen, use_sliding_window=True, sliding_window=8, max_window_layers=1, layer_types=None)
+    assert ModelConfig.from_folder(qwen).layer_sliding_windows == (None, 8)
+    edit_config(qwen, layer_types=["sliding_attention", "full_attention"])
+    assert ModelConfig.from_folder(qwen).layer_sliding_windows == (8, None)
+
+
+def test_rope_formats_agree(tiny_model_dir, tmp_path):
+    scaling = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    folder = tiny_model_dir("llama", rope_scaling={"rope_type": "llama3", **scaling}, rope_theta=500000.0)
+    new_format = ModelConfig.from_folder(folder).rope
+    assert new_format == RopeConfig(theta=500000.0, type="llama3", **scaling)
+    old = editable_copy(folder, tmp_path)
+    edit_config(old, rope_parameters=None, rope_theta=500000.0, rope_scaling={"type": "llama3", **scaling})
+    assert ModelConfig.from_folder(old).rope == new_format
+    edit_config(old, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert (
+        ModelConfig.from_folder(old).rope.type == "linear" and ModelConfig.from_folder(old).rope.factor == 2.0
+    )
+
+
+def test_defaults_for_optional_keys(tiny_model_dir, tmp_path):
+    folder = editable_copy(tiny_model_dir("llama"), tmp_path)
+    edit_config(
+        folder,
+        num_key_value_heads=None,
+        head_dim=None,
+        rope_parameters=None,
+        dtype=None,
+        torch_dtype="bfloat16",
+    )
+    config = ModelConfig.from_folder(folder)
+    assert (config.num_kv_heads, config.head_dim, config.rope.theta) == (4, 16, 10000.0)
+    assert config.dtype == "bfloat16"
+
+
+def test_eos_ids_merge_config_and_generation_config(tiny_model_dir, tmp_path):
+    folder = editable_copy(tiny_model_dir("llama", extra_eos=[4]), tmp_path)
+    assert ModelConfig.from_folder(folder).eos_token_ids == {2, 4}
+    edit_config(folder, eos_token_id=[2, 7])
+    (folder / "generation_config.json").unlink()
+    assert ModelConfig.from_folder(folder).eos_token_ids == {2, 7}
+
+
+@pytest.mark.parametrize(
+    "name, config_dtype, device, expected",
+    [
+        ("auto", "bfloat16", "cpu", torch.bfloat16),
+        ("auto", "float32", "cuda", torch.float32),
+        ("auto", "float16", "cuda", torch.float16),
+        ("auto", "float16", "cpu", torch.float32),  # CPU float16 matmuls are slow: auto avoids them
+        ("float16", "float32", "cpu", torch.float16),  # explicit wins
+        ("fp16", "float32", "cuda", torch.float16),
+        ("half", "float32", "cuda", torch.float16),
+        ("bf16", "float32", "cpu", torch.bfloat16),
+        ("fp32", "bfloat16", "cuda", torch.float32),
+        ("float", "bfloat16", "cuda", torch.float32),
+    ],
+)
+def test_resolve_dtype(name, config_dtype, device, expected):
+    assert resolve_dtype(name, config_dtype, device) == expected
+
+
+def test_resolve_dtype_rejects_unknown_names():
+    with pytest.raises(ValueError, match="int8"):
+        resolve_dtype("int8", "float32", "cpu")
+
+
+# ---------------------------------------------------------------- errors name the file at fault
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ModelFolderError, match=f"{tmp_path / 'nope'}: model folder does not exist"):
+        ModelConfig.from_folder(tmp_path / "nope")
+
+
+def test_missing_config_json(tiny_model_dir, tmp_path):
+    folder = editable_copy(tiny_model_dir("llama"), tmp_path)
+    (folder / "config.json").unlink()
+    with pytest.raises(ModelFolderError, match="config.json: not found"):
+        ModelConfig.from_folder(folder)
+
+
+@pytest.mark.parametrize("file", ["config.json", "generation_config.json"])
+def test_invalid_json(tiny_model_dir, tmp_path, file):
+    folder = editable_copy(tiny_model_dir("llama"), tmp_path)
+    (folder / file).write_text('{"hidden_size": 64,')
+    with pytest.raises(ModelFolderError, match=f"{folder / file}: invalid JSON"):
+        ModelConfig.from_folder(folder)
+
+
+def test_unsupported_architecture_lists_supported_ones(tiny_model_dir, tmp_path):
+    folder = editable_copy(tiny_model_dir("llama"), tmp_path)
+    edit_config(folder, architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    with pytest.raises(ModelFolderError) as error:
+        ModelConfig.from_folder(folder)
+    message = str(error.value)
+    assert str(folder / "config.json") in message and "GPT2LMHeadModel" in message
+    assert all(name in message for name in SUPPORTED_ARCHITECTURES)
+
+
+def test_architecture_from_model_type_when_architectures_missing(tiny_model_dir, tmp_path):
+    folder = editable_copy(tiny_model_dir("mistral"), tmp_path)
+    edit_config(folder, architectures=None)
+    assert ModelConfig.from_folder(folder).architecture == "MistralForCausalLM"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(hidden_size=None), "'hidden_size' must be a positive integer"),
+        (dict(num_key_value_heads=3), "must be a multiple of num_key_value_heads"),
+        (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+        (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope type 'yarn'"),
+        (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4}), "needs a 'factor'"),
+        (dict(dtype="int4"), "dtype 'int4'"),
+    ],
+)
+def test_bad_config_values(tiny_model_dir, tmp_path, changes, message):
+    folder = editable_copy(tiny_model_dir("llama"), tmp_path)
+    edit_config(folder, **changes)
+    with pytest.raises(ModelFolderError, match=message) as error:
+        ModelConfig.from_folder(folder)
+    assert str(folder / "config.json") in str(error.value)
+
+
+@pytest.mark.parametrize("leftover", [None, "pytorch_model.bin"])
+def test_missing_weights(tiny_model_dir, tmp_path, leftover):
+    folder = editable_copy(tiny_model_dir("llama"), tmp_path)
+    (folder / "model.safetensors").unlink()
+    if leftover:
+        (folder / leftover).write_bytes(b"")
+    with pytest.raises(ModelFolderError, match="no weights found") as error:
+        ModelConfig.from_folder(folder)
+    assert str(folder) in str(error.value) and "model.safetensors" in str(error.value)
+    assert ("convert" in str(error.value)) == bool(leftover)

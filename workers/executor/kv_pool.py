@@ -1,0 +1,78 @@
+"""The device KV page pool: one flat tensor of pages shared by every layer (DESIGN.md "KV memory").
+
+A page holds ``block_size`` tokens of one layer's K and V: the pool is
+``[num_pages, 2, block_size, num_kv_heads, head_dim]`` (index 0 of dim 1 is K, 1 is V). Device
+block ``b`` of layer ``l`` is page ``l * D + b`` where ``D = num_device_blocks``, so a paged
+attention kernel given (pool, page table) works unchanged on every layer. Pages after the
+``L * D`` device pages (``num_extra_pages``) are free for host-pooling staging areas.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GIB = 1 << 30
+
+
+def kv_bytes_per_block(
+    num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    """Bytes one block costs across all layers (a block id owns one page per layer)."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return num_layers * 2 * block_size * num_kv_heads * head_dim * element_size
+
+
+def num_blocks_that_fit(num_bytes: float, bytes_per_block: int) -> int:
+    """How many whole blocks fit in ``num_bytes``."""
+    return int(num_bytes // bytes_per_block)
+
+
+class KVPool:
+    """Owns the page tensor; knows nothing about which sequence uses which block."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_device_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        num_extra_pages: int = 0,
+    ) -> None:
+        if num_device_blocks < 1:
+            raise ValueError(f"the KV pool needs at least one device block, got {num_device_blocks}.")
+        self.num_layers = num_layers
+        self.num_device_blocks = num_device_blocks
+        self.block_size = block_size
+        self.num_extra_pages = num_extra_pages
+        # Zeroed, not empty: attention reads whole pages, and a masked slot still multiplies its V
+        # by a zero weight, which only gives zero if the never-written V is finite.
+        self.pages = torch.zeros(
+            (num_layers * num_device_blocks + num_extra_pages, 2, block_size, num_kv_heads, head_dim),
+            dtype=dtype,
+            device=device,
+        )
+
+    @property
+    def num_device_pages(self) -> int:
+        return self.num_layers * self.num_device_blocks
+
+    @property
+    def extra_pages(self) -> torch.Tensor:
+        """The pages after the device pages (a view), where staging areas live."""
+        return self.pages[self.num_device_pages :]
+
+    @property
+    def nbytes(self) -> int:
+        return self.pages.numel() * self.pages.element_size()
+
+    def layer_page_offset(self, layer: int) -> int:
+        """Page index of device block 0 in ``layer``: block ``b`` is page ``offset + b``."""
+        return layer * self.num_device_blocks
+
+    def layer_pages(self, layer: int) -> torch.Tensor:
+        """The device pages of one layer, indexed by device block id (a view)."""
+        offset = self.layer_page_offset(layer)
+        return self.pages[offset : offset + self.num_device_blocks]
