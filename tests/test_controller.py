@@ -1,0 +1,282 @@
+"""The adaptive expansion controller, open loop (hand-made samples) and closed loop against the
+synthetic plant in ``workers/memory/simulate.py``."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+import proto
+from workers.memory.controller import (
+    ControllerTuning,
+    Decision,
+    DemandSample,
+    ExpansionController,
+    StepSample,
+)
+from workers.memory.simulate import Plant, Trace, run
+
+MAX_HOST_BLOCKS = 4000
+TARGET = 0.02
+BAND = (TARGET * 0.5, TARGET * 1.5)  # the default deadband around the target
+
+
+def controller_for(plant: Plant, **kwargs) -> ExpansionController:
+    return ExpansionController(MAX_HOST_BLOCKS, TARGET, host_block_bytes=plant.host_block_bytes, **kwargs)
+
+
+def settle(plant: Plant, num_steps: int = 4000, **kwargs) -> tuple[ExpansionController, Trace]:
+    controller = controller_for(plant, **kwargs)
+    return controller, run(controller, plant, num_steps)
+
+
+def reversals(leases: list[int]) -> int:
+    """How often the lease changed direction (grow after shrink or shrink after grow)."""
+    changes = [after - before for before, after in zip(leases, leases[1:]) if after != before]
+    return sum((first > 0) != (second > 0) for first, second in zip(changes, changes[1:]))
+
+
+def demand_sample(in_use: int, waiting: int = 1) -> DemandSample:
+    return DemandSample(num_waiting=waiting, num_host_blocks_in_use=in_use, short_of_blocks=waiting > 0)
+
+
+def stalled_step(blocks: int, stall_fraction: float, block_bytes: int = 1 << 20) -> StepSample:
+    """A step of 10 ms compute reading ``blocks`` host blocks, with the given stall fraction."""
+    compute = 0.010
+    stall = compute * stall_fraction / (1 - stall_fraction)
+    return StepSample(
+        step_time=compute + stall,
+        forward_time=compute + stall,
+        stall_time=stall,
+        num_host_blocks=blocks,
+        bytes_to_device=blocks * block_bytes,
+        num_layers=10,
+        layer_compute_time=compute / 10,
+    )
+
+
+# ---------------------------------------------------------------- closed loop
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["stalls only", "measured copy time", "bandwidth prior"],
+)
+def test_grows_under_demand_to_the_bandwidth_limit_within_ten_decisions(how: str) -> None:
+    plant = Plant(bandwidth=50e9, report_copy_time=how == "measured copy time")
+    prior = {"link_bandwidth": 50e9} if how == "bandwidth prior" else {}
+    controller, trace = settle(plant, num_steps=1600, **prior)
+    limit = plant.transparent_limit()
+    near = [index for index, lease in enumerate(trace.decisions) if abs(lease - limit) <= 0.15 * limit]
+    assert near and near[0] < 10, trace.decisions[:12]
+    # ... and stays there: no crawl, no drift, stalls within the band.
+    assert all(abs(lease - limit) <= 0.1 * limit for lease in trace.decisions[-50:])
+    assert trace.stall_fraction(800) <= BAND[1]
+    if how != "stalls only":
+        assert near[0] <= 2  # a known bandwidth lets the first decisions jump
+
+
+def test_a_bandwidth_prior_jumps_from_zero_in_one_decision() -> None:
+    plant = Plant(bandwidth=50e9)
+    controller = controller_for(plant, link_bandwidth=50e9)
+    trace = run(controller, plant, 8)
+    assert trace.decisions[0] >= 0.9 * plant.transparent_limit()  # 0 -> near the limit at once
+
+
+def test_shrinks_when_the_link_is_throttled_and_settles_near_the_target() -> None:
+    plant = Plant(bandwidth=50e9, noise=0.1, seed=1)
+    controller, trace = settle(plant, num_steps=1600)
+    before = statistics.mean(trace.decisions[-50:])
+    plant.bandwidth = 15e9
+    num_decisions = len(trace.decisions)
+    run(controller, plant, 3200, trace)
+    after = trace.decisions[num_decisions:]
+    limit = plant.transparent_limit()
+    assert after[8] < 0.5 * before  # proportional: a few decisions, not one block at a time
+    assert all(0.7 * limit <= lease <= 1.1 * limit for lease in after[-100:])
+    assert BAND[0] <= trace.stall_fraction(1600) <= BAND[1]
+    assert trace.reasons[num_decisions].startswith("shrink: stalls")  # at the first decision
+
+
+def test_shrinking_from_the_whole_budget_does_not_compound_while_preemption_lags() -> None:
+    # The scheduler gives blocks back 20 steps after a shrink: stalls persist meanwhile.
+    plant = Plant(bandwidth=20e9, preempt_lag=20, fill_rate=20)
+    controller, trace = settle(plant, num_steps=1600, initial_lease=MAX_HOST_BLOCKS)
+    limit = plant.transparent_limit()
+    assert min(trace.decisions) >= 0.75 * limit  # never shrunk past the limit by stale stalls
+    assert abs(trace.decisions[-1] - limit) <= 0.1 * limit
+
+
+def test_returns_memory_without_demand_and_jumps_back_when_it_returns() -> None:
+    plant = Plant(bandwidth=50e9)
+    controller, trace = settle(plant, num_steps=800)
+    settled = controller.lease
+    release_after = controller.tuning.release_after
+
+    plant.demand = lambda step: 40  # fewer blocks wanted than leased: usage falls, nobody waits
+    start = len(trace.decisions)
+    run(controller, plant, 8 * (release_after + 2), trace)
+    assert trace.decisions[start : start + release_after - 1] == [settled] * (release_after - 1)
+    assert controller.lease == 50  # usage plus 25% headroom
+    assert controller.decision.reason in ("release: no demand", "hold: no demand")
+
+    plant.demand = lambda step: 0
+    run(controller, plant, 8 * (release_after + 1), trace)
+    assert controller.lease == 0
+
+    plant.demand = lambda step: 1 << 30
+    start = len(trace.decisions)
+    run(controller, plant, 8 * 3, trace)
+    assert trace.decisions[start] >= 0.9 * settled  # the model is remembered: one jump back
+
+
+def test_an_idle_engine_gives_its_host_memory_back() -> None:
+    controller = ExpansionController(1000, initial_lease=600)
+    decisions = []
+    for _ in range(controller.tuning.decide_every * controller.tuning.release_after):
+        decision = controller.observe(None, DemandSample())
+        if decision is not None:
+            decisions.append(decision)
+    assert [decision.action for decision in decisions] == ["hold", "hold", "release"]
+    assert decisions[-1] == Decision(0, 600, "release: no demand")
+
+
+@pytest.mark.parametrize("bandwidth", [10e9, 50e9, 200e9])
+def test_steady_under_noise(bandwidth: float) -> None:
+    # +-20% multiplicative noise on every step's compute, copy and overhead times.
+    plant = Plant(bandwidth=bandwidth, noise=0.2, seed=7)
+    controller, trace = settle(plant, num_steps=6000)
+    settled = trace.decisions[150:]  # the first 1200 steps find the limit
+    median = statistics.median(settled)
+    assert reversals(settled) <= 6, settled
+    assert all(abs(lease - median) <= 0.15 * median for lease in settled)
+    assert BAND[0] <= trace.stall_fraction(4800) <= BAND[1]
+    # Noise puts the settled lease a little below the noise-free limit, not far from it.
+    assert 0.75 * plant.transparent_limit() <= median <= 1.05 * plant.transparent_limit()
+
+
+def test_a_lower_bandwidth_settles_on_a_lower_lease() -> None:
+    settled = []
+    for bandwidth in (10e9, 30e9, 100e9):
+        plant = Plant(bandwidth=bandwidth, noise=0.2, seed=3)
+        controller, trace = settle(plant, num_steps=3200)
+        settled.append(statistics.mean(trace.leases[-1600:]))
+    assert settled[0] < settled[1] < settled[2], settled
+    assert settled[2] / settled[0] > 5  # roughly proportional to the bandwidth (10x here)
+
+
+# ---------------------------------------------------------------- open loop
+
+
+def test_shrink_waits_for_consistent_evidence_after_a_grow_unless_stalls_are_far_over() -> None:
+    controller = ExpansionController(1000, tuning=ControllerTuning(decide_every=4))
+    for _ in range(4):
+        controller.observe(StepSample(step_time=0.01, forward_time=0.01), demand_sample(0))
+    assert controller.decision.action == "grow"
+    lease = controller.lease
+    for _ in range(4):
+        decision = controller.observe(stalled_step(lease, 0.05), demand_sample(lease))
+    assert decision == Decision(lease, decision.target, "hold: confirming shrink")
+    for _ in range(4):
+        decision = controller.observe(stalled_step(lease, 0.30), demand_sample(lease))
+    assert decision.action == "shrink" and decision.lease < lease
+    assert decision.reason == "shrink: stalls 30% > 2%"
+
+
+def test_a_shrink_that_has_not_landed_is_not_shrunk_again() -> None:
+    controller = ExpansionController(1000, initial_lease=1000, tuning=ControllerTuning(decide_every=4))
+    decisions = []
+    for _ in range(40):
+        # The scheduler still holds (and the step still reads) all 1000 blocks.
+        decision = controller.observe(stalled_step(1000, 0.30), demand_sample(1000))
+        if decision is not None:
+            decisions.append(decision)
+    first = decisions[0]
+    assert first.action == "shrink" and 250 <= first.lease < 1000
+    assert all(
+        decision == Decision(first.lease, decision.target, "hold: shrink pending")
+        for decision in decisions[1:]
+    )
+
+
+def test_growth_needs_demand_and_a_filled_lease() -> None:
+    controller = ExpansionController(1000, initial_lease=100, tuning=ControllerTuning(decide_every=4))
+    for _ in range(4):
+        decision = controller.observe(stalled_step(30, 0.0), demand_sample(30))
+    assert decision.reason == "hold: lease not full"
+    for index in range(4):  # one waiting request in one sample of four is not demand
+        decision = controller.observe(stalled_step(100, 0.0), demand_sample(100, waiting=int(index == 0)))
+    assert decision.reason == "hold: no demand"
+    for _ in range(4):
+        decision = controller.observe(stalled_step(100, 0.0), demand_sample(100))
+    assert decision.reason == "grow: demand, stalls 0% < 2%" and decision.lease > 100
+
+
+def test_release_keeps_headroom_and_does_not_flap() -> None:
+    tuning = ControllerTuning(decide_every=4)
+    controller = ExpansionController(1000, initial_lease=110, tuning=tuning)
+    decisions = []
+    for _ in range(4 * 10):
+        decision = controller.observe(stalled_step(100, 0.0), demand_sample(100, waiting=0))
+        if decision is not None:
+            decisions.append(decision)
+    # 110 is within usage * 1.25: nothing worth returning, so the lease never moves.
+    assert {decision.lease for decision in decisions} == {110}
+    assert decisions[-1].reason == "hold: no demand"
+
+
+def test_edge_cases_never_divide_by_zero() -> None:
+    controller = ExpansionController(100)
+    assert controller.decide() == Decision(0, 0, "hold: no samples")
+    odd_steps = [
+        StepSample(step_time=0.0),  # nothing measured at all
+        StepSample(step_time=0.0, stall_time=0.01, num_host_blocks=5),  # stall but no step time
+        StepSample(step_time=0.01, num_host_blocks=5),  # host blocks, zero bytes, zero compute
+        StepSample(step_time=0.01, bytes_to_device=1 << 20),  # bytes without host blocks
+        StepSample(
+            step_time=0.01, forward_time=0.005, stall_time=0.009, num_host_blocks=3, bytes_to_device=3
+        ),
+        StepSample(step_time=-1.0, forward_time=-1.0, stall_time=-1.0, copy_time=-1.0),  # clock noise
+    ]
+    for step in odd_steps:
+        for in_use in (0, 5, 500):
+            controller.observe(step, demand_sample(in_use))
+            decision = controller.decide()
+            assert 0 <= decision.lease <= 100 and 0 <= decision.target <= 100
+            assert decision.action in ("grow", "shrink", "release", "hold")
+    nothing = ExpansionController(0)  # no host memory configured: never grows
+    for _ in range(16):
+        nothing.observe(StepSample(step_time=0.01), demand_sample(0))
+    assert nothing.lease == 0 and nothing.decision.reason == "hold: at max"
+
+
+def test_step_sample_from_a_step_result() -> None:
+    result = proto.StepResult(
+        step_id=3,
+        sampled_token_ids=b"",
+        forward_time=0.012,
+        step_time=0.015,
+        num_host_blocks=7,
+        bytes_to_device=7 << 20,
+        stall_time=0.001,
+        layer_compute_time=0.0005,
+    )
+    sample = StepSample.from_result(result, num_layers=22)
+    assert sample.compute_time == pytest.approx(22 * 0.0005)
+    assert (sample.num_host_blocks, sample.bytes_to_device, sample.stall_time) == (7, 7 << 20, 0.001)
+    assert StepSample(step_time=0.02, forward_time=0.015, stall_time=0.005).compute_time == pytest.approx(
+        0.01
+    )
+
+
+def test_configuration_is_validated() -> None:
+    with pytest.raises(ValueError, match="stall_target"):
+        ExpansionController(10, stall_target=0.0)
+    with pytest.raises(ValueError, match="max_host_blocks"):
+        ExpansionController(-1)
+    with pytest.raises(ValueError, match="deadband"):
+        ControllerTuning(deadband=1.0)
+    with pytest.raises(ValueError, match="evidence_windows"):
+        ControllerTuning(confirm_windows=5, evidence_windows=8)
+    assert ExpansionController(10, initial_lease=50).lease == 10  # clamped to the budget

@@ -1,0 +1,478 @@
+"""Adaptive expansion: how many host blocks the scheduler may hold (DESIGN.md "Adaptive expansion").
+
+The memory manager feeds :class:`ExpansionController` one :class:`StepSample` per executor step and
+the scheduler's :class:`DemandSample`; every ``decide_every`` samples the controller closes a window
+and returns a :class:`Decision`: the lease ``H`` (``0 <= H <= max_host_blocks``) to grant.
+
+The physical limit it steers toward (DESIGN.md "Device cost of expansion"): each step streams every
+host block it reads, all layers, host -> device, overlapped with compute. Expansion is transparent
+while those bytes fit under the step's compute time::
+
+    M * block_bytes <= bandwidth * compute_time    =>    H_limit ~ bandwidth * compute_time / block_bytes
+
+Bandwidth comes from the executor's copy time where it measures it, else from stalled windows
+(copy-bound, the copy engine was busy for compute + stall), else from a prior given at start.
+
+Control law. Windows at the same lease are pooled (ratio of sums); ``f`` is their stall fraction
+(stall time / step time, over steps that read host blocks), ``M`` the host blocks a step read:
+
+- ``f`` above ``stall_target * (1 + deadband)`` by more than ``evidence_z`` standard errors:
+  **shrink** proportionally, to ``M * (compute + s*) / (compute + stall)`` — the blocks that would
+  have stalled exactly the target ``s*`` (copy time scales with ``M``). That measurement also
+  calibrates the model: ``gain = stall limit / H_limit``.
+- ``f`` below ``stall_target * (1 - deadband)`` by as much, demand in most of the window, and the
+  lease actually filled: **grow**. Jump to ``gain * H_limit`` when that is far above the lease
+  (the model is conservative: compute time grows with the batch, so a jump is re-taken from the
+  bigger batch); near the limit probe up by a small fraction that doubles while grows keep
+  finding room and halves on every reversal (bisection). With no bandwidth known yet, grow
+  geometrically until the first stalls measure it.
+- No demand for ``release_after`` windows and a lease well above the blocks in use: **release**
+  down to the peak usage plus headroom, so host memory goes back when the engine idles.
+- Noise: a small move needs ``confirm_windows`` windows at the lease, a reversal twice that;
+  stalls above ``strong_factor * stall_target`` in one window shrink at once.
+
+NOTE: a shrink is only a lower lease; the scheduler migrates or preempts blocks above it over the
+following steps. The controller never assumes that happened: it reads the blocks in use from every
+:class:`DemandSample`, computes a shrink from the blocks a step actually read (not from the lease,
+so a shrink that has not landed yet is not compounded), and holds while usage is above the lease.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import proto
+
+
+@dataclass(frozen=True, slots=True)
+class StepSample:
+    """Timings of one executor step (seconds) and what it streamed from host.
+
+    ``layer_compute_time`` is the mean per-layer compute time (excluding stalls); with
+    ``num_layers`` it gives the step's compute time, otherwise ``forward_time - stall_time`` does.
+    ``copy_time`` is how long the copy engine was busy, where the executor measures it (0: not
+    measured); it gives the link bandwidth directly, without waiting for stalls to reveal it.
+    """
+
+    step_time: float
+    forward_time: float = 0.0
+    stall_time: float = 0.0
+    num_host_blocks: int = 0
+    bytes_to_device: int = 0
+    num_layers: int = 0
+    layer_compute_time: float = 0.0
+    copy_time: float = 0.0
+
+    @classmethod
+    def from_result(cls, result: proto.StepResult, num_layers: int) -> StepSample:
+        return cls(
+            step_time=result.step_time,
+            forward_time=result.forward_time,
+            stall_time=result.stall_time,
+            num_host_blocks=result.num_host_blocks,
+            bytes_to_device=result.bytes_to_device,
+            num_layers=num_layers,
+            layer_compute_time=result.layer_compute_time,
+        )
+
+    @property
+    def compute_time(self) -> float:
+        if self.num_layers > 0 and self.layer_compute_time > 0:
+            return self.num_layers * self.layer_compute_time
+        return max(0.0, self.forward_time - self.stall_time)
+
+
+@dataclass(frozen=True, slots=True)
+class DemandSample:
+    """The scheduler's view after its last schedule.
+
+    ``num_waiting``: requests waiting for blocks; ``num_preemptions``: preemptions since the
+    previous sample; ``num_host_blocks_in_use``: host blocks the scheduler holds now (may exceed
+    the lease right after a shrink); ``short_of_blocks``: the last schedule wanted more blocks.
+    """
+
+    num_waiting: int = 0
+    num_preemptions: int = 0
+    num_host_blocks_in_use: int = 0
+    short_of_blocks: bool = False
+
+    @property
+    def wants_blocks(self) -> bool:
+        return self.num_waiting > 0 or self.num_preemptions > 0 or self.short_of_blocks
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """``lease``: host blocks the scheduler may hold; ``target``: the controller's estimate of the
+    largest transparent lease (where it steers under demand); ``reason``: ``action[: detail]``,
+    action one of grow, shrink, release, hold — for ``/metrics`` labels and logs."""
+
+    lease: int
+    target: int
+    reason: str
+
+    @property
+    def action(self) -> str:
+        return self.reason.partition(":")[0]
+
+
+@dataclass(frozen=True)
+class ControllerTuning:
+    """Knobs of the control law; the defaults are what the closed-loop tests exercise."""
+
+    decide_every: int = 8  # samples per decision window
+    deadband: float = 0.5  # hold while stalls are within target * (1 -/+ deadband)
+    confirm_windows: int = 2  # windows at one lease before a small move (twice that to reverse)
+    evidence_windows: int = 8  # windows pooled at one lease, at most
+    evidence_z: float = 2.0  # leave the band only by this many standard errors of the stall fraction
+    strong_factor: float = 4.0  # stalls above strong_factor * target shrink without confirmation
+    growth_factor: float = 2.0  # geometric growth while no bandwidth is known
+    probe_min: float = 0.02  # smallest / largest fractional probe step above the model
+    probe_max: float = 0.25
+    min_shrink_factor: float = 0.25  # one shrink keeps at least this fraction of the lease
+    fill_fraction: float = 0.9  # the lease counts as filled (binding) at this usage
+    release_after: int = 3  # windows without demand before host memory is returned
+    release_headroom: float = 0.25  # keep usage * (1 + headroom) when releasing
+    release_slack: float = 0.1  # release only if it frees at least this fraction of the lease
+    bandwidth_smoothing: float = 0.5  # EWMA weight of a new bandwidth measurement
+    gain_min: float = 1 / 16
+    gain_max: float = 4.0
+
+    def __post_init__(self) -> None:
+        if min(self.decide_every, self.confirm_windows, self.release_after) < 1:
+            raise ValueError("decide_every, confirm_windows and release_after must be at least 1.")
+        if self.evidence_windows < 2 * self.confirm_windows:
+            raise ValueError("evidence_windows must hold a reversal's 2 * confirm_windows windows.")
+        if not 0 <= self.deadband < 1:
+            raise ValueError(f"deadband must be in [0, 1), got {self.deadband}.")
+        if self.growth_factor <= 1 or not 0 < self.probe_min <= self.probe_max:
+            raise ValueError("growth_factor must exceed 1 and 0 < probe_min <= probe_max.")
+        if not 0 < self.min_shrink_factor < 1 or not 0 < self.fill_fraction <= 1:
+            raise ValueError("min_shrink_factor must be in (0, 1) and fill_fraction in (0, 1].")
+        if not 0 < self.bandwidth_smoothing <= 1 or not 0 < self.gain_min <= 1 <= self.gain_max:
+            raise ValueError("bandwidth_smoothing must be in (0, 1] and gain_min <= 1 <= gain_max.")
+
+
+@dataclass
+class _Window:
+    """Sums over the samples since the last decision. Ratios of sums, not means of ratios, so a
+    single noisy step cannot dominate and empty windows never divide by zero."""
+
+    num_samples: int = 0
+    num_demand: int = 0
+    num_preemptions: int = 0
+    last_in_use: int = 0
+    peak_in_use: int = 0
+    num_steps: int = 0
+    compute_time: float = 0.0  # all steps
+    step_time: float = 0.0
+    num_host_steps: int = 0  # steps that read host blocks: the only ones that can stall
+    host_blocks: int = 0
+    host_bytes: int = 0
+    host_compute_time: float = 0.0
+    host_stall_time: float = 0.0
+    host_fraction_sum: float = 0.0  # per-step stall fractions, for their spread
+    host_fraction_squares: float = 0.0
+    host_step_time: float = 0.0
+    copied_bytes: int = 0  # on steps that measured their copy time
+    copy_time: float = 0.0
+
+    def add(self, step: StepSample | None, demand: DemandSample) -> None:
+        self.num_samples += 1
+        self.num_demand += demand.wants_blocks
+        self.num_preemptions += max(0, demand.num_preemptions)
+        self.last_in_use = max(0, demand.num_host_blocks_in_use)
+        self.peak_in_use = max(self.peak_in_use, self.last_in_use)
+        if step is None:
+            return
+        compute = max(0.0, step.compute_time)
+        step_time = max(0.0, step.step_time)
+        self.num_steps += 1
+        self.compute_time += compute
+        self.step_time += step_time
+        if step.num_host_blocks > 0:
+            self.num_host_steps += 1
+            self.host_blocks += step.num_host_blocks
+            self.host_bytes += max(0, step.bytes_to_device)
+            self.host_compute_time += compute
+            self.host_stall_time += max(0.0, step.stall_time)
+            fraction = max(0.0, step.stall_time) / step_time if step_time > 0 else 0.0
+            self.host_fraction_sum += fraction
+            self.host_fraction_squares += fraction * fraction
+            self.host_step_time += step_time
+            if step.copy_time > 0 and step.bytes_to_device > 0:
+                self.copied_bytes += step.bytes_to_device
+                self.copy_time += step.copy_time
+
+    @classmethod
+    def pool(cls, windows: list[_Window]) -> _Window:
+        """One window summing ``windows`` (oldest first): ratio-of-sums over all their steps."""
+        pooled = cls()
+        for window in windows:
+            for name, value in vars(window).items():
+                setattr(pooled, name, getattr(pooled, name) + value)
+        pooled.last_in_use = windows[-1].last_in_use if windows else 0
+        pooled.peak_in_use = max((window.peak_in_use for window in windows), default=0)
+        return pooled
+
+    @property
+    def stall_fraction(self) -> float:
+        return self.host_stall_time / self.host_step_time if self.host_step_time > 0 else 0.0
+
+    @property
+    def stall_fraction_error(self) -> float:
+        """Standard error of the stall fraction, from the spread of per-step fractions (0 with
+        fewer than two steps: no spread to measure)."""
+        n = self.num_host_steps
+        if n < 2:
+            return 0.0
+        variance = (self.host_fraction_squares - self.host_fraction_sum**2 / n) / (n - 1)
+        return math.sqrt(max(0.0, variance) / n)
+
+    def per_step(self) -> tuple[float, float, float] | None:
+        """Mean (compute, stall, step) time per step, over host-reading steps when there are any
+        (the batch the limit is about), otherwise over all steps; None without steps."""
+        if self.num_host_steps:
+            n = self.num_host_steps
+            return self.host_compute_time / n, self.host_stall_time / n, self.host_step_time / n
+        if self.num_steps:
+            n = self.num_steps
+            return self.compute_time / n, 0.0, self.step_time / n
+        return None
+
+
+class ExpansionController:
+    """Decides the host lease from measured stalls, bandwidth and demand (see the module doc).
+
+    ``link_bandwidth`` (bytes/s, e.g. from a copy benchmark at start) and ``host_block_bytes``
+    (``KVLayout.block_bytes``) are priors that let the first decision jump; both are replaced by
+    measurements as soon as steps provide them.
+    """
+
+    def __init__(
+        self,
+        max_host_blocks: int,
+        stall_target: float = 0.02,
+        *,
+        initial_lease: int = 0,
+        link_bandwidth: float | None = None,
+        host_block_bytes: int | None = None,
+        tuning: ControllerTuning | None = None,
+    ) -> None:
+        if max_host_blocks < 0:
+            raise ValueError(f"max_host_blocks must be non-negative, got {max_host_blocks}.")
+        if not 0 < stall_target < 1:
+            raise ValueError(f"stall_target must be a fraction in (0, 1), got {stall_target}.")
+        self.max_host_blocks = max_host_blocks
+        self.stall_target = stall_target
+        self.tuning = tuning or ControllerTuning()
+        self.probe_blocks = max(1, max_host_blocks // 64)  # first grow without a model
+        lease = min(max(0, initial_lease), max_host_blocks)
+        self._bandwidth = link_bandwidth if link_bandwidth and link_bandwidth > 0 else None
+        self._block_bytes = float(host_block_bytes) if host_block_bytes and host_block_bytes > 0 else None
+        self._gain = 1.0
+        self._probe = self.tuning.probe_min  # grows as consecutive grows find more room
+        self._direction = 0  # of the last feedback move: +1 grow, -1 shrink (release excluded)
+        self._evidence: list[_Window] = []  # windows since the last move, newest last
+        self._quiet_windows = 0
+        self._stall_fraction = 0.0
+        self._last_model: float | None = None  # uncorrected model limit of the last window with steps
+        self._window = _Window()
+        self._decision = Decision(lease, lease, "hold: start")
+
+    # ------------------------------------------------------------------ inputs and outputs
+
+    @property
+    def lease(self) -> int:
+        return self._decision.lease
+
+    @property
+    def decision(self) -> Decision:
+        return self._decision
+
+    @property
+    def stall_fraction(self) -> float:
+        """Stall fraction measured at the current lease (windows since the last change, pooled;
+        host-reading steps only)."""
+        return self._stall_fraction
+
+    @property
+    def bandwidth(self) -> float | None:
+        """Estimated host -> device bandwidth in bytes/s (None until known)."""
+        return self._bandwidth
+
+    def observe(self, step: StepSample | None, demand: DemandSample) -> Decision | None:
+        """Record one step (``None``: an idle tick with no step, so an idle engine still releases
+        memory) and the scheduler's demand; every ``decide_every`` samples, decide."""
+        self._window.add(step, demand)
+        if self._window.num_samples >= self.tuning.decide_every:
+            return self.decide()
+        return None
+
+    def decide(self) -> Decision:
+        """Close the current window and decide the lease from it."""
+        window, self._window = self._window, _Window()
+        self._decision = self._next(window)
+        return self._decision
+
+    # ------------------------------------------------------------------ control law
+
+    def _next(self, window: _Window) -> Decision:
+        if window.num_samples == 0:
+            return self._hold("no samples")
+        self._learn(window)
+        tuning = self.tuning
+        self._evidence = [*self._evidence[1 - tuning.evidence_windows :], window]
+        pooled = _Window.pool(self._evidence)
+        fraction = self._stall_fraction = pooled.stall_fraction
+        # Leave the band only when the stall fraction is outside it by more than its noise.
+        margin = tuning.evidence_z * pooled.stall_fraction_error
+        self._quiet_windows = 0 if window.num_demand else self._quiet_windows + 1
+        if window.stall_fraction > tuning.strong_factor * self.stall_target:
+            return self._shrink(window, window.stall_fraction)  # far over: act on this window alone
+        if fraction - margin > self.stall_target * (1 + tuning.deadband):
+            return self._shrink(pooled, fraction)
+        if self._quiet_windows >= tuning.release_after:
+            return self._release(window)
+        # Growth needs demand in most of the window: a lone waiting request is not a trend.
+        if 2 * window.num_demand < window.num_samples and window.num_preemptions == 0:
+            return self._hold("no demand")
+        if fraction + margin >= self.stall_target * (1 - tuning.deadband):
+            return self._hold(f"stalls {_percent(fraction)} near {_percent(self.stall_target)}")
+        if window.last_in_use < math.floor(tuning.fill_fraction * self.lease):
+            return self._hold("lease not full")  # more lease would not be used (or a grow is landing)
+        if self.lease >= self.max_host_blocks:
+            return self._hold("at max")
+        return self._grow(pooled, fraction)
+
+    def _shrink(self, evidence: _Window, fraction: float) -> Decision:
+        lease = self.lease
+        limit = self._stall_limit(evidence)
+        model = self._model_limit(evidence)
+        if limit is not None and model:
+            # Calibrate the model on what the stalls measured, so the next jump lands below them.
+            self._gain = min(max(limit / model, self.tuning.gain_min), self.tuning.gain_max)
+        strong = fraction > self.tuning.strong_factor * self.stall_target
+        if not strong and not self._enough_evidence(-1):
+            return self._hold("confirming shrink")
+        floor = math.floor(self.tuning.min_shrink_factor * lease)
+        new = lease - 1 if limit is None else min(lease - 1, max(math.floor(limit), floor))
+        if new < 0 or (evidence.last_in_use > lease and (limit is None or limit >= lease)):
+            # Blocks above the last lease are still held: that shrink has not landed yet and
+            # these stalls come from them; shrinking again would compound it.
+            return self._hold("shrink pending")
+        return self._move(-1, new, f"shrink: stalls {_percent(fraction)} > {_percent(self.stall_target)}")
+
+    def _grow(self, evidence: _Window, fraction: float) -> Decision:
+        lease = self.lease
+        model = self._model_limit(evidence)
+        target = self._gain * model if model else None
+        # Jump when the model (or the lack of one) says the limit is far; near it the model is
+        # no more precise than the stalls, so probe in small steps. A small step or a turn after
+        # shrinking needs consistent evidence.
+        far = target is None or target >= lease * (1 + self.tuning.probe_max)
+        if (self._direction < 0 or not far) and not self._enough_evidence(+1):
+            return self._hold("confirming grow")
+        if target is None:
+            # No bandwidth known yet: grow geometrically until stalls measure it.
+            new = max(self.probe_blocks, math.ceil(lease * self.tuning.growth_factor))
+        elif far:
+            new = math.ceil(target)  # jump straight to the modelled limit
+        else:
+            # Stalls say there is room the model does not see (it measured a smaller batch):
+            # probe above it and let the model follow, so a later jump starts from here.
+            new = max(math.ceil(lease * (1 + self._probe)), lease + 1)
+            self._gain = min(max(self._gain, new / model), self.tuning.gain_max) if model else self._gain
+        new = min(max(new, lease + 1), self.max_host_blocks)
+        reason = f"grow: demand, stalls {_percent(fraction)} < {_percent(self.stall_target)}"
+        return self._move(+1, new, reason, probing=not far)
+
+    def _release(self, window: _Window) -> Decision:
+        lease = self.lease
+        keep = min(lease, math.ceil(window.peak_in_use * (1 + self.tuning.release_headroom)))
+        # Hysteresis in size as well as in time: a release must free a real share of the lease.
+        if lease - keep < max(1, math.ceil(self.tuning.release_slack * lease)):
+            return self._hold("no demand")
+        # Demand that returns later is a new climb, not a reversal of the last feedback move.
+        self._evidence = []
+        self._probe = self.tuning.probe_min
+        self._direction = 0
+        return Decision(keep, self._target(), "release: no demand")
+
+    def _enough_evidence(self, direction: int) -> bool:
+        """A small move needs ``confirm_windows`` windows at this lease, a reversal twice that:
+        one noisy window must neither nudge the lease nor turn it around."""
+        needed = self.tuning.confirm_windows * (1 if self._direction in (0, direction) else 2)
+        return len(self._evidence) >= needed
+
+    def _move(self, direction: int, new: int, reason: str, probing: bool = False) -> Decision:
+        tuning = self.tuning
+        if self._direction not in (0, direction):
+            self._probe = max(tuning.probe_min, self._probe / 2)  # bisect around the limit
+        elif probing:
+            self._probe = min(tuning.probe_max, self._probe * 2)  # the limit keeps moving up: speed up
+        else:
+            self._probe = tuning.probe_min  # a jump lands on the model: probe finely from there
+        self._direction = direction
+        self._evidence = []  # what was measured at the old lease says nothing about the new one
+        return Decision(new, self._target(), reason)
+
+    def _hold(self, why: str) -> Decision:
+        return Decision(self.lease, self._target(), f"hold: {why}")
+
+    # ------------------------------------------------------------------ model
+
+    def _learn(self, window: _Window) -> None:
+        """Update bytes per block and bandwidth from the window's measurements."""
+        if window.host_blocks > 0 and window.host_bytes > 0:
+            self._block_bytes = window.host_bytes / window.host_blocks
+        measured = None
+        if window.copy_time > 0:
+            measured = window.copied_bytes / window.copy_time
+        elif window.stall_fraction > self.stall_target * (1 + self.tuning.deadband):
+            # Copy-bound: the copy engine was busy for the compute time plus the stalls.
+            times = window.per_step()
+            if times is not None and times[0] + times[1] > 0 and window.host_bytes > 0:
+                measured = window.host_bytes / window.num_host_steps / (times[0] + times[1])
+        if measured:
+            weight = self.tuning.bandwidth_smoothing
+            self._bandwidth = (
+                measured if self._bandwidth is None else (weight * measured + (1 - weight) * self._bandwidth)
+            )
+        model = self._model_limit(window)
+        if model is not None:
+            self._last_model = model
+
+    def _target_stall(self, stall: float, step: float) -> float:
+        """Stall seconds per step that make ``stall_target`` of a step with the same other time."""
+        return self.stall_target * max(0.0, step - stall) / (1 - self.stall_target)
+
+    def _model_limit(self, window: _Window) -> float | None:
+        """bandwidth * (compute + target stall) / block bytes, uncorrected; None when unknown."""
+        times = window.per_step()
+        if self._bandwidth is None or not self._block_bytes or times is None:
+            return None
+        compute, stall, step = times
+        return self._bandwidth * (compute + self._target_stall(stall, step)) / self._block_bytes
+
+    def _stall_limit(self, window: _Window) -> float | None:
+        """Blocks per step that would have stalled exactly the target, from this window's stalls."""
+        times = window.per_step()
+        if times is None or not window.num_host_steps:
+            return None
+        compute, stall, step = times
+        if compute + stall <= 0:
+            return None
+        blocks = window.host_blocks / window.num_host_steps
+        return blocks * (compute + self._target_stall(stall, step)) / (compute + stall)
+
+    def _target(self) -> int:
+        if self._last_model is None:
+            return self.lease
+        return min(self.max_host_blocks, max(0, round(self._gain * self._last_model)))
+
+
+def _percent(fraction: float) -> str:
+    """0.003 -> '0.3%', 0.02 -> '2%', 0.513 -> '51.3%'."""
+    return f"{100 * fraction:.1f}".rstrip("0").rstrip(".") + "%"

@@ -1,0 +1,150 @@
+"""A synthetic plant for the expansion controller: closed-loop tests and tuning without a model.
+
+It models what the executor and scheduler do to the controller's inputs (DESIGN.md "KV memory"):
+a step of ``num_layers`` layers, each computing for ``layer_compute_base`` plus a cost per resident
+block (attention reads more KV as the batch grows), while the copy engine streams the step's host
+blocks layer by layer through a ring of ``prefetch_depth + 1`` staging slots over a link of
+``bandwidth`` bytes/s. A layer whose copy is late waits: that is the stall. The scheduler side
+holds ``min(demand, lease)`` host blocks, fills a grown lease at ``fill_rate`` blocks per step and
+gives back blocks above a shrunk lease only after ``preempt_lag`` steps (preempting as it does).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from workers.memory.controller import DemandSample, ExpansionController, StepSample
+
+
+@dataclass
+class Plant:
+    """Executor + scheduler as the controller sees them; defaults are Llama-8B-like on a fast link."""
+
+    num_layers: int = 32
+    page_bytes: int = 64 << 10  # one block of one layer (16 tokens, 8 KV heads x 128, fp16)
+    bandwidth: float = 50e9  # host -> device, bytes/s
+    layer_compute_base: float = 3e-4  # seconds per layer with an empty cache
+    layer_compute_per_block: float = 2e-8  # seconds per layer per resident block
+    num_device_blocks: int = 4000  # device blocks in use under demand
+    overhead: float = 2e-3  # non-forward time per step (schedule, sample, messages)
+    prefetch_depth: int = 1
+    noise: float = 0.0  # each step's compute, copy and overhead times scale by U(1 - noise, 1 + noise)
+    report_copy_time: bool = False  # whether the executor measures its copy engine's busy time
+    demand: Callable[[int], int] = lambda step: 1 << 30  # host blocks the workload wants at a step
+    fill_rate: int = 1 << 30  # host blocks the scheduler can newly fill per step
+    preempt_lag: int = 0  # steps before blocks above a lower lease are given back
+    seed: int = 0
+    step_index: int = field(default=0, init=False)
+    in_use: int = field(default=0, init=False)  # host blocks the scheduler holds
+    _over_lease_steps: int = field(default=0, init=False)
+    _rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    @property
+    def host_block_bytes(self) -> int:
+        return self.num_layers * self.page_bytes
+
+    def transparent_limit(self) -> float:
+        """Host blocks per step whose copy time equals the compute time (noise-free): the fixed
+        point of ``M * page_bytes / bandwidth = base + per_block * (device + M)`` per layer."""
+        blocks_per_second = self.bandwidth / self.page_bytes
+        per_block = blocks_per_second * self.layer_compute_per_block
+        if per_block >= 1:
+            return float("inf")  # compute grows faster than copies: never copy-bound
+        base = self.layer_compute_base + self.layer_compute_per_block * self.num_device_blocks
+        return blocks_per_second * base / (1 - per_block)
+
+    def _jitter(self) -> float:
+        return 1.0 + self.noise * (2 * self._rng.random() - 1) if self.noise else 1.0
+
+    def step(self, lease: int) -> tuple[StepSample, DemandSample]:
+        """Run one step under ``lease``; return what the executor and the scheduler would report."""
+        wanted = max(0, self.demand(self.step_index))
+        self.step_index += 1
+        preemptions = 0
+        if self.in_use > lease:
+            self._over_lease_steps += 1
+            if self._over_lease_steps > self.preempt_lag:
+                preemptions = 1
+                self.in_use = lease
+        else:
+            self._over_lease_steps = 0
+        if self.in_use <= lease:
+            self.in_use = min(wanted, lease, self.in_use + self.fill_rate)
+        blocks = self.in_use
+        compute = (
+            self.layer_compute_base + self.layer_compute_per_block * (self.num_device_blocks + blocks)
+        ) * self._jitter()
+        copy = blocks * self.page_bytes / self.bandwidth * self._jitter()
+        forward, stall = self._pipeline(compute, copy if blocks else 0.0)
+        sample = StepSample(
+            step_time=forward + self.overhead * self._jitter(),
+            forward_time=forward,
+            stall_time=stall,
+            num_host_blocks=blocks,
+            bytes_to_device=blocks * self.host_block_bytes,
+            num_layers=self.num_layers,
+            layer_compute_time=compute,
+            copy_time=copy * self.num_layers if self.report_copy_time and blocks else 0.0,
+        )
+        demand = DemandSample(
+            num_waiting=1 if wanted > self.in_use else 0,
+            num_preemptions=preemptions,
+            num_host_blocks_in_use=self.in_use,
+            short_of_blocks=wanted > self.in_use,
+        )
+        return sample, demand
+
+    def _pipeline(self, compute: float, copy: float) -> tuple[float, float]:
+        """(forward time, stall time) of one step. The first ``prefetch_depth`` layers were
+        prefetched during the previous step; layer ``l``'s copy starts when the copy engine is
+        free and its staging slot is (layer ``l - depth - 1`` finished computing)."""
+        ring = self.prefetch_depth + 1
+        compute_end: list[float] = []
+        copy_free = now = stall = 0.0
+        for layer in range(self.num_layers):
+            ready = 0.0
+            if copy and layer >= self.prefetch_depth:
+                slot_free = compute_end[layer - ring] if layer >= ring else 0.0
+                copy_free = max(copy_free, slot_free) + copy
+                ready = copy_free
+            if ready > now:
+                stall += ready - now
+                now = ready
+            now += compute
+            compute_end.append(now)
+        return now, stall
+
+
+@dataclass
+class Trace:
+    """What a closed-loop run saw: per step, the lease in force and the plant's report."""
+
+    leases: list[int] = field(default_factory=list)
+    samples: list[StepSample] = field(default_factory=list)
+    decisions: list[int] = field(default_factory=list)  # lease after each decision
+    reasons: list[str] = field(default_factory=list)  # and why
+
+    def stall_fraction(self, last_steps: int) -> float:
+        samples = self.samples[-last_steps:]
+        total = sum(sample.step_time for sample in samples)
+        return sum(sample.stall_time for sample in samples) / total if total else 0.0
+
+
+def run(controller: ExpansionController, plant: Plant, num_steps: int, trace: Trace | None = None) -> Trace:
+    """Drive ``controller`` against ``plant`` for ``num_steps`` steps (appending to ``trace``)."""
+    trace = trace or Trace()
+    for _ in range(num_steps):
+        lease = controller.lease
+        sample, demand = plant.step(lease)
+        trace.leases.append(lease)
+        trace.samples.append(sample)
+        decision = controller.observe(sample, demand)
+        if decision is not None:
+            trace.decisions.append(decision.lease)
+            trace.reasons.append(decision.reason)
+    return trace
