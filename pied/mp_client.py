@@ -1,0 +1,166 @@
+"""``ProcessEngineClient``: the :class:`~pied.engine_client.EngineClient` of the daemon, with the
+scheduler and the executor in worker processes started and watched by :mod:`pied.supervisor`.
+
+Usage (on the frontend's event loop)::
+
+    client = ProcessEngineClient(config)
+    await client.start()                    # workers up and Ready, or WorkerStartError
+    stream = client.add_request(request)    # deltas arrive on the stream
+    async for delta in stream: ...          # raises EngineDeadError if the engine dies
+    await client.wait_dead()                # the daemon exits non-zero when this returns
+    await client.shutdown()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import proto
+from pied.config import EngineConfig
+from pied.engine_client import EngineDeadError, EngineStats, RequestStream
+from pied.supervisor import Supervisor, SupervisorOptions, WorkerStartError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ProcessEngineClient", "SupervisorOptions", "WorkerStartError"]
+
+
+class ProcessEngineClient:
+    """The engine in worker processes. Every method runs on the loop that called :meth:`start`.
+
+    ``on_dead(reason)`` (optional) is called once when a worker dies or hangs, after every stream
+    in flight has failed with :class:`EngineDeadError`.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        options: SupervisorOptions | None = None,
+        on_dead: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config.validate()
+        self.model_info: proto.Ready | None = None  # num_device_blocks, max_model_len, eos ids, ...
+        self.last_stats = proto.Stats()  # the latest Stats message, with the step time totals
+        self._streams: dict[str, RequestStream] = {}
+        self._dead_event = asyncio.Event()
+        self._on_dead_callback = on_dead
+        self._supervisor = Supervisor(
+            self.config, on_output=self._handle_output, on_dead=self._handle_dead, options=options
+        )
+        self._started = False
+        self._shut_down = False
+
+    # ---------------------------------------------------------------- EngineClient
+
+    async def start(self) -> None:
+        self.model_info = await self._supervisor.start()
+        self.last_stats.num_device_blocks = self.model_info.num_device_blocks
+        self._started = True
+
+    def add_request(self, request: proto.AddRequest) -> RequestStream:
+        if self.dead:
+            raise EngineDeadError(f"engine is dead: {self.dead_reason}")
+        if self._shut_down:
+            raise EngineDeadError("engine shut down")
+        if not self._started:
+            raise RuntimeError("ProcessEngineClient.add_request() before start()")
+        if request.request_id in self._streams:
+            raise ValueError(f"request id {request.request_id!r} is already in use.")
+        stream = RequestStream(request.request_id)
+        self._streams[request.request_id] = stream
+        self._supervisor.send(request)
+        return stream
+
+    async def abort(self, request_ids: list[str]) -> None:
+        # Only requests still open: the scheduler ignores unknown ids anyway, this saves a message.
+        open_ids = [request_id for request_id in request_ids if request_id in self._streams]
+        if open_ids and self._started and not self.dead and not self._supervisor.closed:
+            self._supervisor.send(proto.AbortRequests(open_ids))
+
+    def stats(self) -> EngineStats:
+        stats = self.last_stats
+        return EngineStats(
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            num_device_blocks=stats.num_device_blocks,
+            num_host_blocks=stats.num_host_blocks,
+            device_usage=stats.device_usage,
+            host_usage=stats.host_usage,
+            num_preemptions=stats.num_preemptions,
+            num_steps=stats.num_steps,
+            host_lease=stats.host_lease,
+            bytes_to_device_total=stats.bytes_to_device_sum,
+            bytes_to_host_total=stats.bytes_to_host_sum,
+            stall_seconds_total=stats.stall_time_sum,
+            step_seconds_total=stats.step_time_sum,  # the scheduler's wall time per step
+        )
+
+    @property
+    def dead(self) -> bool:
+        return self._supervisor.dead
+
+    async def shutdown(self, drain_timeout: float = 2.0) -> None:
+        """Abort what is left (each stream ends with an ABORT delta if the scheduler answers within
+        ``drain_timeout``), stop the workers and free everything. Idempotent."""
+        self._shut_down = True
+        if self._streams and self._started and not self.dead:
+            await self.abort(list(self._streams))
+            deadline = time.monotonic() + drain_timeout
+            while self._streams and not self.dead and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        await self._supervisor.shutdown()
+        self._fail_all(EngineDeadError("engine shut down"))
+
+    # ---------------------------------------------------------------- daemon-facing extras
+
+    @property
+    def dead_reason(self) -> str:
+        return self._supervisor.dead_reason
+
+    async def wait_dead(self) -> str:
+        """Return the reason once the engine has died (never returns after a clean shutdown)."""
+        await self._dead_event.wait()
+        return self.dead_reason
+
+    @property
+    def worker_pids(self) -> dict[str, int]:
+        """``{"scheduler": pid, "executor": pid}`` once started."""
+        return self._supervisor.pids
+
+    @property
+    def max_model_len(self) -> int:
+        assert self.model_info is not None, "max_model_len before start()"
+        return self.model_info.max_model_len
+
+    @property
+    def num_open_requests(self) -> int:
+        return len(self._streams)
+
+    # ---------------------------------------------------------------- from the supervisor
+
+    def _handle_output(self, message: proto.TokenDeltas | proto.Stats) -> None:
+        if isinstance(message, proto.Stats):
+            self.last_stats = message
+            return
+        streams = self._streams
+        for delta in message.deltas:
+            stream = streams.get(delta.request_id)
+            if stream is None:
+                continue  # already ended (failed, or a late delta after shutdown)
+            stream.put(delta)
+            if delta.finish_reason is not None:
+                del streams[delta.request_id]
+
+    def _handle_dead(self, reason: str) -> None:
+        self._fail_all(EngineDeadError(f"engine is dead: {reason}"))
+        self._dead_event.set()
+        if self._on_dead_callback is not None:
+            self._on_dead_callback(reason)
+
+    def _fail_all(self, error: BaseException) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.fail(error)

@@ -1,0 +1,360 @@
+"""Starts the worker processes, handshakes with them, watches them and stops them.
+
+The supervisor lives in the daemon's process, on the frontend's event loop, behind the frontend's
+mailbox (an actor of its own, bound at ``Addresses.frontend`` in a private runtime directory)::
+
+    frontend/supervisor ──AddRequest, AbortRequests, Shutdown──► scheduler ──StepPlan──► executor
+          ▲   ▲                                                    │   ▲                    │
+          │   └───────TokenDeltas, Stats, Ready, Heartbeat, Dead───┘   └─────StepResult─────┤
+          └────────────────────────Ready, Heartbeat, Dead (Shutdown ►)──────────────────────┘
+
+Failure model: a worker that exits, sends Dead, or stops heartbeating for ``heartbeat_timeout``
+seconds (hung, or SIGSTOPped) makes the engine dead: ``on_dead(reason)`` is called at once (the
+client fails every request in flight), then the other workers are stopped. Dead is final; the
+daemon exits non-zero and its service manager restarts it. Workers exit on their own when this
+process dies (end-of-file on the parent pipe), so none is ever orphaned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import zmq.asyncio
+
+import proto
+import workers
+from pied.config import EngineConfig
+from pied.runtime_dir import RuntimeDir
+from workers.actor import Actor, Addresses, WorkerArgs
+
+logger = logging.getLogger(__name__)
+
+WORKER_NAMES = ("executor", "scheduler")  # start order: the scheduler waits for the executor anyway
+
+
+class WorkerStartError(RuntimeError):
+    """A worker did not become ready (it exited, failed, hung, or timed out during start)."""
+
+
+@dataclass
+class SupervisorOptions:
+    """Timing of the handshake, liveness checks and shutdown, in seconds."""
+
+    startup_timeout: float = 600.0  # until every worker is Ready; loading a large model takes a while
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 10.0  # silence after which a ready worker counts as hung
+    # Before Ready the bar is lower: loading a model can hold the GIL in C code (imports, CUDA init,
+    # weight copies) for seconds at a time; a hang there is caught by this or by startup_timeout.
+    startup_heartbeat_timeout: float = 60.0
+    shutdown_timeout: float = 10.0  # after Shutdown, before SIGKILL
+    log_level: str = "INFO"
+    runtime_parent: str | None = None  # where the runtime directory is made (default: see runtime_dir)
+
+    def __post_init__(self) -> None:
+        if min(self.heartbeat_timeout, self.startup_heartbeat_timeout) <= self.heartbeat_interval:
+            raise ValueError("heartbeat timeouts must be longer than heartbeat_interval")
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    ready: proto.Ready | None = None
+    last_heartbeat: float | None = None  # time.monotonic() of the last sign of life; None before the first
+    killed: bool = field(default=False)  # we sent SIGKILL (so its exit is no news)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+def _kill_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    """Last resort at interpreter exit or garbage collection: no worker survives its supervisor."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+class Supervisor:
+    """Runs the engine's workers as processes. All methods run on the frontend's event loop.
+
+    ``on_output`` receives the scheduler's TokenDeltas and Stats; ``on_dead`` is called once, with a
+    human-readable reason, when the engine dies (never on a requested shutdown).
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        on_output: Callable[[proto.TokenDeltas | proto.Stats], None],
+        on_dead: Callable[[str], None],
+        options: SupervisorOptions | None = None,
+    ) -> None:
+        self.config = config
+        self.options = options or SupervisorOptions()
+        self.dead = False
+        self.dead_reason = ""
+        self.model_info: proto.Ready | None = None  # the scheduler's Ready
+        self.workers: dict[str, WorkerProcess] = {}
+        self._on_output = on_output
+        self._on_dead = on_dead
+        self._runtime_dir: RuntimeDir | None = None
+        self._addresses: Addresses | None = None
+        self._context: zmq.asyncio.Context | None = None
+        self._actor: Actor | None = None
+        self._actor_task: asyncio.Task[int] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Task[None] | None = None
+        self._all_ready: asyncio.Future[None] | None = None
+        self._parent_pipe_write: int | None = None
+        self._closing = False
+        self._closed = False
+
+    # ---------------------------------------------------------------- public
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {name: worker.pid for name, worker in self.workers.items()}
+
+    @property
+    def closed(self) -> bool:
+        """True from the moment shutdown() begins."""
+        return self._closing
+
+    @property
+    def addresses(self) -> Addresses | None:
+        return self._addresses
+
+    async def start(self) -> proto.Ready:
+        """Start every worker and wait until all are Ready; returns the scheduler's Ready (model
+        info). Raises :class:`WorkerStartError` (after stopping whatever did start) on failure."""
+        if self._runtime_dir is not None:
+            raise RuntimeError("Supervisor.start() can only be called once")
+        loop = asyncio.get_running_loop()
+        options = self.options
+        self._runtime_dir = RuntimeDir(options.runtime_parent)
+        addresses = self._addresses = Addresses.ipc(self._runtime_dir.socket)
+        self._context = zmq.asyncio.Context()
+        actor = Actor("frontend", addresses.frontend, context=self._context)
+        actor.on(proto.TokenDeltas, self._on_output)
+        actor.on(proto.Stats, self._on_output)
+        actor.on(proto.Ready, self._handle_ready)
+        actor.on(proto.Heartbeat, self._handle_heartbeat)
+        actor.on(proto.Dead, self._handle_dead)
+        for name in WORKER_NAMES:
+            actor.connect(name, getattr(addresses, name))
+        actor.bind()  # before any worker starts, so their first messages find it
+        self._actor = actor
+        self._actor_task = loop.create_task(actor.run(), name="supervisor-mailbox")
+        self._actor_task.add_done_callback(self._mailbox_stopped)
+        self._all_ready = loop.create_future()
+        try:
+            self._spawn_workers(addresses)
+            self._watchdog_task = loop.create_task(self._watchdog(), name="supervisor-watchdog")
+            await asyncio.wait_for(asyncio.shield(self._all_ready), options.startup_timeout)
+        except asyncio.TimeoutError:
+            reason = f"workers not ready within {options.startup_timeout:g}s ({self._not_ready()})"
+            await self.shutdown()
+            raise WorkerStartError(reason) from None
+        except BaseException:  # WorkerStartError from the watchdog, or cancellation
+            await self.shutdown()
+            raise
+        assert self.model_info is not None
+        return self.model_info
+
+    def send(self, message: proto.AddRequest | proto.AbortRequests) -> None:
+        """Send a message to the scheduler (never blocks)."""
+        assert self._actor is not None
+        self._actor.send("scheduler", message)
+
+    async def shutdown(self) -> None:
+        """Stop every worker (Shutdown, then SIGKILL after ``shutdown_timeout``) and free every
+        resource. Idempotent; after it, no child process of this supervisor is left."""
+        if self._closed:
+            return
+        self._closing = True
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()
+        if self._stop_task is None:
+            self._stop_task = asyncio.get_running_loop().create_task(self._stop_workers("shutdown"))
+        await self._stop_task
+        if self._actor is not None:
+            self._actor.stop()
+        if self._actor_task is not None:
+            await self._actor_task
+        if self._context is not None:
+            self._context.destroy(linger=0)
+        if self._parent_pipe_write is not None:
+            os.close(self._parent_pipe_write)
+            self._parent_pipe_write = None
+        if self._runtime_dir is not None:
+            self._runtime_dir.cleanup()
+        self._closed = True
+
+    # ---------------------------------------------------------------- processes
+
+    def _spawn_workers(self, addresses: Addresses) -> None:
+        # The parent pipe: workers hold the read end, only this process the write end. When this
+        # process dies for any reason the kernel closes the write end and every worker reads EOF.
+        # os.pipe() descriptors are not inheritable, so other children never hold the write end.
+        read_fd, self._parent_pipe_write = os.pipe()
+        environment = dict(os.environ)
+        # Make `-m workers.<name>` importable from wherever the daemon was started.
+        source_root = str(Path(workers.__file__).resolve().parent.parent)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, environment.get("PYTHONPATH")]))
+        try:
+            for name in WORKER_NAMES:
+                args = WorkerArgs(
+                    config=self.config,
+                    addresses=addresses,
+                    parent_fd=read_fd,
+                    heartbeat_interval=self.options.heartbeat_interval,
+                    log_level=self.options.log_level,
+                )
+                process = subprocess.Popen(
+                    [sys.executable, "-m", f"workers.{name}", msgspec.json.encode(args).decode()],
+                    pass_fds=(read_fd,),
+                    stdin=subprocess.DEVNULL,
+                    env=environment,
+                )
+                self.workers[name] = WorkerProcess(name, process)
+                logger.info("started %s (pid %d)", name, process.pid)
+        finally:
+            os.close(read_fd)
+        weakref.finalize(self, _kill_all, [worker.process for worker in self.workers.values()])
+
+    async def _watchdog(self) -> None:
+        """Notice dead and hung workers. Polls rather than waits: a poll every tick costs one
+        waitpid per worker and bounds the detection delay by the tick."""
+        options = self.options
+        tick = min(0.1, options.heartbeat_interval / 2)
+        expected = time.monotonic() + tick
+        while not self.dead and not self._closing:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            # NOTE: if this loop itself was blocked, heartbeats that arrived meanwhile are still
+            # unread in the mailbox; silence is evidence only when this tick ran on time.
+            loop_was_late = now - expected > options.heartbeat_interval
+            expected = now + tick
+            for worker in self.workers.values():
+                returncode = worker.process.poll()
+                if returncode is not None:
+                    self._die(f"the {worker.name} (pid {worker.pid}) {describe_exit(returncode)}")
+                    break
+                if loop_was_late or worker.last_heartbeat is None:
+                    continue
+                silence = now - worker.last_heartbeat
+                limit = options.heartbeat_timeout if worker.ready else options.startup_heartbeat_timeout
+                if silence > limit:
+                    self._die(
+                        f"the {worker.name} (pid {worker.pid}) sent no heartbeat for {silence:.1f}s "
+                        "(hung or stopped)",
+                        hung=worker,
+                    )
+                    break
+
+    def _die(self, reason: str, hung: WorkerProcess | None = None) -> None:
+        if self.dead or self._closing:
+            return
+        self.dead = True
+        self.dead_reason = reason
+        logger.error("engine dead: %s", reason)
+        if hung is not None:
+            # A stopped or wedged process cannot act on Shutdown.
+            hung.killed = True
+            hung.process.kill()
+        if self._all_ready is not None and not self._all_ready.done():
+            self._all_ready.set_exception(WorkerStartError(reason))
+        # NOTE: callers hear about it first; stopping the other workers can take seconds.
+        try:
+            self._on_dead(reason)
+        finally:
+            if self._stop_task is None:
+                self._stop_task = asyncio.get_running_loop().create_task(self._stop_workers(reason))
+
+    async def _stop_workers(self, reason: str) -> None:
+        """Shutdown to each live worker, wait until ``shutdown_timeout``, SIGKILL what is left, reap."""
+        live = [worker for worker in self.workers.values() if worker.process.poll() is None]
+        mailbox_up = self._actor_task is not None and not self._actor_task.done()
+        for worker in live:
+            if worker.killed:
+                continue
+            if mailbox_up:
+                assert self._actor is not None
+                self._actor.send(worker.name, proto.Shutdown(reason=reason))
+            else:  # no socket left to ask politely
+                worker.killed = True
+                worker.process.kill()
+        deadline = time.monotonic() + self.options.shutdown_timeout
+        while any(worker.process.poll() is None for worker in live) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for worker in live:
+            if worker.process.poll() is None:
+                logger.warning("%s (pid %d) did not stop in time; killing it", worker.name, worker.pid)
+                worker.killed = True
+                worker.process.kill()
+        for worker in live:
+            # Reaped, so no zombie is left either; after SIGKILL this returns at once.
+            while worker.process.poll() is None:
+                await asyncio.sleep(0.01)
+
+    def _not_ready(self) -> str:
+        waiting = [name for name, worker in self.workers.items() if worker.ready is None]
+        return "still waiting for " + ", ".join(waiting) if waiting else "all ready"
+
+    # ---------------------------------------------------------------- mailbox handlers
+
+    def _mailbox_stopped(self, task: asyncio.Task[int]) -> None:
+        # Without its mailbox the supervisor is deaf (an on_output callback raised, say): that is
+        # as fatal as a worker dying, and must not pass for a silent, healthy engine.
+        if not self._closing:
+            if task.cancelled():
+                outcome = "cancelled"
+            elif task.exception() is not None:
+                outcome = repr(task.exception())
+            else:
+                outcome = f"status {task.result()}; see the log for its error"
+            self._die(f"the supervisor's mailbox stopped ({outcome})")
+
+    def _handle_ready(self, ready: proto.Ready) -> None:
+        worker = self.workers.get(ready.worker)
+        if worker is None:
+            logger.warning("Ready from unknown worker %r", ready.worker)
+            return
+        worker.ready = ready
+        worker.last_heartbeat = time.monotonic()
+        logger.info("%s ready (pid %d)", ready.worker, ready.pid)
+        if ready.worker == "scheduler":
+            self.model_info = ready
+        if all(w.ready is not None for w in self.workers.values()) and self._all_ready is not None:
+            if not self._all_ready.done():
+                self._all_ready.set_result(None)
+
+    def _handle_heartbeat(self, heartbeat: proto.Heartbeat) -> None:
+        worker = self.workers.get(heartbeat.worker)
+        if worker is not None:
+            worker.last_heartbeat = time.monotonic()
+
+    def _handle_dead(self, message: proto.Dead) -> None:
+        self._die(f"the {message.worker} failed: {message.reason}")

@@ -1,0 +1,99 @@
+"""Control messages between pied's processes: handshake, liveness, shutdown and stats.
+
+These share sockets with the hot-path messages of :mod:`proto.messages`, and msgspec cannot decode a
+union that mixes ``array_like`` and map-encoded structs, so every control message is ``array_like``
+too: field order is the wire format, new fields go last and have defaults. Each is tagged with its
+class name, so one typed ``msgspec.msgpack.Decoder(Union[...])`` per socket tells them apart.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+__all__ = ["Ready", "Heartbeat", "Shutdown", "Dead", "Stats", "ControlMessage"]
+
+CONTROL = dict(tag=True, array_like=True, omit_defaults=True, gc=False)
+
+
+class Ready(msgspec.Struct, **CONTROL):
+    """A worker finished starting and takes work from now on. Sent once per worker, to the
+    supervisor (and by the executor also to the scheduler, which needs the model's shape before it
+    can plan anything).
+
+    ``worker`` is the worker's name ("scheduler", "executor"), ``pid`` its process id (the thread
+    owner's pid when actors run as threads). The model fields are filled by the executor (which
+    loaded the model) and repeated by the scheduler: ``num_device_blocks`` device KV blocks of
+    ``block_size`` tokens, ``max_model_len`` the longest sequence the engine accepts (prompt plus
+    output), ``eos_token_ids`` the tokens that end generation unless ``ignore_eos``.
+    """
+
+    worker: str
+    pid: int
+    num_device_blocks: int = 0
+    max_model_len: int = 0
+    eos_token_ids: list[int] = []
+    block_size: int = 0
+    vocab_size: int = 0
+
+
+class Heartbeat(msgspec.Struct, **CONTROL):
+    """A worker's loop is alive. Sent to the supervisor every heartbeat interval from the worker's
+    event loop (not from a helper thread), so a worker whose loop is wedged or whose process is
+    stopped goes silent. ``seq`` counts up from 0 per worker; ``time`` is the sender's
+    ``time.monotonic()`` (only meaningful within one machine boot, used for diagnostics)."""
+
+    worker: str
+    seq: int
+    time: float = 0.0
+
+
+class Shutdown(msgspec.Struct, **CONTROL):
+    """Stop: finish the current handler, close sockets and exit with status 0. Work in flight is
+    dropped (the supervisor has already failed or finished every request). ``reason`` is logged."""
+
+    reason: str = ""
+
+
+class Dead(msgspec.Struct, **CONTROL):
+    """A worker hit an error it cannot recover from and is about to exit non-zero. Sent to the
+    supervisor as the worker's last message; the supervisor fails every request in flight and stops
+    the other workers. ``reason`` is a one-line, human-readable cause (exception type and text)."""
+
+    worker: str
+    reason: str
+
+
+class Stats(msgspec.Struct, **CONTROL):
+    """A snapshot of the scheduler, sent to the frontend after steps (throttled) and whenever the
+    scheduler goes idle, so the last snapshot always reflects a quiescent engine.
+
+    The first eight fields mirror ``pied.engine_client.EngineStats``. The ``*_time_sum`` fields are
+    totals in seconds over all steps so far: ``step_time_sum`` the scheduler's wall time per step
+    (plan, send, wait, postprocess, emit), ``forward_time_sum`` the model forward passes
+    (``StepResult.forward_time``) and ``execute_time_sum`` the executor's whole handling of the
+    plans (``StepResult.step_time``: inputs, forward, sampling). The overhead over any window is
+    ``1 - Δforward / Δstep`` between two snapshots. The host-tier fields follow: the lease granted to
+    the scheduler (host blocks), and the totals of the StepResults' bytes moved each way and of
+    their stalls (compute waiting for the copy engine).
+    """
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_device_blocks: int = 0
+    num_host_blocks: int = 0
+    device_usage: float = 0.0
+    host_usage: float = 0.0
+    num_preemptions: int = 0
+    num_steps: int = 0
+    step_time_sum: float = 0.0
+    forward_time_sum: float = 0.0
+    execute_time_sum: float = 0.0
+    host_lease: int = 0
+    bytes_to_device_sum: int = 0
+    bytes_to_host_sum: int = 0
+    stall_time_sum: float = 0.0
+
+
+ControlMessage = Union[Ready, Heartbeat, Shutdown, Dead, Stats]

@@ -1,0 +1,183 @@
+"""The scheduler actor: the step loop between the frontend and the executor.
+
+Mailbox: AddRequest and AbortRequests (from the frontend), Ready and StepResult (from the executor),
+Shutdown. Once the executor is Ready (the scheduler needs the model's shape), the step loop runs::
+
+    apply queued adds/aborts -> schedule -> StepPlan to executor -> await StepResult
+    -> postprocess -> TokenDeltas (and, throttled, Stats) to the frontend
+
+Handlers only queue adds and aborts; the step loop applies them between steps, so the plain
+:class:`Scheduler` is only ever touched by one coroutine at a known point of the cycle, and an
+aborted request is gone (its blocks free) before the next plan is made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Union
+
+import zmq.asyncio
+
+import proto
+from pied.config import EngineConfig
+from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
+from workers.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+SchedulerFactory = Callable[[EngineConfig, int, set[int], int], Scheduler]
+Pending = Union[proto.AddRequest, proto.AbortRequests]
+
+
+class SchedulerActor(Actor):
+    def __init__(
+        self,
+        config: EngineConfig,
+        addresses: Addresses,
+        *,
+        context: zmq.asyncio.Context | None = None,
+        heartbeat_interval: float = 0.5,
+        stats_interval: float = 0.05,
+        scheduler_factory: SchedulerFactory = Scheduler,
+    ) -> None:
+        super().__init__(
+            "scheduler",
+            addresses.scheduler,
+            context=context,
+            supervisor=addresses.frontend,
+            heartbeat_interval=heartbeat_interval,
+        )
+        self.config = config
+        self.stats_interval = stats_interval
+        self.scheduler: Scheduler | None = None
+        self.model_info: proto.Ready | None = None
+        self._scheduler_factory = scheduler_factory
+        self._pending: list[Pending] = []  # adds and aborts in arrival order, applied between steps
+        self._wake = asyncio.Event()
+        self._result: asyncio.Future[proto.StepResult] | None = None
+        self._step_id = -1
+        self._stats = proto.Stats()
+        self._last_stats_time = 0.0
+        self.connect("executor", addresses.executor)
+        self.connect("frontend", addresses.frontend)
+        self.on(proto.AddRequest, self._enqueue)
+        self.on(proto.AbortRequests, self._enqueue)
+        self.on(proto.Ready, self.handle_executor_ready)
+        self.on(proto.StepResult, self.handle_step_result)
+
+    @classmethod
+    def from_args(cls, args: WorkerArgs) -> SchedulerActor:
+        return cls(args.config, args.addresses, heartbeat_interval=args.heartbeat_interval)
+
+    # ---------------------------------------------------------------- handlers
+
+    def _enqueue(self, message: Pending) -> None:
+        self._pending.append(message)
+        self._wake.set()
+
+    def handle_executor_ready(self, ready: proto.Ready) -> None:
+        if self.scheduler is not None:
+            raise RuntimeError("the executor sent Ready twice")
+        self.scheduler = self._scheduler_factory(
+            self.config, ready.num_device_blocks, set(ready.eos_token_ids), ready.max_model_len
+        )
+        self._stats.num_device_blocks = ready.num_device_blocks
+        self.model_info = proto.Ready(
+            worker=self.name,
+            pid=os.getpid(),
+            num_device_blocks=ready.num_device_blocks,
+            max_model_len=ready.max_model_len,
+            eos_token_ids=ready.eos_token_ids,
+            block_size=ready.block_size,
+            vocab_size=ready.vocab_size,
+        )
+        self.send(SUPERVISOR, self.model_info)
+        self.spawn(self._step_loop(), "step-loop")
+
+    def handle_step_result(self, result: proto.StepResult) -> None:
+        if self._result is None or result.step_id != self._step_id:
+            raise RuntimeError(f"unexpected StepResult for step {result.step_id} (waiting for {self._step_id})")
+        self._result.set_result(result)
+
+    # ---------------------------------------------------------------- the step loop
+
+    async def _step_loop(self) -> None:
+        scheduler = self.scheduler
+        assert scheduler is not None
+        loop = asyncio.get_running_loop()
+        stats = self._stats
+        while True:
+            started = time.perf_counter()
+            # NOTE: from here to the await below nothing yields, so no message can slip in between
+            # applying the pending queue, the idle check and clearing the wake-up event.
+            self._apply_pending(scheduler)
+            plan = scheduler.schedule() if scheduler.has_unfinished() else None
+            if plan is None:
+                # Idle, or nothing can run until a request arrives or is aborted.
+                self._publish_stats(scheduler, force=True)
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._step_id = plan.step_id
+            self._result = loop.create_future()
+            self.send("executor", plan)
+            result = await self._result
+            self._result = None
+            deltas = scheduler.postprocess(plan, result)
+            if deltas:
+                self.send("frontend", proto.TokenDeltas(deltas))
+            stats.num_steps += 1
+            stats.forward_time_sum += result.forward_time
+            stats.execute_time_sum += result.step_time
+            stats.bytes_to_device_sum += result.bytes_to_device
+            stats.bytes_to_host_sum += result.bytes_to_host
+            stats.stall_time_sum += result.stall_time
+            stats.step_time_sum += time.perf_counter() - started
+            self._publish_stats(scheduler)
+
+    def _apply_pending(self, scheduler: Scheduler) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        deltas: list[proto.TokenDelta] = []
+        for message in pending:
+            if isinstance(message, proto.AbortRequests):
+                deltas += scheduler.abort_requests(message.request_ids)
+                continue
+            try:
+                deltas += scheduler.add_request(message)
+            except ValueError as error:
+                # A bad request (a duplicate id, say) fails alone; the engine stays up.
+                logger.warning("rejected request %s: %s", message.request_id, error)
+                deltas.append(
+                    proto.TokenDelta(
+                        request_id=message.request_id,
+                        token_ids=b"",
+                        finish_reason=proto.FinishReason.ERROR,
+                        trace_context=message.trace_context,
+                        error=str(error),
+                    )
+                )
+        if deltas:
+            self.send("frontend", proto.TokenDeltas(deltas))
+
+    def _publish_stats(self, scheduler: Scheduler, force: bool = False) -> None:
+        """Send Stats at most every ``stats_interval`` while busy, and always when going idle, so
+        the frontend's last snapshot is never stale once the engine is quiet."""
+        now = time.monotonic()
+        if not force and now - self._last_stats_time < self.stats_interval:
+            return
+        self._last_stats_time = now
+        stats = self._stats
+        stats.num_running = scheduler.num_running
+        stats.num_waiting = scheduler.num_waiting
+        stats.device_usage = scheduler.usage
+        stats.num_host_blocks = scheduler.num_host_blocks
+        stats.host_lease = scheduler.host_lease
+        stats.host_usage = scheduler.host_usage
+        stats.num_preemptions = scheduler.num_preemptions
+        self.send("frontend", stats)
