@@ -1,0 +1,214 @@
+"""The aiohttp application: routes, the error/auth middlewares, request ids, and the small endpoints.
+
+Every response, errors included, is JSON in OpenAI's shape (``/metrics`` aside) and carries
+``X-Request-Id``: the client's own when it sent one, a fresh one otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+
+import pied
+from pied.api import openapi
+from pied.api.chat import create_chat_completion, render_chat
+from pied.api.completions import create_completion
+from pied.api.errors import APIError, bad_request
+from pied.api.openapi import Route
+from pied.api.params import check_token_ids, decode_body
+from pied.api.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
+from pied.api.state import ServerState
+from pied.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+logger = logging.getLogger(__name__)
+
+STATE = web.AppKey("state", ServerState)
+OPENAPI = web.AppKey("openapi", bytes)
+REQUEST_ID_HEADER = "X-Request-Id"
+OPEN_PATHS = frozenset({"/health", "/metrics"})  # reachable without the API key (probes, scrapers)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(payload: msgspec.Struct, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(payload), status=status, content_type="application/json")
+
+
+# ---------------------------------------------------------------- middlewares
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into an OpenAI-shaped error body with the right status."""
+    try:
+        return await handler(request)
+    except APIError as error:
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        return error.response(headers)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        if isinstance(error, web.HTTPNotFound):
+            message = f"Not found: {request.path}"
+        elif isinstance(error, web.HTTPMethodNotAllowed):
+            message = f"Method {request.method} is not allowed for {request.path}."
+        else:
+            message = error.text or error.reason
+        headers = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None
+        return APIError(error.status, message).response(headers)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as error:  # noqa: BLE001 - a bug in one request must not kill the server
+        logger.exception("error answering %s %s", request.method, request.path)
+        return APIError(500, f"Internal server error: {error!r}").response()
+
+
+def auth_middleware(api_key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    expected = api_key.encode()
+
+    @web.middleware
+    async def check_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in OPEN_PATHS:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            # compare_digest: the comparison takes the same time however much of the key matches.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+                raise APIError(401, "Invalid or missing API key; send 'Authorization: Bearer <key>'.")
+        return await handler(request)
+
+    return check_api_key
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    response.headers[REQUEST_ID_HEADER] = request_id
+
+
+# ---------------------------------------------------------------- handlers
+
+
+async def health(request: web.Request) -> web.Response:
+    request.app[STATE].check_available()
+    return web.Response(status=200)
+
+
+async def version(request: web.Request) -> web.Response:
+    return json_response(VersionResponse(pied.__version__))
+
+
+def model_card(server: ServerState) -> ModelCard:
+    return ModelCard(server.model_name, server.created, server.model_root, server.max_model_len)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return json_response(ModelList([model_card(request.app[STATE])]))
+
+
+async def get_model(request: web.Request) -> web.Response:
+    server = request.app[STATE]
+    server.check_model(request.match_info["model"])
+    return json_response(model_card(server))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await create_chat_completion(request, request.app[STATE])
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await create_completion(request, request.app[STATE])
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    server = request.app[STATE]
+    body = decode_body(await request.read(), TokenizeRequest)
+    server.check_model(body.model)
+    if body.messages is not None:
+        prompt = render_chat(
+            server,
+            body.messages,
+            add_generation_prompt=body.add_generation_prompt is not False,
+            continue_final_message=bool(body.continue_final_message),
+            tools=body.tools,
+            template_kwargs=body.chat_template_kwargs,
+        )
+        add_special_tokens = bool(body.add_special_tokens)
+    elif body.prompt is not None:
+        prompt = body.prompt
+        add_special_tokens = body.add_special_tokens is not False
+    else:
+        raise bad_request("Give either prompt or messages.", "prompt")
+    token_ids = await server.encode(prompt, add_special_tokens)
+    token_strs = server.tokenizer.convert_ids_to_tokens(token_ids) if body.return_token_strs else None
+    return json_response(TokenizeResponse(len(token_ids), server.max_model_len, token_ids, token_strs))
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    server = request.app[STATE]
+    body = decode_body(await request.read(), DetokenizeRequest)
+    server.check_model(body.model)
+    check_token_ids(body.tokens, server.vocab_size, "tokens")
+    return json_response(DetokenizeResponse(server.tokenizer.decode(body.tokens, skip_special_tokens=False)))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    server = request.app[STATE]
+    text = server.metrics.render(server.engine.stats())
+    return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+ROUTES = [
+    Route("POST", "/v1/chat/completions", chat_completions, "Create a chat completion (streamed with SSE or not).",
+          ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk),
+    Route("POST", "/v1/completions", completions, "Create a text completion (streamed with SSE or not).",
+          CompletionRequest, CompletionResponse, CompletionChunk),
+    Route("GET", "/v1/models", list_models, "List the served model.", response=ModelList),
+    Route("GET", "/v1/models/{model}", get_model, "Describe the served model.", response=ModelCard),
+    Route("POST", "/tokenize", tokenize, "Tokenize a prompt or a chat conversation.", TokenizeRequest,
+          TokenizeResponse),
+    Route("POST", "/detokenize", detokenize, "Turn token ids back into text.", DetokenizeRequest,
+          DetokenizeResponse),
+    Route("GET", "/health", health, "200 while serving; 503 while draining or once the engine is dead."),
+    Route("GET", "/version", version, "The server's version.", response=VersionResponse),
+    Route("GET", "/metrics", metrics, "Prometheus metrics (text exposition format 0.0.4).",
+          response_content_type="text/plain"),
+    Route("GET", "/openapi.json", openapi_document, "This OpenAPI document."),
+]  # fmt: skip
+
+
+def create_app(
+    server: ServerState, *, api_key: str | None = None, max_request_body_bytes: int = 1 << 24
+) -> web.Application:
+    middlewares: list[Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]] = [error_middleware]
+    if api_key:
+        middlewares.append(auth_middleware(api_key))
+    # client_max_size makes request.read() raise 413 past the limit, before buffering the rest.
+    app = web.Application(middlewares=middlewares, client_max_size=max_request_body_bytes)
+    app[STATE] = server
+    app[OPENAPI] = openapi.build_document(ROUTES, secured=bool(api_key), open_paths=OPEN_PATHS)
+    app.on_response_prepare.append(add_request_id)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+    return app

@@ -1,0 +1,205 @@
+"""``POST /v1/chat/completions``: render the conversation with the chat template, then generate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from pied.api import responses
+from pied.api.errors import bad_request
+from pied.api.generation import Choice, Generation, PromptInput
+from pied.api.params import decode_body, sampling_params
+from pied.api.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatResponseMessage,
+    DeltaMessage,
+)
+from pied.api.state import ServerState
+from pied.chat_template import ChatTemplateError
+from pied.output_processor import ChoiceUpdate
+
+
+def message_dicts(messages: list[ChatMessage], param: str = "messages") -> list[dict[str, Any]]:
+    """The conversation as the plain dicts chat templates expect; content parts are joined text."""
+    if not messages:
+        raise bad_request("messages must contain at least one message.", param)
+    result = []
+    for i, message in enumerate(messages):
+        content: Any = message.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(
+                        f"Content part type {part.type!r} is not supported; only text is.",
+                        f"{param}[{i}].content[{j}].type",
+                    )
+                texts.append(part.text)
+            content = "\n".join(texts)
+        if content is None and not message.tool_calls:
+            content = ""
+        entry: dict[str, Any] = {"role": message.role, "content": content}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            value = getattr(message, key)
+            if value is not None:
+                entry[key] = value
+        result.append(entry)
+    return result
+
+
+# Template variables a request may not set through chat_template_kwargs: the ones the API sets
+# itself, and ``chat_template``, which would run a template the request supplies.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"messages", "add_generation_prompt", "continue_final_message", "tools", "chat_template"}
+)
+
+
+def render_chat(
+    server: ServerState,
+    messages: list[ChatMessage],
+    *,
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any] | None,
+) -> str:
+    """The conversation as prompt text (the model's chat template, or the --chat-template override)."""
+    conversation = message_dicts(messages)
+    if add_generation_prompt and continue_final_message:
+        raise bad_request(
+            "add_generation_prompt and continue_final_message cannot both be true.", "continue_final_message"
+        )
+    reserved = RESERVED_TEMPLATE_KWARGS.intersection(template_kwargs or {})
+    if reserved:
+        raise bad_request(
+            f"chat_template_kwargs may not set {', '.join(sorted(reserved))}.", "chat_template_kwargs"
+        )
+    try:
+        return server.tokenizer.apply_chat_template(
+            conversation,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            continue_final_message=continue_final_message,
+            **(template_kwargs or {}),
+        )
+    except ChatTemplateError as error:
+        raise bad_request(f"The chat template could not render these messages: {error}", "messages") from None
+
+
+async def create_chat_completion(request: web.Request, server: ServerState) -> web.StreamResponse:
+    body = decode_body(await request.read(), ChatCompletionRequest)
+    server.check_available()
+    server.check_model(body.model)
+    if body.response_format is not None and body.response_format.get("type", "text") != "text":
+        raise bad_request('Only response_format {"type": "text"} is supported.', "response_format")
+    prompt = render_chat(
+        server,
+        body.messages,
+        add_generation_prompt=body.add_generation_prompt is not False,
+        continue_final_message=bool(body.continue_final_message),
+        tools=body.tools,
+        template_kwargs=body.chat_template_kwargs,
+    )
+    token_ids = await server.encode(prompt, bool(body.add_special_tokens))
+
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
+    num_top = body.top_logprobs or 0
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = sampling_params(
+        body,
+        max_tokens=max_tokens,
+        logprobs=num_top if body.logprobs else None,
+        num_prompt_tokens=len(token_ids),
+        max_model_len=server.max_model_len,
+        max_logprobs=server.max_logprobs,
+        prompt_param="messages",
+        param_names={
+            "logprobs": "top_logprobs",
+            "max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
+        },
+    )
+    generation = Generation(server, responses.new_id("chatcmpl"), [PromptInput(token_ids, params, prompt)])
+    created = responses.now_seconds()
+    async with generation.running():
+        if body.stream:
+            return await stream_response(request, server, generation, body, created, num_top)
+        await responses.run_to_completion(generation)
+        answer = full_response(server, generation, created, num_top)
+        return web.Response(body=msgspec.json.encode(answer), content_type="application/json")
+
+
+async def stream_response(
+    request: web.Request,
+    server: ServerState,
+    generation: Generation,
+    body: ChatCompletionRequest,
+    created: int,
+    num_top: int,
+) -> web.StreamResponse:
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = include_usage and bool(options and options.continuous_usage_stats)
+
+    def chunk(choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
+        new = ChatCompletionChunk(generation.request_id, created, server.model_name, choices)
+        return responses.add_usage(new, generation, include_usage, continuous)
+
+    def chunk_for(choice: Choice, update: ChoiceUpdate) -> ChatCompletionChunk | None:
+        # Tokens whose text is held back (a partial character, a possible stop string): no chunk.
+        if not update.text and update.finish_reason is None and not update.logprobs:
+            return None
+        logprobs = None
+        if update.logprobs is not None:
+            logprobs = responses.chat_logprobs(server, update.token_ids, update.logprobs, num_top)
+        delta = DeltaMessage(content=update.text)
+        return chunk(
+            [ChatChunkChoice(choice.state.index, delta, logprobs, update.finish_reason, update.stop_reason)]
+        )
+
+    def usage_chunk() -> ChatCompletionChunk:
+        final = ChatCompletionChunk(generation.request_id, created, server.model_name, [])
+        final.usage = responses.usage(generation)
+        return final
+
+    # The first chunk of each choice names the role, as OpenAI streams it.
+    first = [
+        chunk([ChatChunkChoice(c.state.index, DeltaMessage("assistant", ""))]) for c in generation.choices
+    ]
+    return await responses.run_stream(
+        request,
+        generation,
+        first_chunks=first,
+        chunk_for=chunk_for,
+        usage_chunk=usage_chunk if include_usage else None,
+    )
+
+
+def full_response(
+    server: ServerState, generation: Generation, created: int, num_top: int
+) -> ChatCompletionResponse:
+    choices = []
+    for choice in generation.choices:
+        state = choice.state
+        logprobs = None
+        if state.logprobs is not None:
+            logprobs = responses.chat_logprobs(server, state.token_ids, state.logprobs, num_top)
+        choices.append(
+            ChatChoice(
+                state.index,
+                ChatResponseMessage(content=state.text),
+                logprobs,
+                state.finish_reason,
+                state.stop_reason,
+            )
+        )
+    return ChatCompletionResponse(
+        generation.request_id, created, server.model_name, choices, responses.usage(generation)
+    )

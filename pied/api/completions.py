@@ -1,0 +1,155 @@
+"""``POST /v1/completions``: one or more prompts (text or token ids), ``n`` choices each.
+
+Choice ``index`` runs over every prompt's choices: prompt ``p``'s choice ``i`` is ``p * n + i``.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from aiohttp import web
+
+from pied.api import responses
+from pied.api.errors import bad_request
+from pied.api.generation import Choice, Generation, PromptInput
+from pied.api.params import check_token_ids, decode_body, sampling_params
+from pied.api.protocol import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+)
+from pied.api.state import ServerState
+from pied.output_processor import ChoiceUpdate
+
+
+async def prompt_inputs(server: ServerState, body: CompletionRequest) -> list[tuple[list[int], str | None]]:
+    """Each prompt's token ids and text (None for token prompts, whose text is decoded on demand)."""
+    prompt = body.prompt
+    add_special_tokens = body.add_special_tokens is not False
+    if isinstance(prompt, str):
+        return [(await server.encode(prompt, add_special_tokens), prompt)]
+    if not prompt:
+        raise bad_request("prompt must not be empty.", "prompt")
+    kinds = {type(item) for item in prompt}
+    if len(kinds) != 1:
+        raise bad_request(
+            "prompt must be a string, a list of strings, a list of token ids or a list of those.", "prompt"
+        )
+    kind = kinds.pop()
+    if kind is int:
+        token_prompts = [prompt]
+    elif kind is list:
+        token_prompts = prompt
+    else:
+        return [(await server.encode(text, add_special_tokens), text) for text in prompt]  # type: ignore[arg-type]
+    result: list[tuple[list[int], str | None]] = []
+    for index, token_ids in enumerate(token_prompts):
+        check_token_ids(token_ids, server.vocab_size, "prompt" if kind is int else f"prompt[{index}]")
+        result.append((list(token_ids), None))
+    return result
+
+
+async def create_completion(request: web.Request, server: ServerState) -> web.StreamResponse:
+    body = decode_body(await request.read(), CompletionRequest)
+    server.check_available()
+    server.check_model(body.model)
+    if body.suffix is not None:
+        raise bad_request("suffix is not supported.", "suffix")
+    if body.best_of is not None and body.best_of != (body.n or 1):
+        raise bad_request("best_of is not supported (other than equal to n).", "best_of")
+    if body.echo and body.logprobs is not None:
+        raise bad_request("echo with logprobs needs prompt logprobs, which are not supported.", "echo")
+    prompts = []
+    inputs = await prompt_inputs(server, body)
+    for index, (token_ids, text) in enumerate(inputs):
+        params = sampling_params(
+            body,
+            max_tokens=body.max_tokens,
+            logprobs=body.logprobs,
+            num_prompt_tokens=len(token_ids),
+            max_model_len=server.max_model_len,
+            max_logprobs=server.max_logprobs,
+            prompt_param="prompt" if len(inputs) == 1 else f"prompt[{index}]",
+        )
+        prompts.append(PromptInput(token_ids, params, text))
+    generation = Generation(server, responses.new_id("cmpl"), prompts)
+    created = responses.now_seconds()
+    num_top = body.logprobs or 0
+    async with generation.running():
+        if body.stream:
+            return await stream_response(request, server, generation, body, created, num_top)
+        await responses.run_to_completion(generation)
+        choices = []
+        for choice in generation.choices:
+            state = choice.state
+            logprobs = None
+            if state.logprobs is not None:
+                logprobs = responses.completion_logprobs(server, state.token_ids, state.logprobs, num_top, 0)
+            text = echo_text(server, generation, choice, bool(body.echo)) + state.text
+            choices.append(
+                CompletionChoice(state.index, text, logprobs, state.finish_reason, state.stop_reason)
+            )
+        usage = responses.usage(generation)
+        answer = CompletionResponse(generation.request_id, created, server.model_name, choices, usage)
+        return web.Response(body=msgspec.json.encode(answer), content_type="application/json")
+
+
+def echo_text(server: ServerState, generation: Generation, choice: Choice, echo: bool) -> str:
+    """The prompt's text when ``echo`` is set (decoded once for a token prompt), else ""."""
+    if not echo:
+        return ""
+    prompt = generation.prompts[choice.prompt_index]
+    if prompt.text is None:
+        prompt.text = server.tokenizer.decode(prompt.token_ids, skip_special_tokens=False)
+    return prompt.text
+
+
+async def stream_response(
+    request: web.Request,
+    server: ServerState,
+    generation: Generation,
+    body: CompletionRequest,
+    created: int,
+    num_top: int,
+) -> web.StreamResponse:
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = include_usage and bool(options and options.continuous_usage_stats)
+    text_offsets = [0] * len(generation.choices)  # where each choice's next token's text starts
+
+    def chunk(choice_chunk: CompletionChoice) -> CompletionChunk:
+        new = CompletionChunk(generation.request_id, created, server.model_name, [choice_chunk])
+        return responses.add_usage(new, generation, include_usage, continuous)
+
+    def chunk_for(choice: Choice, update: ChoiceUpdate) -> CompletionChunk | None:
+        # Tokens whose text is held back (a partial character, a possible stop string): no chunk.
+        if not update.text and update.finish_reason is None and not update.logprobs:
+            return None
+        logprobs = None
+        index = choice.state.index
+        if update.logprobs is not None:
+            logprobs = responses.completion_logprobs(
+                server, update.token_ids, update.logprobs, num_top, text_offsets[index]
+            )
+            text_offsets[index] += sum(len(token) for token in logprobs.tokens)
+        return chunk(CompletionChoice(index, update.text, logprobs, update.finish_reason, update.stop_reason))
+
+    def usage_chunk() -> CompletionChunk:
+        final = CompletionChunk(generation.request_id, created, server.model_name, [])
+        final.usage = responses.usage(generation)
+        return final
+
+    # With echo, each choice's stream starts with its prompt, as vLLM streams it.
+    first = []
+    if body.echo:
+        first = [
+            chunk(CompletionChoice(c.state.index, echo_text(server, generation, c, True)))
+            for c in generation.choices
+        ]
+    return await responses.run_stream(
+        request,
+        generation,
+        first_chunks=first,
+        chunk_for=chunk_for,
+        usage_chunk=usage_chunk if include_usage else None,
+    )
