@@ -32,6 +32,12 @@ class EngineStats(msgspec.Struct, kw_only=True):
     host_usage: float = 0.0  # fraction of leased host KV blocks referenced
     num_preemptions: int = 0
     num_steps: int = 0
+    # Host memory pooling: the lease (host blocks the scheduler may hold) and streaming totals.
+    host_lease: int = 0
+    bytes_to_device_total: int = 0
+    bytes_to_host_total: int = 0
+    stall_seconds_total: float = 0.0
+    step_seconds_total: float = 0.0
 
 
 class RequestStream:

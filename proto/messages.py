@@ -214,6 +214,13 @@ class StepPlan(msgspec.Struct, tag=True, **HOT):
     sample: bytes
     new_requests: list[NewRequestData] = []
     finished_request_ids: list[str] = []
+    # Host memory (DESIGN.md "KV memory"). Block ids >= num_device_blocks in ``block_tables`` are
+    # host blocks: the executor streams them layer by layer through its staging ring.
+    # ``swap_out`` / ``swap_in``: int32 pairs (src, dst) of whole-block copies across tiers
+    # (device -> host, host -> device), done before the forward pass, swap_out first, so a device
+    # block freed by a swap-out may be reused by the same plan.
+    swap_out: bytes = b""
+    swap_in: bytes = b""
 
 
 class StepResult(msgspec.Struct, tag=True, **HOT):
@@ -227,6 +234,28 @@ class StepResult(msgspec.Struct, tag=True, **HOT):
     forward_time: float = 0.0
     step_time: float = 0.0
     error: str = ""
+    # Host streaming: distinct host blocks the step read, bytes moved host -> device (and back for
+    # write-back and swaps), and the time compute waited for the copy engine (the stall).
+    num_host_blocks: int = 0
+    bytes_to_device: int = 0
+    bytes_to_host: int = 0
+    stall_time: float = 0.0
+    layer_compute_time: float = 0.0  # mean per-layer compute time of this step
 
 
 HotMessage = Union[AddRequest, AbortRequests, TokenDeltas, StepPlan, StepResult]
+
+
+# ---------------------------------------------------------------- host memory (memory manager)
+
+
+class HostSegmentInfo(msgspec.Struct, **HOT):
+    """One host KV segment: ``num_blocks`` host blocks starting at host index ``first_block``
+    (block id ``D + first_block``), backed by memfd ``fd`` of process ``pid``; mappable through
+    ``/proc/<pid>/fd/<fd>`` while that process lives. ``first_block == segment_id * blocks_per_segment``."""
+
+    segment_id: int
+    pid: int
+    fd: int
+    first_block: int
+    num_blocks: int
