@@ -1,6 +1,6 @@
 """The scheduler driven by a fake executor: a 'model' whose next token is a hash of the context it
-reads back through the plan's block tables, so any mistake in positions, block tables, chunking or
-preemption changes the output."""
+reads back through the plan's block tables, so any mistake in positions, block tables, chunking,
+preemption or the copies between the device and host tiers changes the output."""
 
 from __future__ import annotations
 
@@ -38,7 +38,12 @@ def next_token(context) -> int:
 
 
 class FakeExecutor:
-    """Runs StepPlans on a paged 'KV cache' that stores token ids, checking the plan as it goes."""
+    """Runs StepPlans on a paged 'KV cache' that stores token ids, checking the plan as it goes.
+
+    Block ids ``[0, num_blocks)`` are device blocks and ``[num_blocks, num_blocks + num_host_blocks)``
+    host blocks, one store for both. A plan's swap_out copies run first, then its swap_in copies, then
+    the forward pass, like the real executor; a copied-from block is poisoned afterwards, so a plan that
+    still reads it loses context."""
 
     def __init__(
         self,
@@ -46,9 +51,12 @@ class FakeExecutor:
         block_size: int,
         script: dict[str, list[int]] | None = None,
         logprobs: bool = False,
+        num_host_blocks: int = 0,
     ) -> None:
         self.block_size = block_size
-        self.kv = np.full(num_blocks * block_size, -1, dtype=np.int64)
+        self.num_device_blocks = num_blocks
+        self.num_host_blocks = num_host_blocks
+        self.kv = np.full((num_blocks + num_host_blocks) * block_size, -1, dtype=np.int64)
         self.script = script or {}
         self.logprobs = logprobs
         self.sequences: dict[str, list[int]] = {}  # executor state: prompt + tokens sampled so far
@@ -57,9 +65,12 @@ class FakeExecutor:
         self.ever_seen: set[str] = set()
         self.dropped: set[str] = set()
         self.num_steps = 0
+        self.max_host_blocks_per_step = 0
 
     def execute(self, plan: StepPlan) -> StepResult:
         self.num_steps += 1
+        self._copy(plan.swap_out, to_host=True)
+        self._copy(plan.swap_in, to_host=False)
         for request_id in plan.finished_request_ids:
             assert request_id in self.sequences, f"finished {request_id} unknown or sent twice"
             del self.sequences[request_id]
@@ -82,6 +93,12 @@ class FakeExecutor:
         assert len(num_scheduled) == len(starts) == len(num_blocks) == len(sample) == count
         assert len(token_ids) == num_scheduled.sum() and len(block_tables) == num_blocks.sum()
         assert len(np.unique(block_tables)) == len(block_tables), "two live requests share a block"
+        num_pool_blocks = self.num_device_blocks + self.num_host_blocks
+        assert ((block_tables >= 0) & (block_tables < num_pool_blocks)).all()
+        # The staging ring holds at most H_max host blocks: the lease caps what a plan can reference.
+        num_host_blocks = int((block_tables >= self.num_device_blocks).sum())
+        assert num_host_blocks <= self.num_host_blocks
+        self.max_host_blocks_per_step = max(self.max_host_blocks_per_step, num_host_blocks)
 
         sampled, logprobs = [], []
         token_offset = block_offset = 0
@@ -113,6 +130,25 @@ class FakeExecutor:
             sampled_token_ids=pack_i32(sampled),
             logprobs=logprobs if self.logprobs else [],
         )
+
+    def _copy(self, packed_pairs: bytes, to_host: bool) -> None:
+        """Whole-block copies (src, dst) across tiers, as one batch: all reads, then all writes."""
+        if not packed_pairs:
+            return
+        pairs = unpack_i32(packed_pairs).reshape(-1, 2).tolist()
+        sources = [source for source, _ in pairs]
+        destinations = [destination for _, destination in pairs]
+        assert len(set(sources)) == len(sources) and len(set(destinations)) == len(destinations)
+        num_device_blocks, num_pool_blocks = (
+            self.num_device_blocks,
+            self.num_device_blocks + self.num_host_blocks,
+        )
+        for source, destination in pairs:
+            device_id, host_id = (source, destination) if to_host else (destination, source)
+            assert 0 <= device_id < num_device_blocks <= host_id < num_pool_blocks
+        blocks = self.kv.reshape(-1, self.block_size)
+        blocks[destinations] = blocks[sources]
+        blocks[sorted(set(sources) - set(destinations))] = -1
 
     def _slots(self, table: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return (
@@ -170,6 +206,7 @@ class Driver:
         plan = self.scheduler.schedule()
         if plan is None:
             return None
+        check_plan_against_tiers(self.scheduler, plan)
         self.plans.append(plan)
         result = self.executor.execute(plan)
         if mid_step is not None:
@@ -204,17 +241,55 @@ def make(
     eos_token_ids: set[int] | None = None,
     script: dict[str, list[int]] | None = None,
     logprobs: bool = False,
+    kv_policy: str = "none",
+    num_host_blocks: int = 0,
+    host_lease: int | None = None,
 ) -> Driver:
+    """A scheduler and fake executor; ``host_lease`` defaults to every host block."""
     config = EngineConfig(
         block_size=block_size,
         max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=max_num_seqs,
         enable_chunked_prefill=enable_chunked_prefill,
+        kv_policy=kv_policy,
     )
     scheduler = Scheduler(
-        config, num_blocks, {EOS} if eos_token_ids is None else eos_token_ids, max_model_len
+        config, num_blocks, {EOS} if eos_token_ids is None else eos_token_ids, max_model_len, num_host_blocks
     )
-    return Driver(scheduler, FakeExecutor(num_blocks, block_size, script, logprobs))
+    scheduler.set_host_lease(num_host_blocks if host_lease is None else host_lease)
+    return Driver(scheduler, FakeExecutor(num_blocks, block_size, script, logprobs, num_host_blocks))
+
+
+def check_plan_against_tiers(scheduler: Scheduler, plan: StepPlan) -> None:
+    """Right after schedule(): every block is held by exactly one request and accounted for in its
+    tier, and the plan uses no host block at or above the lease (a migration may still read one)."""
+    num_device_blocks = scheduler.block_manager.num_blocks
+    lease_end = num_device_blocks + scheduler.host_lease
+    assert scheduler.host_blocks_above_lease == 0
+    held = [block_id for request in scheduler.requests.values() for block_id in request.block_table]
+    assert len(held) == len(set(held))
+    assert sum(block_id < num_device_blocks for block_id in held) == scheduler.block_manager.num_used
+    assert sum(block_id >= num_device_blocks for block_id in held) == scheduler.num_host_blocks_used
+    assert all(block_id < lease_end for block_id in held)
+    assert all(not request.block_table for request in scheduler.waiting)
+    assert all(
+        block_id >= num_device_blocks for request in scheduler.swapped for block_id in request.block_table
+    )
+    if scheduler.kv_policy != "pie":
+        assert all(
+            block_id < num_device_blocks for request in scheduler.running for block_id in request.block_table
+        )
+    else:
+        # A scheduled tail is on the host only while every free device block is reserved for the
+        # scheduled requests whose next token opens a block.
+        block_size = scheduler.block_size
+        tails = [scheduler.requests[request_id].block_table[-1] for request_id in plan.request_ids]
+        if any(tail >= num_device_blocks for tail in tails):
+            num_reserved = sum(
+                samples and (start + num) % block_size == 0 for _, start, num, samples in plan_rows(plan)
+            )
+            assert scheduler.block_manager.num_free <= num_reserved
+    assert (unpack_i32(plan.swap_out)[1::2] < lease_end).all()
 
 
 def plan_rows(plan: StepPlan) -> list[tuple[str, int, int, bool]]:
@@ -234,7 +309,12 @@ def assert_pool_empty(driver: Driver) -> None:
     manager = scheduler.block_manager
     assert manager.num_free == manager.num_blocks and scheduler.usage == 0.0
     assert all(manager.ref_count(block_id) == 0 for block_id in range(manager.num_blocks))
-    assert not scheduler.has_unfinished() and scheduler.num_running == scheduler.num_waiting == 0
+    host = scheduler.tiers.host
+    assert scheduler.num_host_blocks_used == 0 and scheduler.host_usage == 0.0
+    assert host.num_free == host.lease
+    assert not any(host.is_used(manager.num_blocks + index) for index in range(host.num_blocks))
+    assert not scheduler.has_unfinished()
+    assert scheduler.num_running == scheduler.num_waiting == scheduler.num_swapped == 0
 
 
 # ---------------------------------------------------------------- batching
@@ -653,12 +733,20 @@ def request_params(request: dict) -> dict:
     return params
 
 
-def run_workload(requests: list[dict], config: dict, num_blocks: int) -> Driver:
-    """Requests arrive and are aborted (between steps or while a step runs) at given step numbers."""
+def run_workload(
+    requests: list[dict], config: dict, num_blocks: int, host_leases: dict[int, int] | None = None
+) -> Driver:
+    """Requests arrive and are aborted (between steps or while a step runs) at given step numbers;
+    ``host_leases`` sets the host lease before given steps. Like the memory manager's controller, a
+    stalled engine (nothing to run) gets the whole host pool back."""
     driver = make(num_blocks=num_blocks, **config)
+    scheduler = driver.scheduler
+    host_leases = host_leases or {}
     last_arrival = max(request["arrival_step"] for request in requests)
     num_steps = 0
     while num_steps <= last_arrival or driver.scheduler.has_unfinished():
+        if num_steps in host_leases:
+            scheduler.set_host_lease(host_leases[num_steps])
         for i, request in enumerate(requests):
             if request["arrival_step"] == num_steps:
                 driver.add(f"r{i}", request["prompt"], **request_params(request))
@@ -673,6 +761,8 @@ def run_workload(requests: list[dict], config: dict, num_blocks: int) -> Driver:
         )
         if plan is None:
             driver.collect(driver.scheduler.abort_requests(during))
+            if scheduler.has_unfinished():
+                scheduler.set_host_lease(scheduler.num_host_blocks)
         else:
             rows = plan_rows(plan)
             assert sum(num for _, _, num, _ in rows) <= config["max_num_batched_tokens"]

@@ -1,7 +1,9 @@
-"""The device tier's KV block allocator: a free list and a reference count per block."""
+"""KV block allocators: the device tier's (a free list and a reference count per block) and the host
+tier's (lowest id first, only inside the lease the memory manager grants)."""
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Iterable
 
@@ -11,7 +13,7 @@ class BlockManager:
 
     Block ids are ``first_block_id + i`` for ``i`` in ``[0, num_blocks)``. The device tier starts at 0;
     the scheduler's id space continues with host blocks at ``[D, D + H)`` (DESIGN.md "Block ids"),
-    which another instance with ``first_block_id=D`` can own.
+    which :class:`HostBlockManager` owns.
 
     Reference counts exist so that prefix caching can share one block between requests:
     ``allocate`` hands out blocks with one reference, ``add_ref`` adds one, ``free`` drops one and
@@ -92,4 +94,100 @@ class BlockManager:
         index = block_id - self.first_block_id
         if not 0 <= index < self.num_blocks:
             raise ValueError(f"block {block_id} is not in this pool.")
+        return index
+
+
+class HostBlockManager:
+    """Owns which host KV blocks are in use: ids ``[first_block_id, first_block_id + num_blocks)``.
+
+    Only the first ``lease`` of them may be handed out (the memory manager backs host memory in
+    segments of consecutive ids from the lowest up, and grows or shrinks that prefix). Allocation takes
+    the lowest free id, so blocks in use stay packed at the bottom and a shrink leaves few above it.
+    The lease may shrink below blocks in use: ``num_used_above_lease`` says how many the holder must
+    move or drop before the memory behind them goes away. Host blocks are never shared (no prefix
+    cache yet), so a block is simply used or free.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, first_block_id: int) -> None:
+        if num_blocks < 0:
+            raise ValueError(f"a host pool cannot have {num_blocks} blocks.")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.first_block_id = first_block_id
+        self.lease = 0
+        self._used = bytearray(num_blocks)
+        self._free_block_ids = list(range(first_block_id, first_block_id + num_blocks))  # a min-heap
+        self._num_used = 0
+        self._num_used_in_lease = 0
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that ``allocate`` can hand out: free ones inside the lease."""
+        return self.lease - self._num_used_in_lease
+
+    @property
+    def num_used(self) -> int:
+        return self._num_used
+
+    @property
+    def num_used_above_lease(self) -> int:
+        return self._num_used - self._num_used_in_lease
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the lease in use, in [0, 1] (1 while blocks above a shrunk lease remain)."""
+        if self.lease == 0:
+            return 1.0 if self._num_used else 0.0
+        return min(1.0, self._num_used / self.lease)
+
+    def is_used(self, block_id: int) -> bool:
+        return bool(self._used[self._index(block_id)])
+
+    def is_above_lease(self, block_id: int) -> bool:
+        return block_id - self.first_block_id >= self.lease
+
+    def set_lease(self, num_blocks: int) -> None:
+        if not 0 <= num_blocks <= self.num_blocks:
+            raise ValueError(f"a host lease must be in [0, {self.num_blocks}] blocks, got {num_blocks}.")
+        self.lease = num_blocks
+        self._num_used_in_lease = sum(self._used[:num_blocks])
+
+    def block_ids_above_lease(self) -> list[int]:
+        first, used = self.first_block_id, self._used
+        return [first + index for index in range(self.lease, self.num_blocks) if used[index]]
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= self.num_free
+
+    def allocate(self, num_blocks: int) -> list[int]:
+        """Take the ``num_blocks`` lowest free blocks. Check ``can_allocate`` first."""
+        if num_blocks > self.num_free:
+            raise RuntimeError(
+                f"asked for {num_blocks} host KV blocks with only {self.num_free} free in the lease."
+            )
+        # Every free id inside the lease is in the heap and below every id above it, so the lowest
+        # ``num_blocks`` free ids are all inside the lease.
+        block_ids = [heapq.heappop(self._free_block_ids) for _ in range(num_blocks)]
+        for block_id in block_ids:
+            self._used[block_id - self.first_block_id] = 1
+        self._num_used += num_blocks
+        self._num_used_in_lease += num_blocks
+        return block_ids
+
+    def free(self, block_ids: Iterable[int]) -> None:
+        used, lease = self._used, self.lease
+        for block_id in block_ids:
+            index = self._index(block_id)
+            if not used[index]:
+                raise ValueError(f"host block {block_id} is already free (double free).")
+            used[index] = 0
+            heapq.heappush(self._free_block_ids, block_id)
+            self._num_used -= 1
+            if index < lease:
+                self._num_used_in_lease -= 1
+
+    def _index(self, block_id: int) -> int:
+        index = block_id - self.first_block_id
+        if not 0 <= index < self.num_blocks:
+            raise ValueError(f"block {block_id} is not in the host pool.")
         return index

@@ -19,6 +19,7 @@ class RequestStatus(enum.IntEnum):
     WAITING = 0  # queued: never run yet, or preempted and waiting to be recomputed
     RUNNING = 1  # holds blocks; scheduled in every step the token budget allows
     FINISHED = 2
+    SWAPPED = 3  # preempted with its computed blocks copied to host blocks (kv_policy swap)
 
 
 class Request:
@@ -26,7 +27,7 @@ class Request:
 
     ``token_ids`` holds the prompt followed by the output so far. ``num_computed_tokens`` of them
     have their K/V in the cache, in the blocks of ``block_table`` (block ``j`` holds positions
-    ``[j * block_size, (j + 1) * block_size)``).
+    ``[j * block_size, (j + 1) * block_size)``; device and host block ids may mix).
     """
 
     __slots__ = (

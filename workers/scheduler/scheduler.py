@@ -1,4 +1,5 @@
-"""Continuous batching: each step's batch under a token budget, preemption by recompute, stop checks.
+"""Continuous batching: each step's batch under a token budget, preemption (by recompute, or by swap
+in kv_policy swap), host blocks inside the lease (kv_policy pie), stop checks.
 
 The engine loop alternates strictly::
 
@@ -6,7 +7,7 @@ The engine loop alternates strictly::
     result = executor.execute(plan)
     deltas = scheduler.postprocess(plan, result)
 
-with ``add_request`` and ``abort_requests`` allowed at any point in between.
+with ``add_request``, ``abort_requests`` and ``set_host_lease`` allowed at any point in between.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import struct
 from array import array
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from pied.config import ConfigError, EngineConfig
 from proto import (
@@ -27,25 +29,56 @@ from proto import (
     TokenLogprobs,
     unpack_i32,
 )
-from workers.scheduler.block_manager import BlockManager
 from workers.scheduler.request import Request, RequestStatus
+from workers.scheduler.tiers import BlockTiers
 
 _RUNNING = RequestStatus.RUNNING
+_SWAPPED = RequestStatus.SWAPPED
 _PACK_I32 = struct.Struct("<i").pack
 
 
+@dataclass(frozen=True)
+class KVDemand:
+    """What the adaptive expansion controller reads from the scheduler after a step: requests
+    queued for blocks, preemptions so far, and whether the last ``schedule()`` was short of blocks
+    (``num_blocks_short``: how many more the largest unmet allocation wanted)."""
+
+    num_waiting: int
+    num_swapped: int
+    num_preemptions: int
+    short_of_blocks: bool
+    num_blocks_short: int
+
+
 class Scheduler:
-    """Owns the requests, the waiting and running queues and the device block pool.
+    """Owns the requests, the waiting, swapped and running queues and the block tiers.
 
     Scheduling follows vLLM v1: one token budget per step shared by prefills and decodes, the
-    running requests first (oldest first), then waiting requests in arrival order. A request is
-    "in prefill" whenever it has more than one uncomputed token, so a chunked prompt and a
-    recomputation after preemption are the same thing.
+    running requests first (oldest first), then swapped requests, then waiting requests in arrival
+    order. A request is "in prefill" whenever it has more than one uncomputed token, so a chunked
+    prompt and a recomputation after preemption are the same thing.
+
+    Memory policy (``config.kv_policy``, DESIGN.md "Baselines inside the same engine"):
+    - ``none``: device blocks only; a preempted request recomputes.
+    - ``swap``: running requests hold device blocks only; a preempted request's blocks are copied to
+      host blocks while the lease has room (else it recomputes) and copied back when it resumes.
+    - ``pie``: running requests hold device blocks and, beyond them, host blocks inside the lease,
+      which the executor streams; a preempted request recomputes.
+
+    The memory manager grants the host lease with ``set_host_lease``; the scheduler never holds a
+    host block at or above it once the next ``schedule()`` has run.
     """
 
     def __init__(
-        self, config: EngineConfig, num_device_blocks: int, eos_token_ids: set[int], max_model_len: int
+        self,
+        config: EngineConfig,
+        num_device_blocks: int,
+        eos_token_ids: set[int],
+        max_model_len: int,
+        num_host_blocks: int = 0,
     ) -> None:
+        if config.kv_policy == "none" and num_host_blocks:
+            raise ConfigError("--kv-policy none keeps no KV on the host; it takes no host blocks.")
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
             # Without chunking a prompt (or a preempted request's recomputation) must fit one step.
             raise ConfigError(
@@ -58,13 +91,28 @@ class Scheduler:
         self.enable_chunked_prefill = config.enable_chunked_prefill
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
-        self.block_manager = BlockManager(num_device_blocks, config.block_size)
-        # A request with more tokens than this can never have its whole context on the device.
-        self.max_pool_tokens = num_device_blocks * config.block_size
+        self.kv_policy = config.kv_policy
+        self.tiers = BlockTiers(
+            num_device_blocks, num_host_blocks, config.block_size, pooling=config.kv_policy == "pie"
+        )
+        self.block_manager = self.tiers.device
+        self._swaps_preempted = config.kv_policy == "swap"
+        # A request with more tokens than this can never have its whole context in the blocks a
+        # running request may hold (the device, plus the largest lease under pie).
+        num_pool_blocks = num_device_blocks + (num_host_blocks if self.tiers.pooling else 0)
+        self.max_pool_tokens = num_pool_blocks * config.block_size
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting: deque[Request] = deque()
+        self.swapped: deque[Request] = deque()  # resumed before any waiting request
         self.running: list[Request] = []  # in admission order: preemption takes from the end
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # running requests that lost their place, by recompute or swap
+        self.num_recomputes = 0  # requests whose cache was dropped (preempted, or swapped above a lease)
+        self.num_swap_outs = 0
+        self.num_swap_ins = 0
+        self.num_tail_promotions = 0
+        # The last step whose plan may read or write host blocks at or above the lease.
+        self.host_release_step_id = -1
+        self._num_blocks_short = 0
         self._next_step_id = 0
         self._finished_request_ids: list[str] = []  # executor state to drop, sent with the next plan
         # The plan between schedule() and postprocess(): (request, num_scheduled_tokens, samples).
@@ -82,15 +130,62 @@ class Scheduler:
         return len(self.waiting)
 
     @property
+    def num_swapped(self) -> int:
+        return len(self.swapped)
+
+    @property
     def usage(self) -> float:
-        return self.block_manager.usage
+        """Fraction of the device blocks in use."""
+        return self.tiers.device.usage
+
+    @property
+    def num_host_blocks(self) -> int:
+        """H_max: host block ids ``[D, D + H_max)`` exist; only the lease may be used."""
+        return self.tiers.host.num_blocks
+
+    @property
+    def host_lease(self) -> int:
+        return self.tiers.host.lease
+
+    @property
+    def num_host_blocks_used(self) -> int:
+        return self.tiers.host.num_used
+
+    @property
+    def host_usage(self) -> float:
+        """Fraction of the host lease in use."""
+        return self.tiers.host.usage
+
+    @property
+    def host_blocks_above_lease(self) -> int:
+        """Host blocks in use at or above the lease: 0 after any ``schedule()``."""
+        return self.tiers.host.num_used_above_lease
+
+    @property
+    def demand(self) -> KVDemand:
+        return KVDemand(
+            num_waiting=len(self.waiting),
+            num_swapped=len(self.swapped),
+            num_preemptions=self.num_preemptions,
+            short_of_blocks=self._num_blocks_short > 0,
+            num_blocks_short=self._num_blocks_short,
+        )
+
+    def set_host_lease(self, num_blocks: int) -> None:
+        """The memory manager grants host block ids ``[D, D + num_blocks)``. Shrinking below blocks in
+        use is allowed: the next ``schedule()`` moves them to the device or preempts their requests.
+        Host memory above the new lease may be unmapped once ``host_blocks_above_lease`` is 0 and the
+        result of step ``host_release_step_id`` is back (plans made until then may still touch it)."""
+        if num_blocks < self.tiers.host.lease:
+            self.host_release_step_id = self._next_step_id - 1
+        self.tiers.host.set_lease(num_blocks)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
     def add_request(self, msg: AddRequest) -> list[TokenDelta]:
         """Queue a request. Returns its final ERROR delta instead when it can never run (an empty
-        prompt, one over ``max_model_len``, or one larger than the whole device pool); else []."""
+        prompt, one over ``max_model_len``, or one larger than the whole pool); else []."""
         if msg.request_id in self.requests:
             raise ValueError(f"request id {msg.request_id!r} is already in use.")
         request = Request.from_message(msg, self.eos_token_ids, self.max_model_len)
@@ -126,6 +221,8 @@ class Scheduler:
                 continue
             if request.status == _RUNNING:
                 aborted_running = True
+            elif request.status == _SWAPPED:
+                self.swapped.remove(request)
             else:
                 self.waiting.remove(request)
             deltas.append(self._finish(request, FinishReason.ABORT))
@@ -139,10 +236,13 @@ class Scheduler:
         """Choose the next step's batch and give every scheduled request the blocks it needs."""
         if self._in_flight is not None:
             raise RuntimeError(f"schedule() called before postprocess() of step {self._in_flight_step_id}.")
-        block_manager = self.block_manager
+        tiers = self.tiers
         block_size = self.block_size
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Request, int, bool]] = []
+        self._num_blocks_short = 0
+        if tiers.host.num_used_above_lease:
+            self._settle_host_lease()
         num_preemptions_before = self.num_preemptions
         # Blocks the scheduled requests will need for their next token; admitting a waiting request
         # into them would only get it preempted in the next step.
@@ -170,30 +270,19 @@ class Scheduler:
 
         # vLLM v1: no admissions in a step that had to preempt (the pool is already too tight).
         if self.num_preemptions == num_preemptions_before:
-            waiting = self.waiting
-            while waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-                request = waiting[0]
-                num_new = request.num_uncomputed_tokens
-                if num_new > budget:
-                    if not self.enable_chunked_prefill:
-                        break  # first come, first served: nobody overtakes the head
-                    num_new = budget
-                end = request.num_computed_tokens + num_new
-                num_blocks = block_manager.num_blocks_for(end) - len(request.block_table)
-                if not block_manager.can_allocate(num_blocks + num_reserved_blocks):
-                    break
-                waiting.popleft()
-                request.block_table.extend(block_manager.allocate(num_blocks))
-                request.status = _RUNNING
-                self.running.append(request)
-                samples = end == request.num_tokens
-                scheduled.append((request, num_new, samples))
-                budget -= num_new
-                if samples and end % block_size == 0:
-                    num_reserved_blocks += 1
+            if self.swapped:
+                budget, num_reserved_blocks = self._admit(
+                    self.swapped, scheduled, budget, num_reserved_blocks
+                )
+            if not self.swapped:  # first come, first served: swapped requests resume before new ones
+                budget, num_reserved_blocks = self._admit(
+                    self.waiting, scheduled, budget, num_reserved_blocks
+                )
 
+        if tiers.pooling and tiers.host.num_used and tiers.device.num_free > num_reserved_blocks:
+            self._promote_tails(scheduled, num_reserved_blocks)
         if not scheduled:
-            return None
+            return None  # copies gathered so far ride on the next plan
         return self._make_plan(scheduled)
 
     def postprocess(self, plan: StepPlan, result: StepResult) -> list[TokenDelta]:
@@ -244,25 +333,126 @@ class Scheduler:
     def _allocate_running(self, request: Request, end: int) -> bool:
         """Give a running request blocks up to position ``end``, preempting the most recently
         admitted running requests while the pool is short. False if ``request`` itself was preempted."""
-        block_manager = self.block_manager
-        num_blocks = block_manager.num_blocks_for(end) - len(request.block_table)
+        tiers = self.tiers
+        num_blocks = tiers.num_blocks_for(end) - len(request.block_table)
         if num_blocks <= 0:
             return True
-        while not block_manager.can_allocate(num_blocks):
-            victim = self.running.pop()
-            self._preempt(victim)
-            if victim is request:
-                return False
-        request.block_table.extend(block_manager.allocate(num_blocks))
+        if not tiers.can_allocate(num_blocks):
+            self._note_short(num_blocks - tiers.num_free)
+            while not tiers.can_allocate(num_blocks):
+                victim = self.running.pop()
+                self._preempt(victim)
+                if victim is request:
+                    return False
+        tiers.allocate(request.block_table, num_blocks, request.num_computed_tokens)
         return True
 
+    def _admit(
+        self,
+        queue: deque[Request],
+        scheduled: list[tuple[Request, int, bool]],
+        budget: int,
+        num_reserved_blocks: int,
+    ) -> tuple[int, int]:
+        """Move requests from the head of ``queue`` (swapped or waiting) into the running batch while
+        the budget, ``max_num_seqs`` and free blocks allow. Returns the budget and reserve left."""
+        tiers = self.tiers
+        block_size = self.block_size
+        while queue and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = queue[0]
+            num_new = request.num_uncomputed_tokens
+            if num_new > budget:
+                if not self.enable_chunked_prefill:
+                    break  # first come, first served: nobody overtakes the head
+                num_new = budget
+            end = request.num_computed_tokens + num_new
+            is_swapped = request.status == _SWAPPED
+            # A swapped request comes back to the device whole: its host blocks become device blocks.
+            num_blocks = tiers.num_blocks_for(end) - (0 if is_swapped else len(request.block_table))
+            num_free = tiers.device.num_free if is_swapped else tiers.num_free
+            if num_blocks + num_reserved_blocks > num_free:
+                self._note_short(num_blocks + num_reserved_blocks - num_free)
+                break
+            queue.popleft()
+            if is_swapped:
+                tiers.swap_in(request.block_table)
+                self.num_swap_ins += 1
+            num_new_blocks = tiers.num_blocks_for(end) - len(request.block_table)
+            if num_new_blocks:
+                tiers.allocate(request.block_table, num_new_blocks, request.num_computed_tokens)
+            request.status = _RUNNING
+            self.running.append(request)
+            samples = end == request.num_tokens
+            scheduled.append((request, num_new, samples))
+            budget -= num_new
+            if samples and end % block_size == 0:
+                num_reserved_blocks += 1
+        return budget, num_reserved_blocks
+
     def _preempt(self, request: Request) -> None:
-        """Preempt by recompute: drop its cache and queue it first, keeping its output so far."""
+        """Take a running request out of the batch: swap its blocks out under kv_policy swap while
+        the lease has room, else drop its cache to recompute it; either way it keeps its output."""
+        self.num_preemptions += 1
+        if self._swaps_preempted and self.tiers.swap_out(request.block_table, request.num_computed_tokens):
+            request.status = _SWAPPED
+            self.swapped.appendleft(request)
+            self.num_swap_outs += 1
+            return
+        self._recompute(request)
+
+    def _recompute(self, request: Request) -> None:
+        """Drop a request's cache and queue it first: it recomputes its prompt and output so far."""
         self._free_blocks(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
-        self.num_preemptions += 1
+        self.num_recomputes += 1
+
+    def _settle_host_lease(self) -> None:
+        """The lease shrank below host blocks in use: swapped requests holding such blocks recompute;
+        running ones move them to the device (migration) or, when that is impossible, the most
+        recently admitted running requests are preempted. Nothing is dropped."""
+        tiers = self.tiers
+        above_lease = [
+            request
+            for request in self.swapped
+            if any(tiers.is_above_lease(block_id) for block_id in request.block_table)
+        ]
+        for request in reversed(above_lease):  # keep their order at the head of the waiting queue
+            self.swapped.remove(request)
+            self._recompute(request)
+        index = 0
+        while index < len(self.running):
+            if self._move_below_lease(self.running[index]):
+                index += 1
+
+    def _move_below_lease(self, request: Request) -> bool:
+        """Move a running request's host blocks above the lease to the device, preempting from the
+        end of the batch while that is impossible. False if ``request`` itself was preempted."""
+        tiers = self.tiers
+        table = request.block_table
+        for index in range(len(table)):
+            if not tiers.is_above_lease(table[index]):
+                continue
+            while not tiers.move_below_lease(table, index, (other.block_table for other in self.running)):
+                victim = self.running.pop()
+                self._preempt(victim)
+                if victim is request:
+                    return False
+        return True
+
+    def _promote_tails(self, scheduled: list[tuple[Request, int, bool]], num_reserved_blocks: int) -> None:
+        """kv_policy pie: device blocks nobody needs this step or next take host tails back, so the
+        requests that got a host tail while the device was full append to the device again."""
+        tiers = self.tiers
+        for request, _, _ in scheduled:
+            if tiers.device.num_free <= num_reserved_blocks:
+                return
+            if tiers.promote_tail(request.block_table):
+                self.num_tail_promotions += 1
+
+    def _note_short(self, num_blocks: int) -> None:
+        self._num_blocks_short = max(self._num_blocks_short, num_blocks)
 
     def _make_plan(self, scheduled: list[tuple[Request, int, bool]]) -> StepPlan:
         request_ids = []
@@ -295,6 +485,10 @@ class Scheduler:
         self._in_flight = scheduled
         self._in_flight_step_id = step_id
         finished_request_ids, self._finished_request_ids = self._finished_request_ids, []
+        if self.tiers.host.num_used_above_lease:
+            # Still held only as the sources of this plan's swap_in (freed just below).
+            self.host_release_step_id = step_id
+        swap_out, swap_in = self.tiers.take_copies()
         return StepPlan(
             step_id=step_id,
             request_ids=request_ids,
@@ -306,6 +500,8 @@ class Scheduler:
             sample=bytes(sample),
             new_requests=new_requests,
             finished_request_ids=finished_request_ids,
+            swap_out=swap_out,
+            swap_in=swap_in,
         )
 
     def _check_stop(self, request: Request, token_id: int, logprobs: TokenLogprobs | None) -> TokenDelta:
@@ -391,14 +587,14 @@ class Scheduler:
         )
 
     def _free_blocks(self, request: Request) -> None:
-        # Tail first, so that a future prefix cache evicts a sequence's last blocks before its prefix.
-        self.block_manager.free(reversed(request.block_table))
-        del request.block_table[:]
+        self.tiers.free(request.block_table)
 
     def _pool_too_small(self, request: Request) -> str:
-        num_blocks = self.block_manager.num_blocks_for(request.num_tokens)
+        num_blocks = self.tiers.num_blocks_for(request.num_tokens)
+        num_pool_blocks = self.max_pool_tokens // self.block_size
+        pool = "device and host pools have" if self.tiers.pooling else "device pool has"
         return (
-            f"the request needs {num_blocks} KV blocks for its {request.num_tokens} tokens but the device "
-            f"pool has only {self.block_manager.num_blocks} blocks of {self.block_size} tokens; "
+            f"the request needs {num_blocks} KV blocks for its {request.num_tokens} tokens but the {pool} "
+            f"only {num_pool_blocks} blocks of {self.block_size} tokens; "
             "raise --device-kv-blocks/--device-kv-gib or lower max_tokens."
         )
