@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from workers.executor.attention import AttentionMetadata, TorchPagedAttention, arrays_to_device
+from workers.executor.kv_pool import StagingRing
 
 CPU = torch.device("cpu")
 
 
-def build(query_lens, starts, block_tables, block_size=4, num_device_blocks=16) -> AttentionMetadata:
+def build(
+    query_lens, starts, block_tables, block_size=4, num_device_blocks=16, staging=None
+) -> AttentionMetadata:
     return AttentionMetadata.build(
         np.array(query_lens),
         np.array(starts),
@@ -22,6 +25,7 @@ def build(query_lens, starts, block_tables, block_size=4, num_device_blocks=16) 
         block_size,
         num_device_blocks,
         CPU,
+        staging,
     )
 
 
@@ -91,6 +95,49 @@ def test_metadata_rejects_inconsistent_plans(query_lens, starts, message):
 def test_metadata_rejects_non_device_blocks():
     with pytest.raises(ValueError, match="device blocks"):
         build([1], [0], [[16]])
+
+
+def test_host_blocks_map_to_staging_pages():
+    # D = 16 device blocks, 4 layers: device pages 0..63, then R = 2 areas of M = 3 staging pages.
+    # Sequence 0: prefill of 6 tokens over host block 20 then device block 7; sequence 1: a decode
+    # at position 5 over host blocks 18 and 21.
+    staging = StagingRing(first_page=64, num_areas=2, area_size=3)
+    meta = build([6, 1], [0, 5], [[20, 7], [18, 21]], staging=staging)
+    assert meta.host_block_ids.tolist() == [18, 20, 21]  # staging slots 0, 1, 2
+    assert meta.written_host_block_ids.tolist() == [20, 21]
+    assert meta.block_tables.tolist() == [[20, 7], [18, 21]]  # ids stay ids
+    assert meta.page_table(0).tolist() == [[65, 7], [64, 66]]
+    assert meta.page_table(3).tolist() == [[68, 3 * 16 + 7], [67, 69]]  # area 1, device page 55
+    assert meta.slot_pages(0).tolist() == [65, 65, 65, 65, 7, 7, 66]
+    assert meta.slot_pages(3).tolist() == [68, 68, 68, 68, 55, 55, 69]
+    # Without host blocks the staging ring changes nothing.
+    device_only = build([1], [0], [[7]], staging=staging)
+    assert device_only.ring_block_tables is None and device_only.host_block_ids.size == 0
+    assert device_only.page_table(3).tolist() == [[55]]
+
+
+def test_metadata_rejects_more_host_blocks_than_a_staging_area_holds():
+    staging = StagingRing(first_page=64, num_areas=2, area_size=2)
+    build([1], [8], [[16, 17, 2]], staging=staging)
+    with pytest.raises(ValueError, match="3 distinct host blocks but a staging area holds 2"):
+        build([1], [8], [[16, 17, 18]], staging=staging)
+
+
+def test_backend_reads_staged_pages_like_device_pages():
+    """The same K/V, once in device pages and once in staging pages, gives the same attention."""
+    torch.manual_seed(2)
+    num_blocks, block_size = 8, 4
+    pool = torch.zeros(num_blocks + 4, 2, block_size, 2, 8)
+    pool[[1, 5]] = torch.randn(2, 2, block_size, 2, 8)
+    pool[[8, 9]] = pool[[1, 5]]  # staging slots 0, 1 of a one-area ring at page 8
+    q = torch.randn(1, 4, 8)
+    backend = TorchPagedAttention()
+    device = build([1], [6], [[1, 5]], num_device_blocks=num_blocks)
+    staged = build([1], [6], [[8, 12]], num_device_blocks=num_blocks, staging=StagingRing(8, 1, 4))
+    for meta in (device, staged):  # the new token's K/V goes to block 5 / host block 12 (slot 1)
+        backend.write_kv(pool, torch.ones(1, 2, 8), torch.ones(1, 2, 8), meta.slot_pages(0), meta)
+    expected = backend.attend(q, pool, device.page_table(0), device, None)
+    assert torch.equal(backend.attend(q, pool, staged.page_table(0), staged, None), expected)
 
 
 def test_arrays_to_device_keeps_shapes():

@@ -126,3 +126,45 @@ def test_kv_pool_default_on_cpu(llama_path, monkeypatch):
 def test_kv_budget_too_small_for_one_block(llama_path):
     with pytest.raises(ConfigError, match="holds no KV block"):
         make_runner(llama_path, device_kv_blocks=None, device_kv_gib=1e-9)
+
+
+def test_kv_layout_matches_the_pool(runner):
+    layout = runner.kv_layout
+    assert (layout.num_layers, layout.block_size, layout.dtype) == (2, BLOCK_SIZE, torch.float32)
+    assert runner.kv_pool.pages.shape[1:] == layout.page_shape
+    assert layout.block_bytes == kv_bytes_per_block(2, BLOCK_SIZE, 2, 16, torch.float32)
+    assert runner.staging is None and runner.kv_pool.pages.shape[0] == 2 * runner.num_device_blocks
+
+
+def test_attach_rejects_segments_of_another_size(llama_path):
+    from workers.memory.host_pool import HostSegment
+
+    runner = ModelRunner(
+        EngineConfig(
+            model=str(llama_path), dtype="float32", device="cpu", block_size=BLOCK_SIZE, device_kv_blocks=8
+        ),
+        num_staging_blocks=4,
+        blocks_per_segment=4,
+    )
+    segment = HostSegment.create(1, 8, 8, runner.kv_layout)  # segment 1 of 8 blocks each
+    try:
+        with pytest.raises(ValueError, match="disagree on blocks_per_segment"):
+            runner.attach_host_segments([segment.info])
+        assert runner.host_kv.pool.segments == {}
+    finally:
+        runner.close()
+        segment.close()
+
+
+def test_staging_ring_comes_out_of_a_kv_budget(llama_path):
+    per_block = kv_bytes_per_block(2, BLOCK_SIZE, 2, 16, torch.float32)
+    budget = 0.001
+    runner = ModelRunner(
+        EngineConfig(
+            model=str(llama_path), dtype="float32", device="cpu", block_size=BLOCK_SIZE, device_kv_gib=budget
+        ),
+        num_staging_blocks=10,
+    )
+    staging_bytes = 2 * 10 * per_block // 2  # R = 2 areas of 10 pages; a page is half a 2-layer block
+    assert runner.num_device_blocks == int((budget * GIB - staging_bytes) // per_block)
+    assert runner.kv_pool.nbytes <= budget * GIB

@@ -7,8 +7,9 @@ are the same case, so one batch mixes them freely. Each layer first writes the n
 pages, then attends over the sequence's pages (cache and new tokens alike).
 
 ``AttentionMetadata`` is built once per step and shared by every layer; it is the only place that
-maps a block id to a page of a given layer (``page = layer * D + block``), so host-pooling staging
-pages can later be slotted in there without touching the backend.
+maps a block id to a page of a given layer: ``layer * D + block`` for a device block, and for a host
+block (id >= D) its staging slot in the layer's area of the staging ring (DESIGN.md "Streaming"), so
+the backend never knows which tier a page came from.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from workers.executor.kv_pool import StagingRing
 
 
 def arrays_to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -81,6 +84,22 @@ class AttentionGroup:
         return mask
 
 
+class LayerHooks(Protocol):
+    """Called by every layer around its attention when a step streams host blocks (see streaming.py)."""
+
+    def before_attention(self, layer: int) -> None:
+        """Return once ``layer``'s staging area holds the step's host blocks (before K/V is written)."""
+        ...
+
+    def after_attention(self, layer: int) -> None:
+        """``layer`` is done with its staging area: write back, then reuse it."""
+        ...
+
+
+def _no_block_ids() -> np.ndarray:
+    return np.empty(0, dtype=np.int64)
+
+
 @dataclass
 class AttentionMetadata:
     """The batch layout of one step. Tensors are int64 on the compute device.
@@ -88,9 +107,18 @@ class AttentionMetadata:
     - ``positions [T]``: position of each token.
     - ``query_start_loc [n + 1]``: where each sequence's tokens start in ``[T]``.
     - ``context_lens [n]``: tokens each sequence attends to (cached + new).
-    - ``block_tables [n, max_blocks]``: device block ids, padded with block 0 (never attended to).
+    - ``block_tables [n, max_blocks]``: block ids, padded with block 0 (never attended to).
     - ``slot_blocks [T]`` / ``slot_offsets [T]``: the block and in-block offset each new token's K/V goes to.
     - ``groups``: how the sequences are batched into attention calls (see ``AttentionGroup``).
+
+    With host blocks (ids >= D, only when built with a ``staging`` ring):
+
+    - ``host_block_ids``: the step's distinct host block ids, sorted; the i-th has staging slot i.
+    - ``written_host_block_ids``: those that new tokens are written into (sorted).
+    - ``ring_block_tables [R, n, max_blocks]`` / ``block_strides [n, max_blocks]``: layer ``l``'s page
+      table is ``ring_block_tables[l % R] + l * block_strides`` (stride D for device blocks, 0 for
+      staging pages); ``ring_slot_blocks [R, T]`` / ``slot_strides [T]`` likewise for slot pages.
+    - ``stream``: the hooks each layer calls around its attention (None: no host blocks, no calls).
     """
 
     num_seqs: int
@@ -106,6 +134,13 @@ class AttentionMetadata:
     slot_blocks: torch.Tensor
     slot_offsets: torch.Tensor
     groups: list[AttentionGroup]
+    host_block_ids: np.ndarray = field(default_factory=_no_block_ids)
+    written_host_block_ids: np.ndarray = field(default_factory=_no_block_ids)
+    ring_block_tables: torch.Tensor | None = None
+    block_strides: torch.Tensor | None = None
+    ring_slot_blocks: torch.Tensor | None = None
+    slot_strides: torch.Tensor | None = None
+    stream: LayerHooks | None = None
 
     @classmethod
     def build(
@@ -117,10 +152,13 @@ class AttentionMetadata:
         block_size: int,
         num_device_blocks: int,
         device: torch.device,
+        staging: StagingRing | None = None,
     ) -> AttentionMetadata:
         """From a step's per-sequence arrays (block ids concatenated, ``num_blocks[i]`` each).
 
-        Raises ``ValueError`` when the arrays disagree or a block id is not a device block.
+        Block ids >= ``num_device_blocks`` are host blocks, allowed only with a ``staging`` ring.
+        Raises ``ValueError`` when the arrays disagree, a block id is not a device block (without
+        staging), or the step uses more distinct host blocks than a staging area holds.
         """
         query_lens = np.asarray(query_lens, dtype=np.int64)
         start_positions = np.asarray(start_positions, dtype=np.int64)
@@ -137,7 +175,10 @@ class AttentionMetadata:
             raise ValueError(
                 f"block tables hold {len(block_ids)} ids but num_blocks sums to {num_blocks.sum()}."
             )
-        if len(block_ids) and (block_ids.min() < 0 or block_ids.max() >= num_device_blocks):
+        if len(block_ids) and block_ids.min() < 0:
+            raise ValueError("block ids must be non-negative.")
+        has_host_blocks = len(block_ids) > 0 and block_ids.max() >= num_device_blocks
+        if has_host_blocks and staging is None:
             raise ValueError(f"block ids must be device blocks in [0, {num_device_blocks}).")
         context_lens = start_positions + query_lens
         if np.any(num_blocks * block_size < context_lens):
@@ -171,6 +212,28 @@ class AttentionMetadata:
         for i, members in enumerate(group_members):
             layout = _group_layout(members, query_lens, start_positions, query_start_loc)
             host |= {f"group{i}.{name}": array for name, array in layout.items()}
+        host_block_ids = written_host_block_ids = _no_block_ids()
+        if has_host_blocks:
+            assert staging is not None
+            host_block_ids = np.unique(block_ids[block_ids >= num_device_blocks])
+            if len(host_block_ids) > staging.area_size:
+                raise ValueError(
+                    f"the step uses {len(host_block_ids)} distinct host blocks but a staging area holds "
+                    f"{staging.area_size}."
+                )
+            written_host_block_ids = np.unique(slot_blocks[slot_blocks >= num_device_blocks])
+            ring_block_tables, block_strides = _ring_tables(
+                block_tables, host_block_ids, num_device_blocks, staging
+            )
+            ring_slot_blocks, slot_strides = _ring_tables(
+                slot_blocks, host_block_ids, num_device_blocks, staging
+            )
+            host |= {
+                "stream.ring_block_tables": ring_block_tables,
+                "stream.block_strides": block_strides,
+                "stream.ring_slot_blocks": ring_slot_blocks,
+                "stream.slot_strides": slot_strides,
+            }
         tensors = arrays_to_device(host, device)
         groups = []
         for i, members in enumerate(group_members):
@@ -196,16 +259,39 @@ class AttentionMetadata:
             block_size=block_size,
             num_device_blocks=num_device_blocks,
             groups=groups,
-            **{name: tensors[name] for name in host if not name.startswith("group")},
+            host_block_ids=host_block_ids,
+            written_host_block_ids=written_host_block_ids,
+            **{name: tensors[name] for name in host if "." not in name},
+            **{name.removeprefix("stream."): tensors[name] for name in host if name.startswith("stream.")},
         )
 
     def page_table(self, layer: int) -> torch.Tensor:
         """``[n, max_blocks]`` page indices of each sequence's blocks in ``layer``."""
-        return self.block_tables + layer * self.num_device_blocks
+        if self.ring_block_tables is None:
+            return self.block_tables + layer * self.num_device_blocks
+        ring = self.ring_block_tables[layer % self.ring_block_tables.shape[0]]
+        return torch.add(ring, self.block_strides, alpha=layer)
 
     def slot_pages(self, layer: int) -> torch.Tensor:
         """``[T]`` the page each new token's K/V is written to in ``layer``."""
-        return self.slot_blocks + layer * self.num_device_blocks
+        if self.ring_slot_blocks is None:
+            return self.slot_blocks + layer * self.num_device_blocks
+        ring = self.ring_slot_blocks[layer % self.ring_slot_blocks.shape[0]]
+        return torch.add(ring, self.slot_strides, alpha=layer)
+
+
+def _ring_tables(
+    block_ids: np.ndarray, host_block_ids: np.ndarray, num_device_blocks: int, staging: StagingRing
+) -> tuple[np.ndarray, np.ndarray]:
+    """``([R, *shape], shape)`` arrays such that layer ``l``'s pages of ``block_ids`` are
+    ``ring[l % R] + l * strides``: a device block ``b`` is ``b`` with stride D, a host block is its
+    staging page in area ``r`` (slot = its rank in ``host_block_ids``) with stride 0."""
+    is_host = block_ids >= num_device_blocks
+    slots = np.searchsorted(host_block_ids, block_ids)
+    area_starts = staging.first_page + np.arange(staging.num_areas) * staging.area_size
+    ring = np.where(is_host, area_starts.reshape(-1, *[1] * block_ids.ndim) + slots, block_ids)
+    strides = np.where(is_host, 0, num_device_blocks)
+    return ring, strides
 
 
 def _group_layout(

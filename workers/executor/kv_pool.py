@@ -4,10 +4,12 @@ A page holds ``block_size`` tokens of one layer's K and V: the pool is
 ``[num_pages, 2, block_size, num_kv_heads, head_dim]`` (index 0 of dim 1 is K, 1 is V). Device
 block ``b`` of layer ``l`` is page ``l * D + b`` where ``D = num_device_blocks``, so a paged
 attention kernel given (pool, page table) works unchanged on every layer. Pages after the
-``L * D`` device pages (``num_extra_pages``) are free for host-pooling staging areas.
+``L * D`` device pages (``num_extra_pages``) hold the staging ring of host pooling (``StagingRing``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +27,27 @@ def kv_bytes_per_block(
 def num_blocks_that_fit(num_bytes: float, bytes_per_block: int) -> int:
     """How many whole blocks fit in ``num_bytes``."""
     return int(num_bytes // bytes_per_block)
+
+
+@dataclass(frozen=True)
+class StagingRing:
+    """The device pages a step's host blocks are streamed into (DESIGN.md "Streaming").
+
+    ``num_areas`` (R) areas of ``area_size`` (M) pages each, starting at page ``first_page`` (the
+    first page after the ``L * D`` device pages). Layer ``l`` uses area ``l % R``; a step's host
+    block with staging slot ``s`` is page ``area_start(l) + s`` in layer ``l``.
+    """
+
+    first_page: int
+    num_areas: int
+    area_size: int
+
+    @property
+    def num_pages(self) -> int:
+        return self.num_areas * self.area_size
+
+    def area_start(self, layer: int) -> int:
+        return self.first_page + (layer % self.num_areas) * self.area_size
 
 
 class KVPool:

@@ -110,9 +110,18 @@ class Attention(nn.Module):
         q = apply_rope(q.unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)
         k = apply_rope(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        stream = meta.stream
+        if stream is not None:
+            # NOTE: wait for this layer's host blocks to be staged before writing into their pages:
+            # the staging copy would otherwise overwrite the new K/V.
+            stream.before_attention(self.layer)
         # NOTE: write before attend, so the new tokens see themselves through the pages.
         self.backend.write_kv(pool, k, v, meta.slot_pages(self.layer), meta)
         out = self.backend.attend(q, pool, meta.page_table(self.layer), meta, self.sliding_window)
+        if stream is not None:
+            # NOTE: the staging area is read (and written) only above: it may now be written back
+            # and refilled for a later layer.
+            stream.after_attention(self.layer)
         return self.o_proj(out.flatten(1))
 
     def checkpoint_targets(self, prefix: str) -> Targets:

@@ -1,12 +1,15 @@
 """The model runner: one StepPlan in, one StepResult out.
 
-It owns the model, the device KV pool, the sampler and the per-request sampling state. A step
+It owns the model, the device KV pool, the sampler, the per-request sampling state and the
+executor's side of host KV (``streaming.HostKV``). A step performs the plan's whole-block swaps,
 decodes the plan's packed arrays, builds the step's tensors in two small host-to-device copies,
-runs the forward pass and samples the rows the plan asks for.
+runs the forward pass (streaming the step's host blocks through the staging ring, if any) and
+samples the rows the plan asks for.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from itertools import compress
@@ -18,12 +21,17 @@ import proto
 from pied.config import ConfigError, EngineConfig
 from pied.model_config import ModelConfig, resolve_dtype
 from workers.executor.attention import AttentionMetadata, arrays_to_device
-from workers.executor.kv_pool import GIB, KVPool, kv_bytes_per_block, num_blocks_that_fit
+from workers.executor.kv_pool import GIB, KVPool, StagingRing, kv_bytes_per_block, num_blocks_that_fit
 from workers.executor.model import CausalLM
 from workers.executor.sampler import Sampler, SamplingState
+from workers.executor.streaming import HostBlockOwners, HostKV, LayerStreamer, StreamStats
 from workers.executor.weights import load_weights
+from workers.memory.host_pool import KVLayout
+from workers.memory.manager import SEGMENT_BYTES
 
 DEFAULT_CPU_KV_GIB = 1.0
+# Test only: caps the CPU copy thread's bandwidth (bytes/s) to create stalls on purpose.
+COPY_THROTTLE_ENV = "PIED_COPY_THROTTLE_BYTES_PER_S"
 
 
 @dataclass
@@ -41,7 +49,27 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    """Runs StepPlans on one device.
+
+    ``num_staging_blocks`` (M): the most distinct host blocks a step may use (0: none). The pool
+    then gets ``R * M`` staging pages after the ``L * D`` device pages, ``R = prefetch_depth + 1``
+    (at most L); when D comes from a memory budget, the staging pages are part of it.
+    ``blocks_per_segment``: the host pool's segment size, as the memory manager chose it
+    (default: what it chooses for this model). ``prefetch_next_step``: during a decode-only step's
+    last layers, load the next step's first layers (used when its host blocks are the same).
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        num_staging_blocks: int = 0,
+        blocks_per_segment: int | None = None,
+        prefetch_next_step: bool = True,
+    ) -> None:
+        if num_staging_blocks < 0:
+            raise ValueError(f"num_staging_blocks must be non-negative, got {num_staging_blocks}.")
+        if config.prefetch_depth < 0:
+            raise ConfigError(f"--prefetch-depth must be non-negative, got {config.prefetch_depth}.")
         self.config = config
         self.device = torch.device(config.resolved_device())
         torch.manual_seed(config.seed)
@@ -52,23 +80,81 @@ class ModelRunner:
             self.model = CausalLM(self.model_config, self.dtype)
         load_weights(self.model.checkpoint_targets(), self.model_config.path)
         self.model.eval()
-        self.num_device_blocks = self._num_kv_blocks()
+        num_layers = self.model_config.num_layers
+        self.kv_layout = KVLayout(
+            num_layers,
+            self.block_size,
+            self.model_config.num_kv_heads,
+            self.model_config.head_dim,
+            self.dtype,
+        )
+        self.num_staging_blocks = num_staging_blocks
+        num_areas = min(config.prefetch_depth + 1, num_layers)
+        num_staging_pages = num_areas * num_staging_blocks
+        self.num_device_blocks = self._num_kv_blocks(num_staging_pages * self.kv_layout.page_bytes)
+        staging = None
+        if num_staging_blocks:
+            staging = StagingRing(num_layers * self.num_device_blocks, num_areas, num_staging_blocks)
         self.kv_pool = KVPool(
-            self.model_config.num_layers,
+            num_layers,
             self.num_device_blocks,
             self.block_size,
             self.model_config.num_kv_heads,
             self.model_config.head_dim,
             self.dtype,
             self.device,
+            num_extra_pages=staging.num_pages if staging else 0,
         )
+        self.staging = staging
+        self.host_kv = HostKV(
+            self.kv_layout,
+            self.kv_pool.pages,
+            self.num_device_blocks,
+            staging,
+            blocks_per_segment or max(1, SEGMENT_BYTES // self.kv_layout.block_bytes),
+            self.device,
+            self._copy_throttle(),
+        )
+        self.prefetch_next_step = prefetch_next_step
+        self.stream_stats = StreamStats()  # the last step's (for benchmarks)
         self.sampler = Sampler(self.model_config.vocab_size, self.device, config.max_logprobs)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         self.states: dict[str, SamplingState] = {}
 
-    def _num_kv_blocks(self) -> int:
+    def _copy_throttle(self) -> float | None:
+        """``config.extra["copy_throttle_bytes_per_s"]``, else ``$PIED_COPY_THROTTLE_BYTES_PER_S`` (read
+        once, here); CPU copy thread only."""
+        value = self.config.extra.get("copy_throttle_bytes_per_s", os.environ.get(COPY_THROTTLE_ENV))
+        if value in (None, ""):
+            return None
+        try:
+            throttle = float(value)
+        except ValueError:
+            throttle = -1.0
+        if throttle <= 0:
+            raise ConfigError(
+                f"the copy throttle must be a positive number of bytes per second, got {value!r}."
+            )
+        return throttle
+
+    # ---------------------------------------------------------------- host memory
+
+    def attach_host_segments(self, infos: list[proto.HostSegmentInfo]) -> None:
+        """Map the memory manager's host segments (and pin them, on CUDA)."""
+        self.host_kv.attach(infos)
+
+    def detach_host_segments(self, segment_ids: list[int]) -> None:
+        """Unmap segments; the scheduler must hold no block in them any more."""
+        self.host_kv.detach(segment_ids)
+
+    def close(self) -> None:
+        """Stop the copy engine and unmap every host segment."""
+        self.host_kv.close()
+
+    def _num_kv_blocks(self, reserved_bytes: int = 0) -> int:
         """``--device-kv-blocks``, else what fits in ``--device-kv-gib``, else the default budget:
-        1 GiB on CPU; on CUDA ``gpu_memory_utilization`` of the memory free after loading weights."""
+        1 GiB on CPU; on CUDA ``gpu_memory_utilization`` of the memory free after loading weights.
+        A budget is less ``reserved_bytes`` (the staging ring)."""
         if self.config.device_kv_blocks is not None:
             return self.config.device_kv_blocks
         bytes_per_block = kv_bytes_per_block(
@@ -88,7 +174,7 @@ class ModelRunner:
             )
         else:
             budget, source = DEFAULT_CPU_KV_GIB * GIB, f"the default {DEFAULT_CPU_KV_GIB} GiB on CPU"
-        num_blocks = num_blocks_that_fit(budget, bytes_per_block)
+        num_blocks = num_blocks_that_fit(budget - reserved_bytes, bytes_per_block)
         if num_blocks < 1:
             raise ConfigError(
                 f"{source} holds no KV block ({bytes_per_block} bytes each); raise it or set --device-kv-blocks."
@@ -98,13 +184,21 @@ class ModelRunner:
     def execute(self, plan: proto.StepPlan) -> proto.StepResult:
         step_start = time.perf_counter()
         self.update_states(plan)
+        swapped = self.swap(plan)
         inputs = self.prepare(plan)
         states = [self.states[request_id] for request_id in compress(plan.request_ids, inputs.sample)]
         forward_start = time.perf_counter()
         logits = self.forward(inputs)
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # so forward_time is the forward pass, not its launch
+            # So forward_time is the forward pass, not its launch. NOTE: the compute stream only: a
+            # prefetch of the next step may still be running on the copy stream, and should.
+            torch.cuda.current_stream(self.device).synchronize()
         forward_time = time.perf_counter() - forward_start
+        stats = inputs.meta.stream.stats() if isinstance(inputs.meta.stream, LayerStreamer) else StreamStats()
+        stats.bytes_to_device += swapped.bytes_to_device
+        stats.bytes_to_host += swapped.bytes_to_host
+        stats.copy_time += swapped.copy_time
+        self.stream_stats = stats
         if states:
             token_ids, logprobs = self.sampler.sample(logits, states)
         else:  # every scheduled request is mid-prefill
@@ -117,7 +211,21 @@ class ModelRunner:
             logprobs=logprobs if any(entry is not None for entry in logprobs) else [],
             forward_time=forward_time,
             step_time=time.perf_counter() - step_start,
+            num_host_blocks=stats.num_host_blocks,
+            bytes_to_device=stats.bytes_to_device,
+            bytes_to_host=stats.bytes_to_host,
+            stall_time=stats.stall_time,
+            layer_compute_time=max(0.0, forward_time - stats.stall_time) / self.model_config.num_layers,
         )
+
+    def swap(self, plan: proto.StepPlan) -> StreamStats:
+        """The plan's whole-block copies across tiers, swap_out first; done when this returns."""
+        if not plan.swap_out and not plan.swap_in:
+            return StreamStats()
+        swap_out, swap_in = (proto.unpack_i32(pairs) for pairs in (plan.swap_out, plan.swap_in))
+        if len(swap_out) % 2 or len(swap_in) % 2:
+            raise ValueError(f"step {plan.step_id}: swap_out and swap_in must hold (src, dst) pairs.")
+        return self.host_kv.swap(swap_out.reshape(-1, 2), swap_in.reshape(-1, 2))
 
     def update_states(self, plan: proto.StepPlan) -> None:
         """Drop finished requests' sampling state, then create it for the plan's new requests."""
@@ -151,21 +259,56 @@ class ModelRunner:
             raise ValueError(
                 f"step {plan.step_id}: request_ids, num_scheduled_tokens and sample differ in length."
             )
+        num_blocks = proto.unpack_i32(plan.num_blocks)
+        block_ids = proto.unpack_i32(plan.block_tables)
         meta = AttentionMetadata.build(
             query_lens,
             proto.unpack_i32(plan.start_positions),
-            proto.unpack_i32(plan.num_blocks),
-            proto.unpack_i32(plan.block_tables),
+            num_blocks,
+            block_ids,
             self.block_size,
             self.num_device_blocks,
             self.device,
+            self.staging,
         )
+        if len(meta.host_block_ids):
+            owners = (
+                self._host_block_owners(plan.request_ids, num_blocks, block_ids)
+                if self.prefetch_next_step
+                else None
+            )
+            stream = self.host_kv.streamer(meta.host_block_ids, meta.written_host_block_ids, owners)
+            # Decode-only steps are usually followed by one with the same host blocks.
+            stream.prefetch_next = owners is not None and meta.max_query_len == 1
+            meta.stream = stream
         last_rows = np.cumsum(query_lens, dtype=np.int64) - 1
         tensors = arrays_to_device(dict(input_ids=token_ids, logits_indices=last_rows[sample]), self.device)
         return StepInputs(tensors["input_ids"], meta, tensors["logits_indices"], sample)
 
+    def _host_block_owners(
+        self, request_ids: list[str], num_blocks: np.ndarray, block_ids: np.ndarray
+    ) -> HostBlockOwners:
+        is_host = block_ids >= self.num_device_blocks
+        owner_rows = np.repeat(np.arange(len(request_ids)), num_blocks)[is_host]
+        return frozenset(zip([request_ids[row] for row in owner_rows.tolist()], block_ids[is_host].tolist()))
+
     def forward(self, inputs: StepInputs) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.model(
-                inputs.input_ids, inputs.positions, inputs.meta, self.kv_pool.pages, inputs.logits_indices
-            )
+        stream = inputs.meta.stream
+        if not isinstance(stream, LayerStreamer):
+            with torch.inference_mode():
+                return self.model(
+                    inputs.input_ids, inputs.positions, inputs.meta, self.kv_pool.pages, inputs.logits_indices
+                )
+        completed = False
+        stream.start()
+        try:
+            with torch.inference_mode():
+                logits = self.model(
+                    inputs.input_ids, inputs.positions, inputs.meta, self.kv_pool.pages, inputs.logits_indices
+                )
+            completed = True
+            return logits
+        finally:
+            # NOTE: write-backs are on the host when this returns (and, after a failure, every copy
+            # is done); a prefetch of the next step's first layers may still be running.
+            stream.finish(completed)
