@@ -11,24 +11,47 @@ import asyncio
 import threading
 from collections import deque
 
+import torch
+
 import proto
 from pied.config import EngineConfig
 from pied.engine_client import EngineDeadError, EngineStats, RequestStream
+from pied.model_config import ModelConfig, resolve_dtype
 from workers.executor.runner import ModelRunner
+from workers.memory.host_pool import KVLayout
+from workers.memory.manager import HostMemory, LeaseChange
 from workers.scheduler.scheduler import Scheduler
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config.validate()
-        self.runner = ModelRunner(self.config)
-        model_config = self.runner.model_config
+        model_config = ModelConfig.from_folder(self.config.resolved_model())
+        device_type = torch.device(self.config.resolved_device()).type
+        dtype = resolve_dtype(self.config.dtype, model_config.dtype, device_type)
+        layout = KVLayout(
+            model_config.num_layers, self.config.block_size, model_config.num_kv_heads, model_config.head_dim, dtype
+        )
+        self.host = HostMemory(self.config, layout, pinned=device_type == "cuda")
+        self.runner = ModelRunner(
+            self.config,
+            num_staging_blocks=self.host.num_staging_blocks,
+            blocks_per_segment=self.host.plan.blocks_per_segment,
+        )
         self.max_model_len = min(
             config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings
         )
         self.eos_token_ids = set(model_config.eos_token_ids)
-        self.scheduler = Scheduler(self.config, self.runner.num_device_blocks, self.eos_token_ids, self.max_model_len)
+        self.scheduler = Scheduler(
+            self.config,
+            self.runner.num_device_blocks,
+            self.eos_token_ids,
+            self.max_model_len,
+            num_host_blocks=self.host.max_host_blocks,
+        )
+        self._apply(self.host.start())
         self.num_steps = 0
+        self.totals = StepTotals()
 
     def add_request(self, request: proto.AddRequest) -> list[proto.TokenDelta]:
         """Usually no deltas; one final ERROR delta for a request the scheduler can never run."""
@@ -43,10 +66,46 @@ class EngineCore:
     def step(self) -> list[proto.TokenDelta]:
         plan = self.scheduler.schedule()
         if plan is None:
+            # Unfinished requests but nothing runnable: the lease is too small; an idle tick lets
+            # the controller see the demand.
+            self.steer_host_memory(None)
             return []
         result = self.runner.execute(plan)
         self.num_steps += 1
-        return self.scheduler.postprocess(plan, result)
+        self.totals.add(result)
+        deltas = self.scheduler.postprocess(plan, result)
+        # NOTE: after the step that migrated blocks off released segments has run, not before.
+        self._release_host_memory(plan.step_id)
+        self.steer_host_memory(result)
+        return deltas
+
+    def steer_host_memory(self, result: proto.StepResult | None) -> None:
+        """Feed the expansion controller (``None``: an idle tick) and apply its decision."""
+        scheduler = self.scheduler
+        demand = scheduler.demand
+        change = self.host.on_step(
+            result,
+            demand.num_waiting + demand.num_swapped,
+            demand.num_preemptions,
+            scheduler.num_host_blocks_used,
+            demand.short_of_blocks,
+        )
+        if change is not None:
+            self._apply(change)
+
+    def _apply(self, change: LeaseChange) -> None:
+        # NOTE: map new segments before the scheduler may hand out their blocks.
+        if change.attach:
+            self.runner.attach_host_segments(change.attach)
+        self.scheduler.set_host_lease(change.lease)
+
+    def _release_host_memory(self, completed_step_id: int) -> None:
+        scheduler = self.scheduler
+        if completed_step_id < scheduler.host_release_step_id:
+            return
+        released = self.host.release_ready(scheduler.host_lease, scheduler.host_blocks_above_lease)
+        if released:
+            self.runner.detach_host_segments(released)
 
     def stats(self) -> EngineStats:
         scheduler = self.scheduler
@@ -54,10 +113,39 @@ class EngineCore:
             num_running=scheduler.num_running,
             num_waiting=scheduler.num_waiting,
             num_device_blocks=self.runner.num_device_blocks,
+            num_host_blocks=self.host.max_host_blocks,
             device_usage=scheduler.usage,
+            host_usage=scheduler.host_usage,
             num_preemptions=scheduler.num_preemptions,
             num_steps=self.num_steps,
+            host_lease=scheduler.host_lease,
+            bytes_to_device_total=self.totals.bytes_to_device,
+            bytes_to_host_total=self.totals.bytes_to_host,
+            stall_seconds_total=self.totals.stall_time,
+            step_seconds_total=self.totals.step_time,
         )
+
+    def close(self) -> None:
+        self.runner.detach_host_segments(list(self.host.manager.segments))
+        self.host.close()
+
+
+class StepTotals:
+    """Running sums over every step's result (for /metrics and benchmarks)."""
+
+    def __init__(self) -> None:
+        self.bytes_to_device = 0
+        self.bytes_to_host = 0
+        self.stall_time = 0.0
+        self.step_time = 0.0
+        self.forward_time = 0.0
+
+    def add(self, result: proto.StepResult) -> None:
+        self.bytes_to_device += result.bytes_to_device
+        self.bytes_to_host += result.bytes_to_host
+        self.stall_time += result.stall_time
+        self.step_time += result.step_time
+        self.forward_time += result.forward_time
 
 
 class InprocEngineClient:
@@ -134,6 +222,7 @@ class InprocEngineClient:
                     else:
                         self._deliver(core.abort(message.request_ids))
                 if not core.has_unfinished():
+                    self._stats = core.stats()  # going idle: aborts may have freed blocks since the last step
                     self._wake.wait()
                     self._wake.clear()
                     continue

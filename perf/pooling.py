@@ -1,0 +1,197 @@
+"""Pooling: throughput and latency at one fixed device KV budget that the workload overflows, for
+the memory policies side by side on the same request stream (Poisson arrivals, mixed prompt and
+output lengths, fixed seed). Prints one JSON line; writes a PNG plot with --plot.
+
+    python perf/pooling.py [--quick] [--plot docs/pooling.png]
+
+Fields: per run throughput (generated tokens/s), TTFT/TPOT p50/p99, mean end-to-end latency;
+``throughput_ratio_pie_vs_none`` (best N), ``latency_ratio_none_vs_pie`` (mean e2e latency, none over
+pie) and ``device_memory_ratio_at_equal_throughput`` (the device budget ``none`` needs to match
+pie's throughput, over pie's device budget including its staging pages) — the paper's three
+headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from common import SMOLLM_135M_SHAPE, emit, machine
+
+import proto
+from pied.config import EngineConfig
+from pied.inproc import EngineCore
+
+
+def workload(num_requests: int, rate: float, prompt_range, output_range, vocab: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, size=num_requests))
+    arrivals -= arrivals[0]
+    requests = []
+    for i in range(num_requests):
+        prompt_len = int(rng.integers(*prompt_range))
+        requests.append(
+            dict(
+                id=f"r{i}",
+                arrival=float(arrivals[i]),
+                prompt=[1] + rng.integers(5, vocab, size=prompt_len - 1).tolist(),
+                max_tokens=int(rng.integers(*output_range)),
+            )
+        )
+    return requests
+
+
+def run(model_dir: str, requests, block_size: int, **overrides) -> dict:
+    engine = EngineCore(EngineConfig(model=model_dir, dtype="float32", block_size=block_size, **overrides))
+    # Warm-up outside the clock.
+    warm = proto.SamplingParams(temperature=0, max_tokens=2)
+    engine.add_request(proto.AddRequest("warm", proto.pack_i32(requests[0]["prompt"][:8]), warm))
+    while engine.has_unfinished():
+        engine.step()
+    pending = list(requests)
+    first_token: dict[str, float] = {}
+    finished: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    start = time.perf_counter()
+    while pending or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while pending and pending[0]["arrival"] <= now:
+            request = pending.pop(0)
+            params = proto.SamplingParams(temperature=0, max_tokens=request["max_tokens"], ignore_eos=True)
+            engine.add_request(proto.AddRequest(request["id"], proto.pack_i32(request["prompt"]), params))
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, pending[0]["arrival"] - now))
+            continue
+        deltas = engine.step()
+        now = time.perf_counter() - start
+        for delta in deltas:
+            n = len(delta.token_ids) // 4
+            counts[delta.request_id] = counts.get(delta.request_id, 0) + n
+            if n and delta.request_id not in first_token:
+                first_token[delta.request_id] = now
+            if delta.finish_reason is not None:
+                finished[delta.request_id] = now
+    elapsed = time.perf_counter() - start
+    arrival = {r["id"]: r["arrival"] for r in requests}
+    ttft = np.array([first_token[i] - arrival[i] for i in finished])
+    tpot = np.array(
+        [(finished[i] - first_token[i]) / (counts[i] - 1) for i in finished if counts[i] > 1]
+    )
+    e2e = np.array([finished[i] - arrival[i] for i in finished])
+    stats = engine.stats()
+    staging_pages = engine.runner.num_staging_blocks * (engine.config.prefetch_depth + 1)
+    layers = engine.runner.model_config.num_layers
+    result = dict(
+        throughput=sum(counts.values()) / elapsed,
+        ttft_p50=float(np.percentile(ttft, 50)),
+        ttft_p99=float(np.percentile(ttft, 99)),
+        tpot_p50=float(np.percentile(tpot, 50)) if len(tpot) else 0.0,
+        tpot_p99=float(np.percentile(tpot, 99)) if len(tpot) else 0.0,
+        e2e_mean=float(e2e.mean()),
+        preemptions=stats.num_preemptions,
+        steps=stats.num_steps,
+        stall_fraction=stats.stall_seconds_total / max(stats.step_seconds_total, 1e-9),
+        bytes_to_device=stats.bytes_to_device_total,
+        # Device KV budget in blocks-equivalent: device blocks plus staging pages / layers.
+        device_budget_blocks=engine.runner.num_device_blocks + staging_pages / layers,
+    )
+    engine.close()
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smaller model and workload (~2 min)")
+    parser.add_argument("--plot", default=None, help="write a PNG plot here")
+    args = parser.parse_args()
+
+    from common import smollm_shaped_model
+    from tiny_models import build_model_dir
+
+    block_size = 16
+    if args.quick:
+        import tempfile
+        from pathlib import Path
+
+        model_dir = Path(tempfile.gettempdir()) / "pied-perf-quick"
+        if not (model_dir / "config.json").exists():
+            shape = dict(SMOLLM_135M_SHAPE, num_hidden_layers=8, vocab_size=8192)
+            build_model_dir(model_dir, "llama", **shape)
+        requests = workload(48, rate=40.0, prompt_range=(32, 160), output_range=(16, 64), vocab=8192)
+        device_blocks = 24
+        pie_ns = [48, 96, 192]
+    else:
+        model_dir = smollm_shaped_model()
+        requests = workload(96, rate=20.0, prompt_range=(32, 256), output_range=(32, 128), vocab=49152)
+        device_blocks = 48
+        pie_ns = [96, 192, 384]
+    model_dir = str(model_dir)
+
+    runs: dict[str, dict] = {}
+    runs["none"] = run(model_dir, requests, block_size, device_kv_blocks=device_blocks)
+    runs["swap"] = run(
+        model_dir, requests, block_size, device_kv_blocks=device_blocks, kv_policy="swap", host_kv_gib=1.0
+    )
+    for n in pie_ns:
+        runs[f"pie_fixed_{n}"] = run(
+            model_dir, requests, block_size, device_kv_blocks=device_blocks, kv_policy="pie", expansion=f"fixed:{n}"
+        )
+    best_pie = max((k for k in runs if k.startswith("pie")), key=lambda k: runs[k]["throughput"])
+    pie = runs[best_pie]
+    # The device budget `none` needs to match pie: grow it until its throughput catches up.
+    none_curve = [(device_blocks, runs["none"]["throughput"])]
+    budget = device_blocks
+    while none_curve[-1][1] < pie["throughput"] and budget < device_blocks * 16:
+        budget *= 2
+        none_curve.append((budget, run(model_dir, requests, block_size, device_kv_blocks=budget)["throughput"]))
+    matched = next((b for b, t in none_curve if t >= pie["throughput"]), None)
+    if matched is not None and len(none_curve) > 1:
+        # Interpolate between the last budget below pie's throughput and the first at or above it.
+        (b0, t0), (b1, t1) = none_curve[-2], none_curve[-1]
+        matched = b0 + (b1 - b0) * (pie["throughput"] - t0) / max(t1 - t0, 1e-9)
+
+    result = {
+        "benchmark": "pooling",
+        "quick": args.quick,
+        "device_kv_blocks": device_blocks,
+        "block_size": block_size,
+        "num_requests": len(requests),
+        "runs": runs,
+        "best_pie": best_pie,
+        "none_budget_curve": none_curve,
+        "throughput_ratio_pie_vs_none": round(pie["throughput"] / runs["none"]["throughput"], 3),
+        "latency_ratio_none_vs_pie": round(runs["none"]["e2e_mean"] / pie["e2e_mean"], 3),
+        "device_memory_ratio_at_equal_throughput": (
+            round(matched / pie["device_budget_blocks"], 3) if matched is not None else None
+        ),
+        "machine": machine(),
+    }
+    if args.plot:
+        plot(runs, none_curve, args.plot)
+    emit(result)
+
+
+def plot(runs: dict, none_curve, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    names = list(runs)
+    left.bar(names, [runs[n]["throughput"] for n in names], color="tab:blue")
+    left.set_ylabel("generated tokens/s")
+    left.set_title("throughput at a fixed device budget")
+    left.tick_params(axis="x", rotation=30)
+    right.plot([b for b, _ in none_curve], [t for _, t in none_curve], "o-", label="none")
+    right.axhline(max(runs[n]["throughput"] for n in names if n.startswith("pie")), color="tab:orange", label="pie (best)")
+    right.set_xlabel("device KV blocks (none)")
+    right.set_ylabel("generated tokens/s")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()

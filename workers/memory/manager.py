@@ -1,0 +1,237 @@
+"""The memory manager: owns host memory — segments, the lease, and (later) the expansion controller.
+
+Host memory grows and shrinks in whole segments of ``blocks_per_segment`` host blocks; segment ``i``
+backs host indices ``[i * S, (i + 1) * S)``. The lease (how many host blocks the scheduler may hold)
+is always backed by segments; segments above it are released when the lease shrinks.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+
+import proto
+from pied.config import ConfigError, EngineConfig
+from workers.memory.host_pool import HostSegment, KVLayout
+
+GIB = 1 << 30
+SEGMENT_BYTES = 64 << 20  # large enough to copy efficiently, small enough to grow in fine steps
+DEFAULT_HOST_KV_GIB = 1.0
+
+
+def parse_expansion(expansion: str) -> int | None:
+    """``fixed:N`` -> N host blocks; ``adaptive`` -> None."""
+    if expansion == "adaptive":
+        return None
+    kind, _, value = expansion.partition(":")
+    if kind == "fixed" and value.isdigit():
+        return int(value)
+    raise ConfigError(f"--expansion must be 'adaptive' or 'fixed:N' (N host blocks), got {expansion!r}.")
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """How much host memory the engine may use, decided once at start."""
+
+    max_host_blocks: int  # H_max: the largest lease, and the staging capacity per step (pie)
+    blocks_per_segment: int
+    initial_lease: int
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, layout: KVLayout, pinned: bool) -> HostPlan:
+        """Check the host budget against free memory and the memlock limit; say what to change."""
+        if config.kv_policy == "none":
+            return cls(0, 1, 0)
+        fixed = parse_expansion(config.expansion) if config.kv_policy == "pie" else None
+        budget_gib = config.host_kv_gib or DEFAULT_HOST_KV_GIB
+        if fixed is not None:
+            max_host_blocks = fixed
+            budget = fixed * layout.block_bytes
+        else:
+            budget = int(budget_gib * GIB)
+            max_host_blocks = budget // layout.block_bytes
+        if max_host_blocks < 1:
+            raise ConfigError(
+                f"--host-kv-gib {budget_gib} holds no host KV block ({layout.block_bytes} bytes each); raise it."
+            )
+        available = available_memory_bytes()
+        if available is not None and budget > available:
+            raise ConfigError(
+                f"the host KV pool needs {budget / GIB:.2f} GiB but only {available / GIB:.2f} GiB of memory "
+                "is available; lower --host-kv-gib (or N in --expansion fixed:N)."
+            )
+        if pinned:
+            soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+            if soft != resource.RLIM_INFINITY and budget > soft:
+                raise ConfigError(
+                    f"pinning {budget / GIB:.2f} GiB of host KV needs a memlock limit at least that large "
+                    f"(it is {soft / GIB:.3f} GiB): set LimitMEMLOCK=infinity in the systemd unit or "
+                    "`ulimit -l unlimited`, or lower --host-kv-gib."
+                )
+        blocks_per_segment = max(1, min(max_host_blocks, SEGMENT_BYTES // layout.block_bytes))
+        # fixed:N grants its N blocks at once; adaptive starts with the whole budget until the
+        # controller (which steers it from measured stalls) takes over.
+        return cls(max_host_blocks, blocks_per_segment, max_host_blocks)
+
+
+class MemoryManager:
+    """Creates and releases host segments so that exactly the lease is backed."""
+
+    def __init__(self, plan: HostPlan, layout: KVLayout) -> None:
+        self.plan = plan
+        self.layout = layout
+        self.segments: dict[int, HostSegment] = {}
+        self.lease = 0
+
+    @property
+    def blocks_per_segment(self) -> int:
+        return self.plan.blocks_per_segment
+
+    @property
+    def num_backed_blocks(self) -> int:
+        return sum(segment.info.num_blocks for segment in self.segments.values())
+
+    def set_lease(self, num_blocks: int) -> tuple[list[proto.HostSegmentInfo], list[int]]:
+        """Back exactly ``num_blocks`` host blocks (rounded up to whole segments).
+
+        Returns (segments created, to attach; segment ids released, to detach). NOTE: release only
+        after the scheduler holds no block above the new lease.
+        """
+        num_blocks = max(0, min(num_blocks, self.plan.max_host_blocks))
+        size = self.plan.blocks_per_segment
+        needed = -(-num_blocks // size)
+        created = []
+        for segment_id in range(needed):
+            if segment_id not in self.segments:
+                first = segment_id * size
+                count = min(size, self.plan.max_host_blocks - first)
+                segment = HostSegment.create(segment_id, first, count, self.layout)
+                self.segments[segment_id] = segment
+                created.append(segment.info)
+        released = sorted(segment_id for segment_id in self.segments if segment_id >= needed)
+        for segment_id in released:
+            self.segments.pop(segment_id).close()
+        self.lease = num_blocks
+        return created, released
+
+    def close(self) -> None:
+        self.set_lease(0)
+
+
+def check_shm_clean(prefix: str = "pied") -> list[str]:
+    """Names in /dev/shm that look like ours (there should never be any: segments are memfds)."""
+    try:
+        return [name for name in os.listdir("/dev/shm") if name.startswith(prefix)]
+    except FileNotFoundError:
+        return []
+
+
+@dataclass
+class LeaseChange:
+    """One change of the host lease, in the order it must be applied:
+
+    1. the executor maps ``attach`` (before any plan uses their blocks);
+    2. the scheduler gets ``lease``;
+    3. ``detach`` is unmapped only once the scheduler holds no block above the lease
+       (``HostMemory.release_ready``).
+    """
+
+    lease: int
+    attach: list[proto.HostSegmentInfo]
+    reason: str = ""
+
+
+class HostMemory:
+    """The memory manager's policy: the lease for ``kv_policy`` and ``expansion``, the segments
+    backing it, and (adaptive) the controller steering it from the executor's step results."""
+
+    def __init__(self, config: EngineConfig, layout: KVLayout, pinned: bool = False) -> None:
+        from workers.memory.controller import DemandSample, ExpansionController, StepSample
+
+        self._demand_sample, self._step_sample = DemandSample, StepSample
+        self.config = config
+        self.layout = layout
+        self.plan = HostPlan.from_config(config, layout, pinned)
+        self.manager = MemoryManager(self.plan, layout)
+        self.adaptive = config.kv_policy == "pie" and parse_expansion(config.expansion) is None
+        self.controller = (
+            ExpansionController(self.plan.max_host_blocks, config.stall_target, host_block_bytes=layout.block_bytes)
+            if self.adaptive
+            else None
+        )
+        self.decision_reason = "fixed" if not self.adaptive else "start"
+        self.target = self.plan.initial_lease if not self.adaptive else 0
+        self._last_preemptions = 0
+
+    @property
+    def max_host_blocks(self) -> int:
+        return self.plan.max_host_blocks
+
+    @property
+    def num_staging_blocks(self) -> int:
+        """Staging capacity per step (pie only): the largest lease."""
+        return self.plan.max_host_blocks if self.config.kv_policy == "pie" else 0
+
+    @property
+    def lease(self) -> int:
+        return self.manager.lease
+
+    def start(self) -> LeaseChange:
+        """The first lease: fixed:N and swap grant everything now; adaptive starts empty and grows."""
+        lease = 0 if self.adaptive else self.plan.initial_lease
+        created, _ = self.manager.set_lease(lease)
+        return LeaseChange(lease, created, self.decision_reason)
+
+    def on_step(
+        self,
+        result: proto.StepResult | None,
+        num_waiting: int,
+        num_preemptions: int,
+        num_host_blocks_in_use: int,
+        short_of_blocks: bool,
+    ) -> LeaseChange | None:
+        """Feed one step (or an idle tick, ``result=None``) to the controller; a change when it
+        moves the lease. Growing maps new segments at once; shrinking keeps them until released."""
+        if self.controller is None:
+            return None
+        demand = self._demand_sample(
+            num_waiting=num_waiting,
+            num_preemptions=num_preemptions - self._last_preemptions,
+            num_host_blocks_in_use=num_host_blocks_in_use,
+            short_of_blocks=short_of_blocks,
+        )
+        self._last_preemptions = num_preemptions
+        step = None if result is None else self._step_sample.from_result(result, self.layout.num_layers)
+        decision = self.controller.observe(step, demand)
+        if decision is None:
+            return None
+        self.decision_reason, self.target = decision.reason, decision.target
+        if decision.lease == self.manager.lease:
+            return None
+        attach: list[proto.HostSegmentInfo] = []
+        if decision.lease > self.manager.lease:
+            attach, _ = self.manager.set_lease(decision.lease)
+        return LeaseChange(decision.lease, attach, decision.reason)
+
+    def release_ready(self, scheduler_lease: int, num_host_blocks_above_lease: int) -> list[int]:
+        """Segment ids to unmap now that the scheduler holds nothing above its (smaller) lease."""
+        if num_host_blocks_above_lease or scheduler_lease >= self.manager.lease:
+            return []
+        _, released = self.manager.set_lease(scheduler_lease)
+        return released
+
+    def close(self) -> None:
+        self.manager.close()
