@@ -7,6 +7,7 @@ import dataclasses
 import sys
 import typing
 
+from pied.chat import add_chat_command
 from pied.config import ConfigError, EngineConfig
 
 # Flags that are not engine configuration (set elsewhere or internal).
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(generate)
     add_sampling_args(generate)
     generate.set_defaults(handler=cmd_generate)
+    add_chat_command(commands)
 
     try:
         from pied.serve import add_serve_command

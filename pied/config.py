@@ -29,6 +29,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True  # share full KV blocks by content (DESIGN.md "Beyond the paper")
     device_kv_blocks: int | None = None  # exact number of device KV blocks (per layer)
     device_kv_gib: float | None = None  # or a size; default: gpu_memory_utilization on CUDA, 1 GiB on CPU
     gpu_memory_utilization: float = 0.9
@@ -40,6 +41,11 @@ class EngineConfig:
     expansion: str = "adaptive"  # adaptive | fixed:N
     prefetch_depth: int = 1
     stall_target: float = 0.02
+    # Tracing (DESIGN.md "Tracing"): where every process exports its spans over OTLP (None: the
+    # OTEL_EXPORTER_OTLP_* variables, else nowhere), and every how many steps the executor traces
+    # each layer (0: never).
+    otlp_endpoint: str | None = None
+    trace_layers_every: int = 0
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> EngineConfig:
@@ -57,6 +63,8 @@ class EngineConfig:
             raise ConfigError("--device-kv-gib must be positive.")
         if self.kv_policy not in ("none", "swap", "pie"):
             raise ConfigError(f"--kv-policy must be none, swap or pie, got {self.kv_policy!r}.")
+        if self.trace_layers_every < 0:
+            raise ConfigError("--trace-layers-every must be non-negative (0 traces no layer).")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("--max-model-len must be at least 1.")
         if not self.enable_chunked_prefill and self.max_model_len and self.max_num_batched_tokens < self.max_model_len:

@@ -38,6 +38,13 @@ class EngineStats(msgspec.Struct, kw_only=True):
     bytes_to_host_total: int = 0
     stall_seconds_total: float = 0.0
     step_seconds_total: float = 0.0
+    host_lease_target: int = 0  # the expansion controller's estimate of the transparent lease
+    host_decision: str = ""  # its last decision and reason
+    # Prefix caching, in tokens (like vLLM): tokens of admitted requests looked up, and those found
+    # cached on each tier.
+    prefix_cache_queries_total: int = 0
+    prefix_cache_device_hits_total: int = 0
+    prefix_cache_host_hits_total: int = 0
 
 
 class RequestStream:

@@ -10,7 +10,6 @@ import msgspec
 
 import proto
 from pied.config import EngineConfig
-from pied.inproc import EngineCore
 from pied.output_processor import ChoiceState
 from pied.outputs import CompletionOutput, RequestOutput
 from pied.tokenizer import Tokenizer
@@ -67,6 +66,9 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown engine arguments: {', '.join(sorted(unknown))}")
         self.config = EngineConfig(model=model, dtype=dtype, seed=seed, **engine_args).validate()
+        # Imported here: the daemon's frontend uses this module's helpers and must not load torch.
+        from pied.inproc import EngineCore
+
         self.engine = EngineCore(self.config)  # first: it reports a broken model folder by file name
         self.tokenizer = Tokenizer.from_folder(self.config.resolved_model())
         self._request_counter = itertools.count()

@@ -96,6 +96,8 @@ class ProcessEngineClient:
             bytes_to_host_total=stats.bytes_to_host_sum,
             stall_seconds_total=stats.stall_time_sum,
             step_seconds_total=stats.step_time_sum,  # the scheduler's wall time per step
+            host_lease_target=stats.host_lease_target,
+            host_decision=stats.host_decision,
         )
 
     @property
@@ -126,8 +128,18 @@ class ProcessEngineClient:
         return self.dead_reason
 
     @property
+    def healthy(self) -> bool:
+        """Every worker is up and heartbeating (the systemd watchdog pings only while this holds)."""
+        return self._supervisor.heartbeats_fresh()
+
+    @property
+    def startup_progress(self) -> str:
+        """Where each worker is while :meth:`start` runs (``executor loading, scheduler ready``)."""
+        return self._supervisor.progress()
+
+    @property
     def worker_pids(self) -> dict[str, int]:
-        """``{"scheduler": pid, "executor": pid}`` once started."""
+        """``{name: pid}`` of every worker process once started."""
         return self._supervisor.pids
 
     @property

@@ -3,51 +3,90 @@
 Lifecycle:
 - start: load the tokenizer and chat template, start the engine (worker processes, or a thread
   with ``--inproc``), listen, print one line ``pied: listening on http://HOST:PORT ...``, and tell
-  systemd ``READY=1`` when run under it (sd_notify; ``WATCHDOG=1`` pings while the engine lives);
+  systemd ``READY=1`` when run under it (:mod:`pied.sdnotify`; before that, ``STATUS=`` lines and
+  ``EXTEND_TIMEOUT_USEC`` while the workers load; after it, ``WATCHDOG=1`` pings while every
+  worker heartbeats);
 - SIGTERM drains: ``/health`` and new requests answer 503 while requests in flight finish (up to
-  ``--drain-timeout``), then what is left is aborted and the server stops; exit status 0;
+  ``--shutdown-timeout``), then what is left is aborted and the server stops; exit status 0;
 - SIGINT stops at once (requests in flight end with ``finish_reason: abort``); a second signal
   of either kind also stops at once;
-- the engine dying fails every request in flight with an error, and the daemon exits 1 so that
-  its service manager restarts it.
+- the engine dying (a worker exits, fails or hangs) fails every request in flight with an error,
+  and the daemon exits 1 so that its service manager restarts it (also when it happens while
+  draining); a configuration error exits 2 before anything starts (not worth a restart).
+
+Every flag is also a key of the ``--config`` TOML file (:mod:`pied.config_file`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import functools
+import ipaddress
 import logging
 import os
 import signal
-import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pied import config_file
 from pied.cli import add_engine_args, engine_config_from_args
 from pied.config import ConfigError, EngineConfig
 from pied.engine_client import EngineClient
+from pied.sdnotify import Notifier
 
 if TYPE_CHECKING:
+    from pied.api.params import RequestLimits
     from pied.api.state import ServerState
 
 logger = logging.getLogger("pied.serve")
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 32 << 20  # token-id prompts of a long context are several MiB of JSON
 DEATH_GRACE_SECONDS = 1.0  # after the engine dies, time for handlers to send their errors
+LOAD_STATUS_INTERVAL = 5.0  # seconds between STATUS/EXTEND_TIMEOUT_USEC messages while loading
+SERVE_STATUS_INTERVAL = 5.0  # seconds between STATUS lines while serving
+# What stopping takes besides the drain: aborting, stopping the workers (SIGKILL after 10 s),
+# closing connections (5 s). Asked of systemd on top of --shutdown-timeout at SIGTERM.
+STOP_MARGIN_SECONDS = 20.0
 
 
 @dataclass
 class ServeOptions:
+    """``pied serve``'s own settings (the engine's are an EngineConfig), one field per flag."""
+
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    api_key_file: str | None = None
     chat_template: str | None = None
     max_queued_requests: int | None = None
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
-    drain_timeout: float = 30.0
+    shutdown_timeout: float = 30.0
+    startup_timeout: float = 600.0
+    heartbeat_timeout: float = 10.0
     inproc: bool = False
+    # Request limits (pied.api.params.RequestLimits).
+    max_n: int = 128
+    max_choices: int = 1024
+    max_output_tokens: int | None = None
+    max_prompt_tokens: int | None = None
+    max_stop_strings: int = 32
+    max_stop_string_chars: int = 1024
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServeOptions:
+        """The options given (flags or config file); built-in defaults for the rest."""
+        given = {
+            field.name: getattr(args, field.name)
+            for field in dataclasses.fields(cls)
+            if getattr(args, field.name, None) is not None
+        }
+        return cls(**given)
 
     def validate(self) -> ServeOptions:
         if not 0 <= self.port <= 65535:
@@ -56,119 +95,211 @@ class ServeOptions:
             raise ConfigError("--max-queued-requests must be at least 0.")
         if self.max_request_body_bytes < 1024:
             raise ConfigError("--max-request-body-bytes must be at least 1024.")
-        if self.drain_timeout < 0:
-            raise ConfigError("--drain-timeout must be non-negative.")
+        if self.shutdown_timeout < 0:
+            raise ConfigError("--shutdown-timeout must be non-negative.")
+        if self.startup_timeout <= 0:
+            raise ConfigError("--startup-timeout must be positive.")
+        if self.heartbeat_timeout < 1:
+            raise ConfigError("--heartbeat-timeout must be at least 1 second.")
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ConfigError("give --api-key or --api-key-file, not both.")
+        self.request_limits().validate()
         return self
+
+    def request_limits(self) -> RequestLimits:
+        from pied.api.params import RequestLimits
+
+        return RequestLimits(
+            max_n=self.max_n,
+            max_choices=self.max_choices,
+            max_output_tokens=self.max_output_tokens,
+            max_prompt_tokens=self.max_prompt_tokens,
+            max_stop_strings=self.max_stop_strings,
+            max_stop_string_chars=self.max_stop_string_chars,
+        )
+
+    def resolved_api_key(self) -> str | None:
+        """``--api-key``, else the first line of ``--api-key-file``, else ``$PIED_API_KEY``."""
+        if self.api_key:
+            return self.api_key
+        if self.api_key_file is not None:
+            return read_api_key_file(self.api_key_file)
+        return os.environ.get("PIED_API_KEY") or None
+
+
+def read_api_key_file(path: str) -> str:
+    try:
+        key = Path(path).read_text().strip()
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise ConfigError(f"--api-key-file {path}: {error.strerror}.") from None
+    if not key or "\n" in key:
+        raise ConfigError(f"--api-key-file {path} must hold the key alone, on one line.")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logger.warning("%s can be read by other users; chmod 600 it (or 640 for the service's group)", path)
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------- command line
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("serve", help="serve the OpenAI-compatible API (the daemon)")
+    # Every option defaults to None, so a --config file can fill what the command line left out;
+    # the real defaults are ServeOptions' and EngineConfig's (shown in the help texts).
+    defaults = ServeOptions()
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the OpenAI-compatible API (the daemon)",
+        description="Serve the OpenAI-compatible API. Every flag is also a key of the --config file.",
+    )
     server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    server.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
+    server.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="a TOML file of settings, one key per flag (max-num-seqs = 64); flags given here win",
+    )
+    server.add_argument("--host", help=f"address to listen on (default: {defaults.host})")
+    server.add_argument(
+        "--port", type=int, help=f"port to listen on; 0 picks a free one (default: {defaults.port})"
+    )
     server.add_argument(
         "--api-key",
-        default=None,
-        help="require 'Authorization: Bearer KEY' (except on /health and /metrics); default: $PIED_API_KEY",
+        help="require 'Authorization: Bearer KEY' (except on /health and /metrics); "
+        "default: --api-key-file, else $PIED_API_KEY",
+    )
+    server.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="read the API key from FILE (keeps it out of ps and the config)",
     )
     server.add_argument(
         "--chat-template",
-        default=None,
         metavar="FILE",
         help="a Jinja chat template (a file, or the template itself) to use instead of the model's",
     )
     server.add_argument(
         "--max-queued-requests",
         type=int,
-        default=None,
         metavar="N",
         help="answer 503 while N requests wait to be scheduled (default: no limit)",
     )
     server.add_argument(
         "--max-request-body-bytes",
         type=int,
-        default=DEFAULT_MAX_REQUEST_BODY_BYTES,
         metavar="BYTES",
-        help="answer 413 to larger request bodies",
+        help=f"answer 413 to larger request bodies (default: {defaults.max_request_body_bytes})",
     )
     server.add_argument(
+        "--shutdown-timeout",
         "--drain-timeout",
+        dest="shutdown_timeout",
         type=float,
-        default=30.0,
         metavar="SECONDS",
-        help="on SIGTERM, how long requests in flight may take to finish",
+        help="on SIGTERM, how long requests in flight may take to finish before they are aborted "
+        f"(default: {defaults.shutdown_timeout:g})",
     )
     server.add_argument(
-        "--inproc", action="store_true", help="run the engine on a thread of this process (debugging)"
+        "--startup-timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"how long the workers may take to load the model (default: {defaults.startup_timeout:g})",
+    )
+    server.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a worker silent this long counts as hung: the daemon exits non-zero "
+        f"(default: {defaults.heartbeat_timeout:g})",
+    )
+    server.add_argument(
+        "--inproc",
+        action="store_true",
+        default=None,
+        help="run the engine on a thread of this process (debugging)",
+    )
+    limits = parser.add_argument_group("request limits (a request past one gets a 400)")
+    limits.add_argument("--max-n", type=int, metavar="N", help=f"the largest n (default: {defaults.max_n})")
+    limits.add_argument(
+        "--max-choices",
+        type=int,
+        metavar="N",
+        help=f"the most choices per request, n times its prompts (default: {defaults.max_choices})",
+    )
+    limits.add_argument(
+        "--max-output-tokens",
+        type=int,
+        metavar="N",
+        help="the largest max_tokens, and the default for a request without one (default: the rest of the context)",
+    )
+    limits.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        metavar="N",
+        help="the longest prompt, in tokens (default: the context)",
+    )
+    limits.add_argument(
+        "--max-stop-strings",
+        type=int,
+        metavar="N",
+        help=f"the most stop strings per request (default: {defaults.max_stop_strings})",
+    )
+    limits.add_argument(
+        "--max-stop-string-chars",
+        type=int,
+        metavar="N",
+        help=f"the longest stop string (default: {defaults.max_stop_string_chars})",
     )
     add_engine_args(parser)
-    parser.set_defaults(handler=cmd_serve)
+    parser.set_defaults(handler=functools.partial(cmd_serve, parser=parser))
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.config is not None:
+        config_file.apply(parser, args, args.config)
+    options = ServeOptions.from_args(args).validate()
     config = engine_config_from_args(args)
-    options = ServeOptions(
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key or os.environ.get("PIED_API_KEY") or None,
-        chat_template=args.chat_template,
-        max_queued_requests=args.max_queued_requests,
-        max_request_body_bytes=args.max_request_body_bytes,
-        drain_timeout=args.drain_timeout,
-        inproc=args.inproc,
-    ).validate()
-    return uvloop.run(serve(config, options))
-
-
-# ---------------------------------------------------------------- systemd
-
-
-class SystemdNotifier:
-    """sd_notify(3) without libsystemd: datagrams to ``$NOTIFY_SOCKET`` (read once, at start)."""
-
-    def __init__(self) -> None:
-        address = os.environ.get("NOTIFY_SOCKET", "")
-        self.address = "\0" + address[1:] if address.startswith("@") else address  # abstract namespace
-        watchdog_usec = os.environ.get("WATCHDOG_USEC", "")
-        watchdog_pid = os.environ.get("WATCHDOG_PID", "")
-        for_us = not watchdog_pid or watchdog_pid == str(os.getpid())
-        self.watchdog_interval = int(watchdog_usec) / 2e6 if watchdog_usec.isdigit() and for_us else None
-
-    def notify(self, message: str) -> None:
-        if not self.address:
-            return
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto(message.encode(), self.address)
-        except OSError as error:
-            logger.warning("sd_notify(%s) failed: %s", message, error)
-
-    async def watchdog(self, engine: EngineClient) -> None:
-        """Ping while the engine lives; a dead engine stops the pings, and systemd steps in."""
-        if self.watchdog_interval is None or not self.address:
-            return
-        while not engine.dead:
-            self.notify("WATCHDOG=1")
-            await asyncio.sleep(self.watchdog_interval)
+    api_key = options.resolved_api_key()
+    if api_key is None and not is_loopback(options.host):
+        logger.warning("listening on %s without an API key: anyone who can reach it can use it", options.host)
+    return uvloop.run(serve(config, options, api_key))
 
 
 # ---------------------------------------------------------------- the daemon
 
 
-def make_engine(config: EngineConfig, inproc: bool) -> EngineClient:
-    if not inproc:
-        try:
-            from pied.mp_client import ProcessEngineClient
-        except ImportError:  # the process engine is optional in a partial checkout
-            pass
-        else:
-            return ProcessEngineClient(config)
-    from pied.inproc import InprocEngineClient
+def make_engine(config: EngineConfig, options: ServeOptions) -> EngineClient:
+    if options.inproc:
+        from pied.inproc import InprocEngineClient
 
-    return InprocEngineClient(config)
+        return InprocEngineClient(config)
+    from pied.mp_client import ProcessEngineClient, SupervisorOptions
+
+    supervisor_options = SupervisorOptions(
+        startup_timeout=options.startup_timeout,
+        heartbeat_interval=min(0.5, options.heartbeat_timeout / 4),
+        heartbeat_timeout=options.heartbeat_timeout,
+        startup_heartbeat_timeout=max(60.0, options.heartbeat_timeout),
+    )
+    return ProcessEngineClient(config, supervisor_options)
+
+
+def engine_healthy(engine: EngineClient) -> bool:
+    """Every worker up and heartbeating (process engine); alive (thread engine)."""
+    healthy = getattr(engine, "healthy", None)
+    return (not engine.dead) if healthy is None else bool(healthy)
 
 
 async def wait_engine_dead(engine: EngineClient) -> str:
@@ -185,22 +316,72 @@ def model_vocab_size(engine: EngineClient) -> int:
     return int(getattr(info, "vocab_size", 0) or 0)
 
 
-async def serve(config: EngineConfig, options: ServeOptions) -> int:
+async def report_loading(engine: EngineClient, notifier: Notifier) -> None:
+    """While the engine starts: where each worker is, and more time from systemd as long as the
+    supervisor still waits (its own --startup-timeout and hang checks bound the load)."""
+    started = time.monotonic()
+    while True:
+        progress = getattr(engine, "startup_progress", "loading the model")
+        elapsed = time.monotonic() - started
+        notifier.extend_timeout(3 * LOAD_STATUS_INTERVAL, f"Loading the model: {progress} ({elapsed:.0f} s)")
+        await asyncio.sleep(LOAD_STATUS_INTERVAL)
+
+
+async def report_serving(server: ServerState, notifier: Notifier, where: str) -> None:
+    while True:
+        stats = server.engine.stats()
+        notifier.status(
+            f"Serving {server.model_name} on {where}: {stats.num_running} running, {stats.num_waiting} waiting, "
+            f"KV cache {stats.device_usage:.0%} used"
+        )
+        await asyncio.sleep(SERVE_STATUS_INTERVAL)
+
+
+async def start_engine(
+    engine: EngineClient, notifier: Notifier, signals: asyncio.Queue[signal.Signals]
+) -> int | None:
+    """Start the engine; None once it is ready, else the exit status (a signal, a failed start)."""
+    start = asyncio.ensure_future(engine.start())
+    first_signal = asyncio.ensure_future(signals.get())
+    loading = asyncio.ensure_future(report_loading(engine, notifier))
+    try:
+        await asyncio.wait([start, first_signal], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loading.cancel()
+    if not start.done():
+        notifier.stopping(f"Stopped by {first_signal.result().name} while loading")
+        start.cancel()
+        await asyncio.gather(start, return_exceptions=True)
+        await engine.shutdown()
+        return 0
+    first_signal.cancel()
+    error = start.exception()
+    if error is not None:
+        print(f"pied: the engine failed to start: {error}", file=sys.stderr)
+        notifier.stopping(f"The engine failed to start: {error}")
+        await engine.shutdown()
+        return 1
+    return None
+
+
+async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None = None) -> int:
     from aiohttp import web
 
     from pied.api.app import create_app
     from pied.api.state import ServerState
     from pied.chat_template import check_chat_template, load_chat_template
     from pied.tokenizer import Tokenizer
+    from pied.tracing import FRONTEND_SERVICE, setup_tracing
 
     loop = asyncio.get_running_loop()
-    systemd = SystemdNotifier()
+    notifier = Notifier()
     signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, signals.put_nowait, signum)
 
     model_dir = config.resolved_model()
-    systemd.notify("STATUS=Loading the tokenizer and starting the engine")
+    tracer = setup_tracing(FRONTEND_SERVICE, config)  # before the workers: a bad --otlp-endpoint stops here
+    notifier.status(f"Loading the tokenizer of {model_dir}")
     chat_template = None
     if options.chat_template is not None:
         # Errors (no such file, invalid Jinja) are ValueErrors: the CLI reports them and exits 2.
@@ -208,20 +389,10 @@ async def serve(config: EngineConfig, options: ServeOptions) -> int:
         check_chat_template(chat_template)
     tokenizer = await asyncio.to_thread(Tokenizer.from_folder, model_dir, chat_template)
 
-    engine = make_engine(config, options.inproc)
-    start = asyncio.ensure_future(engine.start())
-    first_signal = asyncio.ensure_future(signals.get())
-    await asyncio.wait([start, first_signal], return_when=asyncio.FIRST_COMPLETED)
-    if not start.done():
-        start.cancel()
-        await asyncio.gather(start, return_exceptions=True)
-        await engine.shutdown()
-        return 0
-    first_signal.cancel()
-    if start.exception() is not None:
-        print(f"pied: the engine failed to start: {start.exception()}", file=sys.stderr)
-        await engine.shutdown()
-        return 1
+    engine = make_engine(config, options)
+    failed = await start_engine(engine, notifier, signals)
+    if failed is not None:
+        return failed
 
     server = ServerState(
         engine=engine,
@@ -232,8 +403,11 @@ async def serve(config: EngineConfig, options: ServeOptions) -> int:
         vocab_size=model_vocab_size(engine),
         max_logprobs=config.max_logprobs,
         max_queued_requests=options.max_queued_requests,
+        limits=options.request_limits(),
     )
-    app = create_app(server, api_key=options.api_key, max_request_body_bytes=options.max_request_body_bytes)
+    app = create_app(
+        server, api_key=api_key, max_request_body_bytes=options.max_request_body_bytes, tracer=tracer
+    )
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its
     # engine requests (a non-streaming request would otherwise run to the end for nobody).
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
@@ -244,49 +418,70 @@ async def serve(config: EngineConfig, options: ServeOptions) -> int:
         await site.start()
     except OSError as error:
         print(f"pied: cannot listen on {options.host}:{options.port}: {error}", file=sys.stderr)
+        notifier.stopping(f"Cannot listen on {options.host}:{options.port}")
         await runner.cleanup()
         await engine.shutdown()
         return 1
     host, port = runner.addresses[0][:2]
-    engine_kind = "thread" if options.inproc or type(engine).__name__ == "InprocEngineClient" else "processes"
+    engine_kind = "thread" if options.inproc else "processes"
     print(
         f"pied: listening on http://{host}:{port} (model {server.model_name}, engine in {engine_kind})",
         flush=True,
     )
-    systemd.notify(f"READY=1\nSTATUS=Serving {server.model_name} on {host}:{port}")
-    watchdog = asyncio.ensure_future(systemd.watchdog(engine))
+    notifier.ready(f"Serving {server.model_name} on {host}:{port}")
+    background = [
+        asyncio.ensure_future(notifier.run_watchdog(functools.partial(engine_healthy, engine))),
+        asyncio.ensure_future(report_serving(server, notifier, f"{host}:{port}")),
+    ]
     death = asyncio.ensure_future(wait_engine_dead(engine))
     next_signal = asyncio.ensure_future(signals.get())
     await asyncio.wait([death, next_signal], return_when=asyncio.FIRST_COMPLETED)
 
     server.draining = True
-    exit_status = 0
+    for task in background:
+        task.cancel()
     if death.done():
-        exit_status = 1
         print(f"pied: the engine died: {death.result()}; exiting", file=sys.stderr, flush=True)
-        systemd.notify(f"STOPPING=1\nSTATUS=The engine died: {death.result()}")
-        await wait_idle(server, DEATH_GRACE_SECONDS, None)
+        notifier.stopping(f"The engine died: {death.result()}")
+        await wait_idle(server, DEATH_GRACE_SECONDS, None, notifier)
     else:
         signum = next_signal.result()
-        systemd.notify("STOPPING=1\nSTATUS=Draining")
-        timeout = options.drain_timeout if signum == signal.SIGTERM else 0.0
-        logger.info("%s: draining %d requests (up to %.0f s)", signum.name, server.num_in_flight, timeout)
-        await wait_idle(server, timeout, signals)
-    for task in (watchdog, death, next_signal):
-        task.cancel()
+        timeout = options.shutdown_timeout if signum == signal.SIGTERM else 0.0
+        logger.info("%s: draining %d requests (up to %g s)", signum.name, server.num_in_flight, timeout)
+        notifier.stopping(f"Draining {server.num_in_flight} requests")
+        notifier.extend_timeout(timeout + STOP_MARGIN_SECONDS)
+        await wait_idle(server, timeout, signals, notifier)
+    death.cancel()
+    next_signal.cancel()
     # Engine first: the requests still in flight end (abort) and their handlers answer; then the
     # HTTP server closes its connections.
     await engine.shutdown()
     await runner.cleanup()
-    return exit_status
+    # A worker that died at any point, drain included, is a failure the service manager must see.
+    if engine.dead:
+        print(
+            f"pied: exiting with status 1: {getattr(engine, 'dead_reason', 'the engine died')}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 async def wait_idle(
-    server: ServerState, timeout: float, signals: asyncio.Queue[signal.Signals] | None
+    server: ServerState,
+    timeout: float,
+    signals: asyncio.Queue[signal.Signals] | None,
+    notifier: Notifier,
 ) -> None:
-    """Wait until no generation request is in flight, ``timeout`` passes, or another signal comes."""
+    """Wait until no generation request is in flight, ``timeout`` passes, another signal comes or
+    (while draining) the engine dies."""
     deadline = time.monotonic() + timeout
+    next_status = time.monotonic() + 1.0
     while server.num_in_flight > 0 and time.monotonic() < deadline:
-        if signals is not None and not signals.empty():
+        if signals is not None and (not signals.empty() or server.engine.dead):
             return
+        if time.monotonic() >= next_status:
+            left = deadline - time.monotonic()
+            notifier.status(f"Draining: {server.num_in_flight} requests in flight, {left:.0f} s left")
+            next_status += 1.0
         await asyncio.sleep(0.05)

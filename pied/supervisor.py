@@ -36,11 +36,12 @@ import proto
 import workers
 from pied.config import EngineConfig
 from pied.runtime_dir import RuntimeDir
+from pied.sdnotify import SYSTEMD_ONLY_VARIABLES
 from workers.actor import Actor, Addresses, WorkerArgs
 
 logger = logging.getLogger(__name__)
 
-WORKER_NAMES = ("executor", "scheduler")  # start order: the scheduler waits for the executor anyway
+WORKER_NAMES = ("memory", "executor", "scheduler")  # start order: the scheduler waits for the others anyway
 
 
 class WorkerStartError(RuntimeError):
@@ -58,6 +59,9 @@ class SupervisorOptions:
     # weight copies) for seconds at a time; a hang there is caught by this or by startup_timeout.
     startup_heartbeat_timeout: float = 60.0
     shutdown_timeout: float = 10.0  # after Shutdown, before SIGKILL
+    # A heartbeat older than this makes the engine unhealthy (the systemd watchdog pings pause)
+    # though not yet dead; capped at heartbeat_timeout.
+    healthy_heartbeat_age: float = 2.0
     log_level: str = "INFO"
     runtime_parent: str | None = None  # where the runtime directory is made (default: see runtime_dir)
 
@@ -146,6 +150,37 @@ class Supervisor:
     def addresses(self) -> Addresses | None:
         return self._addresses
 
+    def heartbeats_fresh(self) -> bool:
+        """Every worker is ready and was heard from within ``healthy_heartbeat_age`` (what the
+        systemd watchdog pings stand for)."""
+        if self.dead or self._closing or not self.workers:
+            return False
+        options = self.options
+        # At least two intervals, so one heartbeat delayed by a busy loop does not count.
+        max_age = min(
+            max(options.healthy_heartbeat_age, 2 * options.heartbeat_interval), options.heartbeat_timeout
+        )
+        now = time.monotonic()
+        return all(
+            worker.ready is not None
+            and worker.last_heartbeat is not None
+            and now - worker.last_heartbeat <= max_age
+            for worker in self.workers.values()
+        )
+
+    def progress(self) -> str:
+        """Each worker's stage, for status lines while starting: ``executor loading, scheduler ready``."""
+        stages = []
+        for name, worker in self.workers.items():
+            if worker.ready is not None:
+                stage = "ready"
+            elif worker.last_heartbeat is not None:
+                stage = "loading"
+            else:
+                stage = "starting"
+            stages.append(f"{name} {stage}")
+        return ", ".join(stages) or "starting workers"
+
     async def start(self) -> proto.Ready:
         """Start every worker and wait until all are Ready; returns the scheduler's Ready (model
         info). Raises :class:`WorkerStartError` (after stopping whatever did start) on failure."""
@@ -219,10 +254,14 @@ class Supervisor:
         # process dies for any reason the kernel closes the write end and every worker reads EOF.
         # os.pipe() descriptors are not inheritable, so other children never hold the write end.
         read_fd, self._parent_pipe_write = os.pipe()
-        environment = dict(os.environ)
+        environment = {
+            name: value for name, value in os.environ.items() if name not in SYSTEMD_ONLY_VARIABLES
+        }
         # Make `-m workers.<name>` importable from wherever the daemon was started.
         source_root = str(Path(workers.__file__).resolve().parent.parent)
-        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, environment.get("PYTHONPATH")]))
+        environment["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [source_root, environment.get("PYTHONPATH")])
+        )
         try:
             for name in WORKER_NAMES:
                 args = WorkerArgs(

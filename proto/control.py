@@ -36,6 +36,7 @@ class Ready(msgspec.Struct, **CONTROL):
     eos_token_ids: list[int] = []
     block_size: int = 0
     vocab_size: int = 0
+    max_host_blocks: int = 0  # H_max: host block ids the scheduler's id space reserves
 
 
 class Heartbeat(msgspec.Struct, **CONTROL):
@@ -94,6 +95,8 @@ class Stats(msgspec.Struct, **CONTROL):
     bytes_to_device_sum: int = 0
     bytes_to_host_sum: int = 0
     stall_time_sum: float = 0.0
+    host_lease_target: int = 0  # the expansion controller's estimate of the transparent lease
+    host_decision: str = ""  # its last decision and reason, e.g. "grow: demand, stalls 0% < 2%"
 
 
 ControlMessage = Union[Ready, Heartbeat, Shutdown, Dead, Stats]

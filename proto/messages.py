@@ -183,11 +183,13 @@ class TokenLogprobs(msgspec.Struct, **HOT):
 
 class NewRequestData(msgspec.Struct, **HOT):
     """Sent to the executor the first time a request is scheduled (and only then), so it can keep
-    per-request sampling state (generator, penalty counts) until the request is finished."""
+    per-request sampling state (generator, penalty counts) until the request is finished.
+    ``trace_context``: the traceparent the executor parents this request's spans on."""
 
     request_id: str
     prompt_token_ids: bytes
     params: SamplingParams
+    trace_context: str = ""
 
 
 class StepPlan(msgspec.Struct, tag=True, **HOT):
@@ -259,3 +261,41 @@ class HostSegmentInfo(msgspec.Struct, **HOT):
     fd: int
     first_block: int
     num_blocks: int
+
+
+class HostLease(msgspec.Struct, tag=True, **HOT):
+    """Memory manager -> scheduler: the host lease is now ``lease`` blocks (ids ``[D, D + lease)``).
+
+    ``attach``: new segments backing the lease; the scheduler forwards them to the executor
+    (``SegmentUpdate``) before any plan that may use their blocks. ``detach``: segments the
+    executor may unmap; sent only after the scheduler reported that it holds no block above the
+    lease and the step that migrated blocks off them has completed. ``target`` and ``reason``: the
+    controller's estimate of the transparent lease and why it decided what it did (for /metrics).
+    """
+
+    lease: int
+    attach: list[HostSegmentInfo] = []
+    detach: list[int] = []
+    target: int = 0
+    reason: str = ""
+
+
+class SegmentUpdate(msgspec.Struct, tag=True, **HOT):
+    """Scheduler -> executor, between plans on the plan channel (so ordered with them): map
+    ``attach`` and unmap ``detach`` before the next plan."""
+
+    attach: list[HostSegmentInfo] = []
+    detach: list[int] = []
+
+
+class DemandReport(msgspec.Struct, tag=True, **HOT):
+    """Scheduler -> memory manager after each step and when going idle: the demand signals the
+    expansion controller reads, and whether host memory above the lease can be released
+    (``release_safe``: no block above ``host_lease`` is held and no plan in flight touches one)."""
+
+    num_waiting: int
+    num_preemptions: int
+    num_host_blocks_in_use: int
+    short_of_blocks: bool
+    host_lease: int
+    release_safe: bool = False

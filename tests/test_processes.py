@@ -20,6 +20,7 @@ from pied.config import EngineConfig
 from pied.engine_client import EngineDeadError, RequestStream
 from pied.inproc import InprocEngineClient
 from pied.mp_client import ProcessEngineClient, SupervisorOptions, WorkerStartError
+from pied.supervisor import WORKER_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -137,7 +138,7 @@ async def test_same_greedy_tokens_as_in_process_and_abort_frees_blocks(model_dir
         info = client.model_info
         assert info is not None and info.num_device_blocks == 4096 and info.max_model_len == 4096
         assert info.eos_token_ids == [2]
-        assert set(client.worker_pids) == {"scheduler", "executor"}
+        assert set(client.worker_pids) == set(WORKER_NAMES)
         assert await generate(client, requests) == expected
         # Again, staggered, so the batches are composed differently.
         streams = []
@@ -276,7 +277,7 @@ async def test_workers_exit_when_the_daemon_is_killed(model_dir, tmp_path):
         assert daemon.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(daemon.stdout.readline), 120)
         pids = json.loads(line)
-        assert set(pids) == {"scheduler", "executor"}
+        assert set(pids) == set(WORKER_NAMES)
         daemon.kill()  # SIGKILL: no cleanup code runs in the daemon
         daemon.wait()
         assert await wait_until(lambda: all(is_gone(pid) for pid in pids.values()), 5)

@@ -93,10 +93,25 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
         proto.StepResult(4, b"", error="CUDA error: out of memory"),
     ],
     proto.HostSegmentInfo: [proto.HostSegmentInfo(segment_id=2, pid=4242, fd=17, first_block=128, num_blocks=64)],
+    proto.HostLease: [
+        proto.HostLease(0),
+        proto.HostLease(
+            96,
+            attach=[proto.HostSegmentInfo(1, 4242, 18, 64, 32)],
+            detach=[3, 4],
+            target=100,
+            reason="grow: demand, stalls 0.3% < 2%",
+        ),
+    ],
+    proto.SegmentUpdate: [proto.SegmentUpdate(), proto.SegmentUpdate([proto.HostSegmentInfo(0, 1, 9, 0, 64)], [2])],
+    proto.DemandReport: [
+        proto.DemandReport(0, 0, 0, False, 0),
+        proto.DemandReport(3, 7, 40, True, 64, release_safe=True),
+    ],
     proto.Ready: [
         proto.Ready("scheduler", 100),
         proto.Ready("executor", 101, num_device_blocks=512, max_model_len=2048, eos_token_ids=[2, 4],
-                    block_size=16, vocab_size=49152),
+                    block_size=16, vocab_size=49152, max_host_blocks=1024),
     ],
     proto.Heartbeat: [proto.Heartbeat("executor", 0), proto.Heartbeat("scheduler", 12, time=12345.678)],
     proto.Shutdown: [proto.Shutdown(), proto.Shutdown(reason="the executor died")],
@@ -106,7 +121,7 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
         proto.Stats(num_running=3, num_waiting=1, num_device_blocks=64, num_host_blocks=32, device_usage=0.5,
                     host_usage=0.25, num_preemptions=2, num_steps=99, step_time_sum=1.5, forward_time_sum=1.4,
                     execute_time_sum=1.45, host_lease=32, bytes_to_device_sum=1 << 40, bytes_to_host_sum=1 << 20,
-                    stall_time_sum=0.01),
+                    stall_time_sum=0.01, host_lease_target=40, host_decision="shrink: stalls 5.1% > 2%"),
     ],
 }
 ALL_EXAMPLES = [(cls, example) for cls, examples in EXAMPLES.items() for example in examples]

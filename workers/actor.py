@@ -61,17 +61,18 @@ class Addresses:
     frontend: str
     scheduler: str
     executor: str
+    memory: str = ""  # the memory manager (host memory, the expansion controller)
 
     @classmethod
     def inproc(cls, prefix: str | None = None) -> Addresses:
         """Fresh ``inproc://`` addresses; actors using them must share one zmq Context."""
         prefix = prefix or f"pied-{uuid.uuid4().hex[:12]}"
-        return cls(*(f"inproc://{prefix}/{name}" for name in ("frontend", "scheduler", "executor")))
+        return cls(*(f"inproc://{prefix}/{name}" for name in ("frontend", "scheduler", "executor", "memory")))
 
     @classmethod
     def ipc(cls, socket: Callable[[str], str]) -> Addresses:
         """``ipc://`` addresses from a function naming a socket (``RuntimeDir.socket``)."""
-        return cls(socket("frontend"), socket("scheduler"), socket("executor"))
+        return cls(socket("frontend"), socket("scheduler"), socket("executor"), socket("memory"))
 
 
 class WorkerArgs(msgspec.Struct, kw_only=True):
@@ -225,7 +226,9 @@ class Actor:
         model load and every forward pass. The loop stays free meanwhile (torch releases the GIL).
         """
         if self._compute is None:
-            self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-compute")
+            self._compute = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"{self.name}-compute"
+            )
         assert self._loop is not None
         return await self._loop.run_in_executor(self._compute, function, *args)
 
@@ -302,7 +305,9 @@ class Actor:
                 message = decode(data)
             except msgspec.DecodeError as error:
                 # A malformed message cannot be attributed to a request; drop it, stay up.
-                logger.warning("%s: dropped an undecodable message (%d bytes): %s", self.name, len(data), error)
+                logger.warning(
+                    "%s: dropped an undecodable message (%d bytes): %s", self.name, len(data), error
+                )
                 continue
             result = handlers[type(message)](message)
             if result is not None:

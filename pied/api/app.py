@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 from aiohttp import web
+from opentelemetry import trace
 
 import pied
 from pied.api import openapi
@@ -38,7 +39,9 @@ from pied.api.protocol import (
     VersionResponse,
 )
 from pied.api.state import ServerState
+from pied.api.tracing import tracing_middleware
 from pied.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from pied.tracing import tracing_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +145,7 @@ async def tokenize(request: web.Request) -> web.Response:
     body = decode_body(await request.read(), TokenizeRequest)
     server.check_model(body.model)
     if body.messages is not None:
-        prompt = render_chat(
+        prompt = await render_chat(
             server,
             body.messages,
             add_generation_prompt=body.add_generation_prompt is not False,
@@ -199,9 +202,17 @@ ROUTES = [
 
 
 def create_app(
-    server: ServerState, *, api_key: str | None = None, max_request_body_bytes: int = 1 << 24
+    server: ServerState,
+    *,
+    api_key: str | None = None,
+    max_request_body_bytes: int = 1 << 24,
+    tracer: trace.Tracer | None = None,
 ) -> web.Application:
+    """The API. ``tracer`` (``pied.tracing.setup_tracing``): when it records, every generation
+    request gets a server span, the root of its trace across the engine's processes."""
     middlewares: list[Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]] = [error_middleware]
+    if tracer is not None and tracing_enabled(tracer):
+        middlewares.insert(0, tracing_middleware(tracer))  # outermost: it sees the final status
     if api_key:
         middlewares.append(auth_middleware(api_key))
     # client_max_size makes request.read() raise 413 past the limit, before buffering the rest.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
@@ -61,7 +62,7 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 )
 
 
-def render_chat(
+async def render_chat(
     server: ServerState,
     messages: list[ChatMessage],
     *,
@@ -70,7 +71,10 @@ def render_chat(
     tools: list[dict[str, Any]] | None,
     template_kwargs: dict[str, Any] | None,
 ) -> str:
-    """The conversation as prompt text (the model's chat template, or the --chat-template override)."""
+    """The conversation as prompt text (the model's chat template, or the --chat-template override).
+
+    Rendered on a thread: a template is untrusted code that may run until its deadline, and the
+    event loop must keep serving every other request meanwhile."""
     conversation = message_dicts(messages)
     if add_generation_prompt and continue_final_message:
         raise bad_request(
@@ -82,7 +86,8 @@ def render_chat(
             f"chat_template_kwargs may not set {', '.join(sorted(reserved))}.", "chat_template_kwargs"
         )
     try:
-        return server.tokenizer.apply_chat_template(
+        return await asyncio.to_thread(
+            server.tokenizer.apply_chat_template,
             conversation,
             add_generation_prompt=add_generation_prompt,
             tools=tools,
@@ -99,7 +104,7 @@ async def create_chat_completion(request: web.Request, server: ServerState) -> w
     server.check_model(body.model)
     if body.response_format is not None and body.response_format.get("type", "text") != "text":
         raise bad_request('Only response_format {"type": "text"} is supported.', "response_format")
-    prompt = render_chat(
+    prompt = await render_chat(
         server,
         body.messages,
         add_generation_prompt=body.add_generation_prompt is not False,
@@ -121,6 +126,7 @@ async def create_chat_completion(request: web.Request, server: ServerState) -> w
         max_model_len=server.max_model_len,
         max_logprobs=server.max_logprobs,
         prompt_param="messages",
+        limits=server.limits,
         param_names={
             "logprobs": "top_logprobs",
             "max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",

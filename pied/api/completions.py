@@ -11,7 +11,7 @@ from aiohttp import web
 from pied.api import responses
 from pied.api.errors import bad_request
 from pied.api.generation import Choice, Generation, PromptInput
-from pied.api.params import check_token_ids, decode_body, sampling_params
+from pied.api.params import check_num_choices, check_token_ids, decode_body, sampling_params
 from pied.api.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -28,6 +28,8 @@ async def prompt_inputs(server: ServerState, body: CompletionRequest) -> list[tu
     add_special_tokens = body.add_special_tokens is not False
     if isinstance(prompt, str):
         return [(await server.encode(prompt, add_special_tokens), prompt)]
+    if prompt and not isinstance(prompt[0], int):
+        check_num_choices(len(prompt), body.n, server.limits)
     if not prompt:
         raise bad_request("prompt must not be empty.", "prompt")
     kinds = {type(item) for item in prompt}
@@ -70,6 +72,7 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
             max_model_len=server.max_model_len,
             max_logprobs=server.max_logprobs,
             prompt_param="prompt" if len(inputs) == 1 else f"prompt[{index}]",
+            limits=server.limits,
         )
         prompts.append(PromptInput(token_ids, params, text))
     generation = Generation(server, responses.new_id("cmpl"), prompts)

@@ -5,6 +5,10 @@ a :class:`Generation`: ``async with generation.running()`` submits the engine re
 the 503 of a full queue or a dead engine) and, on the way out, aborts whatever has not finished
 (the client went away, an error); inside, ``updates()`` yields each choice's :class:`ChoiceUpdate`
 as deltas arrive.
+
+Tracing: when the request's server span records (``pied.api.tracing``), the engine requests carry
+its ``traceparent`` (the engine's spans join the request's trace) and the span gets the GenAI
+semantic-convention attributes: the request's at submission, usage and finish reasons at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
 import proto
 from pied.api.errors import APIError
 from pied.api.state import ServerState
@@ -22,6 +29,7 @@ from pied.engine_client import EngineDeadError, RequestStream
 from pied.llm import engine_requests
 from pied.metrics import RequestTiming
 from pied.output_processor import ChoiceState, ChoiceUpdate
+from pied.tracing import traceparent
 
 
 @dataclass
@@ -61,12 +69,20 @@ class Generation:
     def __post_init__(self) -> None:
         self._closed = False
         self._requests: list[proto.AddRequest] = []
+        span = trace.get_current_span()  # the request's server span, when tracing is on
+        self._span = span if span.is_recording() else None
+        trace_context = ""
+        if self._span is not None:
+            trace_context = traceparent(span.get_span_context())
+            if self.prompts:
+                self._span.set_attributes(self._request_attributes())
         for prompt_index, prompt in enumerate(self.prompts):
             # Engine ids are ``{request_id}-{prompt}-{choice}``; choice indexes run over all prompts.
             for request in engine_requests(
                 f"{self.request_id}-{prompt_index}",
                 prompt.token_ids,
                 prompt.params,
+                trace_context=trace_context,
                 arrival_time=self.arrival_time,
             ):
                 index = len(self.choices)
@@ -107,7 +123,11 @@ class Generation:
             try:
                 yield self
             finally:
-                await self.close()
+                try:
+                    await self.close()
+                finally:  # even when a disconnect cancels the close
+                    if self._span is not None:
+                        self._record_response(self._span)
         finally:
             self.server.num_in_flight -= 1
 
@@ -173,6 +193,49 @@ class Generation:
         request_ids = [choice.state.request_id for choice in unfinished]
         if not self.server.engine.dead:
             await asyncio.shield(self._abort_later(request_ids))
+
+    # ---------------------------------------------------------------- tracing
+
+    def _request_attributes(self) -> dict[str, str | int | float | list[str]]:
+        """GenAI request attributes (every prompt of a request shares its parameters)."""
+        params = self.prompts[0].params
+        attributes: dict[str, str | int | float | list[str]] = {
+            "gen_ai.request.model": self.server.model_name,
+            "gen_ai.request.temperature": params.temperature,
+            "gen_ai.request.top_p": params.top_p,
+        }
+        if params.max_tokens is not None:
+            attributes["gen_ai.request.max_tokens"] = params.max_tokens
+        if params.top_k > 0:
+            attributes["gen_ai.request.top_k"] = params.top_k
+        if params.seed is not None:
+            attributes["gen_ai.request.seed"] = params.seed
+        if params.presence_penalty:
+            attributes["gen_ai.request.presence_penalty"] = params.presence_penalty
+        if params.frequency_penalty:
+            attributes["gen_ai.request.frequency_penalty"] = params.frequency_penalty
+        if params.stop:
+            attributes["gen_ai.request.stop_sequences"] = list(params.stop)
+        if params.n != 1:
+            attributes["gen_ai.request.choice.count"] = params.n
+        return attributes
+
+    def _record_response(self, span: trace.Span) -> None:
+        """GenAI response attributes, once the request has ended (finished, failed or aborted)."""
+        unfinished = "error" if self.server.engine.dead else "abort"
+        finish_reasons = [choice.state.finish_reason or unfinished for choice in self.choices]
+        span.set_attributes(
+            {
+                "gen_ai.response.id": self.request_id,
+                "gen_ai.response.model": self.server.model_name,
+                "gen_ai.response.finish_reasons": finish_reasons,
+                "gen_ai.usage.input_tokens": self.num_prompt_tokens,
+                "gen_ai.usage.output_tokens": self.num_completion_tokens,
+            }
+        )
+        if "error" in finish_reasons:
+            # The HTTP status may be 200 (a stream that had started): the span must still say so.
+            span.set_status(Status(StatusCode.ERROR, "the engine failed the request"))
 
     # ---------------------------------------------------------------- internals
 

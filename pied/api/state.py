@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pied.api.errors import APIError
+from pied.api.params import DEFAULT_LIMITS, RequestLimits
 from pied.engine_client import EngineClient
 from pied.metrics import ServerMetrics
 from pied.tokenizer import Tokenizer
@@ -26,6 +27,7 @@ class ServerState:
     vocab_size: int = 0  # the model's (0: take the tokenizer's); client token ids must be below it
     max_logprobs: int = 20
     max_queued_requests: int | None = None
+    limits: RequestLimits = DEFAULT_LIMITS
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False

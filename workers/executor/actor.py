@@ -3,19 +3,28 @@
 Mailbox: StepPlan (from the scheduler), Shutdown. It loads the model on its compute thread, then
 sends Ready (with the model's shape) to the scheduler and the supervisor. Each forward pass runs on
 the compute thread too, so aborts, heartbeats and shutdown are handled while it runs.
+
+Tracing (DESIGN.md "Tracing"): with an OTLP endpoint or a span collector (the memory manager), each
+step is timed on the compute thread and its spans are built after its result has been sent
+(:mod:`workers.executor.step_spans`); with neither, a plan goes straight to ``runner.execute``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import zmq.asyncio
 
 import proto
 from pied.config import EngineConfig
+from pied.tracing import EXECUTOR_SERVICE, setup_tracing, shutdown_tracing, tracing_enabled
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
+from workers.executor.step_spans import StepSpans, StepTiming
+from workers.memory.spans import span_channel_tracer
 
 
 class ModelShape(Protocol):
@@ -34,11 +43,28 @@ class Runner(Protocol):
     def execute(self, plan: proto.StepPlan) -> proto.StepResult: ...
 
 
+@runtime_checkable
+class LayerTimedRunner(Runner, Protocol):
+    """A runner that can time each layer of a step (for ``--trace-layers-every``): while
+    ``record_layer_times`` is True, ``execute`` leaves in ``layer_times`` one ``(start, end, stall)``
+    per layer, start and end on ``time.perf_counter_ns()``'s clock and stall in seconds."""
+
+    record_layer_times: bool
+    layer_times: list[tuple[int, int, float]]
+
+
 def load_model_runner(config: EngineConfig) -> Runner:
     # Imported here: torch and the model code load in the worker process only.
     from workers.executor.runner import ModelRunner
+    from workers.memory.manager import HostPlan, kv_layout_for
 
-    return ModelRunner(config)
+    # The same HostPlan the memory manager derives: staging room for the largest lease.
+    layout, device_type = kv_layout_for(config)
+    plan = HostPlan.from_config(config, layout, pinned=device_type == "cuda")
+    staging = plan.max_host_blocks if config.kv_policy == "pie" else 0
+    runner = ModelRunner(config, num_staging_blocks=staging, blocks_per_segment=plan.blocks_per_segment)
+    runner.max_host_blocks = plan.max_host_blocks
+    return runner
 
 
 def ready_message(worker: str, config: EngineConfig, runner: Runner) -> proto.Ready:
@@ -53,6 +79,7 @@ def ready_message(worker: str, config: EngineConfig, runner: Runner) -> proto.Re
         eos_token_ids=sorted(model.eos_token_ids),
         block_size=runner.block_size,
         vocab_size=model.vocab_size,
+        max_host_blocks=getattr(runner, "max_host_blocks", 0),
     )
 
 
@@ -65,7 +92,9 @@ class ExecutorActor(Actor):
         context: zmq.asyncio.Context | None = None,
         heartbeat_interval: float = 0.5,
         runner_factory: Callable[[EngineConfig], Runner] = load_model_runner,
+        span_collector: str | None = None,
     ) -> None:
+        """``span_collector``: where the step spans go over ZeroMQ (the memory manager's address)."""
         super().__init__(
             "executor",
             addresses.executor,
@@ -76,12 +105,23 @@ class ExecutorActor(Actor):
         self.config = config
         self.runner: Runner | None = None
         self._runner_factory = runner_factory
+        self.tracer = setup_tracing(EXECUTOR_SERVICE, config)
+        self.channel = None
+        if span_collector is not None:
+            self.channel = span_channel_tracer(EXECUTOR_SERVICE, span_collector, self.context)
+        self.step_spans: StepSpans | None = None
+        if tracing_enabled(self.tracer) or self.channel is not None:
+            self.step_spans = StepSpans(self.tracer, self.channel, config.trace_layers_every)
         self.connect("scheduler", addresses.scheduler)
         self.on(proto.StepPlan, self.handle_step_plan)
+        self.on(proto.SegmentUpdate, self.handle_segment_update)
 
     @classmethod
     def from_args(cls, args: WorkerArgs) -> ExecutorActor:
-        return cls(args.config, args.addresses, heartbeat_interval=args.heartbeat_interval)
+        collector = args.addresses.memory or None
+        return cls(
+            args.config, args.addresses, heartbeat_interval=args.heartbeat_interval, span_collector=collector
+        )
 
     async def on_start(self) -> None:
         # A load error raises here and fails the actor: the supervisor gets Dead with the reason.
@@ -89,6 +129,26 @@ class ExecutorActor(Actor):
         ready = ready_message(self.name, self.config, self.runner)
         self.send("scheduler", ready)
         self.send(SUPERVISOR, ready)
+
+    async def on_stop(self) -> None:
+        # Off the loop: the exporter may take a while to give up on an unreachable collector.
+        loop = asyncio.get_running_loop()
+        for tracer in (self.tracer, self.channel):
+            if tracer is not None:
+                await loop.run_in_executor(None, shutdown_tracing, tracer)
+
+    def handle_segment_update(self, update: proto.SegmentUpdate) -> None:
+        # NOTE: through the compute thread like the plans, so it lands between the plans it came
+        # between: new segments are mapped before the first plan that may use their blocks.
+        self.spawn(self.run_blocking(self._update_segments, update), "segments")
+
+    def _update_segments(self, update: proto.SegmentUpdate) -> None:
+        runner = self.runner
+        assert runner is not None, "SegmentUpdate before the executor was ready"
+        if update.attach:
+            runner.attach_host_segments(update.attach)  # type: ignore[attr-defined]
+        if update.detach:
+            runner.detach_host_segments(update.detach)  # type: ignore[attr-defined]
 
     def handle_step_plan(self, plan: proto.StepPlan) -> None:
         # NOTE: the scheduler sends the next plan only after this one's result, and run_blocking
@@ -100,5 +160,31 @@ class ExecutorActor(Actor):
         assert runner is not None, "StepPlan before the executor was ready"
         # A forward pass that raises fails the executor (and with it the engine), as in vLLM v1: the
         # device state after a failed kernel cannot be trusted.
-        result = await self.run_blocking(runner.execute, plan)
+        spans = self.step_spans
+        if spans is None:
+            result = await self.run_blocking(runner.execute, plan)
+            self.send("scheduler", result)
+            return
+        spans.begin(plan)
+        result, timing = await self.run_blocking(timed_execute, runner, plan, spans.samples_layers(plan))
         self.send("scheduler", result)
+        spans.end(plan, result, timing)  # while the scheduler plans the next step
+
+
+def timed_execute(
+    runner: Runner, plan: proto.StepPlan, time_layers: bool
+) -> tuple[proto.StepResult, StepTiming]:
+    """``runner.execute(plan)`` timed where it runs, on the compute thread (no loop hop inside the
+    measurement); with ``time_layers``, also each layer's times if the runner can take them."""
+    layer_timed = runner if time_layers and isinstance(runner, LayerTimedRunner) else None
+    if layer_timed is not None:
+        layer_timed.record_layer_times = True
+    start_ns, perf_start_ns = time.time_ns(), time.perf_counter_ns()
+    try:
+        result = runner.execute(plan)
+    finally:
+        if layer_timed is not None:
+            layer_timed.record_layer_times = False
+    end_ns = start_ns + time.perf_counter_ns() - perf_start_ns
+    layer_times = list(layer_timed.layer_times) if layer_timed is not None else None
+    return result, StepTiming(start_ns, end_ns, perf_start_ns, layer_times)

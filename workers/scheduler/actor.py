@@ -9,6 +9,10 @@ Shutdown. Once the executor is Ready (the scheduler needs the model's shape), th
 Handlers only queue adds and aborts; the step loop applies them between steps, so the plain
 :class:`Scheduler` is only ever touched by one coroutine at a known point of the cycle, and an
 aborted request is gone (its blocks free) before the next plan is made.
+
+Tracing (DESIGN.md "Tracing"): with an OTLP endpoint, the loop notes when each sampled request was
+first scheduled, got its first token and finished, and :class:`RequestSpans` turns that into the
+request's ``queue``/``prefill``/``decode`` spans; without one, it does nothing at all.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ import zmq.asyncio
 
 import proto
 from pied.config import EngineConfig
+from pied.tracing import SCHEDULER_SERVICE, PresetSpanIds, setup_tracing, shutdown_tracing, tracing_enabled
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
+from workers.scheduler.request_spans import RequestSpans
 from workers.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
-SchedulerFactory = Callable[[EngineConfig, int, set[int], int], Scheduler]
-Pending = Union[proto.AddRequest, proto.AbortRequests]
+SchedulerFactory = Callable[[EngineConfig, int, set[int], int, int], Scheduler]
+Pending = Union[proto.AddRequest, proto.AbortRequests, proto.HostLease]
 
 
 class SchedulerActor(Actor):
@@ -62,10 +68,17 @@ class SchedulerActor(Actor):
         self._step_id = -1
         self._stats = proto.Stats()
         self._last_stats_time = 0.0
+        span_ids = PresetSpanIds()
+        self.tracer = setup_tracing(SCHEDULER_SERVICE, config, id_generator=span_ids)
+        self.request_spans = RequestSpans(self.tracer, span_ids) if tracing_enabled(self.tracer) else None
         self.connect("executor", addresses.executor)
         self.connect("frontend", addresses.frontend)
+        self.has_memory_manager = bool(addresses.memory)
+        if self.has_memory_manager:
+            self.connect("memory", addresses.memory)
         self.on(proto.AddRequest, self._enqueue)
         self.on(proto.AbortRequests, self._enqueue)
+        self.on(proto.HostLease, self._enqueue)
         self.on(proto.Ready, self.handle_executor_ready)
         self.on(proto.StepResult, self.handle_step_result)
 
@@ -83,7 +96,11 @@ class SchedulerActor(Actor):
         if self.scheduler is not None:
             raise RuntimeError("the executor sent Ready twice")
         self.scheduler = self._scheduler_factory(
-            self.config, ready.num_device_blocks, set(ready.eos_token_ids), ready.max_model_len
+            self.config,
+            ready.num_device_blocks,
+            set(ready.eos_token_ids),
+            ready.max_model_len,
+            ready.max_host_blocks,
         )
         self._stats.num_device_blocks = ready.num_device_blocks
         self.model_info = proto.Ready(
@@ -100,8 +117,14 @@ class SchedulerActor(Actor):
 
     def handle_step_result(self, result: proto.StepResult) -> None:
         if self._result is None or result.step_id != self._step_id:
-            raise RuntimeError(f"unexpected StepResult for step {result.step_id} (waiting for {self._step_id})")
+            raise RuntimeError(
+                f"unexpected StepResult for step {result.step_id} (waiting for {self._step_id})"
+            )
         self._result.set_result(result)
+
+    async def on_stop(self) -> None:
+        # Off the loop: the exporter may take a while to give up on an unreachable collector.
+        await asyncio.get_running_loop().run_in_executor(None, shutdown_tracing, self.tracer)
 
     # ---------------------------------------------------------------- the step loop
 
@@ -110,6 +133,7 @@ class SchedulerActor(Actor):
         assert scheduler is not None
         loop = asyncio.get_running_loop()
         stats = self._stats
+        spans = self.request_spans
         while True:
             started = time.perf_counter()
             # NOTE: from here to the await below nothing yields, so no message can slip in between
@@ -117,19 +141,26 @@ class SchedulerActor(Actor):
             self._apply_pending(scheduler)
             plan = scheduler.schedule() if scheduler.has_unfinished() else None
             if plan is None:
-                # Idle, or nothing can run until a request arrives or is aborted.
+                # Idle, or nothing can run until a request arrives, is aborted or the lease grows.
                 self._publish_stats(scheduler, force=True)
+                self._report_demand(scheduler, self._step_id)
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if spans is not None:
+                spans.scheduled(plan, scheduler.num_preemptions, time.time_ns())
             self._step_id = plan.step_id
             self._result = loop.create_future()
             self.send("executor", plan)
             result = await self._result
+            # NOTE: timed before the deltas leave: the API ends its span once it has the last one.
+            stepped_ns = time.time_ns() if spans is not None else 0
             self._result = None
             deltas = scheduler.postprocess(plan, result)
             if deltas:
                 self.send("frontend", proto.TokenDeltas(deltas))
+            if spans is not None:
+                spans.stepped(deltas, stepped_ns)
             stats.num_steps += 1
             stats.forward_time_sum += result.forward_time
             stats.execute_time_sum += result.step_time
@@ -138,18 +169,25 @@ class SchedulerActor(Actor):
             stats.stall_time_sum += result.stall_time
             stats.step_time_sum += time.perf_counter() - started
             self._publish_stats(scheduler)
+            self._report_demand(scheduler, plan.step_id)
 
     def _apply_pending(self, scheduler: Scheduler) -> None:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
         deltas: list[proto.TokenDelta] = []
+        spans = self.request_spans
         for message in pending:
             if isinstance(message, proto.AbortRequests):
                 deltas += scheduler.abort_requests(message.request_ids)
                 continue
+            if isinstance(message, proto.HostLease):
+                self._apply_lease(scheduler, message)
+                continue
             try:
                 deltas += scheduler.add_request(message)
+                if spans is not None:
+                    spans.arrived(message, scheduler.requests.get(message.request_id))
             except ValueError as error:
                 # A bad request (a duplicate id, say) fails alone; the engine stays up.
                 logger.warning("rejected request %s: %s", message.request_id, error)
@@ -163,7 +201,41 @@ class SchedulerActor(Actor):
                     )
                 )
         if deltas:
+            finished_ns = time.time_ns()  # before the deltas leave, as in the step loop
             self.send("frontend", proto.TokenDeltas(deltas))
+            if spans is not None:
+                spans.finished(deltas, finished_ns)
+
+    def _apply_lease(self, scheduler: Scheduler, lease: proto.HostLease) -> None:
+        # NOTE: no plan is in flight here, and the executor takes this update before the next plan
+        # (same channel, in order): new segments are mapped before any plan can use their blocks,
+        # and released ones are unmapped only after the plan that migrated off them has run.
+        if lease.attach or lease.detach:
+            self.send("executor", proto.SegmentUpdate(lease.attach, lease.detach))
+        if lease.lease != scheduler.host_lease:
+            scheduler.set_host_lease(lease.lease)
+        self._stats.host_lease_target = lease.target
+        self._stats.host_decision = lease.reason
+
+    def _report_demand(self, scheduler: Scheduler, completed_step_id: int) -> None:
+        """Tell the memory manager what the controller needs, after a step or when going idle."""
+        if not self.has_memory_manager or not scheduler.num_host_blocks:
+            return
+        demand = scheduler.demand
+        release_safe = (
+            scheduler.host_blocks_above_lease == 0 and completed_step_id >= scheduler.host_release_step_id
+        )
+        self.send(
+            "memory",
+            proto.DemandReport(
+                num_waiting=demand.num_waiting + demand.num_swapped,
+                num_preemptions=demand.num_preemptions,
+                num_host_blocks_in_use=scheduler.num_host_blocks_used,
+                short_of_blocks=demand.short_of_blocks,
+                host_lease=scheduler.host_lease,
+                release_safe=release_safe,
+            ),
+        )
 
     def _publish_stats(self, scheduler: Scheduler, force: bool = False) -> None:
         """Send Stats at most every ``stats_interval`` while busy, and always when going idle, so
