@@ -11,33 +11,25 @@ import asyncio
 import threading
 from collections import deque
 
-import torch
-
 import proto
 from pied.config import EngineConfig
 from pied.engine_client import EngineDeadError, EngineStats, RequestStream
-from pied.model_config import ModelConfig, resolve_dtype
 from workers.executor.runner import ModelRunner
-from workers.memory.host_pool import KVLayout
-from workers.memory.manager import HostMemory, LeaseChange
+from workers.memory.manager import HostMemory, LeaseChange, kv_layout_for
 from workers.scheduler.scheduler import Scheduler
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config.validate()
-        model_config = ModelConfig.from_folder(self.config.resolved_model())
-        device_type = torch.device(self.config.resolved_device()).type
-        dtype = resolve_dtype(self.config.dtype, model_config.dtype, device_type)
-        layout = KVLayout(
-            model_config.num_layers, self.config.block_size, model_config.num_kv_heads, model_config.head_dim, dtype
-        )
+        layout, device_type = kv_layout_for(self.config)
         self.host = HostMemory(self.config, layout, pinned=device_type == "cuda")
         self.runner = ModelRunner(
             self.config,
             num_staging_blocks=self.host.num_staging_blocks,
             blocks_per_segment=self.host.plan.blocks_per_segment,
         )
+        model_config = self.runner.model_config
         self.max_model_len = min(
             config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings
         )
@@ -123,6 +115,11 @@ class EngineCore:
             bytes_to_host_total=self.totals.bytes_to_host,
             stall_seconds_total=self.totals.stall_time,
             step_seconds_total=self.totals.step_time,
+            prefix_cache_queries_total=scheduler.prefix_cache_stats.num_query_tokens,
+            prefix_cache_device_hits_total=scheduler.prefix_cache_stats.num_device_hit_tokens,
+            prefix_cache_host_hits_total=scheduler.prefix_cache_stats.num_host_hit_tokens,
+            host_lease_target=self.host.target,
+            host_decision=self.host.decision_reason,
         )
 
     def close(self) -> None:

@@ -183,3 +183,80 @@ def test_random_workloads_match_device_only(llama_dir, workload):
     assert_all_free(engine)
     engine.close()
     assert open_memfds() == memfds_before
+
+
+# ---------------------------------------------------------------- the daemon's worker processes
+
+
+def memfds_of(pid: int) -> int:
+    count = 0
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:pied-kv"):
+                    count += 1
+            except OSError:
+                pass
+    except FileNotFoundError:
+        return 0
+    return count
+
+
+async def collect(stream) -> list[int]:
+    tokens: list[int] = []
+    async for delta in stream:
+        tokens.extend(proto.unpack_i32(delta.token_ids).tolist())
+    return tokens
+
+
+@pytest.mark.parametrize("victim", ["memory", "executor"])
+async def test_pie_through_worker_processes_then_kill(tmp_path, victim):
+    """The memory manager process grants the lease and creates the segments; the executor maps
+    them; greedy tokens equal device-only; killing either leaves nothing in /dev/shm."""
+    import asyncio
+    import signal
+
+    from daemon import shm_entries, wait_gone
+
+    from pied.engine_client import EngineDeadError
+    from pied.mp_client import ProcessEngineClient
+
+    model_dir = build_model_dir(tmp_path / "model", "llama")
+    reference_engine = make_engine(model_dir)
+    requests = {str(i): prompt for i, prompt in enumerate(PROMPTS)}
+    reference = run_to_completion(reference_engine, requests)
+
+    config = EngineConfig(
+        model=str(model_dir), dtype="float32", block_size=BLOCK_SIZE, kv_policy="pie", expansion="fixed:96", **TIGHT
+    )
+    client = ProcessEngineClient(config)
+    await client.start()
+    pids = dict(client.worker_pids)
+    try:
+        params = proto.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        streams = [
+            client.add_request(proto.AddRequest(request_id, proto.pack_i32(prompt), params))
+            for request_id, prompt in requests.items()
+        ]
+        outputs = await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), 120)
+        assert dict(zip(requests, outputs)) == reference
+        await asyncio.sleep(0.3)  # the idle Stats snapshot
+        stats = client.stats()
+        assert stats.host_lease == 96 and stats.bytes_to_device_total > 0
+        assert stats.device_usage == 0.0 and stats.host_usage == 0.0
+        # The segments are memfds held by the memory manager (and mapped by the executor).
+        assert memfds_of(pids["memory"]) > 0
+        assert not shm_entries()
+
+        # Kill one worker mid-generation: every caller gets an error, every worker goes.
+        long = proto.SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        stream = client.add_request(proto.AddRequest("long", proto.pack_i32(PROMPTS[1]), long))
+        await asyncio.sleep(0.2)
+        os.kill(pids[victim], signal.SIGKILL)
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(collect(stream), 2.0)
+        assert client.dead
+    finally:
+        await client.shutdown()
+    assert wait_gone(list(pids.values()), 10) == []
+    assert not shm_entries()

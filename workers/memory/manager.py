@@ -235,3 +235,17 @@ class HostMemory:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def kv_layout_for(config: EngineConfig) -> tuple[KVLayout, str]:
+    """The KV block layout the executor will use for ``config`` (cheap: reads config.json only),
+    and the device type. The memory manager and the executor derive the same HostPlan from it."""
+    import torch
+
+    from pied.model_config import ModelConfig, resolve_dtype
+
+    model_config = ModelConfig.from_folder(config.resolved_model())
+    device_type = torch.device(config.resolved_device()).type
+    dtype = resolve_dtype(config.dtype, model_config.dtype, device_type)
+    layout = KVLayout(model_config.num_layers, config.block_size, model_config.num_kv_heads, model_config.head_dim, dtype)
+    return layout, device_type

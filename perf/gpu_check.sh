@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One prepared run on a machine with an NVIDIA GPU: the CUDA-marked tests, then the transparency
+# and pooling benchmarks (quick variants), each writing its JSON into the folder given as $1.
+# Budget: under 8 minutes on an H100/H200.
+#
+#   perf/gpu_check.sh OUT_DIR
+#
+# Python packages missing on the GPU machine (msgspec, pyzmq, opentelemetry-*, ...) can be carried
+# as wheels in ./.whl; they are installed into /tmp/site first.
+set -uo pipefail
+out=${1:?usage: perf/gpu_check.sh OUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:$PWD/tests:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" 2>&1
+status=0
+timeout 240 $py -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee "$out/cuda_tests.log" || status=1
+timeout 150 $py perf/transparency.py --quick > "$out/transparency.json" 2> "$out/transparency.err" || status=1
+timeout 150 $py perf/pooling.py --quick > "$out/pooling.json" 2> "$out/pooling.err" || status=1
+tail -n 3 "$out"/*.json
+exit $status

@@ -1,0 +1,140 @@
+"""The memory-manager actor: owns host memory and steers the lease (DESIGN.md "Adaptive expansion").
+
+Mailbox: DemandReport (from the scheduler, after each step and when idle), SpanBatch (the
+executor's step spans, shipped over ZeroMQ), Shutdown. It creates the host segments (memfds, so
+nothing ever lands in /dev/shm), grants the scheduler a lease with ``HostLease`` (the scheduler
+forwards new segments to the executor before any plan can use them), feeds the expansion controller
+from the step spans' timings and the scheduler's demand, and releases segments once the scheduler
+holds nothing above a smaller lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import zmq.asyncio
+
+import proto
+from pied.config import EngineConfig
+from proto import spans as span_names
+from proto.spans import SpanBatch, SpanRecord
+from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
+from workers.memory.manager import HostMemory, LeaseChange, kv_layout_for
+
+IDLE_TICK_SECONDS = 0.1  # an idle engine still reports, so an unused lease is returned
+
+
+def step_result_from_span(span: SpanRecord) -> proto.StepResult:
+    """The timings the controller reads, from an executor ``step`` span's attributes."""
+    attributes = span.attributes
+    return proto.StepResult(
+        step_id=int(attributes.get(span_names.STEP_ID, 0)),
+        sampled_token_ids=b"",
+        forward_time=float(attributes.get(span_names.STEP_FORWARD_TIME, 0.0)),
+        step_time=(span.end_time_ns - span.start_time_ns) / 1e9,
+        num_host_blocks=int(attributes.get(span_names.STEP_NUM_HOST_BLOCKS, 0)),
+        bytes_to_device=int(attributes.get(span_names.STEP_BYTES_TO_DEVICE, 0)),
+        bytes_to_host=int(attributes.get(span_names.STEP_BYTES_TO_HOST, 0)),
+        stall_time=float(attributes.get(span_names.STEP_STALL_TIME, 0.0)),
+        layer_compute_time=float(attributes.get(span_names.STEP_LAYER_COMPUTE_TIME, 0.0)),
+    )
+
+
+class MemoryActor(Actor):
+    def __init__(
+        self,
+        config: EngineConfig,
+        addresses: Addresses,
+        *,
+        context: zmq.asyncio.Context | None = None,
+        heartbeat_interval: float = 0.5,
+    ) -> None:
+        super().__init__(
+            "memory",
+            addresses.memory,
+            context=context,
+            supervisor=addresses.frontend,
+            heartbeat_interval=heartbeat_interval,
+        )
+        self.config = config
+        self.host: HostMemory | None = None
+        self.demand = proto.DemandReport(0, 0, 0, False, 0)
+        self._saw_step = False
+        self.connect("scheduler", addresses.scheduler)
+        self.on(proto.DemandReport, self.handle_demand)
+        self.on(SpanBatch, self.handle_spans)
+
+    @classmethod
+    def from_args(cls, args: WorkerArgs) -> MemoryActor:
+        return cls(args.config, args.addresses, heartbeat_interval=args.heartbeat_interval)
+
+    async def on_start(self) -> None:
+        layout, device_type = await self.run_blocking(kv_layout_for, self.config)
+        self.host = HostMemory(self.config, layout, pinned=device_type == "cuda")
+        self._grant(self.host.start())
+        self.send(
+            SUPERVISOR,
+            proto.Ready(worker=self.name, pid=os.getpid(), max_host_blocks=self.host.max_host_blocks),
+        )
+        if self.host.controller is not None:
+            self.spawn(self._idle_ticks(), "idle-ticks")
+
+    async def on_stop(self) -> None:
+        if self.host is not None:
+            self.host.close()
+
+    # ---------------------------------------------------------------- handlers
+
+    def handle_demand(self, report: proto.DemandReport) -> None:
+        self.demand = report
+        host = self.host
+        if host is None or not report.release_safe:
+            return
+        released = host.release_ready(report.host_lease, 0)
+        if released:
+            self.send(
+                "scheduler",
+                proto.HostLease(
+                    report.host_lease, detach=released, target=host.target, reason=host.decision_reason
+                ),
+            )
+
+    def handle_spans(self, batch: SpanBatch) -> None:
+        for span in batch.spans:
+            if span.name == span_names.STEP_SPAN:
+                self._saw_step = True
+                self._observe(step_result_from_span(span))
+
+    # ---------------------------------------------------------------- the controller
+
+    def _observe(self, result: proto.StepResult | None) -> None:
+        host = self.host
+        if host is None:
+            return
+        demand = self.demand
+        change = host.on_step(
+            result,
+            demand.num_waiting,
+            demand.num_preemptions,
+            demand.num_host_blocks_in_use,
+            demand.short_of_blocks,
+        )
+        if change is not None:
+            self._grant(change)
+
+    def _grant(self, change: LeaseChange) -> None:
+        assert self.host is not None
+        self.send(
+            "scheduler",
+            proto.HostLease(change.lease, change.attach, target=self.host.target, reason=change.reason),
+        )
+
+    async def _idle_ticks(self) -> None:
+        """Without steps there are no spans: tick the controller so it can return an unused lease
+        (and see demand the scheduler cannot serve with the lease it has)."""
+        while True:
+            await asyncio.sleep(IDLE_TICK_SECONDS)
+            if not self._saw_step:
+                self._observe(None)
+            self._saw_step = False
