@@ -17,6 +17,7 @@ import argparse
 import time
 
 import numpy as np
+import torch
 from common import SMOLLM_135M_SHAPE, emit, machine
 
 import proto
@@ -42,7 +43,7 @@ def workload(num_requests: int, rate: float, prompt_range, output_range, vocab: 
     return requests
 
 
-def run(model_dir: str, requests, block_size: int, **overrides) -> dict:
+def run(model_dir: str, requests, block_size: int, keep_trace: bool = False, **overrides) -> dict:
     engine = EngineCore(EngineConfig(model=model_dir, dtype="float32", block_size=block_size, **overrides))
     # Warm-up outside the clock.
     warm = proto.SamplingParams(temperature=0, max_tokens=2)
@@ -53,6 +54,7 @@ def run(model_dir: str, requests, block_size: int, **overrides) -> dict:
     first_token: dict[str, float] = {}
     finished: dict[str, float] = {}
     counts: dict[str, int] = {}
+    trace: list[tuple[float, int, float, float]] = []  # per step: time, lease, stall, step time
     start = time.perf_counter()
     while pending or engine.has_unfinished():
         now = time.perf_counter() - start
@@ -63,8 +65,17 @@ def run(model_dir: str, requests, block_size: int, **overrides) -> dict:
         if not engine.has_unfinished():
             time.sleep(max(0.0, pending[0]["arrival"] - now))
             continue
+        stall_before, step_before = engine.totals.stall_time, engine.totals.step_time
         deltas = engine.step()
         now = time.perf_counter() - start
+        trace.append(
+            (
+                now,
+                engine.scheduler.host_lease,
+                engine.totals.stall_time - stall_before,
+                engine.totals.step_time - step_before,
+            )
+        )
         for delta in deltas:
             n = len(delta.token_ids) // 4
             counts[delta.request_id] = counts.get(delta.request_id, 0) + n
@@ -75,9 +86,7 @@ def run(model_dir: str, requests, block_size: int, **overrides) -> dict:
     elapsed = time.perf_counter() - start
     arrival = {r["id"]: r["arrival"] for r in requests}
     ttft = np.array([first_token[i] - arrival[i] for i in finished])
-    tpot = np.array(
-        [(finished[i] - first_token[i]) / (counts[i] - 1) for i in finished if counts[i] > 1]
-    )
+    tpot = np.array([(finished[i] - first_token[i]) / (counts[i] - 1) for i in finished if counts[i] > 1])
     e2e = np.array([finished[i] - arrival[i] for i in finished])
     stats = engine.stats()
     staging_pages = engine.runner.num_staging_blocks * (engine.config.prefetch_depth + 1)
@@ -95,22 +104,21 @@ def run(model_dir: str, requests, block_size: int, **overrides) -> dict:
         bytes_to_device=stats.bytes_to_device_total,
         # Device KV budget in blocks-equivalent: device blocks plus staging pages / layers.
         device_budget_blocks=engine.runner.num_device_blocks + staging_pages / layers,
+        host_block_bytes=engine.runner.kv_layout.block_bytes,
     )
     engine.close()
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+    result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+    if keep_trace:
+        result["trace"] = trace
+    return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a smaller model and workload (~2 min)")
-    parser.add_argument("--plot", default=None, help="write a PNG plot here")
-    args = parser.parse_args()
-
+def workload_model(quick: bool) -> tuple[str, list[dict], int, list[int]]:
+    """The model folder, request stream, device budget (blocks) and pie lease sizes of a run."""
     from common import smollm_shaped_model
     from tiny_models import build_model_dir
 
-    block_size = 16
-    if args.quick:
+    if quick:
         import tempfile
         from pathlib import Path
 
@@ -119,14 +127,22 @@ def main() -> None:
             shape = dict(SMOLLM_135M_SHAPE, num_hidden_layers=8, vocab_size=8192)
             build_model_dir(model_dir, "llama", **shape)
         requests = workload(48, rate=40.0, prompt_range=(32, 160), output_range=(16, 64), vocab=8192)
-        device_blocks = 24
-        pie_ns = [48, 96, 192]
-    else:
-        model_dir = smollm_shaped_model()
-        requests = workload(96, rate=20.0, prompt_range=(32, 256), output_range=(32, 128), vocab=49152)
-        device_blocks = 48
-        pie_ns = [96, 192, 384]
-    model_dir = str(model_dir)
+        return str(model_dir), requests, 24, [48, 96, 192]
+    model_dir = smollm_shaped_model()
+    requests = workload(96, rate=20.0, prompt_range=(32, 256), output_range=(32, 128), vocab=49152)
+    return str(model_dir), requests, 48, [96, 192, 384]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smaller model and workload (~2 min)")
+    parser.add_argument("--plot", default=None, help="write a PNG plot here")
+    args = parser.parse_args()
+    # One compute thread: on a shared 2-core machine two threads fight the copy thread and other
+    # processes and make every number noisier.
+    torch.set_num_threads(1)
+    block_size = 16
+    model_dir, requests, device_blocks, pie_ns = workload_model(args.quick)
 
     runs: dict[str, dict] = {}
     runs["none"] = run(model_dir, requests, block_size, device_kv_blocks=device_blocks)
@@ -135,7 +151,12 @@ def main() -> None:
     )
     for n in pie_ns:
         runs[f"pie_fixed_{n}"] = run(
-            model_dir, requests, block_size, device_kv_blocks=device_blocks, kv_policy="pie", expansion=f"fixed:{n}"
+            model_dir,
+            requests,
+            block_size,
+            device_kv_blocks=device_blocks,
+            kv_policy="pie",
+            expansion=f"fixed:{n}",
         )
     best_pie = max((k for k in runs if k.startswith("pie")), key=lambda k: runs[k]["throughput"])
     pie = runs[best_pie]
@@ -144,7 +165,9 @@ def main() -> None:
     budget = device_blocks
     while none_curve[-1][1] < pie["throughput"] and budget < device_blocks * 16:
         budget *= 2
-        none_curve.append((budget, run(model_dir, requests, block_size, device_kv_blocks=budget)["throughput"]))
+        none_curve.append(
+            (budget, run(model_dir, requests, block_size, device_kv_blocks=budget)["throughput"])
+        )
     matched = next((b for b, t in none_curve if t >= pie["throughput"]), None)
     if matched is not None and len(none_curve) > 1:
         # Interpolate between the last budget below pie's throughput and the first at or above it.
@@ -185,7 +208,11 @@ def plot(runs: dict, none_curve, path: str) -> None:
     left.set_title("throughput at a fixed device budget")
     left.tick_params(axis="x", rotation=30)
     right.plot([b for b, _ in none_curve], [t for _, t in none_curve], "o-", label="none")
-    right.axhline(max(runs[n]["throughput"] for n in names if n.startswith("pie")), color="tab:orange", label="pie (best)")
+    right.axhline(
+        max(runs[n]["throughput"] for n in names if n.startswith("pie")),
+        color="tab:orange",
+        label="pie (best)",
+    )
     right.set_xlabel("device KV blocks (none)")
     right.set_ylabel("generated tokens/s")
     right.legend()
