@@ -57,9 +57,9 @@ def main() -> None:
         "stall_fraction": adaptive["stall_fraction"],
         "machine": machine(),
     }
+    emit(result)
     if args.plot:
         plot(trace, args.plot)
-    emit(result)
 
 
 def plot(trace, path: str) -> None:

@@ -47,7 +47,12 @@ def machine() -> dict:
     import torch
 
     device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"device": device, "cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
+    return {
+        "device": device,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
 
 
 def emit(result: dict) -> None:

@@ -45,7 +45,9 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both engines")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model_dir = smollm_shaped_model()
     prompts = random_prompts(args.num_prompts, args.prompt_len, 49152)
@@ -61,6 +63,7 @@ def main() -> None:
             "pied_tokens_per_s": round(ours, 2),
             "transformers_tokens_per_s": round(hf, 2),
             "ratio_pied_vs_transformers": round(ours / hf, 3),
+            "threads": args.threads,
             "machine": machine(),
         }
     )

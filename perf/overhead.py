@@ -105,7 +105,9 @@ def measure_inproc(config: EngineConfig, batch_sizes: list[int], decode_steps: i
             result = runner.execute(plan)
             scheduler.postprocess(plan, result)
             num_new_tokens = int(proto.unpack_i32(plan.num_scheduled_tokens).sum())
-            steps.append((time.perf_counter() - started, result.forward_time, result.step_time, num_new_tokens))
+            steps.append(
+                (time.perf_counter() - started, result.forward_time, result.step_time, num_new_tokens)
+            )
         return steps
 
     results = {}
@@ -124,7 +126,9 @@ def measure_inproc(config: EngineConfig, batch_sizes: list[int], decode_steps: i
 # -------------------------------------------------------------------- worker processes
 
 
-async def measure_processes(config: EngineConfig, batch_sizes: list[int], decode_steps: int) -> dict[str, dict]:
+async def measure_processes(
+    config: EngineConfig, batch_sizes: list[int], decode_steps: int
+) -> dict[str, dict]:
     client = ProcessEngineClient(config)
     await client.start()
     log("worker processes ready")
@@ -141,7 +145,9 @@ async def measure_processes(config: EngineConfig, batch_sizes: list[int], decode
         return client.last_stats
 
     def totals(stats: proto.Stats) -> np.ndarray:
-        return np.array([stats.step_time_sum, stats.forward_time_sum, stats.execute_time_sum, stats.num_steps])
+        return np.array(
+            [stats.step_time_sum, stats.forward_time_sum, stats.execute_time_sum, stats.num_steps]
+        )
 
     results = {}
     try:
@@ -173,7 +179,9 @@ def main() -> None:
 
     torch.manual_seed(SEED)
     with tempfile.TemporaryDirectory(prefix="pied-overhead-") as folder:
-        model_dir = build_model_dir(Path(folder) / "smollm-135m-shaped", "llama", seed=SEED, **SMOLLM_135M_SHAPE)
+        model_dir = build_model_dir(
+            Path(folder) / "smollm-135m-shaped", "llama", seed=SEED, **SMOLLM_135M_SHAPE
+        )
         config = EngineConfig(
             model=str(model_dir),
             device=args.device,
@@ -204,7 +212,11 @@ def main() -> None:
                 "process_minus_inproc_ms": {
                     b: round(processes[b]["non_forward_ms"] - inproc[b]["non_forward_ms"], 3) for b in inproc
                 },
-                "target": {"batch": int(largest), "max_overhead": 0.05, "met": bool(processes[largest]["overhead"] <= 0.05)},
+                "target": {
+                    "batch": int(largest),
+                    "max_overhead": 0.05,
+                    "met": bool(processes[largest]["overhead"] <= 0.05),
+                },
             }
         )
     )

@@ -190,9 +190,9 @@ def main() -> None:
         ),
         "machine": machine(),
     }
+    emit(result)
     if args.plot:
         plot(runs, none_curve, args.plot)
-    emit(result)
 
 
 def plot(runs: dict, none_curve, path: str) -> None:

@@ -156,6 +156,14 @@ class ServerMetrics:
             "host is relative to the blocks currently leased.",
         )
         self.num_preemptions = Counter("pied:num_preemptions_total", "Cumulative number of preemptions.")
+        self.prefix_cache_queries = Counter(
+            "pied:prefix_cache_queries_total",
+            "Prefix cache lookups, in tokens: the tokens of each request admitted with prefix caching on.",
+        )
+        self.prefix_cache_hits = Counter(
+            "pied:prefix_cache_hits_total",
+            "Prefix cache hits, in tokens (prefill skipped), by the tier that held the cached blocks.",
+        )
         self.prompt_tokens = Counter("pied:prompt_tokens_total", "Number of prefill tokens processed.")
         self.generation_tokens = Counter(
             "pied:generation_tokens_total", "Number of generation tokens processed."
@@ -193,6 +201,8 @@ class ServerMetrics:
             self.num_requests_waiting,
             self.kv_cache_usage,
             self.num_preemptions,
+            self.prefix_cache_queries,
+            self.prefix_cache_hits,
             self.prompt_tokens,
             self.generation_tokens,
             self.request_success,
@@ -241,6 +251,10 @@ class ServerMetrics:
         self.kv_cache_usage.set(stats.device_usage, tier="device")
         self.kv_cache_usage.set(stats.host_usage, tier="host")
         self.num_preemptions.values[()] = float(stats.num_preemptions)
+        # Engine totals: set, not incremented (the snapshot already holds the running sum).
+        self.prefix_cache_queries.values[()] = float(stats.prefix_cache_queries_total)
+        self.prefix_cache_hits.set(stats.prefix_cache_device_hits_total, tier="device")
+        self.prefix_cache_hits.set(stats.prefix_cache_host_hits_total, tier="host")
         return "".join(metric.render() for metric in self.metrics())
 
 

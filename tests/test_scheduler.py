@@ -4,6 +4,7 @@ preemption or the copies between the device and host tiers changes the output.""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable
@@ -42,8 +43,9 @@ class FakeExecutor:
 
     Block ids ``[0, num_blocks)`` are device blocks and ``[num_blocks, num_blocks + num_host_blocks)``
     host blocks, one store for both. A plan's swap_out copies run first, then its swap_in copies, then
-    the forward pass, like the real executor; a copied-from block is poisoned afterwards, so a plan that
-    still reads it loses context."""
+    the forward pass, like the real executor; a copied-from block that no request holds any more is
+    poisoned afterwards, so a plan that still reads it loses context. Requests may share blocks (prefix
+    caching), but never one that a request of the plan writes into."""
 
     def __init__(
         self,
@@ -67,10 +69,12 @@ class FakeExecutor:
         self.num_steps = 0
         self.max_host_blocks_per_step = 0
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, held_block_ids: set[int] | None = None) -> StepResult:
+        """``held_block_ids``: blocks some request holds after the plan was made (a swap_out may copy
+        one that others still read); None poisons every copied-from block."""
         self.num_steps += 1
-        self._copy(plan.swap_out, to_host=True)
-        self._copy(plan.swap_in, to_host=False)
+        self._copy(plan.swap_out, to_host=True, held_block_ids=held_block_ids)
+        self._copy(plan.swap_in, to_host=False, held_block_ids=held_block_ids)
         for request_id in plan.finished_request_ids:
             assert request_id in self.sequences, f"finished {request_id} unknown or sent twice"
             del self.sequences[request_id]
@@ -92,11 +96,18 @@ class FakeExecutor:
         assert len(set(plan.request_ids)) == count
         assert len(num_scheduled) == len(starts) == len(num_blocks) == len(sample) == count
         assert len(token_ids) == num_scheduled.sum() and len(block_tables) == num_blocks.sum()
-        assert len(np.unique(block_tables)) == len(block_tables), "two live requests share a block"
+        tables = np.split(block_tables, np.cumsum(num_blocks)[:-1])
+        assert all(len(np.unique(table)) == len(table) for table in tables), "a block twice in one table"
+        holders = collections.Counter(block_id for table in tables for block_id in table.tolist())
+        shared = {block_id for block_id, count in holders.items() if count > 1}
+        for table, start, num_new in zip(tables, starts.tolist(), num_scheduled.tolist()):
+            written = table[start // self.block_size : -(-(start + num_new) // self.block_size)]
+            assert shared.isdisjoint(written.tolist()), "a request writes into a block another one reads"
         num_pool_blocks = self.num_device_blocks + self.num_host_blocks
         assert ((block_tables >= 0) & (block_tables < num_pool_blocks)).all()
-        # The staging ring holds at most H_max host blocks: the lease caps what a plan can reference.
-        num_host_blocks = int((block_tables >= self.num_device_blocks).sum())
+        # The staging ring holds at most H_max distinct host blocks: the lease caps what a plan can
+        # reference (a block shared by several requests is staged once).
+        num_host_blocks = len(np.unique(block_tables[block_tables >= self.num_device_blocks]))
         assert num_host_blocks <= self.num_host_blocks
         self.max_host_blocks_per_step = max(self.max_host_blocks_per_step, num_host_blocks)
 
@@ -112,8 +123,9 @@ class FakeExecutor:
             block_offset += num_table
             assert num_new >= 1
             assert num_table == -(-end // self.block_size), "block table must cover exactly the step"
-            # Either it continues where it left off, or it restarts from 0 after a preemption.
-            assert start in (self.num_computed[request_id], 0)
+            # Either it continues where it left off, or it (re)starts at a block boundary: from 0 or after
+            # a cached prefix, new or after a preemption.
+            assert start == self.num_computed[request_id] or start % self.block_size == 0
             assert tokens.tolist() == sequence[start:end], "scheduled tokens are not the sequence"
             assert bool(sample[i]) == (end == len(sequence))
             self._write(table, start, tokens)
@@ -131,7 +143,7 @@ class FakeExecutor:
             logprobs=logprobs if self.logprobs else [],
         )
 
-    def _copy(self, packed_pairs: bytes, to_host: bool) -> None:
+    def _copy(self, packed_pairs: bytes, to_host: bool, held_block_ids: set[int] | None = None) -> None:
         """Whole-block copies (src, dst) across tiers, as one batch: all reads, then all writes."""
         if not packed_pairs:
             return
@@ -148,7 +160,7 @@ class FakeExecutor:
             assert 0 <= device_id < num_device_blocks <= host_id < num_pool_blocks
         blocks = self.kv.reshape(-1, self.block_size)
         blocks[destinations] = blocks[sources]
-        blocks[sorted(set(sources) - set(destinations))] = -1
+        blocks[sorted(set(sources) - set(destinations) - (held_block_ids or set()))] = -1
 
     def _slots(self, table: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return (
@@ -208,7 +220,8 @@ class Driver:
             return None
         check_plan_against_tiers(self.scheduler, plan)
         self.plans.append(plan)
-        result = self.executor.execute(plan)
+        held = {block_id for request in self.scheduler.requests.values() for block_id in request.block_table}
+        result = self.executor.execute(plan, held)
         if mid_step is not None:
             mid_step()
         self.collect(self.scheduler.postprocess(plan, result))
@@ -244,14 +257,17 @@ def make(
     kv_policy: str = "none",
     num_host_blocks: int = 0,
     host_lease: int | None = None,
+    enable_prefix_caching: bool = False,
 ) -> Driver:
-    """A scheduler and fake executor; ``host_lease`` defaults to every host block."""
+    """A scheduler and fake executor; ``host_lease`` defaults to every host block. Prefix caching is
+    off unless asked for, so that tests about placement and preemption see exactly their blocks."""
     config = EngineConfig(
         block_size=block_size,
         max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=max_num_seqs,
         enable_chunked_prefill=enable_chunked_prefill,
         kv_policy=kv_policy,
+        enable_prefix_caching=enable_prefix_caching,
     )
     scheduler = Scheduler(
         config, num_blocks, {EOS} if eos_token_ids is None else eos_token_ids, max_model_len, num_host_blocks
@@ -261,16 +277,30 @@ def make(
 
 
 def check_plan_against_tiers(scheduler: Scheduler, plan: StepPlan) -> None:
-    """Right after schedule(): every block is held by exactly one request and accounted for in its
-    tier, and the plan uses no host block at or above the lease (a migration may still read one)."""
+    """Right after schedule(): every block's reference count is the number of requests holding it
+    (one, unless prefix caching shares it), every block is accounted for in its tier, a block that
+    the plan writes into is neither shared nor cached, and the plan uses no host block at or above the
+    lease (a migration may still read one)."""
     num_device_blocks = scheduler.block_manager.num_blocks
     lease_end = num_device_blocks + scheduler.host_lease
+    tiers = scheduler.tiers
     assert scheduler.host_blocks_above_lease == 0
-    held = [block_id for request in scheduler.requests.values() for block_id in request.block_table]
-    assert len(held) == len(set(held))
+    held = collections.Counter(
+        block_id for request in scheduler.requests.values() for block_id in request.block_table
+    )
+    assert all(tiers.ref_count(block_id) == count for block_id, count in held.items())
+    if scheduler.prefix_cache is None:
+        assert all(count == 1 for count in held.values())
     assert sum(block_id < num_device_blocks for block_id in held) == scheduler.block_manager.num_used
     assert sum(block_id >= num_device_blocks for block_id in held) == scheduler.num_host_blocks_used
     assert all(block_id < lease_end for block_id in held)
+    for request_id, start, num_new, _ in plan_rows(plan):
+        table = scheduler.requests[request_id].block_table
+        block_size = scheduler.block_size
+        for block_id in table[start // block_size : -(-(start + num_new) // block_size)]:
+            assert held[block_id] == 1, "a plan writes into a shared block"
+            if scheduler.prefix_cache is not None:
+                assert block_id not in scheduler.prefix_cache, "a plan writes into a cached block"
     assert all(not request.block_table for request in scheduler.waiting)
     assert all(
         block_id >= num_device_blocks for request in scheduler.swapped for block_id in request.block_table
@@ -782,9 +812,10 @@ def run_workload(
     budget=st.integers(1, 48),
     enable_chunked_prefill=st.booleans(),
     spare_blocks=st.integers(-3, 3),
+    prefix_caching=st.booleans(),
 )
 def test_outputs_do_not_depend_on_the_pool_size(
-    requests, block_size, max_num_seqs, budget, enable_chunked_prefill, spare_blocks
+    requests, block_size, max_num_seqs, budget, enable_chunked_prefill, spare_blocks, prefix_caching
 ):
     max_model_len = 48
     config = dict(
@@ -793,6 +824,7 @@ def test_outputs_do_not_depend_on_the_pool_size(
         max_num_batched_tokens=budget if enable_chunked_prefill else max_model_len,
         enable_chunked_prefill=enable_chunked_prefill,
         max_model_len=max_model_len,
+        enable_prefix_caching=prefix_caching,
     )
     requests = [dict(request, prompt=request["prompt"][: max_model_len - 1]) for request in requests]
     # Tiny: about one request's worth of blocks, so requests preempt each other all the time, and

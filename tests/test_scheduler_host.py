@@ -368,6 +368,7 @@ def test_aborts_free_host_blocks():
     plenty_of_host=st.booleans(),
     few_host_blocks=st.integers(1, 12),
     lease_changes=st.lists(st.tuples(st.integers(0, 40), st.floats(0, 1)), max_size=4),
+    prefix_caching=st.booleans(),
 )
 def test_outputs_do_not_depend_on_the_kv_policy(
     requests,
@@ -379,6 +380,7 @@ def test_outputs_do_not_depend_on_the_kv_policy(
     plenty_of_host,
     few_host_blocks,
     lease_changes,
+    prefix_caching,
 ):
     max_model_len = 48
     requests = [dict(request, prompt=request["prompt"][: max_model_len - 1]) for request in requests]
@@ -396,6 +398,7 @@ def test_outputs_do_not_depend_on_the_kv_policy(
         max_num_batched_tokens=budget if enable_chunked_prefill else max_model_len,
         enable_chunked_prefill=enable_chunked_prefill,
         max_model_len=max_model_len,
+        enable_prefix_caching=prefix_caching,
     )
     runs = {
         "none": run_workload(requests, config, num_device_blocks),

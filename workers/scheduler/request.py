@@ -47,6 +47,9 @@ class Request:
         "stop_token_id",
         "error",
         "executor_has_state",
+        "block_hashes",
+        "num_registered_blocks",
+        "num_cached_tokens",
     )
 
     def __init__(
@@ -83,6 +86,12 @@ class Request:
         self.error = ""
         # Whether the executor got this request's NewRequestData (sent once, kept across preemption).
         self.executor_has_state = False
+        # Prefix caching: the names of its full blocks so far (they depend on the tokens only, so they
+        # survive preemption), how many blocks of ``block_table`` were offered to the cache (hits
+        # included), and the prompt tokens its first admission found cached (reported in usage).
+        self.block_hashes: list[bytes] = []
+        self.num_registered_blocks = 0
+        self.num_cached_tokens = 0
 
     @classmethod
     def from_message(

@@ -1,5 +1,5 @@
 """Continuous batching: each step's batch under a token budget, preemption (by recompute, or by swap
-in kv_policy swap), host blocks inside the lease (kv_policy pie), stop checks.
+in kv_policy swap), host blocks inside the lease (kv_policy pie), prefix caching, stop checks.
 
 The engine loop alternates strictly::
 
@@ -29,6 +29,7 @@ from proto import (
     TokenLogprobs,
     unpack_i32,
 )
+from workers.scheduler.prefix_cache import PrefixCache, PrefixCacheStats, block_key, extend_block_hashes
 from workers.scheduler.request import Request, RequestStatus
 from workers.scheduler.tiers import BlockTiers
 
@@ -67,6 +68,11 @@ class Scheduler:
 
     The memory manager grants the host lease with ``set_host_lease``; the scheduler never holds a
     host block at or above it once the next ``schedule()`` has run.
+
+    Prefix caching (``config.enable_prefix_caching``): a request's full blocks are named once computed
+    (``postprocess``); a request admitted from the waiting queue (new, or preempted to recompute)
+    starts after the longest run of its full blocks found cached, on either tier, and shares them.
+    At least its last token is always computed, so that there is a token to sample from.
     """
 
     def __init__(
@@ -92,8 +98,13 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
         self.kv_policy = config.kv_policy
+        self.prefix_cache = PrefixCache() if config.enable_prefix_caching else None
         self.tiers = BlockTiers(
-            num_device_blocks, num_host_blocks, config.block_size, pooling=config.kv_policy == "pie"
+            num_device_blocks,
+            num_host_blocks,
+            config.block_size,
+            pooling=config.kv_policy == "pie",
+            prefix_cache=self.prefix_cache,
         )
         self.block_manager = self.tiers.device
         self._swaps_preempted = config.kv_policy == "swap"
@@ -135,7 +146,7 @@ class Scheduler:
 
     @property
     def usage(self) -> float:
-        """Fraction of the device blocks in use."""
+        """Fraction of the device blocks in use (referenced: free cached blocks do not count)."""
         return self.tiers.device.usage
 
     @property
@@ -153,8 +164,13 @@ class Scheduler:
 
     @property
     def host_usage(self) -> float:
-        """Fraction of the host lease in use."""
+        """Fraction of the host lease in use (referenced: free cached blocks do not count)."""
         return self.tiers.host.usage
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Lookups and hits so far (all zero with prefix caching off)."""
+        return self.prefix_cache.stats if self.prefix_cache is not None else PrefixCacheStats()
 
     @property
     def host_blocks_above_lease(self) -> int:
@@ -305,6 +321,8 @@ class Scheduler:
             error = f"step {plan.step_id} returned {len(sampled_token_ids)} tokens for {num_samples} samples."
             return self._fail_step(scheduled, error)
         logprobs = result.logprobs or None
+        cache_blocks = self.prefix_cache is not None
+        block_size = self.block_size
         deltas = []
         any_finished = False
         row = 0
@@ -317,6 +335,11 @@ class Scheduler:
             if request.status != _RUNNING:
                 continue  # aborted while the step ran: its row is ignored
             request.num_computed_tokens += num_new
+            if (
+                cache_blocks
+                and request.num_computed_tokens >= (request.num_registered_blocks + 1) * block_size
+            ):
+                self._cache_full_blocks(request)
             if not samples:
                 continue
             request.token_ids.append(token_id)
@@ -360,16 +383,25 @@ class Scheduler:
         block_size = self.block_size
         while queue and budget > 0 and len(self.running) < self.max_num_seqs:
             request = queue[0]
-            num_new = request.num_uncomputed_tokens
+            is_swapped = request.status == _SWAPPED
+            # A waiting request holds no block; with prefix caching it may start after cached ones.
+            look_up = self.prefix_cache is not None and not is_swapped
+            cached_block_ids = self._cached_prefix(request) if look_up else []
+            num_computed = request.num_computed_tokens + len(cached_block_ids) * block_size
+            num_new = request.num_tokens - num_computed
             if num_new > budget:
                 if not self.enable_chunked_prefill:
                     break  # first come, first served: nobody overtakes the head
                 num_new = budget
-            end = request.num_computed_tokens + num_new
-            is_swapped = request.status == _SWAPPED
-            # A swapped request comes back to the device whole: its host blocks become device blocks.
-            num_blocks = tiers.num_blocks_for(end) - (0 if is_swapped else len(request.block_table))
-            num_free = tiers.device.num_free if is_swapped else tiers.num_free
+            end = num_computed + num_new
+            num_new_blocks = tiers.num_blocks_for(end) - len(cached_block_ids)
+            if is_swapped:
+                # A swapped request comes back to the device whole: its host blocks become device blocks.
+                num_blocks, num_free = num_new_blocks, tiers.device.num_free
+            else:
+                # Sharing a cached block that nobody holds takes it out of the free pool too.
+                num_blocks = num_new_blocks + tiers.num_blocks_to_share(cached_block_ids)
+                num_free = tiers.num_free
             if num_blocks + num_reserved_blocks > num_free:
                 self._note_short(num_blocks + num_reserved_blocks - num_free)
                 break
@@ -377,6 +409,8 @@ class Scheduler:
             if is_swapped:
                 tiers.swap_in(request.block_table)
                 self.num_swap_ins += 1
+            elif look_up:
+                self._share_cached_prefix(request, cached_block_ids, num_new_blocks + num_reserved_blocks)
             num_new_blocks = tiers.num_blocks_for(end) - len(request.block_table)
             if num_new_blocks:
                 tiers.allocate(request.block_table, num_new_blocks, request.num_computed_tokens)
@@ -401,9 +435,11 @@ class Scheduler:
         self._recompute(request)
 
     def _recompute(self, request: Request) -> None:
-        """Drop a request's cache and queue it first: it recomputes its prompt and output so far."""
+        """Drop a request's cache and queue it first: it recomputes its prompt and output so far (its
+        cached blocks stay cached, so it usually finds most of them again)."""
         self._free_blocks(request)
         request.num_computed_tokens = 0
+        request.num_registered_blocks = 0
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         self.num_recomputes += 1
@@ -450,6 +486,49 @@ class Scheduler:
                 return
             if tiers.promote_tail(request.block_table):
                 self.num_tail_promotions += 1
+
+    def _cached_prefix(self, request: Request) -> list[int]:
+        """The cached blocks a waiting request can start after: its longest run of cached full blocks,
+        leaving at least its last token to compute (vLLM: a fully cached prompt recomputes its last
+        block, which is then the request's own to append to)."""
+        num_blocks = (request.num_tokens - 1) // self.block_size
+        if num_blocks == 0:
+            return []
+        hashes = request.block_hashes
+        token_ids = request.token_ids
+        block_size = self.block_size
+        extend_block_hashes(hashes, token_ids, num_blocks, block_size)
+        keys = (block_key(hashes, token_ids, index, block_size) for index in range(num_blocks))
+        return self.tiers.cached_prefix(hashes[:num_blocks], keys)
+
+    def _share_cached_prefix(
+        self, request: Request, block_ids: list[int], num_device_blocks_needed: int
+    ) -> None:
+        """Admit a waiting request onto its cached prefix, and count the lookup."""
+        stats = self.prefix_cache_stats
+        stats.num_query_tokens += request.num_tokens
+        num_host_hits = self.tiers.share(request.block_table, block_ids, num_device_blocks_needed)
+        num_hit_tokens = len(block_ids) * self.block_size
+        stats.num_host_hit_tokens += num_host_hits * self.block_size
+        stats.num_device_hit_tokens += num_hit_tokens - num_host_hits * self.block_size
+        request.num_computed_tokens = num_hit_tokens
+        request.num_registered_blocks = len(block_ids)
+        if not request.executor_has_state:  # its first admission: what usage reports as cached
+            request.num_cached_tokens = num_hit_tokens
+
+    def _cache_full_blocks(self, request: Request) -> None:
+        """Name the request's blocks that its computed tokens fill, from the first not yet offered."""
+        block_size = self.block_size
+        num_full_blocks = request.num_computed_tokens // block_size
+        hashes = request.block_hashes
+        token_ids = request.token_ids
+        extend_block_hashes(hashes, token_ids, num_full_blocks, block_size)
+        table = request.block_table
+        for index in range(request.num_registered_blocks, num_full_blocks):
+            self.tiers.cache_block(
+                table[index], hashes[index], block_key(hashes, token_ids, index, block_size)
+            )
+        request.num_registered_blocks = num_full_blocks
 
     def _note_short(self, num_blocks: int) -> None:
         self._num_blocks_short = max(self._num_blocks_short, num_blocks)
@@ -533,6 +612,7 @@ class Scheduler:
             token_ids=packed_token_ids,
             num_prompt_tokens=request.num_prompt_tokens,
             logprobs=[logprobs] if logprobs is not None else [],
+            num_cached_tokens=request.num_cached_tokens,
             trace_context=request.trace_context,
         )
 
@@ -582,6 +662,7 @@ class Scheduler:
             stop_token_id=stop_token_id,
             num_prompt_tokens=request.num_prompt_tokens,
             logprobs=[logprobs] if logprobs is not None else [],
+            num_cached_tokens=request.num_cached_tokens,
             trace_context=request.trace_context,
             error=error,
         )
