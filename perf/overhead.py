@@ -34,18 +34,12 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 
+from common import SMOLLM_135M_SHAPE  # noqa: E402  (perf/ is on sys.path: scripts run from it)
+
 import proto  # noqa: E402
 from pied.config import EngineConfig  # noqa: E402
 from pied.mp_client import ProcessEngineClient  # noqa: E402
 
-SMOLLM_135M_SHAPE = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-)
 SEED = 0
 PROMPT_LEN = 32
 STARTED = time.monotonic()

@@ -123,7 +123,7 @@ class EngineCore:
         )
 
     def close(self) -> None:
-        self.runner.detach_host_segments(list(self.host.manager.segments))
+        self.runner.close()  # stops the copy engine and unmaps every host segment
         self.host.close()
 
 

@@ -164,6 +164,23 @@ class ServerMetrics:
             "pied:prefix_cache_hits_total",
             "Prefix cache hits, in tokens (prefill skipped), by the tier that held the cached blocks.",
         )
+        # Host memory pooling (DESIGN.md "KV memory", "Adaptive expansion").
+        self.host_lease = Gauge("pied:host_kv_lease_blocks", "Host KV blocks the scheduler may hold (the lease).")
+        self.host_lease_target = Gauge(
+            "pied:host_kv_lease_target_blocks",
+            "The expansion controller's estimate of the largest lease whose streaming stays transparent.",
+        )
+        self.host_decision = Gauge(
+            "pied:host_kv_controller_decision",
+            "The expansion controller's last decision (value 1, labelled with its action and reason).",
+        )
+        self.bytes_streamed = Counter(
+            "pied:kv_bytes_transferred_total", "KV bytes moved between host and device, by direction."
+        )
+        self.stall_seconds = Counter(
+            "pied:stall_seconds_total", "Seconds compute waited for host KV copies (the stalls)."
+        )
+        self.step_seconds = Counter("pied:step_seconds_total", "Seconds spent in engine steps.")
         self.prompt_tokens = Counter("pied:prompt_tokens_total", "Number of prefill tokens processed.")
         self.generation_tokens = Counter(
             "pied:generation_tokens_total", "Number of generation tokens processed."
@@ -203,6 +220,12 @@ class ServerMetrics:
             self.num_preemptions,
             self.prefix_cache_queries,
             self.prefix_cache_hits,
+            self.host_lease,
+            self.host_lease_target,
+            self.host_decision,
+            self.bytes_streamed,
+            self.stall_seconds,
+            self.step_seconds,
             self.prompt_tokens,
             self.generation_tokens,
             self.request_success,
@@ -255,6 +278,16 @@ class ServerMetrics:
         self.prefix_cache_queries.values[()] = float(stats.prefix_cache_queries_total)
         self.prefix_cache_hits.set(stats.prefix_cache_device_hits_total, tier="device")
         self.prefix_cache_hits.set(stats.prefix_cache_host_hits_total, tier="host")
+        self.host_lease.set(stats.host_lease)
+        self.host_lease_target.set(stats.host_lease_target)
+        if stats.host_decision:
+            action, _, reason = stats.host_decision.partition(":")
+            self.host_decision.values.clear()
+            self.host_decision.set(1, action=action.strip(), reason=reason.strip())
+        self.bytes_streamed.set(stats.bytes_to_device_total, direction="host_to_device")
+        self.bytes_streamed.set(stats.bytes_to_host_total, direction="device_to_host")
+        self.stall_seconds.values[()] = float(stats.stall_seconds_total)
+        self.step_seconds.values[()] = float(stats.step_seconds_total)
         return "".join(metric.render() for metric in self.metrics())
 
 

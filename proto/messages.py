@@ -157,7 +157,7 @@ class TokenDelta(msgspec.Struct, **HOT):
     finish_reason: Union[FinishReason, None] = None
     stop_token_id: int = -1
     num_prompt_tokens: int = 0
-    logprobs: list["TokenLogprobs"] = []
+    logprobs: list[TokenLogprobs] = []
     num_cached_tokens: int = 0
     trace_context: str = ""
     error: str = ""

@@ -240,8 +240,11 @@ async def test_pie_through_worker_processes_then_kill(tmp_path, victim):
         ]
         outputs = await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), 120)
         assert dict(zip(requests, outputs)) == reference
-        await asyncio.sleep(0.3)  # the idle Stats snapshot
-        stats = client.stats()
+        for _ in range(100):  # the idle Stats snapshot
+            stats = client.stats()
+            if stats.device_usage == 0.0 and stats.num_running == 0:
+                break
+            await asyncio.sleep(0.05)
         assert stats.host_lease == 96 and stats.bytes_to_device_total > 0
         assert stats.device_usage == 0.0 and stats.host_usage == 0.0
         # The segments are memfds held by the memory manager (and mapped by the executor).
@@ -260,3 +263,28 @@ async def test_pie_through_worker_processes_then_kill(tmp_path, victim):
         await client.shutdown()
     assert wait_gone(list(pids.values()), 10) == []
     assert not shm_entries()
+
+
+def test_metrics_show_both_tiers_the_lease_and_the_controller():
+    from pied.engine_client import EngineStats
+    from pied.metrics import ServerMetrics
+
+    stats = EngineStats(
+        device_usage=0.5,
+        host_usage=0.25,
+        host_lease=96,
+        host_lease_target=120,
+        host_decision='grow: demand, stalls 0.3% < 2% "x"',
+        bytes_to_device_total=1 << 30,
+        bytes_to_host_total=1 << 20,
+        stall_seconds_total=0.125,
+    )
+    text = ServerMetrics().render(stats)
+    lines = set(text.splitlines())
+    assert 'pied:kv_cache_usage_perc{tier="device"} 0.5' in lines
+    assert 'pied:kv_cache_usage_perc{tier="host"} 0.25' in lines
+    assert "pied:host_kv_lease_blocks 96" in lines or "pied:host_kv_lease_blocks 96.0" in lines
+    assert any(line.startswith("pied:host_kv_lease_target_blocks 120") for line in lines)
+    assert any(line.startswith('pied:host_kv_controller_decision{action="grow",reason="demand, stalls 0.3% < 2% \\"x\\""}') for line in lines), text
+    assert any(line.startswith('pied:kv_bytes_transferred_total{direction="host_to_device"} 1073741824') for line in lines)
+    assert any(line.startswith("pied:stall_seconds_total 0.125") for line in lines)

@@ -175,6 +175,7 @@ class HostMemory:
         self.decision_reason = "fixed" if not self.adaptive else "start"
         self.target = self.plan.initial_lease if not self.adaptive else 0
         self._last_preemptions = 0
+        self.granted = 0  # the lease last granted to the scheduler
 
     @property
     def max_host_blocks(self) -> int:
@@ -193,6 +194,7 @@ class HostMemory:
         """The first lease: fixed:N and swap grant everything now; adaptive starts empty and grows."""
         lease = 0 if self.adaptive else self.plan.initial_lease
         created, _ = self.manager.set_lease(lease)
+        self.granted = lease
         return LeaseChange(lease, created, self.decision_reason)
 
     def on_step(
@@ -224,11 +226,14 @@ class HostMemory:
         attach: list[proto.HostSegmentInfo] = []
         if decision.lease > self.manager.lease:
             attach, _ = self.manager.set_lease(decision.lease)
+        self.granted = decision.lease
         return LeaseChange(decision.lease, attach, decision.reason)
 
     def release_ready(self, scheduler_lease: int, num_host_blocks_above_lease: int) -> list[int]:
         """Segment ids to unmap now that the scheduler holds nothing above its (smaller) lease."""
-        if num_host_blocks_above_lease or scheduler_lease >= self.manager.lease:
+        # NOTE: only for the lease granted last: a report written before the scheduler applied a
+        # grant (processes run concurrently) says nothing about the blocks above it.
+        if num_host_blocks_above_lease or scheduler_lease != self.granted or scheduler_lease >= self.manager.lease:
             return []
         _, released = self.manager.set_lease(scheduler_lease)
         return released

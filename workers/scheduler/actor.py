@@ -74,6 +74,7 @@ class SchedulerActor(Actor):
         self.connect("executor", addresses.executor)
         self.connect("frontend", addresses.frontend)
         self.has_memory_manager = bool(addresses.memory)
+        self._lease_received = not self.has_memory_manager
         if self.has_memory_manager:
             self.connect("memory", addresses.memory)
         self.on(proto.AddRequest, self._enqueue)
@@ -139,7 +140,10 @@ class SchedulerActor(Actor):
             # NOTE: from here to the await below nothing yields, so no message can slip in between
             # applying the pending queue, the idle check and clearing the wake-up event.
             self._apply_pending(scheduler)
-            plan = scheduler.schedule() if scheduler.has_unfinished() else None
+            # With host memory, wait for the memory manager's first lease: the processes start in
+            # parallel, and a request must not run on a pool whose host part is not granted yet.
+            runnable = scheduler.has_unfinished() and (self._lease_received or not scheduler.num_host_blocks)
+            plan = scheduler.schedule() if runnable else None
             if plan is None:
                 # Idle, or nothing can run until a request arrives, is aborted or the lease grows.
                 self._publish_stats(scheduler, force=True)
@@ -214,6 +218,7 @@ class SchedulerActor(Actor):
             self.send("executor", proto.SegmentUpdate(lease.attach, lease.detach))
         if lease.lease != scheduler.host_lease:
             scheduler.set_host_lease(lease.lease)
+        self._lease_received = True
         self._stats.host_lease_target = lease.target
         self._stats.host_decision = lease.reason
 
@@ -252,4 +257,8 @@ class SchedulerActor(Actor):
         stats.host_lease = scheduler.host_lease
         stats.host_usage = scheduler.host_usage
         stats.num_preemptions = scheduler.num_preemptions
+        prefix = scheduler.prefix_cache_stats
+        stats.prefix_cache_queries_sum = prefix.num_query_tokens
+        stats.prefix_cache_device_hits_sum = prefix.num_device_hit_tokens
+        stats.prefix_cache_host_hits_sum = prefix.num_host_hit_tokens
         self.send("frontend", stats)
