@@ -107,10 +107,12 @@ class Response:
         return json.loads(self.body)
 
 
-def start_server(model_dir: Path | str, *flags: str, timeout: float = 180) -> ServerProcess:
+def start_server(model_dir: Path | str | None, *flags: str, timeout: float = 180) -> ServerProcess:
+    """``pied serve`` on a free port; ``model_dir=None`` serves the bundled default (no --model)."""
     log = tempfile.NamedTemporaryFile("w+", prefix="pied-serve-", suffix=".log", delete=False)
+    model = [] if model_dir is None else ["--model", str(model_dir)]
     command = [
-        sys.executable, "-m", "pied", "serve", "--model", str(model_dir),
+        sys.executable, "-m", "pied", "serve", *model,
         "--host", "127.0.0.1", "--port", "0", *flags,
     ]  # fmt: skip
     process = subprocess.Popen(

@@ -83,3 +83,23 @@ def test_sampled_replies_end(llm: LLM) -> None:
     finished = [output for output in outputs if output.finish_reason == "stop"]
     assert len(finished) >= len(outputs) * 2 // 3, [(o.finish_reason, o.text) for o in outputs]
     assert all(output.text.strip() for output in finished)
+
+
+def test_pied_serve_with_no_arguments_answers_chat_in_english():
+    """`pied serve` with no --model serves the bundled model; a chat reply over real HTTP is text."""
+    from server import start_server
+
+    server = start_server(None)
+    try:
+        response = server.request(
+            "POST",
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Tell me about lists"}], "temperature": 0, "max_tokens": 60},
+        )
+        assert response.status == 200, response.text
+        reply = response.json()["choices"][0]["message"]["content"]
+        assert reply.strip()
+        letters = sum(ch.isascii() and (ch.isalpha() or ch.isspace()) for ch in reply)
+        assert letters / len(reply) >= 0.7, reply
+    finally:
+        assert server.stop() == 0

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from pied.model_config import SINGLE_WEIGHTS_FILE, WEIGHTS_INDEX_FILE, ModelFolderError
+from pied.progress import Progress
 
 MAX_NAMES_IN_ERROR = 8
 
@@ -57,23 +58,28 @@ def load_weights(targets: dict[str, torch.Tensor], folder: Path) -> None:
         more = f" and {len(missing) - MAX_NAMES_IN_ERROR} more" if len(missing) > MAX_NAMES_IN_ERROR else ""
         described = files[0] if len(files) == 1 else folder / WEIGHTS_INDEX_FILE
         raise ModelFolderError(f"{described}: missing tensors {shown}{more}.")
-    for file in files:
-        names = [name for name in targets if where[name] == file]
-        try:
-            with safe_open(file, framework="pt", device="cpu") as handle, torch.no_grad():
-                for name in names:
-                    destination = targets[name]
-                    shape = tuple(handle.get_slice(name).get_shape())
-                    if shape != tuple(destination.shape):
-                        raise ModelFolderError(
-                            f"{file}: tensor {name} has shape {list(shape)}, but config.json implies "
-                            f"{list(destination.shape)}."
-                        )
-                    destination.copy_(handle.get_tensor(name))
-        except ModelFolderError:
-            raise
-        except Exception as error:  # safetensors raises its own error types for damaged data
-            raise ModelFolderError(f"{file}: corrupt safetensors file ({error}).") from None
+    with Progress(len(targets), f"loading {folder.name}") as progress:
+        for file in files:
+            _load_file(file, [name for name in targets if where[name] == file], targets, progress)
+
+
+def _load_file(file: Path, names: list[str], targets: dict[str, torch.Tensor], progress: Progress) -> None:
+    try:
+        with safe_open(file, framework="pt", device="cpu") as handle, torch.no_grad():
+            for name in names:
+                destination = targets[name]
+                shape = tuple(handle.get_slice(name).get_shape())
+                if shape != tuple(destination.shape):
+                    raise ModelFolderError(
+                        f"{file}: tensor {name} has shape {list(shape)}, but config.json implies "
+                        f"{list(destination.shape)}."
+                    )
+                destination.copy_(handle.get_tensor(name))
+                progress.update()
+    except ModelFolderError:
+        raise
+    except Exception as error:  # safetensors raises its own error types for damaged data
+        raise ModelFolderError(f"{file}: corrupt safetensors file ({error}).") from None
 
 
 def _tensor_locations(files: list[Path]) -> dict[str, Path]:
