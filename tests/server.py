@@ -225,3 +225,38 @@ class EventStream:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
         self.connection.close()
+
+
+# ---------------------------------------------------------------- streamed responses
+
+
+def choice_text(path: str, choice: dict, streamed: bool) -> str:
+    if path == "/v1/completions":
+        return choice["text"]
+    return (choice["delta"] if streamed else choice["message"]).get("content") or ""
+
+
+async def read_stream(session: Any, url: str, path: str, body: dict) -> tuple[str, str]:
+    """(text, finish_reason) of one streamed request, checking the SSE framing on the way."""
+    text, finish = "", None
+    async with session.post(url + path, json=body) as response:
+        assert response.status == 200, await response.text()
+        done = False
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if not line:
+                continue
+            assert line.startswith("data: "), line
+            assert not done, "data after [DONE]"
+            data = line[len("data: ") :]
+            if data == "[DONE]":
+                done = True
+                continue
+            chunk = json.loads(data)
+            assert "error" not in chunk, chunk
+            for choice in chunk["choices"]:
+                text += choice_text(path, choice, streamed=True)
+                finish = choice["finish_reason"] or finish
+        assert done, "the stream ended without [DONE]"
+    assert finish is not None
+    return text, finish

@@ -10,7 +10,7 @@ import time
 
 import aiohttp
 import pytest
-from server import EventStream, ServerProcess, running_server
+from server import EventStream, ServerProcess, choice_text, read_stream, running_server
 
 MODEL = "tiny-llama"
 NUM_STREAMS = 200
@@ -34,38 +34,6 @@ def request_body(index: int, stream: bool) -> tuple[str, dict]:
     if index % 2 == 0:
         return "/v1/completions", {**common, "prompt": COMPLETION_PROMPTS[index // 2 % len(WORDS)]}
     return "/v1/chat/completions", {**common, "messages": CHAT_MESSAGES[index // 2 % len(WORDS)]}
-
-
-def choice_text(path: str, choice: dict, streamed: bool) -> str:
-    if path == "/v1/completions":
-        return choice["text"]
-    return (choice["delta"] if streamed else choice["message"]).get("content") or ""
-
-
-async def read_stream(session: aiohttp.ClientSession, url: str, path: str, body: dict) -> tuple[str, str]:
-    """(text, finish_reason) of one streamed request, checking the SSE framing on the way."""
-    text, finish = "", None
-    async with session.post(url + path, json=body) as response:
-        assert response.status == 200, await response.text()
-        done = False
-        async for raw in response.content:
-            line = raw.decode().strip()
-            if not line:
-                continue
-            assert line.startswith("data: "), line
-            assert not done, "data after [DONE]"
-            data = line[len("data: ") :]
-            if data == "[DONE]":
-                done = True
-                continue
-            chunk = json.loads(data)
-            assert "error" not in chunk, chunk
-            for choice in chunk["choices"]:
-                text += choice_text(path, choice, streamed=True)
-                finish = choice["finish_reason"] or finish
-        assert done, "the stream ended without [DONE]"
-    assert finish is not None
-    return text, finish
 
 
 async def test_200_concurrent_streams_match_sequential_results(server: ServerProcess) -> None:

@@ -6,12 +6,11 @@ idle, its KV cache empty, and every request counted."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import aiohttp
 import pytest
-from server import ServerProcess, running_server
+from server import ServerProcess, read_stream, running_server
 
 from pied.config import default_model_dir
 
@@ -43,35 +42,11 @@ def server() -> ServerProcess:
         yield process
 
 
-async def stream_text(session: aiohttp.ClientSession, url: str, path: str, body: dict) -> tuple[str, str]:
-    """(text, finish_reason) of one streamed request; any error, or a stream without [DONE], fails."""
-    text, finish = "", None
-    async with session.post(url + path, json=body) as response:
-        assert response.status == 200, await response.text()
-        done = False
-        async for raw in response.content:
-            line = raw.decode().strip()
-            if not line:
-                continue
-            assert line.startswith("data: ") and not done, line
-            if line == "data: [DONE]":
-                done = True
-                continue
-            chunk = json.loads(line[len("data: ") :])
-            assert "error" not in chunk, chunk
-            for choice in chunk["choices"]:
-                text += choice["text"] if path == "/v1/completions" else choice["delta"].get("content") or ""
-                finish = choice["finish_reason"] or finish
-        assert done, "the stream ended without [DONE]"
-    assert finish is not None
-    return text, finish
-
-
 async def test_1000_streams_from_200_clients(server: ServerProcess) -> None:
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
         expected = [
-            await stream_text(session, server.base_url, *request_body(i)) for i in range(NUM_DISTINCT)
+            await read_stream(session, server.base_url, *request_body(i)) for i in range(NUM_DISTINCT)
         ]
         before = server.metrics()
 
@@ -79,7 +54,7 @@ async def test_1000_streams_from_200_clients(server: ServerProcess) -> None:
             results = []
             for k in range(REQUESTS_PER_CLIENT):
                 index = (number * REQUESTS_PER_CLIENT + k) % NUM_DISTINCT
-                results.append((index, await stream_text(session, server.base_url, *request_body(index))))
+                results.append((index, await read_stream(session, server.base_url, *request_body(index))))
             return results
 
         started = time.monotonic()

@@ -15,7 +15,57 @@ from collections.abc import Callable, Iterable
 EvictionCallback = Callable[[int], None]
 
 
-class BlockManager:
+class _BlockPool:
+    """What both tiers share: per-block reference counts and prefix-cache marks, by block id.
+
+    A subclass owns its empty-block structure and says how a block becomes empty (``_push_empty``).
+    """
+
+    num_blocks: int
+    first_block_id: int
+    _ref_counts: list[int]
+    _cached: bytearray
+    _cached_free_block_ids: OrderedDict[int, None]
+    tier_name = "this pool"
+
+    @property
+    def num_cached_free(self) -> int:
+        return len(self._cached_free_block_ids)
+
+    def ref_count(self, block_id: int) -> int:
+        return self._ref_counts[self._index(block_id)]
+
+    def is_cached(self, block_id: int) -> bool:
+        return bool(self._cached[self._index(block_id)])
+
+    def mark_cached(self, block_id: int) -> None:
+        """The prefix cache names this block (which is in use): keep its content once it is freed."""
+        index = self._index(block_id)
+        if self._ref_counts[index] == 0:
+            raise ValueError(f"block {block_id} is free; only a block in use can become cached.")
+        self._cached[index] = 1
+
+    def unmark_cached(self, block_id: int) -> None:
+        """The prefix cache forgot this block: if it is free, it is now simply empty."""
+        index = self._index(block_id)
+        if not self._cached[index]:
+            return
+        self._cached[index] = 0
+        if self._ref_counts[index] == 0:
+            del self._cached_free_block_ids[block_id]
+            self._push_empty(block_id)
+
+    def _push_empty(self, block_id: int) -> None:
+        raise NotImplementedError
+
+    def _index(self, block_id: int) -> int:
+        index = block_id - self.first_block_id
+        if not 0 <= index < self.num_blocks:
+            raise ValueError(f"block {block_id} is not in {self.tier_name}.")
+        return index
+
+
+class BlockManager(_BlockPool):
     """Owns which KV blocks are in use. A block is free exactly when its reference count is zero.
 
     Block ids are ``first_block_id + i`` for ``i`` in ``[0, num_blocks)``. The device tier starts at 0;
@@ -62,10 +112,6 @@ class BlockManager:
         return len(self._free_block_ids)
 
     @property
-    def num_cached_free(self) -> int:
-        return len(self._cached_free_block_ids)
-
-    @property
     def num_used(self) -> int:
         """Referenced blocks (a free cached block is not in use)."""
         return self.num_blocks - self.num_free
@@ -78,12 +124,6 @@ class BlockManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold ``num_tokens`` tokens."""
         return -(-num_tokens // self.block_size)
-
-    def ref_count(self, block_id: int) -> int:
-        return self._ref_counts[self._index(block_id)]
-
-    def is_cached(self, block_id: int) -> bool:
-        return bool(self._cached[self._index(block_id)])
 
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= self.num_free
@@ -138,31 +178,11 @@ class BlockManager:
                 else:
                     self._free_block_ids.append(block_id)
 
-    def mark_cached(self, block_id: int) -> None:
-        """The prefix cache names this block (which is in use): keep its content once it is freed."""
-        index = self._index(block_id)
-        if self._ref_counts[index] == 0:
-            raise ValueError(f"block {block_id} is free; only a block in use can become cached.")
-        self._cached[index] = 1
-
-    def unmark_cached(self, block_id: int) -> None:
-        """The prefix cache forgot this block: if it is free, it is now simply empty."""
-        index = self._index(block_id)
-        if not self._cached[index]:
-            return
-        self._cached[index] = 0
-        if self._ref_counts[index] == 0:
-            del self._cached_free_block_ids[block_id]
-            self._free_block_ids.append(block_id)
-
-    def _index(self, block_id: int) -> int:
-        index = block_id - self.first_block_id
-        if not 0 <= index < self.num_blocks:
-            raise ValueError(f"block {block_id} is not in this pool.")
-        return index
+    def _push_empty(self, block_id: int) -> None:
+        self._free_block_ids.append(block_id)
 
 
-class HostBlockManager:
+class HostBlockManager(_BlockPool):
     """Owns which host KV blocks are in use: ids ``[first_block_id, first_block_id + num_blocks)``.
 
     Only the first ``lease`` of them may be handed out (the memory manager backs host memory in
@@ -174,6 +194,8 @@ class HostBlockManager:
     forgotten at once (``on_evict``), and so is a cached block freed above it: that memory is leaving.
     Blocks are reference counted like the device tier's (prefix caching shares them under kv_policy pie).
     """
+
+    tier_name = "the host pool"
 
     def __init__(
         self, num_blocks: int, block_size: int, first_block_id: int, on_evict: EvictionCallback | None = None
@@ -200,10 +222,6 @@ class HostBlockManager:
         return self.lease - self._num_used_in_lease
 
     @property
-    def num_cached_free(self) -> int:
-        return len(self._cached_free_block_ids)
-
-    @property
     def num_used(self) -> int:
         """Referenced blocks (a free cached block is not in use)."""
         return self._num_used
@@ -221,12 +239,6 @@ class HostBlockManager:
 
     def is_used(self, block_id: int) -> bool:
         return self._ref_counts[self._index(block_id)] > 0
-
-    def ref_count(self, block_id: int) -> int:
-        return self._ref_counts[self._index(block_id)]
-
-    def is_cached(self, block_id: int) -> bool:
-        return bool(self._cached[self._index(block_id)])
 
     def is_above_lease(self, block_id: int) -> bool:
         return block_id - self.first_block_id >= self.lease
@@ -308,31 +320,11 @@ class HostBlockManager:
                 self._forget(block_id)
             heapq.heappush(self._free_block_ids, block_id)
 
-    def mark_cached(self, block_id: int) -> None:
-        """The prefix cache names this block (which is in use): keep its content once it is freed."""
-        index = self._index(block_id)
-        if self._ref_counts[index] == 0:
-            raise ValueError(f"host block {block_id} is free; only a block in use can become cached.")
-        self._cached[index] = 1
-
-    def unmark_cached(self, block_id: int) -> None:
-        """The prefix cache forgot this block: if it is free, it is now simply empty."""
-        index = self._index(block_id)
-        if not self._cached[index]:
-            return
-        self._cached[index] = 0
-        if self._ref_counts[index] == 0:
-            del self._cached_free_block_ids[block_id]
-            heapq.heappush(self._free_block_ids, block_id)
-
     def _forget(self, block_id: int) -> None:
         """A cached block's content is being dropped by this pool (reused, or above the lease)."""
         self._cached[block_id - self.first_block_id] = 0
         if self.on_evict is not None:
             self.on_evict(block_id)
 
-    def _index(self, block_id: int) -> int:
-        index = block_id - self.first_block_id
-        if not 0 <= index < self.num_blocks:
-            raise ValueError(f"block {block_id} is not in the host pool.")
-        return index
+    def _push_empty(self, block_id: int) -> None:
+        heapq.heappush(self._free_block_ids, block_id)
