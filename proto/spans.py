@@ -50,6 +50,8 @@ STEP_STALL_TIME = "pied.step.stall_time"  # seconds compute waited for the copy 
 STEP_FORWARD_TIME = "pied.step.forward_time"  # seconds of the forward pass (the span also covers
 # the plan's inputs, swaps and sampling)
 STEP_LAYER_COMPUTE_TIME = "pied.step.layer_compute_time"  # mean seconds of compute per layer
+STEP_COPY_TIME = "pied.step.copy_time"  # seconds the copy engine was busy with the step's transfers
+STEP_LINK_BANDWIDTH = "pied.step.link_bandwidth"  # host -> device bytes/s measured at start (prior)
 STEP_LAYERS_TRACED = "pied.step.layers_traced"  # True on sampled steps (they have layer children)
 STEP_ERROR = "pied.step.error"  # the executor's error text when the step failed
 

@@ -286,6 +286,53 @@ def test_prefetch_is_not_used_after_a_block_changes_hands(host_runner, model_pat
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_prefetch_is_reused_for_the_blocks_that_stay_when_others_join_or_leave(
+    model_path, host_runner, device
+):
+    """Blocks migrate to host (swap_out into a block the next step reads) and a request stops
+    between steps, so each step reads a different host block set: the prefetched pages of the
+    blocks that stayed (shifted to new slots) are used, the rest loaded, logits stay exact."""
+    skip_without(device)
+    reference = make_runner(model_path, device)
+    runner, segments = host_runner(device)
+    steps, used = scenario(seed=7)
+    mapping, to_host = host_mapping(used, 0.5, "random", seed=7)
+    free_host = [index for index in range(NUM_HOST_BLOCKS) if index not in to_host.values()]
+    reused_after_change = 0
+    previous_ids: set[int] = set()
+    for step_id, chunks in enumerate(steps):
+        if step_id >= 6:
+            chunks = [chunk for chunk in chunks if chunk.request_id != "c"]  # c stopped
+        plan = make_plan(chunks, step_id)
+        swap_out = []
+        if step_id >= 4:
+            # The lowest device block of the step moves to a free host block (ids below the
+            # step's other host blocks: every later slot shifts).
+            blocks = sorted({b for b in proto.unpack_i32(plan.block_tables).tolist() if b not in to_host})
+            if blocks:
+                block, host_index = blocks[0], free_host.pop(0)
+                swap_out.append((block, NUM_DEVICE_BLOCKS + host_index))
+                to_host[block] = host_index
+                mapping[block] = NUM_DEVICE_BLOCKS + host_index
+        expected, _ = run_step(reference, plan)
+        streamed = msgspec.structs.replace(remap(plan, mapping), swap_out=proto.pack_i32(np.ravel(swap_out)))
+        runner.swap(streamed)
+        logits, stats = run_step(runner, streamed)
+        if device == "cpu":
+            assert torch.equal(logits, expected), step_id
+        else:
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+        assert_host_copies_match(reference, segments, to_host)
+        block_ids = proto.unpack_i32(streamed.block_tables)
+        ids = set(block_ids[block_ids >= NUM_DEVICE_BLOCKS].tolist())
+        if previous_ids and ids != previous_ids:
+            assert stats.num_prefetched_pages <= stats.num_prefetched_layers * len(ids & previous_ids)
+            reused_after_change += stats.num_prefetched_pages
+        previous_ids = ids
+    assert reused_after_change > 0
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_swap_out_then_in_round_trips_blocks(host_runner, device):
     skip_without(device)
     runner, segments = host_runner(device)

@@ -55,7 +55,7 @@ class ModelRunner:
     then gets ``R * M`` staging pages after the ``L * D`` device pages, ``R = prefetch_depth + 1``
     (at most L); when D comes from a memory budget, the staging pages are part of it.
     ``blocks_per_segment``: the host pool's segment size, as the memory manager chose it
-    (default: what it chooses for this model). ``prefetch_next_step``: during a decode-only step's
+    (default: what it chooses for this model). ``prefetch_next_step``: during a step's
     last layers, load the next step's first layers (used when its host blocks are the same).
     """
 
@@ -115,6 +115,8 @@ class ModelRunner:
             self.device,
             self._copy_throttle(),
         )
+        # Measured once, for the expansion controller's first decision (0 without a host tier).
+        self.link_bandwidth = self.host_kv.measure_link_bandwidth() if config.kv_policy == "pie" else 0.0
         self.prefetch_next_step = prefetch_next_step
         self.stream_stats = StreamStats()  # the last step's (for benchmarks)
         self.sampler = Sampler(self.model_config.vocab_size, self.device, config.max_logprobs)
@@ -216,6 +218,8 @@ class ModelRunner:
             bytes_to_host=stats.bytes_to_host,
             stall_time=stats.stall_time,
             layer_compute_time=max(0.0, forward_time - stats.stall_time) / self.model_config.num_layers,
+            copy_time=stats.copy_time,
+            link_bandwidth=self.link_bandwidth,
         )
 
     def swap(self, plan: proto.StepPlan) -> StreamStats:
@@ -278,8 +282,8 @@ class ModelRunner:
                 else None
             )
             stream = self.host_kv.streamer(meta.host_block_ids, meta.written_host_block_ids, owners)
-            # Decode-only steps are usually followed by one with the same host blocks.
-            stream.prefetch_next = owners is not None and meta.max_query_len == 1
+            # The next step reads mostly the same host blocks: whatever it keeps is loaded already.
+            stream.prefetch_next = owners is not None
             meta.stream = stream
         last_rows = np.cumsum(query_lens, dtype=np.int64) - 1
         tensors = arrays_to_device(dict(input_ids=token_ids, logits_indices=last_rows[sample]), self.device)
@@ -290,7 +294,10 @@ class ModelRunner:
     ) -> HostBlockOwners:
         is_host = block_ids >= self.num_device_blocks
         owner_rows = np.repeat(np.arange(len(request_ids)), num_blocks)[is_host]
-        return frozenset(zip([request_ids[row] for row in owner_rows.tolist()], block_ids[is_host].tolist()))
+        owners: dict[int, set[str]] = {}
+        for row, block_id in zip(owner_rows.tolist(), block_ids[is_host].tolist()):
+            owners.setdefault(block_id, set()).add(request_ids[row])
+        return {block_id: frozenset(requests) for block_id, requests in owners.items()}
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         stream = inputs.meta.stream

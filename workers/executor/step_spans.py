@@ -32,11 +32,13 @@ from proto.spans import (
     LAYER_STALL_TIME,
     STEP_BYTES_TO_DEVICE,
     STEP_BYTES_TO_HOST,
+    STEP_COPY_TIME,
     STEP_ERROR,
     STEP_FORWARD_TIME,
     STEP_ID,
     STEP_LAYER_COMPUTE_TIME,
     STEP_LAYERS_TRACED,
+    STEP_LINK_BANDWIDTH,
     STEP_NUM_HOST_BLOCKS,
     STEP_NUM_REQUESTS,
     STEP_NUM_TOKENS,
@@ -131,6 +133,8 @@ class StepSpans:
             STEP_STALL_TIME: result.stall_time,
             STEP_FORWARD_TIME: result.forward_time,
             STEP_LAYER_COMPUTE_TIME: result.layer_compute_time,
+            STEP_COPY_TIME: result.copy_time,
+            STEP_LINK_BANDWIDTH: result.link_bandwidth,
             STEP_LAYERS_TRACED: layer_times is not None,
         }
         if result.error:

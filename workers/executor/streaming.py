@@ -14,7 +14,9 @@ are ``non_blocking``), on CPU a copy thread (torch copies release the GIL) signa
 ``HostKV`` is the executor's side of host memory: the mapped host pool, the copy engine (started on
 first use, so a runner that never sees a host block never starts one), the staging ring, whole-block
 swaps (the ``swap`` baseline), and the next step's first layers, prefetched during this step's last
-layers when the step is decode-only.
+layers. The next step uses whatever of them is still valid: a host block it reads with the same
+owners as when it was prefetched keeps its pages (moved on the device to its new slot when blocks
+joined or left the step); only the rest is loaded from host.
 """
 
 from __future__ import annotations
@@ -222,19 +224,27 @@ class StreamStats:
     bytes_to_host: int = 0
     stall_time: float = 0.0
     copy_time: float = 0.0
-    num_prefetched_layers: int = 0  # layers whose pages the previous step had already loaded
+    num_prefetched_layers: int = 0  # layers whose pages (all or some) the previous step had loaded
+    num_prefetched_pages: int = 0  # pages of those layers taken from the prefetch instead of host
 
 
-HostBlockOwners = frozenset[tuple[str, int]]  # (request id, host block id) pairs of one step
+HostBlockOwners = dict[int, frozenset[str]]  # host block id -> the requests reading it in one step
 
 
 @dataclass
 class _Prefetch:
-    """The next step's first layers, loaded during this step's last ones, valid for a step whose
-    host blocks have exactly these owners (see ``LayerStreamer.start``)."""
+    """The next step's first layers, loaded during this step's last ones: area ``r`` holds layer
+    ``r``'s pages of ``host_block_ids`` (slot = rank), valid for a block while the same requests
+    hold it (see ``LayerStreamer.start``)."""
 
+    host_block_ids: np.ndarray
     owners: HostBlockOwners
     tickets: list[CopyTicket]  # layer 0..R-1's loads, one per ring area
+
+    def invalidate(self, host_block_ids: list[int]) -> None:
+        """These host blocks' pages were rewritten after the prefetch read them (swap_out)."""
+        for block_id in host_block_ids:
+            self.owners.pop(block_id, None)
 
 
 class LayerStreamer:
@@ -262,10 +272,7 @@ class LayerStreamer:
         written_indices = (written_host_block_ids - first).tolist()
         slots = {host_index: slot for slot, host_index in enumerate(host_indices)}
         # (host pages of every layer [L, count, ...], first staging slot, count): one copy per layer.
-        self.load_runs = [
-            (segment.tensor[:, offset : offset + count], slot, count)
-            for segment, offset, count, slot in host_kv.pool.runs(host_indices)
-        ]
+        self.load_runs = self._runs(host_indices, list(range(len(host_indices))))
         # Consecutive host indices that are both in the step have consecutive slots too.
         self.write_runs = [
             (segment.tensor[:, offset : offset + count], slots[written_indices[position]], count)
@@ -285,38 +292,94 @@ class LayerStreamer:
         self.bytes_to_device = 0
         self.bytes_to_host = 0
         self.num_prefetched_layers = 0
+        self.num_prefetched_pages = 0
 
-    def loads(self, layer: int) -> list[Transfer]:
-        """Host pages of ``layer`` into its staging area."""
+    def _runs(self, host_indices: list[int], slots: list[int]) -> list[tuple[torch.Tensor, int, int]]:
+        """(host pages of every layer, first slot, count) per run of sorted ``host_indices`` that
+        are consecutive in one segment (their ``slots`` are then consecutive too)."""
+        return [
+            (segment.tensor[:, offset : offset + count], slots[position], count)
+            for segment, offset, count, position in self.host_kv.pool.runs(host_indices)
+        ]
+
+    def loads(self, layer: int, runs: list[tuple[torch.Tensor, int, int]] | None = None) -> list[Transfer]:
+        """Host pages of ``layer`` (of ``runs``, default all of the step's) into its staging area."""
         area = self.areas[layer % self.ring.num_areas]
-        return [(area[slot : slot + count], host[layer]) for host, slot, count in self.load_runs]
+        return [(area[slot : slot + count], host[layer]) for host, slot, count in runs or self.load_runs]
 
     def write_backs(self, layer: int) -> list[Transfer]:
         area = self.areas[layer % self.ring.num_areas]
         return [(host[layer], area[slot : slot + count]) for host, slot, count in self.write_runs]
 
     def start(self) -> None:
-        """Fill the first ``R`` areas, or adopt them when the previous step prefetched them for
-        the same host blocks with the same owners.
+        """Fill the first ``R`` areas, using what the previous step prefetched into them.
 
-        NOTE: same owners means same blocks in the same slots, and no block changed hands: while a
-        request holds a host block, only this executor writes it (write-back, ordered before the
-        prefetch by the FIFO), and any swap drops the prefetch. A block freed and reused by another
-        request between the steps changes the owners, so stale pages are never adopted.
+        NOTE: a prefetched page is used only for a block read by the same requests as when it was
+        prefetched: while a request holds a host block, only this executor writes it (write-back,
+        ordered before the prefetch by the FIFO), and a swap_out into a prefetched block since
+        invalidates it (``_Prefetch.invalidate``). A block freed and reused by another request
+        between the steps changes its owners, so stale pages are never used.
         """
         prefetch = self.host_kv.take_prefetch()
         if prefetch is not None:
             # Moved either way: used here, or wasted (NOTE: its copies run before ours, FIFO, so
             # our loads overwrite what it staged).
             self.bytes_to_device += sum(ticket.num_bytes for ticket in prefetch.tickets)
-            if self.owners is not None and prefetch.owners == self.owners:
-                for layer, ticket in enumerate(prefetch.tickets):
-                    self.loaded[layer] = ticket
-                self.tickets += prefetch.tickets
-                self.num_prefetched_layers = len(prefetch.tickets)
+            if self.owners is not None:
+                self._adopt(prefetch)
         for layer in range(min(self.ring.num_areas, self.num_layers)):
             if self.loaded[layer] is None:
                 self.loaded[layer] = self._submit(self.loads(layer), self.load_bytes, 0)
+
+    def _adopt(self, prefetch: _Prefetch) -> None:
+        """Take the prefetched pages still valid for this step: all of them as they are when the
+        step reads the same blocks with the same owners, else the valid ones gathered on the device
+        into their new slots and the rest loaded from host."""
+        assert self.owners is not None
+        old_ids, new_ids = prefetch.host_block_ids, self.host_block_ids
+        same_blocks = len(old_ids) == len(new_ids) and bool(np.array_equal(old_ids, new_ids))
+        if same_blocks and prefetch.owners == self.owners:
+            for layer, ticket in enumerate(prefetch.tickets):
+                self.loaded[layer] = ticket
+            self.tickets += prefetch.tickets
+            self.num_prefetched_layers = len(prefetch.tickets)
+            self.num_prefetched_pages = len(prefetch.tickets) * len(new_ids)
+            return
+        old_slots = np.searchsorted(old_ids, new_ids)
+        found = old_slots < len(old_ids)
+        found[found] = old_ids[old_slots[found]] == new_ids[found]
+        valid = [
+            bool(is_found) and prefetch.owners.get(block_id) == self.owners.get(block_id)
+            for is_found, block_id in zip(found.tolist(), new_ids.tolist())
+        ]
+        kept = np.flatnonzero(valid)
+        if len(kept) == 0:
+            return
+        missing = np.flatnonzero(np.logical_not(valid))
+        first = self.host_kv.num_device_blocks
+        missing_runs = self._runs((new_ids[missing] - first).tolist(), missing.tolist())
+        moved = not np.array_equal(old_slots[kept], kept)
+        device = self.host_kv.device
+        new_slots, from_slots = (
+            torch.from_numpy(kept).to(device),
+            torch.from_numpy(old_slots[kept]).to(device),
+        )
+        for layer, ticket in enumerate(prefetch.tickets):
+            self.tickets.append(ticket)
+            if moved:
+                # NOTE: compute waits for the prefetch, gathers on its own stream (a temporary, so
+                # overlapping moves are safe), and the loads below are ordered after the gather.
+                self.engine.wait(ticket)
+                area = self.areas[layer]
+                area[new_slots] = area[from_slots]
+            if len(missing):
+                self.loaded[layer] = self._submit(
+                    self.loads(layer, missing_runs), len(missing) * self.page_bytes, 0
+                )
+            else:
+                self.loaded[layer] = ticket
+        self.num_prefetched_layers = len(prefetch.tickets)
+        self.num_prefetched_pages = len(prefetch.tickets) * len(kept)
 
     def before_attention(self, layer: int) -> None:
         ticket = self.loaded[layer]
@@ -359,7 +422,7 @@ class LayerStreamer:
             tickets = [
                 ticket for _, ticket in sorted(zip(layers, self.next_tickets), key=lambda pair: pair[0])
             ]
-            self.host_kv.prefetched = _Prefetch(self.owners, tickets)
+            self.host_kv.prefetched = _Prefetch(self.host_block_ids, self.owners, tickets)
 
     def stats(self) -> StreamStats:
         """Valid once compute has finished (the host synchronized with it) and after ``finish``."""
@@ -370,6 +433,7 @@ class LayerStreamer:
             stall_time=sum(ticket.stall_time() for ticket in self.tickets),
             copy_time=sum(ticket.copy_time() for ticket in self.tickets),
             num_prefetched_layers=self.num_prefetched_layers,
+            num_prefetched_pages=self.num_prefetched_pages,
         )
 
     def _submit(self, transfers: list[Transfer], bytes_to_device: int, bytes_to_host: int) -> CopyTicket:
@@ -444,6 +508,27 @@ class HostKV:
             self._engine = None
         self.pool.close()
 
+    def measure_link_bandwidth(self, max_bytes: int = 32 << 20, repeats: int = 3) -> float:
+        """Host -> device bytes/s through this copy engine, from pinned host pages into the staging
+        ring (unused before the first step): the controller's prior, so its first decision can jump
+        instead of growing blindly until stalls reveal the link. 0 without a staging ring."""
+        if self.ring is None:
+            return 0.0
+        count = max(1, min(self.ring.num_pages, max_bytes // self.layout.page_bytes))
+        staging = self.pages[self.ring.first_page : self.ring.first_page + count]
+        source = torch.zeros_like(staging, device="cpu", pin_memory=self.device.type == "cuda")
+        num_bytes = count * self.layout.page_bytes
+        self.engine.synchronize(self.engine.submit([(staging, source)], num_bytes))  # warm-up
+        seconds = 0.0
+        for _ in range(repeats):
+            ticket = self.engine.submit([(staging, source)], num_bytes)
+            self.engine.synchronize(ticket)
+            seconds += ticket.copy_time()
+        # Stopped again: the engine starts on the first step that streams, as it would have.
+        self._engine.close()
+        self._engine = None
+        return repeats * num_bytes / seconds if seconds > 0 else 0.0
+
     def take_prefetch(self) -> _Prefetch | None:
         prefetch, self.prefetched = self.prefetched, None
         return prefetch
@@ -459,8 +544,9 @@ class HostKV:
     def swap(self, swap_out: np.ndarray, swap_in: np.ndarray) -> StreamStats:
         """Copy whole blocks (every layer) across tiers, ``swap_out`` (device -> host) first, then
         ``swap_in`` (host -> device); the host waits until both are done. Pairs are ``[k, 2]``."""
-        # NOTE: swap_out may write a host block a prefetch read: never trust a prefetch across swaps.
-        self.prefetched = None
+        # NOTE: swap_out writes host blocks a prefetch may have read: those pages are stale now.
+        if self.prefetched is not None and len(swap_out):
+            self.prefetched.invalidate(swap_out[:, 1].tolist())
         transfers = self._block_copies(swap_out, to_host=True) + self._block_copies(swap_in, to_host=False)
         stats = StreamStats(
             bytes_to_host=len(swap_out) * self.layout.block_bytes,
