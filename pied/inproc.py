@@ -81,6 +81,7 @@ class EngineCore:
             demand.num_preemptions,
             scheduler.num_host_blocks_used,
             demand.short_of_blocks,
+            scheduler.host_blocks_high_water,
         )
         if change is not None:
             self._apply(change)

@@ -243,6 +243,10 @@ class StepResult(msgspec.Struct, tag=True, **HOT):
     bytes_to_host: int = 0
     stall_time: float = 0.0
     layer_compute_time: float = 0.0  # mean per-layer compute time of this step
+    # Seconds the copy engine was busy with this step's transfers (both directions; 0: no copies),
+    # and the host -> device bandwidth (bytes/s) the executor measured at start (0: no host tier).
+    copy_time: float = 0.0
+    link_bandwidth: float = 0.0
 
 
 HotMessage = Union[AddRequest, AbortRequests, TokenDeltas, StepPlan, StepResult]
@@ -291,7 +295,9 @@ class SegmentUpdate(msgspec.Struct, tag=True, **HOT):
 class DemandReport(msgspec.Struct, tag=True, **HOT):
     """Scheduler -> memory manager after each step and when going idle: the demand signals the
     expansion controller reads, and whether host memory above the lease can be released
-    (``release_safe``: no block above ``host_lease`` is held and no plan in flight touches one)."""
+    (``release_safe``: no block above ``host_lease`` is held and no plan in flight touches one).
+    ``host_blocks_high_water``: one past the highest host block index in use — a release to less
+    would have to move blocks (or preempt their requests), so the controller never asks for it."""
 
     num_waiting: int
     num_preemptions: int
@@ -299,3 +305,4 @@ class DemandReport(msgspec.Struct, tag=True, **HOT):
     short_of_blocks: bool
     host_lease: int
     release_safe: bool = False
+    host_blocks_high_water: int = 0

@@ -148,6 +148,7 @@ def test_random_host_operations_keep_the_lease_and_the_counts(operations):
         assert host.block_ids_above_lease() == above
         assert host.num_free == host.lease - (len(held) - len(above))
         assert all(host.is_used(block_id) == (block_id in held) for block_id in range(100, 112))
+        assert host.high_water == (max(held) - 100 + 1 if held else 0)
 
 
 def test_num_blocks_for_rounds_up():

@@ -77,11 +77,30 @@ def test_grows_under_demand_to_the_bandwidth_limit_within_ten_decisions(how: str
         assert near[0] <= 2  # a known bandwidth lets the first decisions jump
 
 
-def test_a_bandwidth_prior_jumps_from_zero_in_one_decision() -> None:
-    plant = Plant(bandwidth=50e9)
-    controller = controller_for(plant, link_bandwidth=50e9)
-    trace = run(controller, plant, 8)
-    assert trace.decisions[0] >= 0.9 * plant.transparent_limit()  # 0 -> near the limit at once
+@pytest.mark.parametrize("source", ["constructor", "executor's steps"])
+def test_a_bandwidth_prior_jumps_from_zero_in_one_short_decision(source: str) -> None:
+    plant = Plant(bandwidth=50e9, report_link_bandwidth=source == "executor's steps")
+    controller = controller_for(plant, **({"link_bandwidth": 50e9} if source == "constructor" else {}))
+    tuning = controller.tuning
+    trace = run(controller, plant, tuning.first_window)
+    assert tuning.first_window < tuning.decide_every
+    assert len(trace.decisions) == 1  # demand against an empty lease: the first window is short
+    limit = plant.transparent_limit()
+    # 0 -> part of the way at once (no step has read host blocks yet), then the rest in one window.
+    assert 0.9 * tuning.blind_jump * limit <= trace.decisions[0] <= limit
+    assert controller.bandwidth == 50e9
+    run(controller, plant, tuning.decide_every, trace)
+    assert len(trace.decisions) == 2 and trace.decisions[1] >= 0.9 * limit
+
+
+def test_idle_samples_do_not_delay_the_first_jump() -> None:
+    plant = Plant(bandwidth=50e9, report_link_bandwidth=True, demand=lambda step: 0 if step < 5 else 1 << 30)
+    controller = controller_for(plant)
+    trace = run(controller, plant, 5 + controller.tuning.first_window)
+    assert (
+        trace.decisions
+        and trace.decisions[-1] >= 0.9 * controller.tuning.blind_jump * plant.transparent_limit()
+    )
 
 
 def test_shrinks_when_the_link_is_throttled_and_settles_near_the_target() -> None:
@@ -97,6 +116,21 @@ def test_shrinks_when_the_link_is_throttled_and_settles_near_the_target() -> Non
     assert all(0.7 * limit <= lease <= 1.1 * limit for lease in after[-100:])
     assert BAND[0] <= trace.stall_fraction(1600) <= BAND[1]
     assert trace.reasons[num_decisions].startswith("shrink: stalls")  # at the first decision
+
+
+def test_exposed_first_layers_are_shrunk_in_a_few_moves_not_a_crawl() -> None:
+    # Few layers and no next-step prefetch: every step waits for its first layer's load, so the
+    # stalls fall far more slowly with the lease than a copy-bound model predicts.
+    plant = Plant(
+        bandwidth=50e9, num_layers=8, page_bytes=256 << 10, prefetch_next_step=False, noise=0.1, seed=1
+    )
+    controller, trace = settle(plant, num_steps=1600, link_bandwidth=50e9)
+    limit = plant.stall_limit(TARGET)
+    assert limit < 0.5 * plant.transparent_limit()  # the copy-bound model's limit is far off here
+    moves = [lease for lease, reason in zip(trace.decisions, trace.reasons) if not reason.startswith("hold")]
+    assert len(moves) <= 6, moves  # jump, then a few secant shrinks
+    assert all(0.8 * limit <= lease <= 1.4 * limit for lease in trace.decisions[-100:])
+    assert trace.stall_fraction(800) <= BAND[1]
 
 
 def test_shrinking_from_the_whole_budget_does_not_compound_while_preemption_lags() -> None:
@@ -170,7 +204,7 @@ def test_a_lower_bandwidth_settles_on_a_lower_lease() -> None:
 
 
 def test_shrink_waits_for_consistent_evidence_after_a_grow_unless_stalls_are_far_over() -> None:
-    controller = ExpansionController(1000, tuning=ControllerTuning(decide_every=4))
+    controller = ExpansionController(1000, tuning=ControllerTuning(decide_every=4, first_window=4))
     for _ in range(4):
         controller.observe(StepSample(step_time=0.01, forward_time=0.01), demand_sample(0))
     assert controller.decision.action == "grow"
@@ -226,6 +260,21 @@ def test_release_keeps_headroom_and_does_not_flap() -> None:
     assert decisions[-1].reason == "hold: no demand"
 
 
+def test_a_release_never_goes_below_a_block_in_use() -> None:
+    # 100 blocks in use, but the highest at index 699: releasing to 125 would move 1 block in 4
+    # (or preempt its request) although nobody asked for memory.
+    controller = ExpansionController(1000, initial_lease=1000, tuning=ControllerTuning(decide_every=4))
+
+    def leases(demand: DemandSample) -> list[int]:
+        decisions = [controller.observe(stalled_step(100, 0.0), demand) for _ in range(4 * 4)]
+        return [decision.lease for decision in decisions if decision is not None]
+
+    assert leases(DemandSample(num_host_blocks_in_use=100, high_water=700)) == [1000, 1000, 700, 700]
+    assert controller.decision.reason == "hold: no demand"
+    # The high ones finished: usage plus 25% headroom.
+    assert leases(DemandSample(num_host_blocks_in_use=100, high_water=100)) == [125, 125, 125, 125]
+
+
 def test_edge_cases_never_divide_by_zero() -> None:
     controller = ExpansionController(100)
     assert controller.decide() == Decision(0, 0, "hold: no samples")
@@ -259,12 +308,31 @@ def test_step_sample_from_a_step_result() -> None:
         step_time=0.015,
         num_host_blocks=7,
         bytes_to_device=7 << 20,
+        bytes_to_host=1 << 20,
         stall_time=0.001,
         layer_compute_time=0.0005,
+        copy_time=0.004,
+        link_bandwidth=3e9,
     )
     sample = StepSample.from_result(result, num_layers=22)
     assert sample.compute_time == pytest.approx(22 * 0.0005)
     assert (sample.num_host_blocks, sample.bytes_to_device, sample.stall_time) == (7, 7 << 20, 0.001)
+    assert (sample.bytes_to_host, sample.copy_time, sample.link_bandwidth) == (1 << 20, 0.004, 3e9)
+
+
+def test_measured_copy_time_counts_both_directions() -> None:
+    controller = ExpansionController(1000, initial_lease=100, tuning=ControllerTuning(decide_every=1))
+    step = StepSample(
+        step_time=0.01,
+        forward_time=0.01,
+        num_host_blocks=100,
+        bytes_to_device=6 << 20,
+        bytes_to_host=2 << 20,
+        copy_time=0.008,
+        link_bandwidth=1e12,  # the prior gives way to what the step measured
+    )
+    controller.observe(step, demand_sample(100))
+    assert controller.bandwidth == pytest.approx((8 << 20) / 0.008)
     assert StepSample(step_time=0.02, forward_time=0.015, stall_time=0.005).compute_time == pytest.approx(
         0.01
     )

@@ -89,7 +89,7 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
         proto.StepResult(0, b""),
         proto.StepResult(3, pack_i32([11, 12]), [None, LOGPROBS], forward_time=0.012, step_time=0.015),
         proto.StepResult(5, pack_i32([1]), num_host_blocks=12, bytes_to_device=1 << 33, bytes_to_host=4096,
-                         stall_time=0.001, layer_compute_time=0.0004),
+                         stall_time=0.001, layer_compute_time=0.0004, copy_time=0.002, link_bandwidth=2.5e10),
         proto.StepResult(4, b"", error="CUDA error: out of memory"),
     ],
     proto.HostSegmentInfo: [proto.HostSegmentInfo(segment_id=2, pid=4242, fd=17, first_block=128, num_blocks=64)],
@@ -106,7 +106,7 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
     proto.SegmentUpdate: [proto.SegmentUpdate(), proto.SegmentUpdate([proto.HostSegmentInfo(0, 1, 9, 0, 64)], [2])],
     proto.DemandReport: [
         proto.DemandReport(0, 0, 0, False, 0),
-        proto.DemandReport(3, 7, 40, True, 64, release_safe=True),
+        proto.DemandReport(3, 7, 40, True, 64, release_safe=True, host_blocks_high_water=52),
     ],
     proto.Ready: [
         proto.Ready("scheduler", 100),

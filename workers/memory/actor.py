@@ -38,6 +38,8 @@ def step_result_from_span(span: SpanRecord) -> proto.StepResult:
         bytes_to_host=int(attributes.get(span_names.STEP_BYTES_TO_HOST, 0)),
         stall_time=float(attributes.get(span_names.STEP_STALL_TIME, 0.0)),
         layer_compute_time=float(attributes.get(span_names.STEP_LAYER_COMPUTE_TIME, 0.0)),
+        copy_time=float(attributes.get(span_names.STEP_COPY_TIME, 0.0)),
+        link_bandwidth=float(attributes.get(span_names.STEP_LINK_BANDWIDTH, 0.0)),
     )
 
 
@@ -119,6 +121,7 @@ class MemoryActor(Actor):
             demand.num_preemptions,
             demand.num_host_blocks_in_use,
             demand.short_of_blocks,
+            demand.host_blocks_high_water,
         )
         if change is not None:
             self._grant(change)

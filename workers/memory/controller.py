@@ -51,8 +51,10 @@ class StepSample:
 
     ``layer_compute_time`` is the mean per-layer compute time (excluding stalls); with
     ``num_layers`` it gives the step's compute time, otherwise ``forward_time - stall_time`` does.
-    ``copy_time`` is how long the copy engine was busy, where the executor measures it (0: not
-    measured); it gives the link bandwidth directly, without waiting for stalls to reveal it.
+    ``copy_time`` is how long the copy engine was busy with the step's ``bytes_to_device +
+    bytes_to_host``, where the executor measures it (0: not measured); it gives the link bandwidth
+    directly, without waiting for stalls to reveal it. ``link_bandwidth`` is the executor's copy
+    benchmark at start (bytes/s, 0: none): the prior until steps measure the link.
     """
 
     step_time: float
@@ -63,6 +65,8 @@ class StepSample:
     num_layers: int = 0
     layer_compute_time: float = 0.0
     copy_time: float = 0.0
+    bytes_to_host: int = 0
+    link_bandwidth: float = 0.0
 
     @classmethod
     def from_result(cls, result: proto.StepResult, num_layers: int) -> StepSample:
@@ -74,6 +78,9 @@ class StepSample:
             bytes_to_device=result.bytes_to_device,
             num_layers=num_layers,
             layer_compute_time=result.layer_compute_time,
+            copy_time=result.copy_time,
+            bytes_to_host=result.bytes_to_host,
+            link_bandwidth=result.link_bandwidth,
         )
 
     @property
@@ -89,13 +96,15 @@ class DemandSample:
 
     ``num_waiting``: requests waiting for blocks; ``num_preemptions``: preemptions since the
     previous sample; ``num_host_blocks_in_use``: host blocks the scheduler holds now (may exceed
-    the lease right after a shrink); ``short_of_blocks``: the last schedule wanted more blocks.
+    the lease right after a shrink); ``short_of_blocks``: the last schedule wanted more blocks;
+    ``high_water``: one past the highest host block index in use (0: not reported).
     """
 
     num_waiting: int = 0
     num_preemptions: int = 0
     num_host_blocks_in_use: int = 0
     short_of_blocks: bool = False
+    high_water: int = 0
 
     @property
     def wants_blocks(self) -> bool:
@@ -122,12 +131,14 @@ class ControllerTuning:
     """Knobs of the control law; the defaults are what the closed-loop tests exercise."""
 
     decide_every: int = 8  # samples per decision window
+    first_window: int = 1  # samples per window while the lease is 0 and every sample wants blocks
     deadband: float = 0.5  # hold while stalls are within target * (1 -/+ deadband)
     confirm_windows: int = 2  # windows at one lease before a small move (twice that to reverse)
     evidence_windows: int = 8  # windows pooled at one lease, at most
     evidence_z: float = 2.0  # leave the band only by this many standard errors of the stall fraction
     strong_factor: float = 4.0  # stalls above strong_factor * target shrink without confirmation
     growth_factor: float = 2.0  # geometric growth while no bandwidth is known
+    blind_jump: float = 0.5  # share of the modelled limit a jump takes before any step read host blocks
     probe_min: float = 0.02  # smallest / largest fractional probe step above the model
     probe_max: float = 0.25
     min_shrink_factor: float = 0.25  # one shrink keeps at least this fraction of the lease
@@ -140,8 +151,10 @@ class ControllerTuning:
     gain_max: float = 4.0
 
     def __post_init__(self) -> None:
-        if min(self.decide_every, self.confirm_windows, self.release_after) < 1:
-            raise ValueError("decide_every, confirm_windows and release_after must be at least 1.")
+        if min(self.decide_every, self.first_window, self.confirm_windows, self.release_after) < 1:
+            raise ValueError(
+                "decide_every, first_window, confirm_windows and release_after must be at least 1."
+            )
         if self.evidence_windows < 2 * self.confirm_windows:
             raise ValueError("evidence_windows must hold a reversal's 2 * confirm_windows windows.")
         if not 0 <= self.deadband < 1:
@@ -150,6 +163,8 @@ class ControllerTuning:
             raise ValueError("growth_factor must exceed 1 and 0 < probe_min <= probe_max.")
         if not 0 < self.min_shrink_factor < 1 or not 0 < self.fill_fraction <= 1:
             raise ValueError("min_shrink_factor must be in (0, 1) and fill_fraction in (0, 1].")
+        if not 0 < self.blind_jump <= 1:
+            raise ValueError(f"blind_jump must be in (0, 1], got {self.blind_jump}.")
         if not 0 < self.bandwidth_smoothing <= 1 or not 0 < self.gain_min <= 1 <= self.gain_max:
             raise ValueError("bandwidth_smoothing must be in (0, 1] and gain_min <= 1 <= gain_max.")
 
@@ -164,46 +179,56 @@ class _Window:
     num_preemptions: int = 0
     last_in_use: int = 0
     peak_in_use: int = 0
+    high_water: int = 0  # the last sample's
     num_steps: int = 0
     compute_time: float = 0.0  # all steps
     step_time: float = 0.0
     num_host_steps: int = 0  # steps that read host blocks: the only ones that can stall
     host_blocks: int = 0
     host_bytes: int = 0
+    host_write_bytes: int = 0  # written back to host on host-reading steps (the same copy engine)
     host_compute_time: float = 0.0
     host_stall_time: float = 0.0
     host_fraction_sum: float = 0.0  # per-step stall fractions, for their spread
     host_fraction_squares: float = 0.0
     host_step_time: float = 0.0
-    copied_bytes: int = 0  # on steps that measured their copy time
+    copied_bytes: int = 0  # on steps that measured their copy time, both directions
     copy_time: float = 0.0
+    link_bandwidth: float = 0.0  # the executor's measurement at start (summed over samples carrying it)
+    num_link_samples: int = 0
 
     def add(self, step: StepSample | None, demand: DemandSample) -> None:
         self.num_samples += 1
         self.num_demand += demand.wants_blocks
         self.num_preemptions += max(0, demand.num_preemptions)
         self.last_in_use = max(0, demand.num_host_blocks_in_use)
+        self.high_water = max(0, demand.high_water)
         self.peak_in_use = max(self.peak_in_use, self.last_in_use)
         if step is None:
             return
         compute = max(0.0, step.compute_time)
         step_time = max(0.0, step.step_time)
         self.num_steps += 1
+        if step.link_bandwidth > 0:
+            self.link_bandwidth += step.link_bandwidth
+            self.num_link_samples += 1
         self.compute_time += compute
         self.step_time += step_time
         if step.num_host_blocks > 0:
             self.num_host_steps += 1
             self.host_blocks += step.num_host_blocks
             self.host_bytes += max(0, step.bytes_to_device)
+            self.host_write_bytes += max(0, step.bytes_to_host)
             self.host_compute_time += compute
             self.host_stall_time += max(0.0, step.stall_time)
             fraction = max(0.0, step.stall_time) / step_time if step_time > 0 else 0.0
             self.host_fraction_sum += fraction
             self.host_fraction_squares += fraction * fraction
             self.host_step_time += step_time
-            if step.copy_time > 0 and step.bytes_to_device > 0:
-                self.copied_bytes += step.bytes_to_device
-                self.copy_time += step.copy_time
+        copied = max(0, step.bytes_to_device) + max(0, step.bytes_to_host)
+        if step.copy_time > 0 and copied > 0:
+            self.copied_bytes += copied
+            self.copy_time += step.copy_time
 
     @classmethod
     def pool(cls, windows: list[_Window]) -> _Window:
@@ -213,6 +238,7 @@ class _Window:
             for name, value in vars(window).items():
                 setattr(pooled, name, getattr(pooled, name) + value)
         pooled.last_in_use = windows[-1].last_in_use if windows else 0
+        pooled.high_water = windows[-1].high_water if windows else 0
         pooled.peak_in_use = max((window.peak_in_use for window in windows), default=0)
         return pooled
 
@@ -270,6 +296,7 @@ class ExpansionController:
         self.probe_blocks = max(1, max_host_blocks // 64)  # first grow without a model
         lease = min(max(0, initial_lease), max_host_blocks)
         self._bandwidth = link_bandwidth if link_bandwidth and link_bandwidth > 0 else None
+        self._bandwidth_measured = False  # False: _bandwidth is a prior (or None)
         self._block_bytes = float(host_block_bytes) if host_block_bytes and host_block_bytes > 0 else None
         self._gain = 1.0
         self._probe = self.tuning.probe_min  # grows as consecutive grows find more room
@@ -278,6 +305,11 @@ class ExpansionController:
         self._quiet_windows = 0
         self._stall_fraction = 0.0
         self._last_model: float | None = None  # uncorrected model limit of the last window with steps
+        self._shrink_point: tuple[float, float] | None = (
+            None  # (blocks per step, stall ratio) of the last shrink
+        )
+        self._ceiling: int | None = None  # the lowest lease that stalled since demand began
+        self._measured_host_steps = False  # whether any window had steps that read host blocks
         self._window = _Window()
         self._decision = Decision(lease, lease, "hold: start")
 
@@ -305,8 +337,15 @@ class ExpansionController:
     def observe(self, step: StepSample | None, demand: DemandSample) -> Decision | None:
         """Record one step (``None``: an idle tick with no step, so an idle engine still releases
         memory) and the scheduler's demand; every ``decide_every`` samples, decide."""
-        self._window.add(step, demand)
-        if self._window.num_samples >= self.tuning.decide_every:
+        window = self._window
+        if self.lease == 0 and demand.wants_blocks and window.num_demand < window.num_samples:
+            # Demand against an empty lease: the idle samples before it say nothing about it.
+            window = self._window = _Window()
+        window.add(step, demand)
+        # A short first window, so the first jump (the bandwidth prior and a couple of steps'
+        # compute time are enough) comes at once rather than after a window of preemptions.
+        first = self.lease == 0 and window.num_demand == window.num_samples >= self.tuning.first_window
+        if first or window.num_samples >= self.tuning.decide_every:
             return self.decide()
         return None
 
@@ -349,10 +388,18 @@ class ExpansionController:
     def _shrink(self, evidence: _Window, fraction: float) -> Decision:
         lease = self.lease
         limit = self._stall_limit(evidence)
+        point = self._stall_point(evidence)
+        # Only from a shrink that landed: while blocks above the lease are still held, the stalls
+        # fall because fewer blocks are read so far, not because of where the lease is.
+        secant = self._secant(point) if point is not None and evidence.last_in_use <= lease else None
+        if secant is not None:
+            limit = secant if limit is None else min(limit, secant)
         model = self._model_limit(evidence)
         if limit is not None and model:
             # Calibrate the model on what the stalls measured, so the next jump lands below them.
             self._gain = min(max(limit / model, self.tuning.gain_min), self.tuning.gain_max)
+        # Stalls above target at this lease: later jumps stay below it until a probe shows room.
+        self._ceiling = lease if self._ceiling is None else min(self._ceiling, lease)
         strong = fraction > self.tuning.strong_factor * self.stall_target
         if not strong and not self._enough_evidence(-1):
             return self._hold("confirming shrink")
@@ -362,12 +409,47 @@ class ExpansionController:
             # Blocks above the last lease are still held: that shrink has not landed yet and
             # these stalls come from them; shrinking again would compound it.
             return self._hold("shrink pending")
-        return self._move(-1, new, f"shrink: stalls {_percent(fraction)} > {_percent(self.stall_target)}")
+        decision = self._move(-1, new, f"shrink: stalls {_percent(fraction)} > {_percent(self.stall_target)}")
+        self._shrink_point = point
+        return decision
+
+    def _stall_point(self, window: _Window) -> tuple[float, float] | None:
+        """(host blocks per step, stall seconds per second of everything else) over the window's
+        host-reading steps. The ratio, unlike the stall fraction, grows linearly with the blocks
+        both when the link cannot keep up with compute and when only the first layers are exposed."""
+        times = window.per_step()
+        if not window.num_host_steps or times is None or times[2] <= times[1]:
+            return None
+        _, stall, step = times
+        return window.host_blocks / window.num_host_steps, stall / (step - stall)
+
+    def _secant(self, point: tuple[float, float]) -> float | None:
+        """Blocks per step at the stall target, on the line through this shrink's evidence and the
+        last one's, when the last shrink lowered the stalls but not enough. The model behind
+        ``_stall_limit`` assumes a copy-bound step; stalls that fall more slowly than it predicts
+        (first layers no prefetch hid, write-backs) make it shrink too little, and the secant
+        measures the real slope instead."""
+        if self._shrink_point is None:
+            return None
+        (last_blocks, last_ratio), (blocks, ratio) = self._shrink_point, point
+        target = self.stall_target / (1 - self.stall_target)
+        if not (last_blocks > blocks > 0 and last_ratio > ratio > target):
+            return None
+        secant = blocks - (ratio - target) * (last_blocks - blocks) / (last_ratio - ratio)
+        # No host block, no stall: stalls at most proportional to the blocks bound it from below
+        # (two close, noisy points could otherwise extrapolate to nothing).
+        return max(secant, blocks * target / ratio)
 
     def _grow(self, evidence: _Window, fraction: float) -> Decision:
         lease = self.lease
         model = self._model_limit(evidence)
         target = self._gain * model if model else None
+        if target is not None and not self._measured_host_steps:
+            # Modelled from steps that read no host block (the first ones: prefill-heavy, no
+            # write-backs): go part way, and let the next window, which reads host blocks, jump on.
+            target *= self.tuning.blind_jump
+        if target is not None and self._ceiling is not None:
+            target = min(target, self._ceiling - 1)  # not back into stalls measured on this climb
         # Jump when the model (or the lack of one) says the limit is far; near it the model is
         # no more precise than the stalls, so probe in small steps. A small step or a turn after
         # shrinking needs consistent evidence.
@@ -385,17 +467,23 @@ class ExpansionController:
             new = max(math.ceil(lease * (1 + self._probe)), lease + 1)
             self._gain = min(max(self._gain, new / model), self.tuning.gain_max) if model else self._gain
         new = min(max(new, lease + 1), self.max_host_blocks)
+        if self._ceiling is not None and new >= self._ceiling:
+            self._ceiling = None  # a probe tries it again: the limit may have moved up
         reason = f"grow: demand, stalls {_percent(fraction)} < {_percent(self.stall_target)}"
         return self._move(+1, new, reason, probing=not far)
 
     def _release(self, window: _Window) -> Decision:
         lease = self.lease
         keep = min(lease, math.ceil(window.peak_in_use * (1 + self.tuning.release_headroom)))
+        # Never below a block in use: a release would move blocks, or preempt, for nothing.
+        keep = max(keep, min(lease, window.high_water))
         # Hysteresis in size as well as in time: a release must free a real share of the lease.
         if lease - keep < max(1, math.ceil(self.tuning.release_slack * lease)):
             return self._hold("no demand")
         # Demand that returns later is a new climb, not a reversal of the last feedback move.
         self._evidence = []
+        self._shrink_point = None
+        self._ceiling = None
         self._probe = self.tuning.probe_min
         self._direction = 0
         return Decision(keep, self._target(), "release: no demand")
@@ -415,6 +503,8 @@ class ExpansionController:
         else:
             self._probe = tuning.probe_min  # a jump lands on the model: probe finely from there
         self._direction = direction
+        if direction > 0:
+            self._shrink_point = None  # a grow ends a series of shrinks
         self._evidence = []  # what was measured at the old lease says nothing about the new one
         return Decision(new, self._target(), reason)
 
@@ -425,8 +515,11 @@ class ExpansionController:
 
     def _learn(self, window: _Window) -> None:
         """Update bytes per block and bandwidth from the window's measurements."""
+        self._measured_host_steps = self._measured_host_steps or window.num_host_steps > 0
         if window.host_blocks > 0 and window.host_bytes > 0:
             self._block_bytes = window.host_bytes / window.host_blocks
+        if self._bandwidth is None and window.num_link_samples:
+            self._bandwidth = window.link_bandwidth / window.num_link_samples  # the prior, until measured
         measured = None
         if window.copy_time > 0:
             measured = window.copied_bytes / window.copy_time
@@ -438,8 +531,11 @@ class ExpansionController:
         if measured:
             weight = self.tuning.bandwidth_smoothing
             self._bandwidth = (
-                measured if self._bandwidth is None else (weight * measured + (1 - weight) * self._bandwidth)
+                weight * measured + (1 - weight) * self._bandwidth
+                if self._bandwidth_measured and self._bandwidth is not None
+                else measured  # the first measurement replaces the prior
             )
+            self._bandwidth_measured = True
         model = self._model_limit(window)
         if model is not None:
             self._last_model = model
@@ -449,12 +545,16 @@ class ExpansionController:
         return self.stall_target * max(0.0, step - stall) / (1 - self.stall_target)
 
     def _model_limit(self, window: _Window) -> float | None:
-        """bandwidth * (compute + target stall) / block bytes, uncorrected; None when unknown."""
+        """(bandwidth * (compute + target stall) - bytes written back) / block bytes: the blocks
+        one copy engine can load per step beside the step's write-backs; uncorrected, None when
+        unknown."""
         times = window.per_step()
         if self._bandwidth is None or not self._block_bytes or times is None:
             return None
         compute, stall, step = times
-        return self._bandwidth * (compute + self._target_stall(stall, step)) / self._block_bytes
+        written = window.host_write_bytes / window.num_host_steps if window.num_host_steps else 0.0
+        budget = self._bandwidth * (compute + self._target_stall(stall, step)) - written
+        return max(0.0, budget) / self._block_bytes
 
     def _stall_limit(self, window: _Window) -> float | None:
         """Blocks per step that would have stalled exactly the target, from this window's stalls."""

@@ -204,6 +204,7 @@ class HostMemory:
         num_preemptions: int,
         num_host_blocks_in_use: int,
         short_of_blocks: bool,
+        host_blocks_high_water: int = 0,
     ) -> LeaseChange | None:
         """Feed one step (or an idle tick, ``result=None``) to the controller; a change when it
         moves the lease. Growing maps new segments at once; shrinking keeps them until released."""
@@ -214,6 +215,7 @@ class HostMemory:
             num_preemptions=num_preemptions - self._last_preemptions,
             num_host_blocks_in_use=num_host_blocks_in_use,
             short_of_blocks=short_of_blocks,
+            high_water=host_blocks_high_water,
         )
         self._last_preemptions = num_preemptions
         step = None if result is None else self._step_sample.from_result(result, self.layout.num_layers)

@@ -30,8 +30,10 @@ class Plant:
     num_device_blocks: int = 4000  # device blocks in use under demand
     overhead: float = 2e-3  # non-forward time per step (schedule, sample, messages)
     prefetch_depth: int = 1
+    prefetch_next_step: bool = True  # False: the first layers' loads are not hidden under the previous step
     noise: float = 0.0  # each step's compute, copy and overhead times scale by U(1 - noise, 1 + noise)
     report_copy_time: bool = False  # whether the executor measures its copy engine's busy time
+    report_link_bandwidth: bool = False  # whether each step carries the executor's copy benchmark
     demand: Callable[[int], int] = lambda step: 1 << 30  # host blocks the workload wants at a step
     fill_rate: int = 1 << 30  # host blocks the scheduler can newly fill per step
     preempt_lag: int = 0  # steps before blocks above a lower lease are given back
@@ -57,6 +59,20 @@ class Plant:
             return float("inf")  # compute grows faster than copies: never copy-bound
         base = self.layer_compute_base + self.layer_compute_per_block * self.num_device_blocks
         return blocks_per_second * base / (1 - per_block)
+
+    def stall_limit(self, stall_target: float) -> float:
+        """Host blocks per step whose (noise-free) stall fraction is ``stall_target``, by bisection."""
+        low, high = 0.0, float(1 << 20)
+        for _ in range(60):
+            middle = (low + high) / 2
+            blocks = round(middle)
+            compute = self.layer_compute_base + self.layer_compute_per_block * (
+                self.num_device_blocks + blocks
+            )
+            forward, stall = self._pipeline(compute, blocks * self.page_bytes / self.bandwidth)
+            fraction = stall / (forward + self.overhead)
+            low, high = (middle, high) if fraction <= stall_target else (low, middle)
+        return low
 
     def _jitter(self) -> float:
         return 1.0 + self.noise * (2 * self._rng.random() - 1) if self.noise else 1.0
@@ -90,6 +106,7 @@ class Plant:
             num_layers=self.num_layers,
             layer_compute_time=compute,
             copy_time=copy * self.num_layers if self.report_copy_time and blocks else 0.0,
+            link_bandwidth=self.bandwidth if self.report_link_bandwidth else 0.0,
         )
         demand = DemandSample(
             num_waiting=1 if wanted > self.in_use else 0,
@@ -104,11 +121,12 @@ class Plant:
         prefetched during the previous step; layer ``l``'s copy starts when the copy engine is
         free and its staging slot is (layer ``l - depth - 1`` finished computing)."""
         ring = self.prefetch_depth + 1
+        prefetched = self.prefetch_depth if self.prefetch_next_step else 0
         compute_end: list[float] = []
         copy_free = now = stall = 0.0
         for layer in range(self.num_layers):
             ready = 0.0
-            if copy and layer >= self.prefetch_depth:
+            if copy and layer >= prefetched:
                 slot_free = compute_end[layer - ring] if layer >= ring else 0.0
                 copy_free = max(copy_free, slot_free) + copy
                 ready = copy_free

@@ -239,6 +239,7 @@ class SchedulerActor(Actor):
                 short_of_blocks=demand.short_of_blocks,
                 host_lease=scheduler.host_lease,
                 release_safe=release_safe,
+                host_blocks_high_water=scheduler.host_blocks_high_water,
             ),
         )
 

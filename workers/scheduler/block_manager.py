@@ -209,6 +209,7 @@ class HostBlockManager(_BlockPool):
         self.lease = 0
         self._ref_counts = [0] * num_blocks
         self._cached = bytearray(num_blocks)
+        self._in_use = bytearray(num_blocks)  # 1 where referenced: a C-speed scan finds the highest
         # Empty free blocks, a min-heap; it may hold ids above the lease, which are never handed out.
         self._free_block_ids = list(range(first_block_id, first_block_id + num_blocks))
         # Free cached blocks, all inside the lease, least recently freed first.
@@ -229,6 +230,11 @@ class HostBlockManager(_BlockPool):
     @property
     def num_used_above_lease(self) -> int:
         return self._num_used - self._num_used_in_lease
+
+    @property
+    def high_water(self) -> int:
+        """One past the highest index in use (0: none): a lease at least this large needs no block moved."""
+        return self._in_use.rfind(1) + 1
 
     @property
     def usage(self) -> float:
@@ -276,11 +282,11 @@ class HostBlockManager(_BlockPool):
             # The heap's lowest id is inside the lease while any empty block there is free.
             if free_block_ids and free_block_ids[0] < end:
                 block_id = heapq.heappop(free_block_ids)
-                ref_counts[block_id - first] = 1
             else:
                 block_id, _ = self._cached_free_block_ids.popitem(last=False)
-                ref_counts[block_id - first] = 1
                 self._forget(block_id)
+            ref_counts[block_id - first] = 1
+            self._in_use[block_id - first] = 1
             block_ids.append(block_id)
         self._num_used += num_blocks
         self._num_used_in_lease += num_blocks
@@ -298,6 +304,7 @@ class HostBlockManager(_BlockPool):
                 del self._cached_free_block_ids[block_id]
                 self._num_used += 1
                 self._num_used_in_lease += 1  # free cached blocks are all inside the lease
+                self._in_use[index] = 1
             self._ref_counts[index] += 1
 
     def free(self, block_ids: Iterable[int]) -> None:
@@ -311,6 +318,7 @@ class HostBlockManager(_BlockPool):
             if count > 1:
                 continue
             self._num_used -= 1
+            self._in_use[index] = 0
             if index < lease:
                 self._num_used_in_lease -= 1
                 if self._cached[index]:

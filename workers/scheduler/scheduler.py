@@ -173,6 +173,11 @@ class Scheduler:
         return self.prefix_cache.stats if self.prefix_cache is not None else PrefixCacheStats()
 
     @property
+    def host_blocks_high_water(self) -> int:
+        """One past the highest host block index in use: a lease this large moves no block."""
+        return self.tiers.host.high_water
+
+    @property
     def host_blocks_above_lease(self) -> int:
         """Host blocks in use at or above the lease: 0 after any ``schedule()``."""
         return self.tiers.host.num_used_above_lease
