@@ -95,9 +95,31 @@ def main() -> None:
         f"device_memory_ratio_at_equal_throughput **{pooling['device_memory_ratio_at_equal_throughput']}**.",
         "![pooling](pooling.png)",
         "## Adaptive expansion (`perf/adaptive.py --quick`)",
-        f"best fixed N {adaptive['best_fixed_n']}; throughput_ratio_adaptive_vs_best_fixed "
-        f"**{adaptive['throughput_ratio_adaptive_vs_best_fixed']}**, steps_to_converge "
-        f"{adaptive['steps_to_converge']}, stall_fraction {adaptive['stall_fraction']}.",
+        table(
+            [
+                "link",
+                "best fixed N",
+                "ratio (median)",
+                "ratios",
+                "steps to converge",
+                "final lease",
+                "stall fraction",
+            ],
+            [
+                [
+                    name
+                    if not r["copy_throttle_bytes_per_s"]
+                    else f"throttled to {r['copy_throttle_bytes_per_s']:.3g} B/s",
+                    r["best_fixed_n"],
+                    f"**{r['throughput_ratio_adaptive_vs_best_fixed']}**",
+                    r["ratios"],
+                    r["steps_to_converge"],
+                    r["final_lease"],
+                    r["stall_fraction"],
+                ]
+                for name, r in adaptive["scenarios"].items()
+            ],
+        ),
         "![adaptive](adaptive.png)",
         "## Prefix caching (`perf/prefix.py --quick`)",
         table(
