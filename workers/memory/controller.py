@@ -138,7 +138,10 @@ class ControllerTuning:
     evidence_z: float = 2.0  # leave the band only by this many standard errors of the stall fraction
     strong_factor: float = 4.0  # stalls above strong_factor * target shrink without confirmation
     growth_factor: float = 2.0  # geometric growth while no bandwidth is known
-    blind_jump: float = 0.5  # share of the modelled limit a jump takes before any step read host blocks
+    blind_jump: float = 0.25  # share of the modelled limit a jump takes before any step read host blocks
+    jump: float = 0.75  # share of the way from the lease to the modelled limit a jump takes
+    far: float = 0.1  # a modelled limit this much above the lease is jumped to; nearer, probed
+    secant_spread: float = 0.2  # a secant needs its two shrinks' blocks this far apart (relative)
     probe_min: float = 0.02  # smallest / largest fractional probe step above the model
     probe_max: float = 0.25
     min_shrink_factor: float = 0.25  # one shrink keeps at least this fraction of the lease
@@ -163,8 +166,8 @@ class ControllerTuning:
             raise ValueError("growth_factor must exceed 1 and 0 < probe_min <= probe_max.")
         if not 0 < self.min_shrink_factor < 1 or not 0 < self.fill_fraction <= 1:
             raise ValueError("min_shrink_factor must be in (0, 1) and fill_fraction in (0, 1].")
-        if not 0 < self.blind_jump <= 1:
-            raise ValueError(f"blind_jump must be in (0, 1], got {self.blind_jump}.")
+        if not 0 < self.blind_jump <= 1 or not 0 < self.jump <= 1:
+            raise ValueError("blind_jump and jump must be in (0, 1].")
         if not 0 < self.bandwidth_smoothing <= 1 or not 0 < self.gain_min <= 1 <= self.gain_max:
             raise ValueError("bandwidth_smoothing must be in (0, 1] and gain_min <= 1 <= gain_max.")
 
@@ -433,7 +436,8 @@ class ExpansionController:
             return None
         (last_blocks, last_ratio), (blocks, ratio) = self._shrink_point, point
         target = self.stall_target / (1 - self.stall_target)
-        if not (last_blocks > blocks > 0 and last_ratio > ratio > target):
+        # Two points close together: their difference is mostly noise, and so would the slope be.
+        if not (last_blocks * (1 - self.tuning.secant_spread) > blocks > 0 and last_ratio > ratio > target):
             return None
         secant = blocks - (ratio - target) * (last_blocks - blocks) / (last_ratio - ratio)
         # No host block, no stall: stalls at most proportional to the blocks bound it from below
@@ -453,18 +457,25 @@ class ExpansionController:
         # Jump when the model (or the lack of one) says the limit is far; near it the model is
         # no more precise than the stalls, so probe in small steps. A small step or a turn after
         # shrinking needs consistent evidence.
-        far = target is None or target >= lease * (1 + self.tuning.probe_max)
+        far = target is None or target >= lease * (1 + self.tuning.far)
         if (self._direction < 0 or not far) and not self._enough_evidence(+1):
             return self._hold("confirming grow")
         if target is None:
             # No bandwidth known yet: grow geometrically until stalls measure it.
             new = max(self.probe_blocks, math.ceil(lease * self.tuning.growth_factor))
         elif far:
-            new = math.ceil(target)  # jump straight to the modelled limit
+            # Most of the way to the modelled limit: overshooting costs preemptions when the
+            # stalls take it back, stopping short only a window until the next jump.
+            share = self.tuning.jump if self._measured_host_steps else 1.0  # (a blind target is cut already)
+            new = math.ceil(lease + share * (target - lease))
         else:
             # Stalls say there is room the model does not see (it measured a smaller batch):
             # probe above it and let the model follow, so a later jump starts from here.
             new = max(math.ceil(lease * (1 + self._probe)), lease + 1)
+            if self._ceiling is not None:
+                # Up to the lease that stalled, then past it by the smallest probe.
+                smallest = max(math.ceil(lease * (1 + self.tuning.probe_min)), lease + 1)
+                new = min(new, self._ceiling - 1) if lease < self._ceiling - 1 else smallest
             self._gain = min(max(self._gain, new / model), self.tuning.gain_max) if model else self._gain
         new = min(max(new, lease + 1), self.max_host_blocks)
         if self._ceiling is not None and new >= self._ceiling:
