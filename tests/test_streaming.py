@@ -49,6 +49,7 @@ def make_runner(path, device: str = "cpu", **kwargs) -> ModelRunner:
         block_size=BLOCK_SIZE,
         device_kv_blocks=NUM_DEVICE_BLOCKS,
         prefetch_depth=kwargs.pop("prefetch_depth", 1),
+        kv_policy=kwargs.pop("kv_policy", "none"),
         extra=extra,
     )
     return ModelRunner(config, **kwargs)
@@ -202,7 +203,8 @@ def test_host_blocks_give_device_logits(
 
 
 def test_step_result_reports_streaming(host_runner):
-    runner, _ = host_runner()
+    runner, _ = host_runner(kv_policy="pie")
+    assert runner.link_bandwidth > 0 and runner.host_kv._engine is None  # measured at start, then stopped
     layout = runner.kv_layout
     host = [NUM_DEVICE_BLOCKS + i for i in (0, 1, 2, 9)]
     prompt = list(range(5, 5 + 4 * BLOCK_SIZE))
@@ -214,6 +216,7 @@ def test_step_result_reports_streaming(host_runner):
     assert result.bytes_to_host == NUM_LAYERS * 4 * layout.page_bytes
     assert 0 <= result.stall_time <= result.forward_time
     assert 0 < result.layer_compute_time <= result.forward_time / NUM_LAYERS
+    assert result.copy_time > 0 and result.link_bandwidth == runner.link_bandwidth
     # Decode into a device tail: the host blocks are only read.
     token = proto.unpack_i32(result.sampled_token_ids).tolist()
     result = runner.execute(make_plan([Chunk("a", token, len(prompt), host + [7])], 1))

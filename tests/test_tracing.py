@@ -59,7 +59,8 @@ from pied.tracing import (
 from proto.spans import SpanBatch, SpanRecord
 from workers.actor import Actor, ActorThread, Addresses
 from workers.executor.step_spans import EXECUTE_SPAN, StepSpans, StepTiming
-from workers.memory.spans import SpanReceiver, span_channel_tracer
+from workers.memory.actor import step_result_from_span
+from workers.memory.spans import SpanReceiver, span_channel_tracer, span_record
 from workers.scheduler.request_spans import DECODE_SPAN, PREFILL_SPAN, QUEUE_SPAN, RequestSpans
 from workers.scheduler.scheduler import Scheduler
 
@@ -512,7 +513,14 @@ def test_step_spans_execute_under_prefill_step_on_the_channel_layers_when_sample
     step_spans = StepSpans(tracer, channel, trace_layers_every=2)
     new = [proto.NewRequestData("a", b"", params, parent), proto.NewRequestData("b", b"", params, "")]
     result = proto.StepResult(
-        0, b"", forward_time=0.004, num_host_blocks=3, bytes_to_device=4096, stall_time=0.001
+        0,
+        b"",
+        forward_time=0.004,
+        num_host_blocks=3,
+        bytes_to_device=4096,
+        stall_time=0.001,
+        copy_time=0.002,
+        link_bandwidth=5e9,
     )
 
     # Step 0: a's first chunk (no token yet) and b: an execute span for a only; layers sampled.
@@ -542,6 +550,10 @@ def test_step_spans_execute_under_prefill_step_on_the_channel_layers_when_sample
     assert first[span_names.STEP_NUM_REQUESTS] == 2 and first[span_names.STEP_NUM_TOKENS] == 13
     assert first[span_names.STEP_NUM_HOST_BLOCKS] == 3 and first[span_names.STEP_BYTES_TO_DEVICE] == 4096
     assert first[span_names.STEP_STALL_TIME] == 0.001 and first[span_names.STEP_LAYERS_TRACED]
+    assert (first[span_names.STEP_COPY_TIME], first[span_names.STEP_LINK_BANDWIDTH]) == (0.002, 5e9)
+    # ... and the memory manager reads back what its controller needs.
+    read_back = step_result_from_span(span_record(steps[0]))
+    assert (read_back.copy_time, read_back.link_bandwidth, read_back.stall_time) == (0.002, 5e9, 0.001)
     assert steps[0].parent is None and (steps[0].start_time, steps[0].end_time) == (start, start + 5_000_000)
     layers = [span for span in collected.get_finished_spans() if span.name == span_names.LAYER_SPAN]
     assert [span.attributes[span_names.LAYER_INDEX] for span in layers] == [0, 1]
