@@ -516,7 +516,7 @@ class HostKV:
             return 0.0
         count = max(1, min(self.ring.num_pages, max_bytes // self.layout.page_bytes))
         staging = self.pages[self.ring.first_page : self.ring.first_page + count]
-        source = torch.zeros_like(staging, device="cpu", pin_memory=self.device.type == "cuda")
+        source = torch.zeros(staging.shape, dtype=staging.dtype, pin_memory=self.device.type == "cuda")
         num_bytes = count * self.layout.page_bytes
         self.engine.synchronize(self.engine.submit([(staging, source)], num_bytes))  # warm-up
         seconds = 0.0
