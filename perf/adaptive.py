@@ -18,14 +18,20 @@ from common import emit, machine
 from pooling import run, workload_model
 
 
-def steps_to_converge(leases: list[int], tolerance: float = 0.1) -> int:
-    """The first step from which the lease stays within ``tolerance`` of where it ends up."""
+def steps_to_converge(trace: list, tolerance: float = 0.1) -> tuple[int, int]:
+    """The first step from which the lease stays within ``tolerance`` of where it ends up under
+    demand (the release that returns host memory once the stream drains is not counted), and that
+    lease."""
+    end = len(trace)
+    while end > 0 and trace[end - 1][4].startswith(("release", "hold: no demand")):
+        end -= 1
+    leases = [lease for _, lease, *_ in trace[: end or len(trace)]]
     final = leases[-1] if leases else 0
     band = max(1.0, tolerance * final)
     for step in range(len(leases)):
         if all(abs(lease - final) <= band for lease in leases[step:]):
-            return step
-    return len(leases)
+            return step, final
+    return len(leases), final
 
 
 def compare(
@@ -63,7 +69,8 @@ def compare(
         ratios.append(adaptive_runs[-1]["throughput"] / best["throughput"])
     traces = [adaptive.pop("trace") for adaptive in adaptive_runs]
     median = sorted(range(pairs), key=lambda pair: ratios[pair])[pairs // 2]
-    leases = [lease for _, lease, _, _ in traces[median]]
+    trace = traces[median]
+    converged_at, settled_lease = steps_to_converge(trace)
     return {
         "copy_throttle_bytes_per_s": throttle,
         "fixed": {str(n): fixed[n] for n in fixed},
@@ -71,10 +78,10 @@ def compare(
         "adaptive": adaptive_runs[median],
         "ratios": [round(ratio, 3) for ratio in ratios],
         "throughput_ratio_adaptive_vs_best_fixed": round(ratios[median], 3),
-        "steps_to_converge": steps_to_converge(leases),
-        "final_lease": leases[-1] if leases else 0,
+        "steps_to_converge": converged_at,
+        "final_lease": settled_lease,
         "stall_fraction": adaptive_runs[median]["stall_fraction"],
-        "trace": traces[median],
+        "trace": trace,
     }
 
 
@@ -88,7 +95,7 @@ def main() -> None:
         default=THROTTLED_LINK,
         help="bytes/s of the second scenario's copy engine (CPU copy thread only; 0: skip it)",
     )
-    parser.add_argument("--pairs", type=int, default=3, help="adaptive / best-N pairs per scenario (median)")
+    parser.add_argument("--pairs", type=int, default=5, help="adaptive / best-N pairs per scenario (median)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as perf/pooling.py
     model_dir, requests, device_blocks, fixed_ns = workload_model(args.quick)
@@ -130,12 +137,12 @@ def plot(traces: dict, path: str) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
     window = 16
     for name, trace in traces.items():
-        times = [t for t, _, _, _ in trace]
-        top.plot(times, [lease for _, lease, _, _ in trace], label=name)
+        times = [t for t, *_ in trace]
+        top.plot(times, [lease for _, lease, *_ in trace], label=name)
         fractions = []
         for i in range(len(trace)):
             part = trace[max(0, i - window) : i + 1]
-            fractions.append(sum(s for _, _, s, _ in part) / max(sum(d for _, _, _, d in part), 1e-9))
+            fractions.append(sum(step[2] for step in part) / max(sum(step[3] for step in part), 1e-9))
         bottom.plot(times, fractions, label=name)
     top.set_ylabel("host lease (blocks)")
     top.legend()

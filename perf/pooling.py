@@ -54,7 +54,8 @@ def run(model_dir: str, requests, block_size: int, keep_trace: bool = False, **o
     first_token: dict[str, float] = {}
     finished: dict[str, float] = {}
     counts: dict[str, int] = {}
-    trace: list[tuple[float, int, float, float]] = []  # per step: time, lease, stall, step time
+    # Per step: time, lease, stall, step time, the controller's last decision.
+    trace: list[tuple[float, int, float, float, str]] = []
     start = time.perf_counter()
     while pending or engine.has_unfinished():
         now = time.perf_counter() - start
@@ -74,6 +75,7 @@ def run(model_dir: str, requests, block_size: int, keep_trace: bool = False, **o
                 engine.scheduler.host_lease,
                 engine.totals.stall_time - stall_before,
                 engine.totals.step_time - step_before,
+                engine.host.decision_reason,
             )
         )
         for delta in deltas:
