@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared run on a machine with an NVIDIA GPU: the CUDA-marked tests, then the transparency
-# and pooling benchmarks (quick variants), each writing its JSON into the folder given as $1.
-# Budget: under 8 minutes on an H100/H200.
+# One prepared run on a machine with an NVIDIA GPU: the CUDA-marked tests, then the transparency,
+# pooling and adaptive benchmarks (quick variants; adaptive's throttled scenario is CPU-only), each
+# writing its JSON into the folder given as $1. Budget: under 10 minutes on an H100/H200.
 #
 #   perf/gpu_check.sh OUT_DIR
 #
@@ -22,5 +22,6 @@ status=0
 timeout 240 $py -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee "$out/cuda_tests.log" || status=1
 timeout 150 $py perf/transparency.py --quick > "$out/transparency.json" 2> "$out/transparency.err" || status=1
 timeout 150 $py perf/pooling.py --quick > "$out/pooling.json" 2> "$out/pooling.err" || status=1
+timeout 150 $py perf/adaptive.py --quick --pairs 3 > "$out/adaptive.json" 2> "$out/adaptive.err" || status=1
 tail -n 3 "$out"/*.json
 exit $status
