@@ -40,6 +40,7 @@ class EngineStats(msgspec.Struct, kw_only=True):
     step_seconds_total: float = 0.0
     host_lease_target: int = 0  # the expansion controller's estimate of the transparent lease
     host_decision: str = ""  # its last decision and reason
+    host_link_bandwidth: float = 0.0  # its host -> device bandwidth estimate, bytes/s (0: unknown)
     # Prefix caching, in tokens (like vLLM): tokens of admitted requests looked up, and those found
     # cached on each tier.
     prefix_cache_queries_total: int = 0

@@ -121,6 +121,7 @@ class EngineCore:
             prefix_cache_host_hits_total=scheduler.prefix_cache_stats.num_host_hit_tokens,
             host_lease_target=self.host.target,
             host_decision=self.host.decision_reason,
+            host_link_bandwidth=self.host.link_bandwidth,
         )
 
     def close(self) -> None:

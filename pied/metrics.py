@@ -170,6 +170,10 @@ class ServerMetrics:
             "pied:host_kv_lease_target_blocks",
             "The expansion controller's estimate of the largest lease whose streaming stays transparent.",
         )
+        self.host_link_bandwidth = Gauge(
+            "pied:host_kv_link_bandwidth_bytes_per_second",
+            "The expansion controller's host -> device bandwidth estimate (0 while unknown).",
+        )
         self.host_decision = Gauge(
             "pied:host_kv_controller_decision",
             "The expansion controller's last decision (value 1, labelled with its action and reason).",
@@ -222,6 +226,7 @@ class ServerMetrics:
             self.prefix_cache_hits,
             self.host_lease,
             self.host_lease_target,
+            self.host_link_bandwidth,
             self.host_decision,
             self.bytes_streamed,
             self.stall_seconds,
@@ -280,6 +285,7 @@ class ServerMetrics:
         self.prefix_cache_hits.set(stats.prefix_cache_host_hits_total, tier="host")
         self.host_lease.set(stats.host_lease)
         self.host_lease_target.set(stats.host_lease_target)
+        self.host_link_bandwidth.set(stats.host_link_bandwidth)
         if stats.host_decision:
             action, _, reason = stats.host_decision.partition(":")
             self.host_decision.values.clear()

@@ -98,6 +98,7 @@ class ProcessEngineClient:
             step_seconds_total=stats.step_time_sum,  # the scheduler's wall time per step
             host_lease_target=stats.host_lease_target,
             host_decision=stats.host_decision,
+            host_link_bandwidth=stats.host_link_bandwidth,
             prefix_cache_queries_total=stats.prefix_cache_queries_sum,
             prefix_cache_device_hits_total=stats.prefix_cache_device_hits_sum,
             prefix_cache_host_hits_total=stats.prefix_cache_host_hits_sum,

@@ -97,6 +97,7 @@ class Stats(msgspec.Struct, **CONTROL):
     stall_time_sum: float = 0.0
     host_lease_target: int = 0  # the expansion controller's estimate of the transparent lease
     host_decision: str = ""  # its last decision and reason, e.g. "grow: demand, stalls 0% < 2%"
+    host_link_bandwidth: float = 0.0  # its host -> device bandwidth estimate, bytes/s (0: unknown)
     prefix_cache_queries_sum: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_device_hits_sum: int = 0  # of which found cached on the device tier
     prefix_cache_host_hits_sum: int = 0  # and on the host tier

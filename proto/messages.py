@@ -274,7 +274,8 @@ class HostLease(msgspec.Struct, tag=True, **HOT):
     (``SegmentUpdate``) before any plan that may use their blocks. ``detach``: segments the
     executor may unmap; sent only after the scheduler reported that it holds no block above the
     lease and the step that migrated blocks off them has completed. ``target`` and ``reason``: the
-    controller's estimate of the transparent lease and why it decided what it did (for /metrics).
+    controller's estimate of the transparent lease and why it decided what it did; ``link_bandwidth``:
+    its host -> device bandwidth estimate in bytes/s, 0 while unknown (all for /metrics).
     """
 
     lease: int
@@ -282,6 +283,7 @@ class HostLease(msgspec.Struct, tag=True, **HOT):
     detach: list[int] = []
     target: int = 0
     reason: str = ""
+    link_bandwidth: float = 0.0
 
 
 class SegmentUpdate(msgspec.Struct, tag=True, **HOT):

@@ -128,6 +128,7 @@ async def test_adaptive_lease_grows_and_is_returned_through_worker_processes(tmp
         assert dict(zip(requests, outputs)) == reference
         assert max(leases) > 0 and any(decision.startswith("grow") for decision in decisions), decisions
         assert max(executor_mappings) > 0  # mapped by the executor while the engine ran
+        assert client.stats().host_link_bandwidth > 0  # the executor's link measurement, via the controller
         for _ in range(300):  # idle: the controller's ticks return the lease, then the segments go
             stats = client.stats()
             if stats.host_lease == 0 and memfds_of(pids["memory"]) == mapped_segments(pids["executor"]) == 0:

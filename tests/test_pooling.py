@@ -275,6 +275,7 @@ def test_metrics_show_both_tiers_the_lease_and_the_controller():
         host_lease=96,
         host_lease_target=120,
         host_decision='grow: demand, stalls 0.3% < 2% "x"',
+        host_link_bandwidth=2.5e10,
         bytes_to_device_total=1 << 30,
         bytes_to_host_total=1 << 20,
         stall_seconds_total=0.125,
@@ -285,6 +286,7 @@ def test_metrics_show_both_tiers_the_lease_and_the_controller():
     assert 'pied:kv_cache_usage_perc{tier="host"} 0.25' in lines
     assert "pied:host_kv_lease_blocks 96" in lines or "pied:host_kv_lease_blocks 96.0" in lines
     assert any(line.startswith("pied:host_kv_lease_target_blocks 120") for line in lines)
+    assert any(line.startswith("pied:host_kv_link_bandwidth_bytes_per_second 25000000000") for line in lines), text
     assert any(line.startswith('pied:host_kv_controller_decision{action="grow",reason="demand, stalls 0.3% < 2% \\"x\\""}') for line in lines), text
     assert any(line.startswith('pied:kv_bytes_transferred_total{direction="host_to_device"} 1073741824') for line in lines)
     assert any(line.startswith("pied:stall_seconds_total 0.125") for line in lines)

@@ -101,6 +101,7 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
             detach=[3, 4],
             target=100,
             reason="grow: demand, stalls 0.3% < 2%",
+            link_bandwidth=2.4e10,
         ),
     ],
     proto.SegmentUpdate: [proto.SegmentUpdate(), proto.SegmentUpdate([proto.HostSegmentInfo(0, 1, 9, 0, 64)], [2])],
@@ -121,7 +122,8 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
         proto.Stats(num_running=3, num_waiting=1, num_device_blocks=64, num_host_blocks=32, device_usage=0.5,
                     host_usage=0.25, num_preemptions=2, num_steps=99, step_time_sum=1.5, forward_time_sum=1.4,
                     execute_time_sum=1.45, host_lease=32, bytes_to_device_sum=1 << 40, bytes_to_host_sum=1 << 20,
-                    stall_time_sum=0.01, host_lease_target=40, host_decision="shrink: stalls 5.1% > 2%"),
+                    stall_time_sum=0.01, host_lease_target=40, host_decision="shrink: stalls 5.1% > 2%",
+                    host_link_bandwidth=2.4e10),
     ],
 }
 ALL_EXAMPLES = [(cls, example) for cls, examples in EXAMPLES.items() for example in examples]

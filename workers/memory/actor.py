@@ -98,7 +98,11 @@ class MemoryActor(Actor):
             self.send(
                 "scheduler",
                 proto.HostLease(
-                    report.host_lease, detach=released, target=host.target, reason=host.decision_reason
+                    report.host_lease,
+                    detach=released,
+                    target=host.target,
+                    reason=host.decision_reason,
+                    link_bandwidth=host.link_bandwidth,
                 ),
             )
 
@@ -130,7 +134,13 @@ class MemoryActor(Actor):
         assert self.host is not None
         self.send(
             "scheduler",
-            proto.HostLease(change.lease, change.attach, target=self.host.target, reason=change.reason),
+            proto.HostLease(
+                change.lease,
+                change.attach,
+                target=self.host.target,
+                reason=change.reason,
+                link_bandwidth=self.host.link_bandwidth,
+            ),
         )
 
     async def _idle_ticks(self) -> None:

@@ -190,6 +190,11 @@ class HostMemory:
     def lease(self) -> int:
         return self.manager.lease
 
+    @property
+    def link_bandwidth(self) -> float:
+        """The controller's host -> device bandwidth estimate, bytes/s (0: unknown or no controller)."""
+        return (self.controller.bandwidth or 0.0) if self.controller is not None else 0.0
+
     def start(self) -> LeaseChange:
         """The first lease: fixed:N and swap grant everything now; adaptive starts empty and grows."""
         lease = 0 if self.adaptive else self.plan.initial_lease

@@ -221,6 +221,7 @@ class SchedulerActor(Actor):
         self._lease_received = True
         self._stats.host_lease_target = lease.target
         self._stats.host_decision = lease.reason
+        self._stats.host_link_bandwidth = lease.link_bandwidth
 
     def _report_demand(self, scheduler: Scheduler, completed_step_id: int) -> None:
         """Tell the memory manager what the controller needs, after a step or when going idle."""
