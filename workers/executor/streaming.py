@@ -305,7 +305,8 @@ class LayerStreamer:
     def loads(self, layer: int, runs: list[tuple[torch.Tensor, int, int]] | None = None) -> list[Transfer]:
         """Host pages of ``layer`` (of ``runs``, default all of the step's) into its staging area."""
         area = self.areas[layer % self.ring.num_areas]
-        return [(area[slot : slot + count], host[layer]) for host, slot, count in runs or self.load_runs]
+        runs = self.load_runs if runs is None else runs
+        return [(area[slot : slot + count], host[layer]) for host, slot, count in runs]
 
     def write_backs(self, layer: int) -> list[Transfer]:
         area = self.areas[layer % self.ring.num_areas]
@@ -332,19 +333,11 @@ class LayerStreamer:
                 self.loaded[layer] = self._submit(self.loads(layer), self.load_bytes, 0)
 
     def _adopt(self, prefetch: _Prefetch) -> None:
-        """Take the prefetched pages still valid for this step: all of them as they are when the
-        step reads the same blocks with the same owners, else the valid ones gathered on the device
-        into their new slots and the rest loaded from host."""
+        """Take the prefetched pages still valid for this step: in place when no slot moved (the
+        usual decode step: the same blocks), else gathered on the device into their new slots; the
+        rest is loaded from host."""
         assert self.owners is not None
         old_ids, new_ids = prefetch.host_block_ids, self.host_block_ids
-        same_blocks = len(old_ids) == len(new_ids) and bool(np.array_equal(old_ids, new_ids))
-        if same_blocks and prefetch.owners == self.owners:
-            for layer, ticket in enumerate(prefetch.tickets):
-                self.loaded[layer] = ticket
-            self.tickets += prefetch.tickets
-            self.num_prefetched_layers = len(prefetch.tickets)
-            self.num_prefetched_pages = len(prefetch.tickets) * len(new_ids)
-            return
         old_slots = np.searchsorted(old_ids, new_ids)
         found = old_slots < len(old_ids)
         found[found] = old_ids[old_slots[found]] == new_ids[found]
@@ -359,11 +352,12 @@ class LayerStreamer:
         first = self.host_kv.num_device_blocks
         missing_runs = self._runs((new_ids[missing] - first).tolist(), missing.tolist())
         moved = not np.array_equal(old_slots[kept], kept)
-        device = self.host_kv.device
-        new_slots, from_slots = (
-            torch.from_numpy(kept).to(device),
-            torch.from_numpy(old_slots[kept]).to(device),
-        )
+        if moved:
+            device = self.host_kv.device
+            new_slots, from_slots = (
+                torch.from_numpy(kept).to(device),
+                torch.from_numpy(old_slots[kept]).to(device),
+            )
         for layer, ticket in enumerate(prefetch.tickets):
             self.tickets.append(ticket)
             if moved:
