@@ -55,6 +55,23 @@ class _BlockPool:
             del self._cached_free_block_ids[block_id]
             self._push_empty(block_id)
 
+    def add_ref(self, block_ids: Iterable[int]) -> None:
+        """Share blocks that are in use, or revive free cached ones (one more reference each)."""
+        for block_id in block_ids:
+            index = self._index(block_id)
+            if self._ref_counts[index] == 0:
+                if not self._cached[index]:
+                    raise ValueError(
+                        f"block {block_id} of {self.tier_name} is free; only a block in use or cached "
+                        "can be shared."
+                    )
+                del self._cached_free_block_ids[block_id]
+                self._revived(index)
+            self._ref_counts[index] += 1
+
+    def _revived(self, index: int) -> None:
+        """A free cached block is in use again (before its reference count rises)."""
+
     def _push_empty(self, block_id: int) -> None:
         raise NotImplementedError
 
@@ -147,18 +164,6 @@ class BlockManager(_BlockPool):
                 self.on_evict(block_id)
             block_ids.append(block_id)
         return block_ids
-
-    def add_ref(self, block_ids: Iterable[int]) -> None:
-        """Share blocks that are in use, or revive free cached ones (one more reference each)."""
-        for block_id in block_ids:
-            index = self._index(block_id)
-            if self._ref_counts[index] == 0:
-                if not self._cached[index]:
-                    raise ValueError(
-                        f"block {block_id} is free; only a block in use or cached can be shared."
-                    )
-                del self._cached_free_block_ids[block_id]
-            self._ref_counts[index] += 1
 
     def free(self, block_ids: Iterable[int]) -> None:
         """Drop one reference from each block; blocks left with none become free in the given order (so
@@ -292,20 +297,10 @@ class HostBlockManager(_BlockPool):
         self._num_used_in_lease += num_blocks
         return block_ids
 
-    def add_ref(self, block_ids: Iterable[int]) -> None:
-        """Share blocks that are in use, or revive free cached ones (one more reference each)."""
-        for block_id in block_ids:
-            index = self._index(block_id)
-            if self._ref_counts[index] == 0:
-                if not self._cached[index]:
-                    raise ValueError(
-                        f"host block {block_id} is free; only a block in use or cached can be shared."
-                    )
-                del self._cached_free_block_ids[block_id]
-                self._num_used += 1
-                self._num_used_in_lease += 1  # free cached blocks are all inside the lease
-                self._in_use[index] = 1
-            self._ref_counts[index] += 1
+    def _revived(self, index: int) -> None:
+        self._num_used += 1
+        self._num_used_in_lease += 1  # free cached blocks are all inside the lease
+        self._in_use[index] = 1
 
     def free(self, block_ids: Iterable[int]) -> None:
         ref_counts, lease = self._ref_counts, self.lease
