@@ -95,16 +95,7 @@ class MemoryActor(Actor):
             return
         released = host.release_ready(report.host_lease, 0)
         if released:
-            self.send(
-                "scheduler",
-                proto.HostLease(
-                    report.host_lease,
-                    detach=released,
-                    target=host.target,
-                    reason=host.decision_reason,
-                    link_bandwidth=host.link_bandwidth,
-                ),
-            )
+            self._send_lease(report.host_lease, detach=released)
 
     def handle_spans(self, batch: SpanBatch) -> None:
         for span in batch.spans:
@@ -131,15 +122,23 @@ class MemoryActor(Actor):
             self._grant(change)
 
     def _grant(self, change: LeaseChange) -> None:
-        assert self.host is not None
+        self._send_lease(change.lease, attach=change.attach)
+
+    def _send_lease(
+        self, lease: int, attach: list[proto.HostSegmentInfo] | None = None, detach: list[int] | None = None
+    ) -> None:
+        """The lease and its segment changes, with the controller's view for /metrics."""
+        host = self.host
+        assert host is not None
         self.send(
             "scheduler",
             proto.HostLease(
-                change.lease,
-                change.attach,
-                target=self.host.target,
-                reason=change.reason,
-                link_bandwidth=self.host.link_bandwidth,
+                lease,
+                attach or [],
+                detach or [],
+                target=host.target,
+                reason=host.decision_reason,
+                link_bandwidth=host.link_bandwidth,
             ),
         )
 

@@ -151,7 +151,6 @@ class LeaseChange:
 
     lease: int
     attach: list[proto.HostSegmentInfo]
-    reason: str = ""
 
 
 class HostMemory:
@@ -200,7 +199,7 @@ class HostMemory:
         lease = 0 if self.adaptive else self.plan.initial_lease
         created, _ = self.manager.set_lease(lease)
         self.granted = lease
-        return LeaseChange(lease, created, self.decision_reason)
+        return LeaseChange(lease, created)
 
     def on_step(
         self,
@@ -234,7 +233,7 @@ class HostMemory:
         if decision.lease > self.manager.lease:
             attach, _ = self.manager.set_lease(decision.lease)
         self.granted = decision.lease
-        return LeaseChange(decision.lease, attach, decision.reason)
+        return LeaseChange(decision.lease, attach)
 
     def release_ready(self, scheduler_lease: int, num_host_blocks_above_lease: int) -> list[int]:
         """Segment ids to unmap now that the scheduler holds nothing above its (smaller) lease."""
