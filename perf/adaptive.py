@@ -41,31 +41,20 @@ def compare(
     budget (so it may choose anything a static run could), on the same request stream. The ratio
     is the median over ``pairs`` adaptive runs, each against a best-N run next to it in time (the
     sweep's own for the first), so a noisy moment of a shared machine does not decide it."""
-    block_size = 16
     common: dict = dict(device_kv_blocks=device_blocks, kv_policy="pie")
     if throttle:
         common["extra"] = {"copy_throttle_bytes_per_s": throttle}
-    fixed = {n: run(model_dir, requests, block_size, expansion=f"fixed:{n}", **common) for n in sweep}
+
+    def once(**overrides) -> dict:
+        return run(model_dir, requests, 16, **common, **overrides)
+
+    fixed = {n: once(expansion=f"fixed:{n}") for n in sweep}
     best_n = max(fixed, key=lambda n: fixed[n]["throughput"])
     host_gib = max(sweep) * fixed[best_n]["host_block_bytes"] / (1 << 30)
     adaptive_runs, ratios = [], []
     for pair in range(pairs):
-        best = (
-            fixed[best_n]
-            if pair == 0
-            else run(model_dir, requests, block_size, expansion=f"fixed:{best_n}", **common)
-        )
-        adaptive_runs.append(
-            run(
-                model_dir,
-                requests,
-                block_size,
-                keep_trace=True,
-                expansion="adaptive",
-                host_kv_gib=host_gib,
-                **common,
-            )
-        )
+        best = fixed[best_n] if pair == 0 else once(expansion=f"fixed:{best_n}")
+        adaptive_runs.append(once(keep_trace=True, expansion="adaptive", host_kv_gib=host_gib))
         ratios.append(adaptive_runs[-1]["throughput"] / best["throughput"])
     traces = [adaptive.pop("trace") for adaptive in adaptive_runs]
     median = sorted(range(pairs), key=lambda pair: ratios[pair])[pairs // 2]

@@ -354,4 +354,13 @@ def test_configuration_is_validated() -> None:
         ControllerTuning(deadband=1.0)
     with pytest.raises(ValueError, match="evidence_windows"):
         ControllerTuning(confirm_windows=5, evidence_windows=8)
+    for bad in (
+        dict(first_window=0),
+        dict(blind_jump=0.0),
+        dict(jump=1.5),
+        dict(far=-0.1),
+        dict(secant_spread=1.0),
+    ):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ControllerTuning(**bad)
     assert ExpansionController(10, initial_lease=50).lease == 10  # clamped to the budget

@@ -1,33 +1,41 @@
 """Adaptive expansion: how many host blocks the scheduler may hold (DESIGN.md "Adaptive expansion").
 
 The memory manager feeds :class:`ExpansionController` one :class:`StepSample` per executor step and
-the scheduler's :class:`DemandSample`; every ``decide_every`` samples the controller closes a window
-and returns a :class:`Decision`: the lease ``H`` (``0 <= H <= max_host_blocks``) to grant.
+the scheduler's :class:`DemandSample`; every ``decide_every`` samples (``first_window`` while demand
+meets an empty lease) the controller closes a window and returns a :class:`Decision`: the lease
+``H`` (``0 <= H <= max_host_blocks``) to grant.
 
 The physical limit it steers toward (DESIGN.md "Device cost of expansion"): each step streams every
 host block it reads, all layers, host -> device, overlapped with compute. Expansion is transparent
 while those bytes fit under the step's compute time::
 
-    M * block_bytes <= bandwidth * compute_time    =>    H_limit ~ bandwidth * compute_time / block_bytes
+    M * block_bytes + written <= bandwidth * compute_time  =>  H_limit ~ (bandwidth * compute_time - written) / block_bytes
 
-Bandwidth comes from the executor's copy time where it measures it, else from stalled windows
-(copy-bound, the copy engine was busy for compute + stall), else from a prior given at start.
+(``written``: the step's write-backs, on the same copy engine.) Bandwidth comes from the executor's
+copy time where it measures it, else from stalled windows (copy-bound, the copy engine was busy for
+compute + stall), else from a prior: the executor's copy benchmark at start (carried by every step)
+or one given to the constructor.
 
 Control law. Windows at the same lease are pooled (ratio of sums); ``f`` is their stall fraction
 (stall time / step time, over steps that read host blocks), ``M`` the host blocks a step read:
 
 - ``f`` above ``stall_target * (1 + deadband)`` by more than ``evidence_z`` standard errors:
   **shrink** proportionally, to ``M * (compute + s*) / (compute + stall)`` — the blocks that would
-  have stalled exactly the target ``s*`` (copy time scales with ``M``). That measurement also
-  calibrates the model: ``gain = stall limit / H_limit``.
+  have stalled exactly the target ``s*`` (copy time scales with ``M``) — or, from the second shrink
+  in a row, lower where the secant through both shrinks' (blocks, stall ratio) says so (stalls that
+  fall more slowly than a copy-bound step's). That measurement also calibrates the model:
+  ``gain = stall limit / H_limit``, and the lease that stalled becomes a ceiling for later jumps.
 - ``f`` below ``stall_target * (1 - deadband)`` by as much, demand in most of the window, and the
-  lease actually filled: **grow**. Jump to ``gain * H_limit`` when that is far above the lease
-  (the model is conservative: compute time grows with the batch, so a jump is re-taken from the
-  bigger batch); near the limit probe up by a small fraction that doubles while grows keep
-  finding room and halves on every reversal (bisection). With no bandwidth known yet, grow
+  lease actually filled: **grow**. When ``gain * H_limit`` is ``far`` above the lease, jump from
+  below: ``jump`` of the way there (``blind_jump`` of it before any step read host blocks, since
+  prefill-heavy first steps overstate compute), as an overshoot costs preemptions when the stalls
+  take it back and stopping short costs one window; never past the ceiling. Near the limit probe
+  up by a small fraction that doubles while grows keep finding room and halves on every reversal
+  (bisection), passing the ceiling only by the smallest probe. With no bandwidth known yet, grow
   geometrically until the first stalls measure it.
 - No demand for ``release_after`` windows and a lease well above the blocks in use: **release**
-  down to the peak usage plus headroom, so host memory goes back when the engine idles.
+  down to the peak usage plus headroom, never below the highest block in use (that would move
+  blocks, or preempt, for nothing), so host memory goes back when the engine idles.
 - Noise: a small move needs ``confirm_windows`` windows at the lease, a reversal twice that;
   stalls above ``strong_factor * stall_target`` in one window shrink at once.
 
@@ -168,6 +176,8 @@ class ControllerTuning:
             raise ValueError("min_shrink_factor must be in (0, 1) and fill_fraction in (0, 1].")
         if not 0 < self.blind_jump <= 1 or not 0 < self.jump <= 1:
             raise ValueError("blind_jump and jump must be in (0, 1].")
+        if self.far < 0 or not 0 <= self.secant_spread < 1:
+            raise ValueError("far must be non-negative and secant_spread in [0, 1).")
         if not 0 < self.bandwidth_smoothing <= 1 or not 0 < self.gain_min <= 1 <= self.gain_max:
             raise ValueError("bandwidth_smoothing must be in (0, 1] and gain_min <= 1 <= gain_max.")
 
@@ -308,9 +318,8 @@ class ExpansionController:
         self._quiet_windows = 0
         self._stall_fraction = 0.0
         self._last_model: float | None = None  # uncorrected model limit of the last window with steps
-        self._shrink_point: tuple[float, float] | None = (
-            None  # (blocks per step, stall ratio) of the last shrink
-        )
+        # (blocks per step, stall ratio) of the last shrink, for the next one's secant.
+        self._shrink_point: tuple[float, float] | None = None
         self._ceiling: int | None = None  # the lowest lease that stalled since demand began
         self._measured_host_steps = False  # whether any window had steps that read host blocks
         self._window = _Window()
@@ -339,7 +348,8 @@ class ExpansionController:
 
     def observe(self, step: StepSample | None, demand: DemandSample) -> Decision | None:
         """Record one step (``None``: an idle tick with no step, so an idle engine still releases
-        memory) and the scheduler's demand; every ``decide_every`` samples, decide."""
+        memory) and the scheduler's demand; every ``decide_every`` samples (``first_window`` while
+        demand meets an empty lease), decide."""
         window = self._window
         if self.lease == 0 and demand.wants_blocks and window.num_demand < window.num_samples:
             # Demand against an empty lease: the idle samples before it say nothing about it.
@@ -543,7 +553,7 @@ class ExpansionController:
             weight = self.tuning.bandwidth_smoothing
             self._bandwidth = (
                 weight * measured + (1 - weight) * self._bandwidth
-                if self._bandwidth_measured and self._bandwidth is not None
+                if self._bandwidth_measured and self._bandwidth
                 else measured  # the first measurement replaces the prior
             )
             self._bandwidth_measured = True
