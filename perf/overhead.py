@@ -37,8 +37,8 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 from common import SMOLLM_135M_SHAPE  # noqa: E402  (perf/ is on sys.path: scripts run from it)
 
 import proto  # noqa: E402
-from pied.config import EngineConfig  # noqa: E402
 from pied.mp_client import ProcessEngineClient  # noqa: E402
+from proto.config import EngineConfig  # noqa: E402
 
 SEED = 0
 PROMPT_LEN = 32

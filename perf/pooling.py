@@ -21,8 +21,8 @@ import torch
 from common import SMOLLM_135M_SHAPE, emit, machine
 
 import proto
-from pied.config import EngineConfig
 from pied.inproc import EngineCore
+from proto.config import EngineConfig
 
 
 def workload(num_requests: int, rate: float, prompt_range, output_range, vocab: int, seed: int = 0):

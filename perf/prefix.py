@@ -30,8 +30,8 @@ import numpy as np
 from common import SMOLLM_135M_SHAPE, emit, machine
 
 import proto
-from pied.config import EngineConfig
 from pied.inproc import EngineCore
+from proto.config import EngineConfig
 
 
 def conversations(

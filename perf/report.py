@@ -17,7 +17,7 @@ from pathlib import Path
 
 from common import machine
 
-from pied.progress import Progress
+from workers.progress import Progress
 
 PERF = Path(__file__).resolve().parent
 

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from common import emit, machine, smollm_shaped_model  # noqa: E402
 
 import proto  # noqa: E402
-from pied.config import EngineConfig  # noqa: E402
+from proto.config import EngineConfig  # noqa: E402
 from workers.executor.runner import ModelRunner  # noqa: E402
 from workers.memory.host_pool import HostSegment  # noqa: E402
 

@@ -5,51 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import typing
 
+from pied.args import add_engine_args, add_sampling_args, engine_config_from_args
 from pied.chat import add_chat_command
-from pied.config import ConfigError, EngineConfig
-
-# Flags that are not engine configuration (set elsewhere or internal).
-_HIDDEN_FIELDS = {"extra"}
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per EngineConfig field, named like vLLM's (``max_num_seqs`` -> ``--max-num-seqs``)."""
-    group = parser.add_argument_group("engine")
-    hints = typing.get_type_hints(EngineConfig)
-    for field in dataclasses.fields(EngineConfig):
-        if field.name in _HIDDEN_FIELDS:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        hint = hints[field.name]
-        args = typing.get_args(hint)
-        base = next((a for a in args if a is not type(None)), hint) if args else hint
-        if base is bool:
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            group.add_argument(flag, dest=field.name, type=base, default=None, metavar=field.name.upper())
-
-
-def engine_config_from_args(args: argparse.Namespace, **defaults) -> EngineConfig:
-    values = dict(defaults)
-    for name in EngineConfig.field_names():
-        value = getattr(args, name, None)
-        if value is not None:
-            values[name] = value
-    return EngineConfig(**values).validate()
-
-
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=int, default=64)
-    group.add_argument("--temperature", type=float, default=0.0)
-    group.add_argument("--top-p", type=float, default=1.0)
-    group.add_argument("--top-k", type=int, default=0)
-    group.add_argument("--min-p", type=float, default=0.0)
-    group.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
-    group.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    group.add_argument("--ignore-eos", action="store_true")
+from pied.serve import add_serve_command
+from proto.config import ConfigError
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -90,12 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=cmd_generate)
     add_chat_command(commands)
 
-    try:
-        from pied.serve import add_serve_command
-    except ImportError:
-        pass
-    else:
-        add_serve_command(commands)
+    add_serve_command(commands)
     return parser
 
 

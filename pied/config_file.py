@@ -4,7 +4,7 @@ A key is a flag's name without its leading dashes; dashes and underscores are th
 (``max-num-seqs``, ``max_num_seqs``). Values have the flag's type: ``port = 8000``,
 ``enable-chunked-prefill = false``, ``model = "/srv/models/llama"``. Flags given on the command
 line win over the file, and the file over the built-in defaults. An unknown key, a value of the
-wrong type or invalid TOML is a :class:`~pied.config.ConfigError` that names the file and the key.
+wrong type or invalid TOML is a :class:`~proto.config.ConfigError` that names the file and the key.
 
 This works on any ``argparse`` parser whose options all default to None (so that "not given on
 the command line" can be told apart from "given"); :func:`check_parser` asserts that.
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pied.config import ConfigError
+from proto.config import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

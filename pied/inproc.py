@@ -12,8 +12,8 @@ import threading
 from collections import deque
 
 import proto
-from pied.config import EngineConfig
 from pied.engine_client import EngineDeadError, EngineStats, RequestStream
+from proto.config import EngineConfig
 from workers.executor.runner import ModelRunner
 from workers.memory.manager import HostMemory, LeaseChange, kv_layout_for
 from workers.scheduler.scheduler import Scheduler

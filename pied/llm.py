@@ -9,10 +9,11 @@ from typing import Any, Union
 import msgspec
 
 import proto
-from pied.config import EngineConfig
+from pied.default_model import with_default_model
 from pied.output_processor import ChoiceState
 from pied.outputs import CompletionOutput, RequestOutput
 from pied.tokenizer import Tokenizer
+from proto.config import EngineConfig
 
 PromptType = Union[str, dict[str, Any]]
 
@@ -65,7 +66,7 @@ class LLM:
         unknown = set(engine_args) - EngineConfig.field_names()
         if unknown:
             raise TypeError(f"unknown engine arguments: {', '.join(sorted(unknown))}")
-        self.config = EngineConfig(model=model, dtype=dtype, seed=seed, **engine_args).validate()
+        self.config = with_default_model(EngineConfig(model=model, dtype=dtype, seed=seed, **engine_args)).validate()
         # Imported here: the daemon's frontend uses this module's helpers and must not load torch.
         from pied.inproc import EngineCore
 

@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 
 import proto
-from pied.config import EngineConfig
 from pied.engine_client import EngineDeadError, EngineStats, RequestStream
 from pied.supervisor import Supervisor, SupervisorOptions, WorkerStartError
+from proto.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 

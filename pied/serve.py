@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pied import config_file
-from pied.cli import add_engine_args, engine_config_from_args
-from pied.config import ConfigError, EngineConfig
+from pied.args import add_engine_args, engine_config_from_args
 from pied.engine_client import EngineClient
 from pied.sdnotify import Notifier
+from proto.config import ConfigError, EngineConfig
 
 if TYPE_CHECKING:
     from pied.api.params import RequestLimits
@@ -371,7 +371,7 @@ async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None
     from pied.api.state import ServerState
     from pied.chat_template import check_chat_template, load_chat_template
     from pied.tokenizer import Tokenizer
-    from pied.tracing import FRONTEND_SERVICE, setup_tracing
+    from workers.tracing import FRONTEND_SERVICE, setup_tracing
 
     loop = asyncio.get_running_loop()
     notifier = Notifier()

@@ -34,9 +34,9 @@ import zmq.asyncio
 
 import proto
 import workers
-from pied.config import EngineConfig
 from pied.runtime_dir import RuntimeDir
 from pied.sdnotify import SYSTEMD_ONLY_VARIABLES
+from proto.config import EngineConfig
 from workers.actor import Actor, Addresses, WorkerArgs
 
 logger = logging.getLogger(__name__)

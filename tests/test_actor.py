@@ -18,8 +18,8 @@ import zmq
 import zmq.asyncio
 
 import proto
-from pied.config import EngineConfig
 from pied.runtime_dir import RuntimeDir
+from proto.config import EngineConfig
 from workers.actor import EXIT_FAILED, EXIT_OK, EXIT_PARENT_DIED, Actor, ActorThread, Addresses, WorkerArgs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -9,8 +9,8 @@ import pytest
 from tiny_models import build_model_dir
 
 import proto
-from pied.config import EngineConfig
 from pied.inproc import EngineCore
+from proto.config import EngineConfig
 
 
 @pytest.fixture(scope="module")

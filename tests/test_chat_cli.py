@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 from server import REPO, ServerProcess, start_server
 
-from pied.config import default_model_dir
+from pied.default_model import default_model_dir
 
 PROMPT = re.compile(rb"(?:^|\n)> $")
 # The child becomes a session leader whose controlling terminal is the pty (what login_tty does),

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pied import LLM, SamplingParams
-from pied.config import default_model_dir
-from pied.model_config import ModelConfig
+from pied.default_model import default_model_dir
 from pied.tokenizer import Tokenizer
+from workers.model_config import ModelConfig
 
 MAX_FOLDER_BYTES = 25 * 2**20
 

@@ -7,7 +7,7 @@ import torch
 from step_plans import Chunk, make_plan
 from tiny_models import load_hf_model
 
-from pied.config import EngineConfig
+from proto.config import EngineConfig
 from workers.executor.kv_pool import GIB, KVPool, kv_bytes_per_block, num_blocks_that_fit
 from workers.executor.runner import ModelRunner
 

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from server import ServerProcess, read_stream, running_server
 
-from pied.config import default_model_dir
+from pied.default_model import default_model_dir
 
 NUM_CLIENTS = 200
 REQUESTS_PER_CLIENT = 5

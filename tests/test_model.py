@@ -15,7 +15,7 @@ import torch
 from step_plans import BlockAllocator, Chunk, all_row_logits, make_plan
 from tiny_models import load_hf_model
 
-from pied.config import EngineConfig
+from proto.config import EngineConfig
 from workers.executor.runner import ModelRunner
 
 TOLERANCE = 1e-4

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pied.model_config import (
+from workers.model_config import (
     SUPPORTED_ARCHITECTURES,
     ModelConfig,
     ModelFolderError,

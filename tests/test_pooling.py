@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from tiny_models import build_model_dir
 
 import proto
-from pied.config import EngineConfig
 from pied.inproc import EngineCore
+from proto.config import EngineConfig
 
 PROMPTS = [
     [1, 17, 99, 3, 250],

@@ -30,10 +30,10 @@ from tiny_models import build_model_dir
 
 import proto
 from pied.cli import build_parser, engine_config_from_args
-from pied.config import EngineConfig
 from pied.engine_client import EngineStats
 from pied.inproc import EngineCore
 from pied.metrics import ServerMetrics
+from proto.config import EngineConfig
 from workers.scheduler import prefix_cache
 from workers.scheduler.prefix_cache import PrefixCache, hash_block
 

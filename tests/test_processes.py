@@ -16,11 +16,11 @@ import pytest
 from tiny_models import build_model_dir
 
 import proto
-from pied.config import EngineConfig
 from pied.engine_client import EngineDeadError, RequestStream
 from pied.inproc import InprocEngineClient
 from pied.mp_client import ProcessEngineClient, SupervisorOptions, WorkerStartError
 from pied.supervisor import WORKER_NAMES
+from proto.config import EngineConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -249,7 +249,7 @@ async def test_bad_model_folder_fails_start_with_the_reason(tmp_path):
 
 PARENT_SCRIPT = """
 import asyncio, json, sys
-from pied.config import EngineConfig
+from proto.config import EngineConfig
 from pied.mp_client import ProcessEngineClient, SupervisorOptions
 import proto
 

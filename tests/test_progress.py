@@ -9,7 +9,7 @@ import sys
 
 from tiny_models import build_model_dir
 
-from pied.progress import Progress
+from workers.progress import Progress
 
 
 class Terminal(io.StringIO):
@@ -32,7 +32,7 @@ def test_model_loading_shows_progress_only_on_a_terminal(tmp_path):
 
     model_dir = build_model_dir(tmp_path, "llama")
     code = (
-        "from pied.config import EngineConfig; from workers.executor.runner import ModelRunner; "
+        "from proto.config import EngineConfig; from workers.executor.runner import ModelRunner; "
         f"ModelRunner(EngineConfig(model={str(model_dir)!r}, device_kv_blocks=8))"
     )
     piped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -9,7 +9,7 @@ from step_plans import Chunk, make_plan, new_request
 from tiny_models import load_hf_model
 
 import proto
-from pied.config import ConfigError, EngineConfig
+from proto.config import ConfigError, EngineConfig
 from workers.executor import runner as runner_module
 from workers.executor.kv_pool import GIB, kv_bytes_per_block
 from workers.executor.runner import ModelRunner

@@ -14,7 +14,6 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pied.config import ConfigError, EngineConfig
 from proto import (
     AddRequest,
     FinishReason,
@@ -26,6 +25,7 @@ from proto import (
     pack_i32,
     unpack_i32,
 )
+from proto.config import ConfigError, EngineConfig
 from workers.scheduler.request import RequestStatus
 from workers.scheduler.scheduler import Scheduler
 

@@ -25,8 +25,8 @@ from test_scheduler import (
     run_workload,
 )
 
-from pied.config import ConfigError, EngineConfig
 from proto import StepPlan, pack_i32, unpack_i32
+from proto.config import ConfigError, EngineConfig
 from workers.scheduler.request import RequestStatus
 from workers.scheduler.scheduler import Scheduler
 from workers.scheduler.tiers import BlockTiers

@@ -16,7 +16,7 @@ import torch
 from step_plans import BlockAllocator, Chunk, make_plan, new_request
 
 import proto
-from pied.config import ConfigError, EngineConfig
+from proto.config import ConfigError, EngineConfig
 from workers.executor.runner import COPY_THROTTLE_ENV, ModelRunner
 from workers.executor.streaming import StreamStats, ThreadCopyEngine
 from workers.memory.host_pool import HostSegment

@@ -43,8 +43,15 @@ from server import running_server
 
 import proto
 import proto.spans as span_names
-from pied.config import ConfigError, EngineConfig
-from pied.tracing import (
+from proto.config import ConfigError, EngineConfig
+from proto.spans import SpanBatch, SpanRecord
+from workers.actor import Actor, ActorThread, Addresses
+from workers.executor.step_spans import EXECUTE_SPAN, StepSpans, StepTiming
+from workers.memory.actor import step_result_from_span
+from workers.memory.spans import SpanReceiver, span_channel_tracer, span_record
+from workers.scheduler.request_spans import DECODE_SPAN, PREFILL_SPAN, QUEUE_SPAN, RequestSpans
+from workers.scheduler.scheduler import Scheduler
+from workers.tracing import (
     GRPC,
     HTTP_PROTOBUF,
     OtlpTarget,
@@ -56,13 +63,6 @@ from pied.tracing import (
     traceparent,
     tracing_enabled,
 )
-from proto.spans import SpanBatch, SpanRecord
-from workers.actor import Actor, ActorThread, Addresses
-from workers.executor.step_spans import EXECUTE_SPAN, StepSpans, StepTiming
-from workers.memory.actor import step_result_from_span
-from workers.memory.spans import SpanReceiver, span_channel_tracer, span_record
-from workers.scheduler.request_spans import DECODE_SPAN, PREFILL_SPAN, QUEUE_SPAN, RequestSpans
-from workers.scheduler.scheduler import Scheduler
 
 OTEL_VARIABLES = (
     "OTEL_SDK_DISABLED",
@@ -286,7 +286,7 @@ def test_without_an_endpoint_nothing_is_exported_and_no_thread_starts(clean_otel
     def no_exporter(target: OtlpTarget) -> None:
         raise AssertionError(f"an exporter was made for {target}")
 
-    monkeypatch.setattr("pied.tracing.otlp_exporter", no_exporter)
+    monkeypatch.setattr("workers.tracing.otlp_exporter", no_exporter)
     threads_before = set(threading.enumerate())
     config = EngineConfig(block_size=4)
     tracer = setup_tracing("pied", config)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pied.model_config import ModelConfig, ModelFolderError
 from workers.executor.model import CausalLM
 from workers.executor.weights import load_weights, weight_files
+from workers.model_config import ModelConfig, ModelFolderError
 
 
 def loaded_model(folder, dtype=torch.float32) -> CausalLM:

@@ -39,7 +39,7 @@ import zmq
 import zmq.asyncio
 
 import proto
-from pied.config import EngineConfig
+from proto.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from pied.api.protocol import (
 from pied.api.state import ServerState
 from pied.api.tracing import tracing_middleware
 from pied.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from pied.tracing import tracing_enabled
+from workers.tracing import tracing_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def create_app(
     max_request_body_bytes: int = 1 << 24,
     tracer: trace.Tracer | None = None,
 ) -> web.Application:
-    """The API. ``tracer`` (``pied.tracing.setup_tracing``): when it records, every generation
+    """The API. ``tracer`` (``workers.tracing.setup_tracing``): when it records, every generation
     request gets a server span, the root of its trace across the engine's processes."""
     middlewares: list[Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]] = [error_middleware]
     if tracer is not None and tracing_enabled(tracer):

@@ -29,7 +29,7 @@ from pied.engine_client import EngineDeadError, RequestStream
 from pied.llm import engine_requests
 from pied.metrics import RequestTiming
 from pied.output_processor import ChoiceState, ChoiceUpdate
-from pied.tracing import traceparent
+from workers.tracing import traceparent
 
 
 @dataclass

@@ -10,8 +10,8 @@ import msgspec
 import proto
 from pied.api.errors import bad_request, from_decode_error
 from pied.api.protocol import SamplingFields
-from pied.config import ConfigError
 from pied.llm import PromptTooLongError, check_prompt_length
+from proto.config import ConfigError
 
 T = TypeVar("T")
 

@@ -20,11 +20,11 @@ from typing import Protocol, runtime_checkable
 import zmq.asyncio
 
 import proto
-from pied.config import EngineConfig
-from pied.tracing import EXECUTOR_SERVICE, setup_tracing, shutdown_tracing, tracing_enabled
+from proto.config import EngineConfig
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
 from workers.executor.step_spans import StepSpans, StepTiming
 from workers.memory.spans import span_channel_tracer
+from workers.tracing import EXECUTOR_SERVICE, setup_tracing, shutdown_tracing, tracing_enabled
 
 
 class ModelShape(Protocol):

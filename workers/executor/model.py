@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pied.model_config import ModelConfig, RopeConfig
 from workers.executor.attention import AttentionMetadata, PagedAttention, TorchPagedAttention
+from workers.model_config import ModelConfig, RopeConfig
 
 Targets = dict[str, torch.Tensor]
 

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 import proto
-from pied.config import ConfigError, EngineConfig
-from pied.model_config import ModelConfig, resolve_dtype
+from proto.config import ConfigError, EngineConfig
 from workers.executor.attention import AttentionMetadata, arrays_to_device
 from workers.executor.kv_pool import GIB, KVPool, StagingRing, kv_bytes_per_block, num_blocks_that_fit
 from workers.executor.model import CausalLM
@@ -28,6 +27,7 @@ from workers.executor.streaming import HostBlockOwners, HostKV, LayerStreamer, S
 from workers.executor.weights import load_weights
 from workers.memory.host_pool import KVLayout
 from workers.memory.manager import SEGMENT_BYTES
+from workers.model_config import ModelConfig, resolve_dtype
 
 DEFAULT_CPU_KV_GIB = 1.0
 # Test only: caps the CPU copy thread's bandwidth (bytes/s) to create stalls on purpose.

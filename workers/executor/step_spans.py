@@ -25,7 +25,6 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Status, StatusCode
 
 import proto
-from pied.tracing import sampled_parent, tracing_enabled
 from proto.spans import (
     LAYER_INDEX,
     LAYER_SPAN,
@@ -45,6 +44,7 @@ from proto.spans import (
     STEP_SPAN,
     STEP_STALL_TIME,
 )
+from workers.tracing import sampled_parent, tracing_enabled
 
 logger = logging.getLogger(__name__)
 

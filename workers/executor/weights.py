@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from pied.model_config import SINGLE_WEIGHTS_FILE, WEIGHTS_INDEX_FILE, ModelFolderError
-from pied.progress import Progress
+from workers.model_config import SINGLE_WEIGHTS_FILE, WEIGHTS_INDEX_FILE, ModelFolderError
+from workers.progress import Progress
 
 MAX_NAMES_IN_ERROR = 8
 

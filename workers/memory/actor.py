@@ -16,8 +16,8 @@ import os
 import zmq.asyncio
 
 import proto
-from pied.config import EngineConfig
 from proto import spans as span_names
+from proto.config import EngineConfig
 from proto.spans import SpanBatch, SpanRecord
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
 from workers.memory.manager import HostMemory, LeaseChange, kv_layout_for

@@ -12,7 +12,7 @@ import resource
 from dataclasses import dataclass
 
 import proto
-from pied.config import ConfigError, EngineConfig
+from proto.config import ConfigError, EngineConfig
 from workers.memory.host_pool import HostSegment, KVLayout
 
 GIB = 1 << 30
@@ -253,7 +253,7 @@ def kv_layout_for(config: EngineConfig) -> tuple[KVLayout, str]:
     and the device type. The memory manager and the executor derive the same HostPlan from it."""
     import torch
 
-    from pied.model_config import ModelConfig, resolve_dtype
+    from workers.model_config import ModelConfig, resolve_dtype
 
     model_config = ModelConfig.from_folder(config.resolved_model())
     device_type = torch.device(config.resolved_device()).type

@@ -28,9 +28,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
-import pied
-from pied.tracing import process_resource
+import workers
 from proto.spans import SpanBatch, SpanRecord
+from workers.tracing import process_resource
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class ZmqSpanExporter(SpanExporter):
 def span_channel_tracer(service_name: str, address: str, context: zmq.Context) -> trace.Tracer:
     """A tracer whose spans go to ``address`` over the span channel (and nowhere else). Every span
     is recorded: the receiver's controller needs all of them. Finish with
-    ``pied.tracing.shutdown_tracing``."""
+    ``workers.tracing.shutdown_tracing``."""
     provider = sdk_trace.TracerProvider(
         sampler=ALWAYS_ON, resource=process_resource(service_name), shutdown_on_exit=False
     )
@@ -134,7 +134,7 @@ def span_channel_tracer(service_name: str, address: str, context: zmq.Context) -
             max_export_batch_size=MAX_EXPORT_BATCH_SIZE,
         )
     )
-    return provider.get_tracer("pied.spans", pied.__version__)
+    return provider.get_tracer("pied.spans", workers.__version__)
 
 
 class SpanReceiver:

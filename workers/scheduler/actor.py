@@ -27,11 +27,11 @@ from typing import Union
 import zmq.asyncio
 
 import proto
-from pied.config import EngineConfig
-from pied.tracing import SCHEDULER_SERVICE, PresetSpanIds, setup_tracing, shutdown_tracing, tracing_enabled
+from proto.config import EngineConfig
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
 from workers.scheduler.request_spans import RequestSpans
 from workers.scheduler.scheduler import Scheduler
+from workers.tracing import SCHEDULER_SERVICE, PresetSpanIds, setup_tracing, shutdown_tracing, tracing_enabled
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ span in the API (the ``traceparent`` in ``AddRequest.trace_context``)::
 
 The ``prefill`` span's id is reserved when the prefill starts and sent to the executor in
 ``NewRequestData.trace_context``, so the executor's spans can name it as their parent before it
-exists (:class:`pied.tracing.PresetSpanIds`). Only requests whose trace is sampled are tracked.
+exists (:class:`workers.tracing.PresetSpanIds`). Only requests whose trace is sampled are tracked.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanContext, Status, StatusCode
 
-from pied.tracing import PresetSpanIds, sampled_parent, traceparent
 from proto import AddRequest, FinishReason, StepPlan, TokenDelta
 from workers.scheduler.request import Request, RequestStatus
+from workers.tracing import PresetSpanIds, sampled_parent, traceparent
 
 QUEUE_SPAN = "queue"
 PREFILL_SPAN = "prefill"

@@ -18,7 +18,6 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pied.config import ConfigError, EngineConfig
 from proto import (
     AddRequest,
     FinishReason,
@@ -29,6 +28,7 @@ from proto import (
     TokenLogprobs,
     unpack_i32,
 )
+from proto.config import ConfigError, EngineConfig
 from workers.scheduler.prefix_cache import PrefixCache, PrefixCacheStats, block_key, extend_block_hashes
 from workers.scheduler.request import Request, RequestStatus
 from workers.scheduler.tiers import BlockTiers

@@ -1,5 +1,9 @@
-"""Engine configuration: one typed object, validated once at start (from CLI flags, a TOML file or
-keyword arguments to ``pied.LLM``). Flag names follow vLLM's where vLLM has one."""
+"""Engine configuration: one typed object, checked once by the daemon before any worker starts (from
+CLI flags, a TOML file or keyword arguments to ``pied.LLM``) and handed to every worker as it is.
+Flag names follow vLLM's where vLLM has one.
+
+It lives in ``proto`` because it is part of what the workers receive (``WorkerArgs``); like the rest
+of ``proto`` it imports nothing of ours."""
 
 from __future__ import annotations
 
@@ -11,11 +15,6 @@ from pathlib import Path
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message says what to change."""
-
-
-def default_model_dir() -> Path:
-    """The tiny model bundled inside the package (used when no ``--model`` is given)."""
-    return Path(__file__).parent / "models" / "default"
 
 
 @dataclass
@@ -74,7 +73,9 @@ class EngineConfig:
         return self
 
     def resolved_model(self) -> Path:
-        return Path(self.model) if self.model else default_model_dir()
+        if not self.model:
+            raise ConfigError("no model folder given; pass --model (the daemon fills in its bundled default).")
+        return Path(self.model)
 
     def resolved_device(self) -> str:
         if self.device != "auto":

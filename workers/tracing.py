@@ -48,8 +48,8 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased,
 from opentelemetry.trace import SpanContext
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-import pied
-from pied.config import ConfigError, EngineConfig
+import workers
+from proto.config import ConfigError, EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def process_resource(service_name: str) -> Resource:
         {
             "service.name": service_name,
             "service.namespace": "pied",
-            "service.version": pied.__version__,
+            "service.version": workers.__version__,
             "process.pid": os.getpid(),
         }
     )
@@ -195,7 +195,7 @@ def setup_tracing(
         shutdown_on_exit=False,
     )
     provider.add_span_processor(BatchSpanProcessor(otlp_exporter(target)))
-    tracer = provider.get_tracer("pied", pied.__version__)
+    tracer = provider.get_tracer("pied", workers.__version__)
     logger.info("%s: exporting spans over OTLP (%s) to %s", service_name, target.protocol, target.endpoint)
     atexit.register(shutdown_tracing, tracer)
     return tracer
