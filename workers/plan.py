@@ -52,15 +52,19 @@ def plan_engine(
     device: str,
     available: int | None = None,
     memlock: int | None = None,
+    num_staging_blocks: int | None = None,
 ) -> EnginePlan:
     """The plan for ``config`` on ``device`` (resolved: cpu, cuda, cuda:N) with ``model``.
 
-    ``available`` and ``memlock`` (bytes) default to the machine's; tests pass their own."""
+    ``available`` and ``memlock`` (bytes) default to the machine's; tests pass their own.
+    ``num_staging_blocks`` overrides the staging ring's width (a ``ModelRunner`` built directly
+    with its own ring: the device budget makes room for that one)."""
     device_type = device.split(":", 1)[0]
     dtype = dtype_name(config.dtype, model.dtype, device_type)
     block_bytes = kv_block_bytes(model, config.block_size, dtype)
     host = plan_host(config, block_bytes, pinned=device_type == "cuda", available=available, memlock=memlock)
-    num_device_blocks = device_blocks(config, model, device_type, block_bytes, host)
+    staging = host.num_staging_blocks if num_staging_blocks is None else num_staging_blocks
+    num_device_blocks = device_blocks(config, model, device_type, block_bytes, staging)
     max_model_len = plan_max_model_len(config, model, num_device_blocks, host)
     if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
         # Without chunking a prompt (or a preempted request's recomputation) must fit one step.
@@ -83,7 +87,7 @@ def plan_engine(
 
 
 def device_blocks(
-    config: EngineConfig, model: ModelConfig, device_type: str, block_bytes: int, host: HostPlan
+    config: EngineConfig, model: ModelConfig, device_type: str, block_bytes: int, num_staging_blocks: int
 ) -> int | None:
     """``--device-kv-blocks``, else what fits in ``--device-kv-gib``, else 1 GiB on CPU, less the
     staging ring; None on CUDA without either (the executor sizes it from the memory free after
@@ -97,7 +101,7 @@ def device_blocks(
     else:
         return None
     page_bytes = block_bytes // model.num_layers
-    staging_bytes = num_staging_areas(config, model) * host.num_staging_blocks * page_bytes
+    staging_bytes = num_staging_areas(config, model) * num_staging_blocks * page_bytes
     num_blocks = int((budget - staging_bytes) // block_bytes)
     if num_blocks < 1:
         staging = f" after {staging_bytes / GIB:.3f} GiB of staging pages" if staging_bytes else ""
@@ -136,13 +140,13 @@ def plan_max_model_len(
     )
 
 
-def plan_of(config: EngineConfig) -> EnginePlan:
+def plan_of(config: EngineConfig, num_staging_blocks: int | None = None) -> EnginePlan:
     """``config.plan``, or (for a config that never went through the daemon's preflight, such as a
     ``ModelRunner`` built directly) the same plan derived here from the model folder."""
     if config.plan is not None:
         return config.plan
     model = ModelConfig.from_folder(config.resolved_model())
-    return plan_engine(config, model, local_device(config.device))
+    return plan_engine(config, model, local_device(config.device), num_staging_blocks=num_staging_blocks)
 
 
 def local_device(device: str) -> str:

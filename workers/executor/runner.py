@@ -70,7 +70,7 @@ class ModelRunner:
         if num_staging_blocks is not None and num_staging_blocks < 0:
             raise ValueError(f"num_staging_blocks must be non-negative, got {num_staging_blocks}.")
         self.config = config
-        self.plan = plan_of(config)
+        self.plan = plan_of(config, num_staging_blocks)
         self.device = torch.device(self.plan.device)
         torch.manual_seed(config.seed)
         self.model_config = ModelConfig.from_folder(self.plan.model_path)
