@@ -271,10 +271,12 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The configuration phase: every error here is a ConfigError or ModelFolderError (exit 2),
     # raised before any worker starts.
-    if args.config is not None:
-        config_file.apply(parser, args, args.config)
-    options = ServeOptions.from_args(args).validate()
-    config = preflight(engine_config_from_args(args))
+    from_file = config_file.apply(parser, args, args.config) if args.config is not None else set()
+    try:
+        options = ServeOptions.from_args(args).validate()
+        config = preflight(engine_config_from_args(args))
+    except ConfigError as error:  # a value the file set: name the file and its key
+        raise config_file.blame(error, args.config, from_file) if from_file else error from None
     check_chat_template_option(options.chat_template)
     api_key = options.resolved_api_key()
     if api_key is None and not is_loopback(options.host):

@@ -92,7 +92,7 @@ class EngineConfig:
         if self.device_kv_gib is not None and not (math.isfinite(self.device_kv_gib) and self.device_kv_gib > 0):
             raise ConfigError(f"--device-kv-gib must be a positive number of GiB, got {self.device_kv_gib}.")
         if self.device_kv_blocks is not None and self.device_kv_gib is not None:
-            raise ConfigError("give --device-kv-blocks or --device-kv-gib, not both.")
+            raise ConfigError("--device-kv-blocks and --device-kv-gib are both given; keep one.")
         if not (0 < self.gpu_memory_utilization <= 1):
             raise ConfigError(
                 f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}."

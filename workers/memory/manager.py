@@ -100,7 +100,7 @@ class HostMemory:
             raise ValueError(
                 f"the host plan's blocks are {self.plan.block_bytes} bytes, the KV layout's {self.layout.block_bytes}."
             )
-        self.manager = MemoryManager(self.plan, layout)
+        self.manager = MemoryManager(self.plan, self.layout)
         self.adaptive = config.kv_policy == "pie" and parse_expansion(config.expansion) is None
         self.controller = (
             ExpansionController(
