@@ -14,8 +14,8 @@ from workers.model_config import (
     ModelConfig,
     ModelFolderError,
     RopeConfig,
-    resolve_dtype,
 )
+from workers.plan import dtype_name
 
 
 def editable_copy(folder: Path, tmp_path: Path) -> Path:
@@ -126,12 +126,12 @@ def test_eos_ids_merge_config_and_generation_config(tiny_model_dir, tmp_path):
     ],
 )
 def test_resolve_dtype(name, config_dtype, device, expected):
-    assert resolve_dtype(name, config_dtype, device) == expected
+    assert getattr(torch, dtype_name(name, config_dtype, device)) == expected
 
 
 def test_resolve_dtype_rejects_unknown_names():
     with pytest.raises(ValueError, match="int8"):
-        resolve_dtype("int8", "float32", "cpu")
+        dtype_name("int8", "float32", "cpu")
 
 
 # ---------------------------------------------------------------- errors name the file at fault

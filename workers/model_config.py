@@ -91,23 +91,6 @@ class ModelConfig:
         return _parse(folder, raw, generation, config_file)
 
 
-def resolve_dtype(name: str, config_dtype: str, device_type: str):
-    """The torch dtype to run in for ``--dtype name`` ("auto" follows the checkpoint's dtype).
-
-    "auto" with a float16 checkpoint runs in float32 on CPU: CPU float16 matmuls are slow or
-    missing, and float16 has bfloat16's memory cost with none of its range. An explicit
-    ``float16`` is honoured everywhere.
-    """
-    import torch
-
-    key = config_dtype if name == "auto" else DTYPE_ALIASES.get(name)
-    if key is None:
-        raise ValueError(f"--dtype {name!r} is not supported; use auto, float32, bfloat16 or float16.")
-    if name == "auto" and key == "float16" and device_type == "cpu":
-        key = "float32"
-    return getattr(torch, key)
-
-
 def _read_json(file: Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text())
