@@ -81,6 +81,8 @@ class EngineConfig:
             raise ConfigError(f"--dtype {self.dtype!r} is not supported; use auto, float32, bfloat16 or float16.")
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"--device {self.device!r} is not a device; use auto, cpu, cuda or cuda:N.")
+        if not -(1 << 63) <= self.seed < (1 << 64):  # what torch.manual_seed takes
+            raise ConfigError(f"--seed must fit in 64 bits, got {self.seed}.")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size must be a positive power of two, got {self.block_size}.")
         if self.max_num_batched_tokens < 1:

@@ -325,6 +325,7 @@ def test_systemd_does_not_restart_on_exit_2():
         (dict(device="cuda:x"), "--device"),
         (dict(dtype="int8"), "--dtype"),
         (dict(block_size=12), "--block-size"),
+        (dict(seed=1 << 64), "--seed"),
         (dict(max_logprobs=-1), "--max-logprobs"),
         (dict(served_model_name=" "), "--served-model-name"),
         (dict(max_num_seqs="8"), "--max-num-seqs must be an integer"),
