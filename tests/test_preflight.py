@@ -18,8 +18,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from daemon import shm_entries
-from server import REPO
+from daemon import cmdline, shm_entries, worker_pids
+from server import REPO, running_server
 
 from pied.devices import resolve_device
 from pied.model_folder import check_config_fields, check_model_folder, check_safetensors_header, weight_files
@@ -530,3 +530,24 @@ def test_host_plan_is_checked_once_in_the_daemon(tiny, monkeypatch):
 def test_cpu_default_budget_in_gib(tiny):
     config = preflight(EngineConfig(model=str(tiny.path), device="cpu", block_size=4))
     assert config.plan is not None and config.plan.num_device_blocks == int(1 * GIB // 2048)
+
+
+def test_the_daemon_hands_its_plan_to_every_worker(tiny_model_dir):
+    """The workers of ``pied serve`` get the checked plan on their command line (WorkerArgs JSON):
+    the device pool, the model length lowered to it, and the host plan, as the preflight decided."""
+    from workers.actor import WorkerArgs
+
+    model_dir = tiny_model_dir("llama")
+    flags = ["--block-size", "4", "--device-kv-blocks", "40", "--kv-policy", "pie", "--expansion", "fixed:24"]
+    with running_server(model_dir, *flags) as server:
+        workers = worker_pids(server.process.pid)
+        assert set(workers) == {"scheduler", "executor", "memory"}
+        plans = []
+        for pid in workers.values():
+            args = msgspec.json.decode([arg for arg in cmdline(pid) if arg][-1], type=WorkerArgs)
+            plans.append(args.config.plan)
+        assert plans[0] is not None and plans.count(plans[0]) == len(plans)
+        plan = plans[0]
+        assert (plan.device, plan.num_device_blocks, plan.max_model_len) == ("cpu", 40, (40 + 24) * 4)
+        assert (plan.host.max_host_blocks, plan.host.num_staging_blocks, plan.host.initial_lease) == (24, 24, 24)
+        assert plan.model_path == str(Path(model_dir).absolute())
