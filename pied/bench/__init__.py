@@ -1,0 +1,9 @@
+"""``pied bench serve``: a load generator and latency/throughput meter for OpenAI-compatible servers.
+
+Python API: ``await run_benchmark(BenchmarkConfig(base_url=..., model=...))`` -> ``BenchmarkResult``.
+"""
+
+from pied.bench.datasets import SampleRequest
+from pied.bench.serve import BenchmarkConfig, BenchmarkResult, add_bench_command, run_benchmark
+
+__all__ = ["BenchmarkConfig", "BenchmarkResult", "SampleRequest", "add_bench_command", "run_benchmark"]
