@@ -359,13 +359,12 @@ def test_4xx_answers_are_counted_as_errors(server: ServerProcess, tmp_path: Path
 
 
 def test_progress_bar_only_on_a_terminal(server: ServerProcess) -> None:
-    """With stdout and stderr on a terminal the bar is drawn; the pipe case is checked above."""
+    """With stdout and stderr on a terminal the bar is drawn; the pipe case is checked above.
+    (No --model: the benchmark asks the server's /v1/models.)"""
     leader, follower = pty.openpty()
     process = subprocess.Popen(
         bench_command(
             server,
-            "--model",
-            MODEL,
             "--num-prompts",
             "2",
             "--random-input-len",

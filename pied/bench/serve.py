@@ -53,7 +53,7 @@ class BenchmarkConfig:
     """Everything one benchmark run needs; the CLI flags map one to one onto these fields."""
 
     base_url: str
-    model: str
+    model: str | None = None  # None: the first model the server lists at /v1/models
     endpoint: str = COMPLETIONS
     dataset: str = "random"
     dataset_path: str | None = None
@@ -108,9 +108,13 @@ class BenchmarkConfig:
         return self
 
     @property
-    def url(self) -> str:
+    def root(self) -> str:
         # Accept the OpenAI-style base URL (".../v1") as well as the server's root.
-        return self.base_url.rstrip("/").removesuffix("/v1") + self.endpoint
+        return self.base_url.rstrip("/").removesuffix("/v1")
+
+    @property
+    def url(self) -> str:
+        return self.root + self.endpoint
 
 
 @dataclass
@@ -214,20 +218,37 @@ async def arrivals(
         yield index, request
 
 
+async def served_model(session: aiohttp.ClientSession, root: str, headers: dict[str, str]) -> str:
+    """The first model id the server lists (what ``vllm bench serve`` does without ``--model``)."""
+    try:
+        async with session.get(root + "/v1/models", headers=headers) as response:
+            if response.status != 200:
+                raise ValueError(f"GET {root}/v1/models: HTTP {response.status}; pass --model")
+            models = (await response.json()).get("data") or []
+    except aiohttp.ClientError as error:
+        raise ValueError(f"GET {root}/v1/models failed ({error}); is the server up?") from None
+    if not models:
+        raise ValueError(f"{root}/v1/models lists no model; pass --model")
+    return str(models[0]["id"])
+
+
 async def run_benchmark(config: BenchmarkConfig) -> BenchmarkResult:
     """Send the configured stream to the server and measure it (see the module doc)."""
     config.validate()
     requests = build_requests(config)
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
 
-    def body(request: SampleRequest) -> dict[str, Any]:
-        return request_body(
-            config.endpoint, config.model, request, config.temperature, config.ignore_eos, config.extra_body
-        )
-
     connector = aiohttp.TCPConnector(limit=config.max_concurrency or 0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True) as session:
+        model = config.model or await served_model(session, config.root, headers)
+        config = dataclasses.replace(config, model=model)  # the result names the model that ran
+
+        def body(request: SampleRequest) -> dict[str, Any]:
+            return request_body(
+                config.endpoint, model, request, config.temperature, config.ignore_eos, config.extra_body
+            )
+
         for _ in range(config.num_warmups):  # outside the clock, one at a time
             await send_request(session, config.url, body(requests[0]), headers)
         semaphore = asyncio.Semaphore(config.max_concurrency or len(requests))
@@ -303,7 +324,7 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--model", required=True, help="the model name the server serves")
+    parser.add_argument("--model", default=None, help="the served model name (default: the server's first)")
     parser.add_argument("--endpoint", default=COMPLETIONS, choices=ENDPOINTS)
     parser.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY)")
     data = parser.add_argument_group("request stream")
