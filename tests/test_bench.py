@@ -409,3 +409,31 @@ def test_bad_flags_are_clear_errors(server: ServerProcess, tmp_path: Path) -> No
             timeout=60,
         )
         assert done.returncode == 2 and message in done.stderr, (flags, done.stderr)
+
+
+def test_prefix_stream_with_an_api_key(tmp_path: Path) -> None:
+    """A server that wants a key: OPENAI_API_KEY is sent (a run without it is all 401s), and the
+    shared-prefix stream's token-id prompts reach the server exactly."""
+    with running_server(default_model_dir(), "--served-model-name", MODEL, "--api-key", "sesame") as server:
+        flags = [
+            "--model", MODEL, "--dataset", "prefix", "--num-prompts", "6", "--prefix-system-len", "24",
+            "--prefix-num-turns", "2", "--prefix-turn-len", "4", "--prefix-output-len", "3", "--ignore-eos",
+        ]  # fmt: skip
+        environment = {key: value for key, value in os.environ.items() if key != "OPENAI_API_KEY"}
+        results = {}
+        for name, key in (("with", "sesame"), ("without", None)):
+            result_file = tmp_path / f"{name}.json"
+            env = environment if key is None else {**environment, "OPENAI_API_KEY": key}
+            subprocess.run(
+                [*bench_command(server, *flags), "--result-file", str(result_file)],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                timeout=300,
+            )
+            results[name] = json.loads(result_file.read_text())
+    assert results["with"]["completed"] == 6, results["with"]["first_error"]
+    # Three conversations: turn 1 is 24 + 4 ids, turn 2 adds the synthetic reply (3) and a turn (4).
+    assert results["with"]["total_input_tokens"] == 3 * 28 + 3 * 35
+    assert results["with"]["total_output_tokens"] == 6 * 3
+    assert results["without"]["failed"] == 6 and results["without"]["first_error"].startswith("HTTP 401")
