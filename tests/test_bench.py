@@ -138,6 +138,7 @@ def test_random_lengths_and_seeds() -> None:
         sample_random(1, 10, 10, range_ratio=1.0)
 
 
+@pytest.mark.e2e
 def test_random_with_a_tokenizer_hits_lengths(tiny_model_dir) -> None:
     vocabulary = Vocabulary(tiny_model_dir("llama"))
     requests = sample_random(20, 30, 5, seed=0, vocabulary=vocabulary)
@@ -223,6 +224,7 @@ def bucket_width(buckets: tuple[float, ...], value: float) -> float:
     return buckets[index] - (buckets[index - 1] if index else 0.0)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
 def test_counts_and_latencies_agree_with_the_server(server: ServerProcess, endpoint: str) -> None:
     config = BenchmarkConfig(
@@ -274,6 +276,7 @@ def bench_command(server: ServerProcess, *flags: str) -> list[str]:
     return [sys.executable, "-m", "pied", "bench", "serve", "--base-url", server.base_url, *flags]
 
 
+@pytest.mark.e2e
 def test_cli_sharegpt_end_to_end_writes_the_documented_json(server: ServerProcess, tmp_path: Path) -> None:
     dataset = tmp_path / "sharegpt.json"
     dataset.write_text(json.dumps(SHAREGPT))
@@ -330,6 +333,7 @@ def test_cli_sharegpt_end_to_end_writes_the_documented_json(server: ServerProces
     assert "requests [" not in done.stderr + done.stdout and "\r" not in done.stderr + done.stdout
 
 
+@pytest.mark.e2e
 def test_4xx_answers_are_counted_as_errors(server: ServerProcess, tmp_path: Path) -> None:
     result_file = tmp_path / "result.json"
     done = subprocess.run(
@@ -358,6 +362,7 @@ def test_4xx_answers_are_counted_as_errors(server: ServerProcess, tmp_path: Path
     assert "First error: HTTP 404" in done.stdout
 
 
+@pytest.mark.e2e
 def test_progress_bar_only_on_a_terminal(server: ServerProcess) -> None:
     """With stdout and stderr on a terminal the bar is drawn; the pipe case is checked above.
     (No --model: the benchmark asks the server's /v1/models.)"""
@@ -392,6 +397,7 @@ def test_progress_bar_only_on_a_terminal(server: ServerProcess) -> None:
     assert b"requests [" in seen and b"2/2" in seen, seen
 
 
+@pytest.mark.e2e
 def test_bad_flags_are_clear_errors(server: ServerProcess, tmp_path: Path) -> None:
     cases = [
         (["--dataset", "sharegpt"], "needs --dataset-path"),
@@ -411,6 +417,7 @@ def test_bad_flags_are_clear_errors(server: ServerProcess, tmp_path: Path) -> No
         assert done.returncode == 2 and message in done.stderr, (flags, done.stderr)
 
 
+@pytest.mark.e2e
 def test_prefix_stream_with_an_api_key(tmp_path: Path) -> None:
     """A server that wants a key: OPENAI_API_KEY is sent (a run without it is all 401s), and the
     shared-prefix stream's token-id prompts reach the server exactly."""

@@ -146,6 +146,7 @@ def test_runs_are_interleaved(monkeypatch: pytest.MonkeyPatch) -> None:
     assert runs == {"a": [{"n": 1}, {"n": 3}, {"n": 5}], "b": [{"n": 2}, {"n": 4}, {"n": 6}]}
 
 
+@pytest.mark.e2e
 def test_cli_renders_saved_runs(tmp_path: Path) -> None:
     saved = tmp_path / "benchmarks.json"
     saved.write_text(
