@@ -19,6 +19,7 @@ import pytest
 from server import REPO, ServerProcess, running_server
 
 from pied.bench import BenchmarkConfig, run_benchmark
+from pied.bench.client import request_body
 from pied.bench.datasets import (
     DEFAULT_TOKEN_ID_RANGE,
     Vocabulary,
@@ -198,6 +199,44 @@ def test_arrival_gaps() -> None:
         # A gamma's squared coefficient of variation is 1 / shape: 1 for Poisson, 4 when bursty.
         assert (gaps.std() / gaps.mean()) ** 2 == pytest.approx(1 / burstiness, rel=0.1)
     assert (arrival_gaps(10, 2.0, 1.0, 7) == arrival_gaps(10, 2.0, 1.0, 7)).all()
+
+
+def test_request_bodies() -> None:
+    request = sample_random(1, 4, 3)[0]
+    body = request_body("/v1/completions", "m", request, temperature=0.5, ignore_eos=False)
+    assert body == {
+        "model": "m", "temperature": 0.5, "stream": True, "stream_options": {"include_usage": True},
+        "prompt": request.prompt, "max_tokens": 3,
+    }  # fmt: skip
+    chat = request_body("/v1/chat/completions", "m", request, 0.0, ignore_eos=True, extra_body={"top_k": 5})
+    assert chat["messages"] == request.messages and chat["max_completion_tokens"] == 3
+    assert chat["ignore_eos"] is True and chat["top_k"] == 5 and "prompt" not in chat
+
+
+def test_command_line_to_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pied.bench.command import config_from_args
+    from pied.cli import build_parser
+
+    monkeypatch.setenv("OPENAI_API_KEY", "from-env")
+    args = build_parser().parse_args(
+        ["bench", "serve", "--base-url", "http://h:1/v1", "--dataset", "sharegpt", "s.json", "--goodput",
+         "ttft:100", "--slo-tpot", "20", "--request-rate", "inf", "--extra-body", '{"top_p": 0.9}',
+         "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "90,99.9"]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert (config.dataset, config.dataset_path, config.api_key) == ("sharegpt", "s.json", "from-env")
+    assert config.goodput == {"ttft": 100.0, "tpot": 20.0} and config.request_rate == float("inf")
+    assert config.extra_body == {"top_p": 0.9} and config.url == "http://h:1/v1/completions"
+    assert config.percentile_metrics == ("ttft", "e2el") and config.metric_percentiles == (90.0, 99.9)
+    for flags, message in (
+        (["--extra-body", "[1]"], "JSON object"),
+        (["--dataset", "random", "x.json"], "--dataset: expected"),
+        (["--percentile-metrics", "ttft,foo"], "percentile-metrics"),
+        (["--base-url", "localhost:8000"], "--base-url must look like"),
+    ):
+        argv = ["bench", "serve", "--base-url", "http://h:1", *flags]
+        with pytest.raises(ValueError, match=message):
+            config_from_args(build_parser().parse_args(argv))
 
 
 # ---------------------------------------------------------------- against a real server
