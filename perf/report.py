@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,11 @@ def run(job: Job) -> dict[str, Any]:
     return result
 
 
-def run_interleaved(jobs: list[Job], repeats: int) -> dict[str, list[dict[str, Any]]]:
-    """``repeats`` rounds, each running every job once in order (A, B, A, B ...)."""
+def run_interleaved(
+    jobs: list[Job], repeats: int, on_result: Callable[[dict[str, list[dict[str, Any]]]], None] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """``repeats`` rounds, each running every job once in order (A, B, A, B ...); ``on_result``
+    sees the runs so far after each one (the report saves them, so a killed report keeps them)."""
     from workers.progress import Progress
 
     runs: dict[str, list[dict[str, Any]]] = {job.name: [] for job in jobs}
@@ -118,6 +122,8 @@ def run_interleaved(jobs: list[Job], repeats: int) -> dict[str, list[dict[str, A
         for _ in range(repeats):
             for job in jobs:
                 runs[job.name].append(run(job))
+                if on_result is not None:
+                    on_result(runs)
                 progress.update()
     return runs
 
@@ -294,13 +300,13 @@ def main() -> None:
             jobs = [job for job in jobs if job.name in wanted]
         from common import machine
 
-        document = {
-            "machine": machine(),
-            "commit": commit(),
-            "repeats": args.repeats,
-            "runs": run_interleaved(jobs, args.repeats),
-        }
-        (out / "benchmarks.json").write_text(json.dumps(document, indent=1, sort_keys=True))
+        document = {"machine": machine(), "commit": commit(), "repeats": args.repeats, "runs": {}}
+
+        def save(runs: dict[str, list[dict[str, Any]]]) -> None:
+            document["runs"] = runs
+            (out / "benchmarks.json").write_text(json.dumps(document, indent=1, sort_keys=True))
+
+        save(run_interleaved(jobs, args.repeats, on_result=save))
     plots = plot_all(document["runs"], out)
     (out / "benchmarks.md").write_text(render(document, plots))
     print(json.dumps({"report": str(out / "benchmarks.md"), "plots": plots}))

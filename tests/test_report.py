@@ -141,9 +141,24 @@ def test_runs_are_interleaved(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(report, "run", fake_run)
     jobs = [report.Job("a", "a.py"), report.Job("b", "b.py")]
-    runs = report.run_interleaved(jobs, repeats=3)
+    saved: list[int] = []
+    runs = report.run_interleaved(
+        jobs, repeats=3, on_result=lambda runs: saved.append(sum(map(len, runs.values())))
+    )
     assert order == ["a", "b", "a", "b", "a", "b"]
     assert runs == {"a": [{"n": 1}, {"n": 3}, {"n": 5}], "b": [{"n": 2}, {"n": 4}, {"n": 6}]}
+    assert saved == [1, 2, 3, 4, 5, 6]  # the runs so far, after every run
+
+
+def test_run_reads_the_last_json_line_and_reports_failures(tmp_path: Path) -> None:
+    script = tmp_path / "fake_bench.py"
+    script.write_text('print("warming up")\nprint(\'{"throughput": 12.5, "runs": {"a": {"x": 1}}}\')\n')
+    result = report.run(report.Job("fake", str(script)))
+    assert result["throughput"] == 12.5 and result["runs"] == {"a": {"x": 1}} and result["wall_seconds"] >= 0
+    failing = tmp_path / "failing_bench.py"
+    failing.write_text('import sys\nsys.exit("out of memory")\n')
+    with pytest.raises(RuntimeError, match="out of memory"):
+        report.run(report.Job("failing", str(failing)))
 
 
 @pytest.mark.e2e
