@@ -137,6 +137,8 @@ def test_random_lengths_and_seeds() -> None:
     assert {len(r.prompt) for r in fixed} == {64} and {r.output_len for r in fixed} == {8}
     with pytest.raises(ValueError, match="range-ratio"):
         sample_random(1, 10, 10, range_ratio=1.0)
+    with pytest.raises(ValueError, match="--random-output-len must be at least 1"):
+        sample_random(1, 10, 0)
 
 
 @pytest.mark.e2e

@@ -113,10 +113,10 @@ def _clean(text: str) -> bool:
     return bool(text) and "\ufffd" not in text and all(c.isprintable() or c in " \n\t" for c in text)
 
 
-def length_range(mean: int, range_ratio: float) -> tuple[int, int]:
+def length_range(mean: int, range_ratio: float, flag: str) -> tuple[int, int]:
     """vLLM's rule: lengths uniform in ``[mean * (1 - r), mean * (1 + r)]``, at least 1."""
     if mean < 1:
-        raise ValueError(f"lengths must be at least 1, got {mean}")
+        raise ValueError(f"{flag} must be at least 1, got {mean}")
     if not 0 <= range_ratio < 1:
         raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
     return max(1, math.floor(mean * (1 - range_ratio))), max(1, math.ceil(mean * (1 + range_ratio)))
@@ -133,8 +133,8 @@ def sample_random(
     """Prompts of random tokens (or words) with lengths uniform around the means."""
     vocabulary = vocabulary or Vocabulary()
     rng = np.random.default_rng(seed)
-    input_low, input_high = length_range(input_len, range_ratio)
-    output_low, output_high = length_range(output_len, range_ratio)
+    input_low, input_high = length_range(input_len, range_ratio, "--random-input-len")
+    output_low, output_high = length_range(output_len, range_ratio, "--random-output-len")
     requests = []
     for _ in range(num_prompts):
         prompt_len = int(rng.integers(input_low, input_high + 1))
