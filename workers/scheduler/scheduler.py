@@ -243,7 +243,7 @@ class Scheduler:
                 self.swapped.remove(request)
             else:
                 self.waiting.remove(request)
-            deltas.append(self._finish(request, FinishReason.ABORT))
+            deltas.append(self._finish(request, final_delta(request, FinishReason.ABORT)))
         if aborted_running:
             self.running = [request for request in self.running if request.status == _RUNNING]
         return deltas
@@ -520,7 +520,8 @@ class Scheduler:
             return token_delta(request, packed_token_ids, logprobs)
         stop_token_id = token_id if reason == FinishReason.STOP else -1
         error = self._pool_too_small(request) if reason == FinishReason.ERROR else ""
-        return self._finish(request, reason, packed_token_ids, stop_token_id, logprobs, error)
+        delta = final_delta(request, reason, packed_token_ids, stop_token_id, logprobs, error)
+        return self._finish(request, delta)
 
     def _fail_step(self, scheduled: list[Scheduled], error: str) -> list[TokenDelta]:
         """The executor failed the step: end every request in it with ERROR (a retry would not see
@@ -528,26 +529,20 @@ class Scheduler:
         deltas = []
         for request, _, _ in scheduled:
             if request.status == _RUNNING:
-                deltas.append(self._finish(request, FinishReason.ERROR, error=f"the model failed: {error}"))
+                delta = final_delta(request, FinishReason.ERROR, error=f"the model failed: {error}")
+                deltas.append(self._finish(request, delta))
         self.running = [request for request in self.running if request.status == _RUNNING]
         return deltas
 
-    def _finish(
-        self,
-        request: Request,
-        reason: FinishReason,
-        packed_token_ids: bytes = b"",
-        stop_token_id: int = -1,
-        logprobs: TokenLogprobs | None = None,
-        error: str = "",
-    ) -> TokenDelta:
-        """End a request: free its blocks and forget it. The caller removes it from its queue."""
+    def _finish(self, request: Request, delta: TokenDelta) -> TokenDelta:
+        """End a request (``delta`` is its final one, passed through): free its blocks and forget it.
+        The caller removes it from its queue."""
         request.status = RequestStatus.FINISHED
         self._free_blocks(request)
         del self.requests[request.request_id]
         if request.executor_has_state:
             self._finished_request_ids.append(request.request_id)
-        return final_delta(request, reason, packed_token_ids, stop_token_id, logprobs, error)
+        return delta
 
     def _free_blocks(self, request: Request) -> None:
         self.tiers.free(request.block_table)
