@@ -130,6 +130,8 @@ def test_render_tables_and_verdicts(tmp_path: Path) -> None:
     assert "| 170 |" in fixed_96 and "—" in fixed_96  # one run, no range; missing columns shown as —
     assert "![pooling](pooling.png)" in text and "![transparency]" not in text
     assert "Adaptive" not in text  # benchmarks that did not run are left out, not crashed on
+    assert "stopped early" not in text
+    assert "stopped early" in report.render({**document, "repeats": 4}, plots=[])
 
 
 def test_runs_are_interleaved(monkeypatch: pytest.MonkeyPatch) -> None:
