@@ -15,6 +15,7 @@ import sys
 import traceback
 
 from pied.args import add_engine_args, add_sampling_args, engine_config_from_args
+from pied.bench import add_bench_command
 from pied.chat import add_chat_command
 from pied.exit_status import EXIT_CONFIG_ERROR, EXIT_RUNTIME_FAILURE, RunTimeFailure, run_time
 from pied.serve import add_serve_command
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_command(commands)
 
     add_serve_command(commands)
+    add_bench_command(commands)
     return parser
 
 
