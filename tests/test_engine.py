@@ -44,6 +44,13 @@ def assert_prefix_equal(ours: list[int], reference: list[int]) -> None:
     assert ours[: len(reference)] == reference
 
 
+PHI3_LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.5,
+    "short_factor": [1.0, 1.3, 2.1, 3.7],
+    "long_factor": [1.5, 4.0, 9.0, 20.0],
+}
 MODEL_VARIANTS = {
     "llama": dict(arch="llama"),
     "qwen2-sharded": dict(arch="qwen2", sharded=True),
@@ -61,6 +68,19 @@ MODEL_VARIANTS = {
         },
     ),
     "llama-mha": dict(arch="llama", num_key_value_heads=4),
+    "qwen3": dict(arch="qwen3"),
+    "gemma3": dict(arch="gemma3"),
+    "phi3": dict(arch="phi3"),
+    # longrope with every sequence past the original context from its prompt on (long factors), and
+    # with none reaching it (short factors). transformers' generate recomputes a sequence's cache
+    # when it crosses the original context; pied does not (see workers/executor/model.py).
+    "phi3-longrope-long": dict(
+        arch="phi3", original_max_position_embeddings=4, rope_parameters=PHI3_LONGROPE
+    ),
+    "phi3-longrope-short": dict(
+        arch="phi3", original_max_position_embeddings=128, rope_parameters=PHI3_LONGROPE
+    ),
+    "smollm3": dict(arch="smollm3"),
 }
 
 
@@ -75,7 +95,9 @@ def test_greedy_batch_matches_transformers(tmp_path, variant):
     path = build_model_dir(tmp_path, options.pop("arch"), **options)
     reference_model = load_hf_model(path)
     llm = LLM(model=str(path), dtype="float32", block_size=4)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    outputs = llm.generate(
+        [{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    )
     for prompt, output in zip(PROMPTS, outputs):
         assert_prefix_equal(output.outputs[0].token_ids, hf_greedy(reference_model, prompt, MAX_TOKENS))
 
@@ -115,7 +137,11 @@ def test_same_seed_same_output_whatever_the_batch(llama_dir):
     other = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
     alone = llm.generate({"prompt_token_ids": PROMPTS[1]}, seeded)[0].outputs[0].token_ids
     batch = llm.generate(
-        [{"prompt_token_ids": PROMPTS[0]}, {"prompt_token_ids": PROMPTS[1]}, {"prompt_token_ids": PROMPTS[3]}],
+        [
+            {"prompt_token_ids": PROMPTS[0]},
+            {"prompt_token_ids": PROMPTS[1]},
+            {"prompt_token_ids": PROMPTS[3]},
+        ],
         [other, seeded, other],
     )
     assert batch[1].outputs[0].token_ids == alone
@@ -133,7 +159,9 @@ def test_finish_reasons_stop_strings_and_n(llama_dir):
     text = choice.text
     assert len(text) > 6
     stop = text[3:6]
-    stopped = llm.generate("def f(x):", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]))[0]
+    stopped = llm.generate(
+        "def f(x):", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop])
+    )[0]
     assert stopped.outputs[0].finish_reason == "stop"
     assert stopped.outputs[0].stop_reason == stop
     assert stopped.outputs[0].text == text[: text.index(stop)]
@@ -149,7 +177,9 @@ def test_finish_reasons_stop_strings_and_n(llama_dir):
 def test_logprobs_match_transformers(llama_dir):
     llm = LLM(model=str(llama_dir), block_size=4)
     prompt = PROMPTS[1]
-    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=1, logprobs=3))[0]
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=1, logprobs=3))[
+        0
+    ]
     choice = out.outputs[0]
     model = load_hf_model(llama_dir)
     with torch.no_grad():
@@ -171,7 +201,18 @@ def test_prompt_too_long_is_a_clear_error(llama_dir):
 
 def test_cli_generate(llama_dir):
     run = subprocess.run(
-        [sys.executable, "-m", "pied", "generate", "--model", str(llama_dir), "--prompt", "def", "--max-tokens", "5"],
+        [
+            sys.executable,
+            "-m",
+            "pied",
+            "generate",
+            "--model",
+            str(llama_dir),
+            "--prompt",
+            "def",
+            "--max-tokens",
+            "5",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

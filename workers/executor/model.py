@@ -123,6 +123,11 @@ class RotaryEmbedding(nn.Module):
             # As transformers' longrope: a forward pass whose sequence reaches past the original
             # context uses the long factors for all its tokens, the short ones otherwise. transformers
             # decides per call; here per sequence, so a batch does not change a sequence's result.
+            # NOTE: K/V already cached keep the factors they were computed with. transformers' Phi-3
+            # generate() drops the cache once, when a sequence first grows past the original context,
+            # and recomputes it with the long factors; pied does not (that needs the scheduler to
+            # recompute the sequence), so a sequence that crosses the original context during
+            # generation continues from short-factor K/V, as transformers' forward over a cache does.
             use_long = (context_lens > self.original_max_position_embeddings)[:, None]
             inv_freq = torch.where(use_long, self.long_inv_freq[None, :], inv_freq)
         angles = positions[:, None].float() * inv_freq
