@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,3 +205,103 @@ def test_missing_weights(tiny_model_dir, tmp_path, leftover):
         ModelConfig.from_folder(folder)
     assert str(folder) in str(error.value) and "model.safetensors" in str(error.value)
     assert ("convert" in str(error.value)) == bool(leftover)
+
+
+# ---------------------------------------------------------------- newer architectures' switches
+
+
+def test_qwen3_fields(tiny_model_dir):
+    config = ModelConfig.from_folder(tiny_model_dir("qwen3"))
+    assert config.architecture == "Qwen3ForCausalLM" and config.qk_norm
+    assert config.head_dim == 24 and config.attention_scale == 24**-0.5  # head_dim is not hidden / heads
+    assert not config.qkv_bias and not config.o_proj_bias and not config.unit_offset_norms
+
+
+def test_gemma3_fields(tiny_model_dir):
+    config = ModelConfig.from_folder(tiny_model_dir("gemma3"))
+    assert config.architecture == "Gemma3ForCausalLM"
+    assert config.qk_norm and config.unit_offset_norms and config.sandwich_norms
+    assert config.hidden_act == "gelu_pytorch_tanh" and config.tie_word_embeddings
+    assert config.embedding_multiplier == 64**0.5 and config.attention_scale == 20**-0.5
+    assert config.final_logit_softcap == 30.0
+    assert config.layer_sliding_windows == (5, None)
+    local, global_ = config.layer_ropes
+    assert local == RopeConfig(theta=10000.0, original_max_position_embeddings=512)
+    assert global_ == RopeConfig(theta=1e6, type="linear", factor=2.0, original_max_position_embeddings=512)
+
+
+def test_gemma3_transformers4_keys(tiny_model_dir, tmp_path):
+    """rope_local_base_freq, rope_scaling on global layers only, and sliding_window_pattern."""
+    folder = editable_copy(tiny_model_dir("gemma3", num_hidden_layers=6, layer_types=None), tmp_path)
+    edit_config(
+        folder,
+        rope_parameters=None,
+        layer_types=None,
+        rope_theta=1e6,
+        rope_local_base_freq=1e4,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+        sliding_window_pattern=3,
+    )
+    config = ModelConfig.from_folder(folder)
+    assert config.layer_sliding_windows == (5, 5, None, 5, 5, None)
+    assert [rope.theta for rope in config.layer_ropes] == [1e4, 1e4, 1e6, 1e4, 1e4, 1e6]
+    assert [rope.factor for rope in config.layer_ropes] == [1.0, 1.0, 8.0, 1.0, 1.0, 8.0]
+
+
+def test_phi3_fields(tiny_model_dir):
+    config = ModelConfig.from_folder(tiny_model_dir("phi3"))
+    assert config.fused_checkpoint and config.rope.partial_rotary_factor == 0.5
+    assert config.layer_ropes == (config.rope, config.rope)
+
+
+def test_phi3_longrope_as_transformers_derives_it(tiny_model_dir, tmp_path):
+    folder = editable_copy(tiny_model_dir("phi3"), tmp_path)
+    short, long = [1.0, 1.5, 2.0, 3.0], [2.0, 4.0, 8.0, 16.0]
+    # Phi-3's transformers 4 format: "su" is longrope's old name; no factor, so max / original.
+    edit_config(
+        folder,
+        rope_parameters=None,
+        rope_theta=10000.0,
+        rope_scaling={"type": "su", "short_factor": short, "long_factor": long},
+        original_max_position_embeddings=32,
+    )
+    rope = ModelConfig.from_folder(folder).rope
+    assert rope.type == "longrope" and rope.original_max_position_embeddings == 32
+    assert (rope.short_factor, rope.long_factor) == (tuple(short), tuple(long))
+    assert rope.factor == 512 / 32
+    assert rope.attention_factor == pytest.approx((1 + math.log(16) / math.log(32)) ** 0.5)
+    edit_config(folder, rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long[:3]})
+    with pytest.raises(ModelFolderError, match="longrope needs 'long_factor', a list of 4 numbers"):
+        ModelConfig.from_folder(folder)
+
+
+def test_smollm3_layers_without_rope(tiny_model_dir, tmp_path):
+    config = ModelConfig.from_folder(tiny_model_dir("smollm3"))
+    assert config.layer_ropes[0] is not None and config.layer_ropes[1] is None
+    assert config.rope.theta == 2e6
+    folder = editable_copy(tiny_model_dir("smollm3"), tmp_path)
+    edit_config(folder, no_rope_layers=None, no_rope_layer_interval=2)
+    assert [rope is None for rope in ModelConfig.from_folder(folder).layer_ropes] == [False, True]
+
+
+@pytest.mark.parametrize("method", ["fp8", "awq", "gptq", "compressed-tensors"])
+def test_quantized_checkpoint_is_refused_naming_the_method(tiny_model_dir, tmp_path, method):
+    folder = editable_copy(tiny_model_dir("qwen3"), tmp_path)
+    edit_config(folder, quantization_config={"quant_method": method, "bits": 4})
+    with pytest.raises(ModelFolderError, match=f"quant_method '{method}'") as error:
+        ModelConfig.from_folder(folder)
+    assert str(folder / "config.json") in str(error.value)
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["serve", "--port", "0"]])
+def test_cli_refuses_a_quantized_checkpoint(tiny_model_dir, tmp_path, command):
+    folder = editable_copy(tiny_model_dir("llama"), tmp_path)
+    edit_config(folder, quantization_config={"quant_method": "awq", "bits": 4, "group_size": 128})
+    run = subprocess.run(
+        [sys.executable, "-m", "pied", command[0], "--model", str(folder), *command[1:]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "quantization_config.quant_method 'awq'" in run.stderr and "Traceback" not in run.stderr
