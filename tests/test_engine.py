@@ -95,9 +95,7 @@ def test_greedy_batch_matches_transformers(tmp_path, variant):
     path = build_model_dir(tmp_path, options.pop("arch"), **options)
     reference_model = load_hf_model(path)
     llm = LLM(model=str(path), dtype="float32", block_size=4)
-    outputs = llm.generate(
-        [{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
-    )
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
     for prompt, output in zip(PROMPTS, outputs):
         assert_prefix_equal(output.outputs[0].token_ids, hf_greedy(reference_model, prompt, MAX_TOKENS))
 
@@ -137,11 +135,7 @@ def test_same_seed_same_output_whatever_the_batch(llama_dir):
     other = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
     alone = llm.generate({"prompt_token_ids": PROMPTS[1]}, seeded)[0].outputs[0].token_ids
     batch = llm.generate(
-        [
-            {"prompt_token_ids": PROMPTS[0]},
-            {"prompt_token_ids": PROMPTS[1]},
-            {"prompt_token_ids": PROMPTS[3]},
-        ],
+        [{"prompt_token_ids": PROMPTS[0]}, {"prompt_token_ids": PROMPTS[1]}, {"prompt_token_ids": PROMPTS[3]}],
         [other, seeded, other],
     )
     assert batch[1].outputs[0].token_ids == alone
@@ -159,9 +153,7 @@ def test_finish_reasons_stop_strings_and_n(llama_dir):
     text = choice.text
     assert len(text) > 6
     stop = text[3:6]
-    stopped = llm.generate(
-        "def f(x):", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop])
-    )[0]
+    stopped = llm.generate("def f(x):", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]))[0]
     assert stopped.outputs[0].finish_reason == "stop"
     assert stopped.outputs[0].stop_reason == stop
     assert stopped.outputs[0].text == text[: text.index(stop)]
@@ -177,9 +169,7 @@ def test_finish_reasons_stop_strings_and_n(llama_dir):
 def test_logprobs_match_transformers(llama_dir):
     llm = LLM(model=str(llama_dir), block_size=4)
     prompt = PROMPTS[1]
-    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=1, logprobs=3))[
-        0
-    ]
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=1, logprobs=3))[0]
     choice = out.outputs[0]
     model = load_hf_model(llama_dir)
     with torch.no_grad():
@@ -201,18 +191,7 @@ def test_prompt_too_long_is_a_clear_error(llama_dir):
 
 def test_cli_generate(llama_dir):
     run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pied",
-            "generate",
-            "--model",
-            str(llama_dir),
-            "--prompt",
-            "def",
-            "--max-tokens",
-            "5",
-        ],
+        [sys.executable, "-m", "pied", "generate", "--model", str(llama_dir), "--prompt", "def", "--max-tokens", "5"],
         capture_output=True,
         text=True,
         timeout=120,

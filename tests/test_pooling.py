@@ -140,9 +140,7 @@ def drive(engine: EngineCore, workload) -> dict[str, tuple[list[int], proto.Fini
     while True:
         for request in workload:
             if request["arrival"] == step:
-                params = proto.SamplingParams(
-                    temperature=0, max_tokens=request["max_tokens"], ignore_eos=True
-                )
+                params = proto.SamplingParams(temperature=0, max_tokens=request["max_tokens"], ignore_eos=True)
                 outputs[request["id"]] = []
                 engine.add_request(proto.AddRequest(request["id"], proto.pack_i32(request["prompt"]), params))
             if request["abort_at"] == step and request["id"] in outputs:
@@ -229,12 +227,7 @@ async def test_pie_through_worker_processes_then_kill(tmp_path, victim):
     reference = run_to_completion(reference_engine, requests)
 
     config = EngineConfig(
-        model=str(model_dir),
-        dtype="float32",
-        block_size=BLOCK_SIZE,
-        kv_policy="pie",
-        expansion="fixed:96",
-        **TIGHT,
+        model=str(model_dir), dtype="float32", block_size=BLOCK_SIZE, kv_policy="pie", expansion="fixed:96", **TIGHT
     )
     client = ProcessEngineClient(config)
     await client.start()
@@ -261,10 +254,11 @@ async def test_pie_through_worker_processes_then_kill(tmp_path, victim):
         # Kill one worker mid-generation: every caller gets an error, every worker goes.
         long = proto.SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
         stream = client.add_request(proto.AddRequest("long", proto.pack_i32(PROMPTS[1]), long))
-        await asyncio.sleep(0.2)
+        deltas = aiter(stream)
+        await asyncio.wait_for(anext(deltas), 30)  # mid-generation: its first token is out
         os.kill(pids[victim], signal.SIGKILL)
         with pytest.raises(EngineDeadError):
-            await asyncio.wait_for(collect(stream), 2.0)
+            await asyncio.wait_for(collect(deltas), 2.0)
         assert client.dead
     finally:
         await client.shutdown()
@@ -293,17 +287,7 @@ def test_metrics_show_both_tiers_the_lease_and_the_controller():
     assert 'pied:kv_cache_usage_perc{tier="host"} 0.25' in lines
     assert "pied:host_kv_lease_blocks 96" in lines or "pied:host_kv_lease_blocks 96.0" in lines
     assert any(line.startswith("pied:host_kv_lease_target_blocks 120") for line in lines)
-    assert any(
-        line.startswith("pied:host_kv_link_bandwidth_bytes_per_second 25000000000") for line in lines
-    ), text
-    assert any(
-        line.startswith(
-            'pied:host_kv_controller_decision{action="grow",reason="demand, stalls 0.3% < 2% \\"x\\""}'
-        )
-        for line in lines
-    ), text
-    assert any(
-        line.startswith('pied:kv_bytes_transferred_total{direction="host_to_device"} 1073741824')
-        for line in lines
-    )
+    assert any(line.startswith("pied:host_kv_link_bandwidth_bytes_per_second 25000000000") for line in lines), text
+    assert any(line.startswith('pied:host_kv_controller_decision{action="grow",reason="demand, stalls 0.3% < 2% \\"x\\""}') for line in lines), text
+    assert any(line.startswith('pied:kv_bytes_transferred_total{direction="host_to_device"} 1073741824') for line in lines)
     assert any(line.startswith("pied:stall_seconds_total 0.125") for line in lines)

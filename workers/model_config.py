@@ -227,7 +227,8 @@ def _parse(folder: Path, raw: dict[str, Any], generation: dict[str, Any], file: 
     hidden_act = raw.get("hidden_activation" if is_gemma else "hidden_act") or raw.get("hidden_act", "silu")
     if hidden_act not in SUPPORTED_ACTIVATIONS:
         raise ModelFolderError(
-            f"{file}: hidden_act {hidden_act!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}."
+            f"{file}: hidden_act {hidden_act!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}."
         )
     if raw.get("use_bidirectional_attention"):
         raise ModelFolderError(f"{file}: use_bidirectional_attention (an embedding model) is not supported.")

@@ -344,7 +344,7 @@ class CausalLM(nn.Module):
     def rope_cos_sin(
         self, positions: torch.Tensor, meta: AttentionMetadata, dtype: torch.dtype
     ) -> list[Rope]:
-        """Each rotary embedding's ``[T, 1, rotary_dim]`` cos and sin, computed once per step for all layers."""
+        """Each rotary embedding's ``[T, 1, rotary_dim]`` cos and sin, once per step for all layers."""
         context_lens = None
         if self.needs_context_lens:
             query_lens = meta.query_start_loc.diff()
