@@ -81,6 +81,7 @@ MODEL_VARIANTS = {
         arch="phi3", original_max_position_embeddings=128, rope_parameters=PHI3_LONGROPE
     ),
     "smollm3": dict(arch="smollm3"),
+    "gemma3-multimodal-folder": dict(arch="gemma3-multimodal"),
 }
 
 

@@ -59,6 +59,7 @@ VARIANTS = {
         arch="phi3", rope_parameters=PHI3_LONGROPE, original_max_position_embeddings=64
     ),
     "smollm3": dict(arch="smollm3"),
+    "gemma3-multimodal-folder": dict(arch="gemma3-multimodal"),  # its text model
 }
 # The architectures' fixtures that the batching and placement tests run on.
 BATCHING_MODELS = ["llama", "mistral-window", "qwen3", "gemma3", "phi3", "smollm3"]

@@ -305,3 +305,26 @@ def test_cli_refuses_a_quantized_checkpoint(tiny_model_dir, tmp_path, command):
     )
     assert run.returncode == 2, run.stderr
     assert "quantization_config.quant_method 'awq'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_gemma3_multimodal_folder_reads_its_text_config(tiny_model_dir, tmp_path):
+    """As on the Hub (gemma-3-4b-it): text_config names only what differs from the class defaults."""
+    folder = editable_copy(tiny_model_dir("gemma3-multimodal"), tmp_path)
+    edit_config(
+        folder,
+        text_config={
+            "model_type": "gemma3_text",
+            "hidden_size": 2560,
+            "intermediate_size": 10240,
+            "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024,
+        },
+    )
+    config = ModelConfig.from_folder(folder)
+    assert config.architecture == "Gemma3ForConditionalGeneration"
+    assert config.checkpoint_prefix == "language_model.model."
+    assert (config.vocab_size, config.num_heads, config.num_kv_heads, config.head_dim) == (262208, 8, 4, 256)
+    assert config.layer_sliding_windows[:6] == (1024,) * 5 + (None,)
+    assert [(rope.theta, rope.factor) for rope in config.layer_ropes[4:6]] == [(1e4, 1.0), (1e6, 8.0)]
+    assert config.tie_word_embeddings and config.final_logit_softcap is None

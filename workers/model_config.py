@@ -47,6 +47,16 @@ GEMMA3 = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
     "Qwen3ForCausalLM": {"head_dim": 128},
     "Gemma3ForCausalLM": {
+        # Gemma 3's multimodal configs leave most of text_config to these class defaults.
+        "vocab_size": 262_208,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 131_072,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
         "head_dim": 256,
         "hidden_activation": "gelu_pytorch_tanh",
         "tie_word_embeddings": True,
@@ -133,6 +143,15 @@ class ModelConfig:
     final_logit_softcap: float | None
     fused_checkpoint: bool  # the checkpoint stores qkv_proj and gate_up_proj fused (Phi-3)
     checkpoint_prefix: str  # the text model's tensor names start with this ("model.")
+
+    @property
+    def lm_head_name(self) -> str:
+        """The untied lm_head's tensor name (multimodal checkpoints nest it beside the text model)."""
+        return (
+            "language_model.lm_head.weight"
+            if self.checkpoint_prefix == "language_model.model."
+            else "lm_head.weight"
+        )
 
     @classmethod
     def from_folder(cls, path: str | Path) -> ModelConfig:
@@ -268,7 +287,11 @@ def _parse(folder: Path, raw: dict[str, Any], generation: dict[str, Any], file: 
         sandwich_norms=is_gemma,
         embedding_multiplier=hidden_size**0.5 if is_gemma else None,
         attention_scale=float(raw["query_pre_attn_scalar"] if is_gemma else head_dim) ** -0.5,
-        final_logit_softcap=_optional_float(raw.get("final_logit_softcapping") if is_gemma else None),
+        # transformers caps Gemma3ForCausalLM's logits only, not Gemma3ForConditionalGeneration's
+        # (Gemma 3's released configs have no cap anyway).
+        final_logit_softcap=_optional_float(
+            raw.get("final_logit_softcapping") if architecture == "Gemma3ForCausalLM" else None
+        ),
         fused_checkpoint=architecture == "Phi3ForCausalLM",
         checkpoint_prefix=checkpoint_prefix,
     )

@@ -359,7 +359,7 @@ class CausalLM(nn.Module):
             prefix + "norm.weight": self.norm.weight.detach(),
         }
         if self.lm_head is not None:
-            targets["lm_head.weight"] = self.lm_head.weight.detach()
+            targets[self.config.lm_head_name] = self.lm_head.weight.detach()
         for i, layer in enumerate(self.layers):
             targets |= layer.checkpoint_targets(f"{prefix}layers.{i}.")
         return targets
