@@ -249,9 +249,11 @@ def test_block_placement_does_not_matter(model, built, order):
     assert_close(results[1][:1], hf_logits(hf_model, tokens[:14])[13:14])
 
 
-def test_bfloat16_runs_close_to_float32(tiny_model_dir, llama):
-    runner32, _ = llama
-    runner16 = make_runner(tiny_model_dir("llama"), dtype="bfloat16")
+@pytest.mark.parametrize("model", ["llama", "gemma3", "phi3"])
+def test_bfloat16_runs_close_to_float32(tiny_model_dir, built, model):
+    runner32, _ = built(model)
+    kwargs = dict(VARIANTS[model])
+    runner16 = make_runner(tiny_model_dir(kwargs.pop("arch"), **kwargs), dtype="bfloat16")
     assert runner16.kv_pool.pages.dtype == torch.bfloat16
     assert runner16.model.embed_tokens.dtype == torch.bfloat16
     tokens = random_tokens(17, seed=9)
