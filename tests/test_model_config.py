@@ -284,7 +284,7 @@ def test_smollm3_layers_without_rope(tiny_model_dir, tmp_path):
     assert [rope is None for rope in ModelConfig.from_folder(folder).layer_ropes] == [False, True]
 
 
-@pytest.mark.parametrize("method", ["fp8", "awq", "gptq", "compressed-tensors"])
+@pytest.mark.parametrize("method", ["awq", "gptq", "compressed-tensors", "bitsandbytes", "fbgemm_fp8"])
 def test_quantized_checkpoint_is_refused_naming_the_method(tiny_model_dir, tmp_path, method):
     folder = editable_copy(tiny_model_dir("qwen3"), tmp_path)
     edit_config(folder, quantization_config={"quant_method": method, "bits": 4})

@@ -7,9 +7,9 @@ derives them from the same file: Qwen3's q/k norms, Gemma 3's (1 + w) norms, sca
 sandwich norms and per-layer-type rope, Phi-3's fused checkpoint tensors, partial rotary and
 longrope, SmolLM3's layers without rope. It understands both the transformers 4 rope format
 (``rope_theta`` + ``rope_scaling``, Gemma's ``rope_local_base_freq``) and the transformers 5 one
-(``rope_parameters``, nested per layer type for Gemma 3). Quantized checkpoints are refused, naming
-the method. This module imports no torch at import time: the frontend reads the same config
-without loading a model.
+(``rope_parameters``, nested per layer type for Gemma 3). Quantized checkpoints are refused,
+naming the method, except FP8 (``quant_method: fp8``), whose weights are dequantized at load. This
+module imports no torch at import time: the frontend reads the same config without loading a model.
 """
 
 from __future__ import annotations
@@ -143,6 +143,10 @@ class ModelConfig:
     final_logit_softcap: float | None
     fused_checkpoint: bool  # the checkpoint stores qkv_proj and gate_up_proj fused (Phi-3)
     checkpoint_prefix: str  # the text model's tensor names start with this ("model.")
+    # FP8 checkpoints (quant_method "fp8"): the block of rows and columns one weight_scale_inv covers,
+    # (0, 0) for a single scale per tensor; their weights are dequantized at load (weight-only: the
+    # activations are not quantized). None: unquantized.
+    fp8_block_size: tuple[int, int] | None
 
     @property
     def lm_head_name(self) -> str:
@@ -212,7 +216,7 @@ def _check_weights_present(folder: Path) -> None:
 
 def _parse(folder: Path, raw: dict[str, Any], generation: dict[str, Any], file: Path) -> ModelConfig:
     architecture = _architecture(raw, file)
-    _refuse_quantized(raw, file)
+    fp8_block_size = _fp8_block_size(raw, file)
     checkpoint_prefix = "model."
     if architecture == "Gemma3ForConditionalGeneration":
         # The text model's config is nested; its tensors sit under the language model's prefix.
@@ -221,7 +225,7 @@ def _parse(folder: Path, raw: dict[str, Any], generation: dict[str, Any], file: 
             raise ModelFolderError(
                 f"{file}: a Gemma3ForConditionalGeneration config needs a 'text_config' object."
             )
-        _refuse_quantized(text, file)
+        fp8_block_size = fp8_block_size or _fp8_block_size(text, file)
         raw = {
             **text,
             **{key: raw[key] for key in ("torch_dtype", "dtype", "tie_word_embeddings") if key in raw},
@@ -294,6 +298,7 @@ def _parse(folder: Path, raw: dict[str, Any], generation: dict[str, Any], file: 
         ),
         fused_checkpoint=architecture == "Phi3ForCausalLM",
         checkpoint_prefix=checkpoint_prefix,
+        fp8_block_size=fp8_block_size,
     )
 
 
@@ -310,16 +315,30 @@ def _architecture(raw: dict[str, Any], file: Path) -> str:
     )
 
 
-def _refuse_quantized(raw: dict[str, Any], file: Path) -> None:
-    """A quantized checkpoint's scale tensors would be ignored and its weights misread: refuse it."""
+def _fp8_block_size(raw: dict[str, Any], file: Path) -> tuple[int, int] | None:
+    """The FP8 weight scales' block (rows, columns) of an FP8 checkpoint, (0, 0) for one scale per
+    tensor, None when unquantized. Any other quantization is refused: its scale tensors would be
+    ignored and its weights misread."""
     quantization = raw.get("quantization_config")
     if quantization is None:
-        return
+        return None
     method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
-    raise ModelFolderError(
-        f"{file}: quantized checkpoints are not supported (quantization_config.quant_method {method!r}); "
-        "use the unquantized float32, bfloat16 or float16 weights."
-    )
+    if method != "fp8":
+        raise ModelFolderError(
+            f"{file}: quantized checkpoints are not supported (quantization_config.quant_method {method!r}); "
+            "use the unquantized float32, bfloat16 or float16 weights (FP8 checkpoints, quant_method "
+            "'fp8', load too)."
+        )
+    if quantization.get("fmt", "e4m3") != "e4m3":
+        raise ModelFolderError(f"{file}: FP8 format {quantization['fmt']!r} is not supported; only e4m3 is.")
+    block = quantization.get("weight_block_size", [128, 128])  # transformers' FineGrainedFP8Config default
+    if block is None:
+        return (0, 0)
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(n, int) and n > 0 for n in block)):
+        raise ModelFolderError(
+            f"{file}: quantization_config.weight_block_size must be two positive integers."
+        )
+    return (block[0], block[1])
 
 
 def _language_model_prefix(folder: Path) -> str:
