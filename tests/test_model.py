@@ -269,8 +269,10 @@ def test_bfloat16_runs_close_to_float32(tiny_model_dir, built, model):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-def test_cuda_matches_transformers(tiny_model_dir):
-    path = tiny_model_dir("qwen2", sharded=True)
+@pytest.mark.parametrize("model", ["qwen2-sharded", "qwen3", "gemma3", "phi3", "smollm3"])
+def test_cuda_matches_transformers(tiny_model_dir, model):
+    kwargs = dict(VARIANTS[model])
+    path = tiny_model_dir(kwargs.pop("arch"), **kwargs)
     runner = make_runner(path, device="cuda", device_kv_blocks=None, gpu_memory_utilization=0.05)
     assert runner.kv_pool.pages.is_cuda and runner.num_device_blocks > NUM_BLOCKS
     tokens = random_tokens(22, seed=11)
