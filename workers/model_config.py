@@ -247,7 +247,8 @@ def _parse(folder: Path, raw: dict[str, Any], generation: dict[str, Any], file: 
             f"{file}: num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})."
         )
     is_gemma = architecture in GEMMA3
-    hidden_act = raw.get("hidden_activation" if is_gemma else "hidden_act") or raw.get("hidden_act", "silu")
+    # Gemma names it hidden_activation (its hidden_act, where present, is a legacy duplicate).
+    hidden_act = (raw.get("hidden_activation") if is_gemma else None) or raw.get("hidden_act") or "silu"
     if hidden_act not in SUPPORTED_ACTIVATIONS:
         raise ModelFolderError(
             f"{file}: hidden_act {hidden_act!r} is not supported; "
@@ -378,18 +379,14 @@ def _rope_parameters(raw: dict[str, Any], layer_type: str, file: Path) -> dict[s
             nested = parameters.get(layer_type)
             if not isinstance(nested, dict):
                 raise ModelFolderError(f"{file}: rope_parameters has no {layer_type!r} entry.")
-            return {"rope_theta": raw.get("rope_theta", 10000.0), **nested}
+            theta_key = "rope_local_base_freq" if layer_type == "sliding_attention" else "rope_theta"
+            return {"rope_theta": raw.get(theta_key, 10000.0), **nested}
         return {"rope_theta": raw.get("rope_theta", 10000.0), **parameters}
     # transformers 4: rope_theta beside an optional rope_scaling; Gemma's local layers have their own
     # base and no scaling.
     if layer_type == "sliding_attention" and "rope_local_base_freq" in raw:
         return {"rope_theta": raw["rope_local_base_freq"]}
-    scaling = raw.get("rope_scaling") or {}
-    return {
-        "rope_theta": raw.get("rope_theta", 10000.0),
-        "partial_rotary_factor": raw.get("partial_rotary_factor", 1.0),
-        **scaling,
-    }
+    return {"rope_theta": raw.get("rope_theta", 10000.0), **(raw.get("rope_scaling") or {})}
 
 
 def _rope(architecture: str, scaling: dict[str, Any], raw: dict[str, Any], file: Path) -> RopeConfig:
