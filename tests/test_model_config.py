@@ -328,3 +328,85 @@ def test_gemma3_multimodal_folder_reads_its_text_config(tiny_model_dir, tmp_path
     assert config.layer_sliding_windows[:6] == (1024,) * 5 + (None,)
     assert [(rope.theta, rope.factor) for rope in config.layer_ropes[4:6]] == [(1e4, 1.0), (1e6, 8.0)]
     assert config.tie_word_embeddings and config.final_logit_softcap is None
+
+
+PHI4_MINI_LONG_FACTOR = [
+    1, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897, 1.956131817, 2.187582649,
+    2.446418898, 2.735880826, 3.059592084, 3.421605075, 3.826451687, 4.279200023, 4.785517845,
+    5.351743533, 5.984965424, 6.693110555, 7.485043894, 8.370679318, 9.36110372, 10.4687158,
+    11.70738129, 13.09260651, 14.64173252, 16.37415215, 18.31155283, 20.47818807, 22.90118105,
+    25.61086418, 28.64115884, 32.03, 32.1, 32.13, 32.23, 32.6, 32.61, 32.64, 32.66, 32.7, 32.71,
+    32.93, 32.97, 33.28, 33.49, 33.5, 44.16, 47.77,
+]  # fmt: skip
+PUBLISHED_CONFIGS = {
+    # microsoft/Phi-4-mini-instruct (transformers 4 keys)
+    "phi-4-mini": {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "hidden_act": "silu",
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096,
+        "num_attention_heads": 24,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 8,
+        "partial_rotary_factor": 0.75,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {"long_factor": PHI4_MINI_LONG_FACTOR, "short_factor": [1.0] * 48, "type": "longrope"},
+        "rope_theta": 10000.0,
+        "sliding_window": 262144,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "vocab_size": 200064,
+    },
+    # google/gemma-3-1b-it
+    "gemma-3-1b": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "attention_bias": False,
+        "attn_logit_softcapping": None,
+        "bos_token_id": 2,
+        "eos_token_id": [1, 106],
+        "final_logit_softcapping": None,
+        "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": 1152,
+        "intermediate_size": 6912,
+        "max_position_embeddings": 32768,
+        "model_type": "gemma3_text",
+        "num_attention_heads": 4,
+        "num_hidden_layers": 26,
+        "num_key_value_heads": 1,
+        "query_pre_attn_scalar": 256,
+        "rms_norm_eps": 1e-06,
+        "rope_local_base_freq": 10000,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "sliding_window": 512,
+        "sliding_window_pattern": 6,
+        "torch_dtype": "bfloat16",
+        "vocab_size": 262144,
+    },
+}
+
+
+def test_published_phi4_mini_config(tiny_model_dir, tmp_path):
+    folder = editable_copy(tiny_model_dir("llama"), tmp_path)
+    (folder / "config.json").write_text(json.dumps(PUBLISHED_CONFIGS["phi-4-mini"]))
+    config = ModelConfig.from_folder(folder)
+    rope = config.rope
+    assert (config.head_dim, rope.partial_rotary_factor, rope.type) == (128, 0.75, "longrope")
+    assert rope.long_factor == tuple(PHI4_MINI_LONG_FACTOR) and rope.original_max_position_embeddings == 4096
+    assert rope.attention_factor == pytest.approx((1 + math.log(32) / math.log(4096)) ** 0.5)
+    assert config.tie_word_embeddings and config.fused_checkpoint and config.dtype == "bfloat16"
+    assert config.layer_sliding_windows == (262144,) * 32
+
+
+def test_published_gemma3_1b_config(tiny_model_dir, tmp_path):
+    folder = editable_copy(tiny_model_dir("llama"), tmp_path)
+    (folder / "config.json").write_text(json.dumps(PUBLISHED_CONFIGS["gemma-3-1b"]))
+    config = ModelConfig.from_folder(folder)
+    assert config.layer_sliding_windows == ((512,) * 5 + (None,)) * 4 + (512, 512)
+    assert {rope.theta for rope in config.layer_ropes[:5]} == {10000.0} and config.layer_ropes[5].theta == 1e6
+    assert config.attention_scale == 256**-0.5 and config.final_logit_softcap is None
+    assert config.eos_token_ids == {1, 106, 2}  # 2 from the tiny folder's generation_config.json
