@@ -21,6 +21,8 @@ from tiny_models import load_hf_model
 from workers.executor.weights import dequantize_fp8
 from workers.model_config import ModelConfig, ModelFolderError
 
+pytestmark = pytest.mark.slow  # whole-model logits, several models per test
+
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 # Blocks that do not divide the weights (96x64 q_proj, 128x64 gate/up...): partial last tiles.
 BLOCK = [20, 24]

@@ -293,6 +293,7 @@ def test_quantized_checkpoint_is_refused_naming_the_method(tiny_model_dir, tmp_p
     assert str(folder / "config.json") in str(error.value)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["serve", "--port", "0"]])
 def test_cli_refuses_a_quantized_checkpoint(tiny_model_dir, tmp_path, command):
     folder = editable_copy(tiny_model_dir("llama"), tmp_path)
