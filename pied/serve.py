@@ -402,6 +402,7 @@ async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None
     from pied.api.state import ServerState
     from pied.chat_template import check_chat_template, load_chat_template
     from pied.tokenizer import Tokenizer
+    from workers.model_config import ModelConfig
     from workers.tracing import FRONTEND_SERVICE, setup_tracing
 
     loop = asyncio.get_running_loop()
@@ -411,6 +412,8 @@ async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None
         loop.add_signal_handler(signum, signals.put_nowait, signum)
 
     model_dir = config.resolved_model()
+    # Before any worker starts: an unsupported or quantized model folder is a configuration error (exit 2).
+    ModelConfig.from_folder(model_dir)
     tracer = setup_tracing(FRONTEND_SERVICE, config)  # before the workers: a bad --otlp-endpoint stops here
     notifier.status(f"Loading the tokenizer of {model_dir}")
     chat_template = None

@@ -336,8 +336,12 @@ class PagedAttention(Protocol):
         page_table: torch.Tensor,
         meta: AttentionMetadata,
         sliding_window: int | None,
+        scale: float | None = None,
     ) -> torch.Tensor:
-        """``q [T, heads, head_dim]`` -> ``[T, heads, head_dim]``, attending over ``page_table``'s pages."""
+        """``q [T, heads, head_dim]`` -> ``[T, heads, head_dim]``, attending over ``page_table``'s pages.
+
+        Scores are ``q.k * scale``; None means ``head_dim ** -0.5`` (Gemma 3 uses its own scale).
+        """
         ...
 
 
@@ -367,13 +371,22 @@ class TorchPagedAttention:
         page_table: torch.Tensor,
         meta: AttentionMetadata,
         sliding_window: int | None,
+        scale: float | None = None,
     ) -> torch.Tensor:
         if len(meta.groups) == 1:
-            return self._attend_group(q, pool, page_table, meta.groups[0], meta.block_size, sliding_window)
+            return self._attend_group(
+                q, pool, page_table, meta.groups[0], meta.block_size, sliding_window, scale
+            )
         out = torch.empty_like(q)
         for group in meta.groups:
             out[group.token_rows] = self._attend_group(
-                q[group.token_rows], pool, page_table[group.seq_ids], group, meta.block_size, sliding_window
+                q[group.token_rows],
+                pool,
+                page_table[group.seq_ids],
+                group,
+                meta.block_size,
+                sliding_window,
+                scale,
             )
         return out
 
@@ -385,6 +398,7 @@ class TorchPagedAttention:
         group: AttentionGroup,
         block_size: int,
         sliding_window: int | None,
+        scale: float | None,
     ) -> torch.Tensor:
         num_seqs, max_query_len = group.num_seqs, group.max_query_len
         _, num_heads, head_dim = q.shape
@@ -399,7 +413,7 @@ class TorchPagedAttention:
         v = pool[:, 1][page_table].flatten(1, 2).transpose(1, 2)
         mask = group.attention_mask(sliding_window, block_size)
         out = F.scaled_dot_product_attention(
-            padded_q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True
+            padded_q.transpose(1, 2), k, v, attn_mask=mask, scale=scale, enable_gqa=True
         ).transpose(1, 2)
         if group.uniform_query_len:
             return out.reshape(group.num_tokens, num_heads, head_dim)

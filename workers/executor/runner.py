@@ -79,7 +79,8 @@ class ModelRunner:
         self.block_size = config.block_size
         with torch.device(self.device):
             self.model = CausalLM(self.model_config, self.dtype)
-        load_weights(self.model.checkpoint_targets(), self.model_config.path)
+        model_config = self.model_config
+        load_weights(self.model.checkpoint_targets(), model_config.path, model_config.fp8_block_size)
         self.model.eval()
         num_layers = self.model_config.num_layers
         self.kv_layout = KVLayout(
