@@ -32,6 +32,9 @@ class EngineConfig:
     device_kv_blocks: int | None = None  # exact number of device KV blocks (per layer)
     device_kv_gib: float | None = None  # or a size; default: gpu_memory_utilization on CUDA, 1 GiB on CPU
     gpu_memory_utilization: float = 0.9
+    # Paged attention kernels (DESIGN.md "Executor on accelerators"): auto = triton on CUDA, torch
+    # elsewhere; triton on CPU runs in Triton's interpreter (TRITON_INTERPRET=1, for tests).
+    attention_backend: str = "auto"  # auto | torch | triton
     max_logprobs: int = 20
     served_model_name: str | None = None
     # Host memory pooling (DESIGN.md "KV memory").
@@ -60,6 +63,10 @@ class EngineConfig:
             raise ConfigError("--device-kv-blocks must be at least 1.")
         if self.device_kv_gib is not None and self.device_kv_gib <= 0:
             raise ConfigError("--device-kv-gib must be positive.")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ConfigError(
+                f"--attention-backend must be auto, torch or triton, got {self.attention_backend!r}."
+            )
         if self.kv_policy not in ("none", "swap", "pie"):
             raise ConfigError(f"--kv-policy must be none, swap or pie, got {self.kv_policy!r}.")
         if self.trace_layers_every < 0:
@@ -86,6 +93,12 @@ class EngineConfig:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_attention_backend(self, device_type: str) -> str:
+        """``torch`` or ``triton``: what ``auto`` means on ``device_type``."""
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "triton" if device_type == "cuda" else "torch"
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)

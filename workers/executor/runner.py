@@ -19,7 +19,7 @@ import torch
 
 import proto
 from proto.config import ConfigError, EngineConfig
-from workers.executor.attention import AttentionMetadata, arrays_to_device
+from workers.executor.attention import AttentionMetadata, arrays_to_device, make_attention_backend
 from workers.executor.kv_pool import GIB, KVPool, StagingRing, kv_bytes_per_block, num_blocks_that_fit
 from workers.executor.model import CausalLM
 from workers.executor.sampler import Sampler, SamplingState
@@ -76,8 +76,10 @@ class ModelRunner:
         self.model_config = ModelConfig.from_folder(config.resolved_model())
         self.dtype = resolve_dtype(config.dtype, self.model_config.dtype, self.device.type)
         self.block_size = config.block_size
+        self.attention_backend = config.resolved_attention_backend(self.device.type)
+        backend = make_attention_backend(self.attention_backend, self.device)
         with torch.device(self.device):
-            self.model = CausalLM(self.model_config, self.dtype)
+            self.model = CausalLM(self.model_config, self.dtype, backend)
         load_weights(self.model.checkpoint_targets(), self.model_config.path)
         self.model.eval()
         num_layers = self.model_config.num_layers

@@ -21,6 +21,7 @@ from workers.executor.triton_attention.tiles import (
     LOG2_E,
     block_d,
     dot_precision,
+    dot_upcast,
     load_kv_tile,
     online_softmax_step,
 )
@@ -60,6 +61,7 @@ def _decode_split_kernel(
     NUM_SPLITS: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -107,7 +109,9 @@ def _decode_split_kernel(
         )
         # Every key before the query is visible; the window is already applied by first_key.
         allowed = row_mask[:, None] & key_mask[None, :]
-        m, row_sum, acc = online_softmax_step(q, k, v, allowed, m, row_sum, acc, qk_scale, DOT_PRECISION)
+        m, row_sum, acc = online_softmax_step(
+            q, k, v, allowed, m, row_sum, acc, qk_scale, DOT_PRECISION, UPCAST
+        )
 
     has_keys = row_sum > 0.0
     out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
@@ -244,6 +248,7 @@ def decode_attention(
         NUM_SPLITS=num_splits,
         HAS_WINDOW=sliding_window is not None,
         DOT_PRECISION=dot_precision(q.dtype),
+        UPCAST=dot_upcast(q.dtype),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](

@@ -56,7 +56,11 @@ def online_softmax_step(
     acc,  # [M, BLOCK_D] float32 running sum of p @ v
     qk_scale,  # softmax scale * log2(e)
     DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # see dot_upcast
 ):
+    if UPCAST:
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     scores = tl.where(allowed, scores, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, 1))
@@ -65,7 +69,11 @@ def online_softmax_step(
     p = tl.math.exp2(scores - m_safe[:, None])
     alpha = tl.math.exp2(m - m_safe)
     row_sum = row_sum * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    p = p.to(v.dtype)
+    if UPCAST:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
     return m_new, row_sum, acc
 
 
@@ -74,6 +82,16 @@ def dot_precision(dtype) -> str:
     import torch
 
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def dot_upcast(dtype) -> bool:
+    """Whether the dots take bfloat16 operands as float32: Triton's interpreter (3.9) multiplies
+    bfloat16 tiles as raw integers, so there they are widened first. Every bfloat16 value is exact
+    in float32 (and in TF32), so the products and float32 sums are the same as a bfloat16 MMA's;
+    on a GPU the dots stay bfloat16."""
+    import torch
+
+    return dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret)
 
 
 def block_d(head_dim: int) -> int:

@@ -22,6 +22,7 @@ from workers.executor.triton_attention.tiles import (
     LOG2_E,
     block_d,
     dot_precision,
+    dot_upcast,
     load_kv_tile,
     online_softmax_step,
 )
@@ -55,6 +56,7 @@ def _varlen_attention_kernel(
     TILE_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     seq = tl.program_id(0)
     query_tile = tl.program_id(1)
@@ -112,7 +114,9 @@ def _varlen_attention_kernel(
         allowed = key_mask[None, :] & (keys[None, :] <= query_positions[:, None])
         if HAS_WINDOW:
             allowed = allowed & (keys[None, :] > query_positions[:, None] - sliding_window)
-        m, row_sum, acc = online_softmax_step(q, k, v, allowed, m, row_sum, acc, qk_scale, DOT_PRECISION)
+        m, row_sum, acc = online_softmax_step(
+            q, k, v, allowed, m, row_sum, acc, qk_scale, DOT_PRECISION, UPCAST
+        )
 
     out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
     tl.store(
@@ -180,5 +184,6 @@ def varlen_attention(
         TILE_N=tile_n,
         HAS_WINDOW=sliding_window is not None,
         DOT_PRECISION=dot_precision(q.dtype),
+        UPCAST=dot_upcast(q.dtype),
     )
     return out
