@@ -26,9 +26,10 @@ __all__ = ["TritonPagedAttention", "decode_attention", "varlen_attention", "writ
 class TritonPagedAttention:
     """Decode steps (every sequence one new token) go to the split-K decode kernel; any other
     step, mixed ones included, to the varlen kernel. ``num_splits`` fixes the decode split count
-    (default: ``choose_num_splits`` per step)."""
+    (default: ``choose_num_splits`` per step); ``tile_n`` the keys per tile (default: 64, 32 for
+    head dims over 128, whose tiles would not fit a GPU's registers and shared memory)."""
 
-    def __init__(self, num_splits: int | None = None, tile_n: int = 32) -> None:
+    def __init__(self, num_splits: int | None = None, tile_n: int | None = None) -> None:
         self.num_splits = num_splits
         self.tile_n = tile_n
 
@@ -50,12 +51,13 @@ class TritonPagedAttention:
         meta: AttentionMetadata,
         sliding_window: int | None,
     ) -> torch.Tensor:
+        tile_n = self.tile_n or (64 if q.shape[2] <= 128 else 32)
         if meta.max_query_len == 1:
             num_splits = self.num_splits or choose_num_splits(
                 meta.num_seqs, pool.shape[3], meta.max_context_len, q.device
             )
             return decode_attention(
-                q, pool, page_table, meta.context_lens, sliding_window, num_splits, tile_n=self.tile_n
+                q, pool, page_table, meta.context_lens, sliding_window, num_splits, tile_n=tile_n
             )
         return varlen_attention(
             q,
@@ -65,5 +67,5 @@ class TritonPagedAttention:
             meta.context_lens,
             meta.max_query_len,
             sliding_window,
-            tile_n=self.tile_n,
+            tile_n=tile_n,
         )
