@@ -44,7 +44,7 @@ FULL = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 
 @st.composite
-def paged_batches(draw, decode_only: bool = False, head_dims=(16, 24, 64)):
+def paged_batches(draw, decode_only: bool = False, head_dims=(16, 24, 64), device: str = "cpu"):
     """A random step over a random pool: shapes, block placement (device blocks of a random layer,
     and host blocks through their staging slots), query/context lengths, window and dtype."""
     block_size = draw(st.sampled_from([1, 4, 8, 16]))
@@ -79,13 +79,13 @@ def paged_batches(draw, decode_only: bool = False, head_dims=(16, 24, 64)):
         ids,
         block_size,
         num_device_blocks,
-        torch.device("cpu"),
+        torch.device(device),
         staging,
     )
     num_pages = num_layers * num_device_blocks + (staging.num_pages if staging else 0)
     generator = torch.Generator().manual_seed(seed)
-    pool = torch.randn(num_pages, 2, block_size, num_kv_heads, head_dim, generator=generator).to(dtype)
-    q = torch.randn(meta.num_tokens, num_kv_heads * group_size, head_dim, generator=generator).to(dtype)
+    pool = torch.randn(num_pages, 2, block_size, num_kv_heads, head_dim, generator=generator).to(device, dtype)
+    q = torch.randn(meta.num_tokens, num_kv_heads * group_size, head_dim, generator=generator).to(device, dtype)
     window = draw(st.one_of(st.none(), st.integers(1, 40)))
     layer = draw(st.integers(0, num_layers - 1))
     return meta, pool, q, window, layer
@@ -102,8 +102,8 @@ def check_write_kv(batch) -> None:
     generator = torch.Generator().manual_seed(meta.num_tokens)
     shape = (meta.num_tokens, *pool.shape[3:])
     # v as a strided view (as the model's fused projection gives it), k contiguous.
-    k = torch.randn(shape, generator=generator).to(pool.dtype)
-    v = torch.randn(meta.num_tokens, 2, *pool.shape[3:], generator=generator).to(pool.dtype)[:, 1]
+    k = torch.randn(shape, generator=generator).to(pool.device, pool.dtype)
+    v = torch.randn(meta.num_tokens, 2, *pool.shape[3:], generator=generator).to(pool.device, pool.dtype)[:, 1]
     expected, ours = pool.clone(), pool.clone()
     TorchPagedAttention().write_kv(expected, k, v, meta.slot_pages(layer), meta)
     write_kv(ours, k, v, meta.slot_pages(layer), meta.slot_offsets, block_t=4)
@@ -179,6 +179,21 @@ def test_decode_attention_matches_torch_full(batch, num_splits, tile_n):
     check_decode(batch, num_splits, tile_n)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@FULL
+@given(
+    paged_batches(head_dims=(64, 80, 128, 256), device="cuda"),
+    paged_batches(decode_only=True, head_dims=(64, 128, 256), device="cuda"),
+    st.integers(1, 16),
+)
+def test_kernels_compiled_for_cuda_match_torch(batch, decode_batch, num_splits):
+    """The same checks with the kernels compiled for the GPU (the interpreter is off with CUDA)."""
+    check_write_kv(batch)
+    check_attend(batch, tile_n=64 if batch[1].shape[-1] <= 128 else 32)
+    check_decode(decode_batch, num_splits, tile_n=64 if decode_batch[1].shape[-1] <= 128 else 32)
+
+
 def test_backend_routes_decode_and_mixed_steps():
     """The backend through the PagedAttention protocol: a decode step, then a mixed step (decodes,
     a chunk of a prefill and a whole prefill in one batch), both against torch."""
@@ -239,12 +254,22 @@ def e2e_cases():
             yield pytest.param(variant, policy, marks=marks, id=f"{variant}-{policy}")
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")])
+
+
 @pytest.mark.parametrize("variant,policy", list(e2e_cases()))
-def test_greedy_tokens_match_transformers(tmp_path, variant, policy):
+def test_greedy_tokens_match_transformers(tmp_path, variant, policy, device="cpu"):
     options = dict(E2E_VARIANTS[variant])
     path = build_model_dir(tmp_path, options.pop("arch"), **options)
     reference_model = load_hf_model(path)
-    llm = LLM(model=str(path), dtype="float32", block_size=4, attention_backend="triton", **POLICIES[policy])
+    llm = LLM(
+        model=str(path),
+        dtype="float32",
+        device=device,
+        block_size=4,
+        attention_backend="triton",
+        **POLICIES[policy],
+    )
     assert llm.engine.runner.attention_backend == "triton"
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
@@ -252,3 +277,9 @@ def test_greedy_tokens_match_transformers(tmp_path, variant, policy):
         assert_prefix_equal(output.outputs[0].token_ids, hf_greedy(reference_model, prompt, MAX_TOKENS))
     if policy == "pie":
         assert llm.engine.totals.bytes_to_device > 0  # host KV was streamed and read in place
+
+
+@pytest.mark.parametrize("device", [CUDA])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_greedy_tokens_match_transformers_on_cuda(tmp_path, policy, device):
+    test_greedy_tokens_match_transformers(tmp_path, "mistral-window", policy, device)
