@@ -219,6 +219,7 @@ def test_backend_routes_decode_and_mixed_steps():
             assert_close(backend.attend(q, ours_pool, meta.page_table(1), meta, window), expected)
 
 
+@pytest.mark.e2e
 def test_backend_selection(tiny_model_dir, monkeypatch):
     assert EngineConfig().resolved_attention_backend("cpu") == "torch"
     assert EngineConfig().resolved_attention_backend("cuda") == "triton"
@@ -257,6 +258,7 @@ def e2e_cases():
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("variant,policy", list(e2e_cases()))
 def test_greedy_tokens_match_transformers(tmp_path, variant, policy, device="cpu"):
     options = dict(E2E_VARIANTS[variant])
@@ -279,6 +281,7 @@ def test_greedy_tokens_match_transformers(tmp_path, variant, policy, device="cpu
         assert llm.engine.totals.bytes_to_device > 0  # host KV was streamed and read in place
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("device", [CUDA])
 @pytest.mark.parametrize("policy", list(POLICIES))
 def test_greedy_tokens_match_transformers_on_cuda(tmp_path, policy, device):
