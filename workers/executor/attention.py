@@ -1,4 +1,6 @@
-"""Paged attention: per-step metadata, and a plain-torch backend that a CUDA kernel can replace.
+"""Paged attention: per-step metadata, the ``PagedAttention`` protocol, and its plain-torch backend
+(the CPU path and the reference); ``make_attention_backend`` picks it or the Triton kernels
+(``triton_attention``, which read the same pages through the same page tables).
 
 A step's tokens arrive flattened (``[T]``, grouped by sequence, in plan order); each sequence has
 ``query_len`` new tokens starting at ``start_position``, with everything before them already in
