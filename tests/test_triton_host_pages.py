@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
+from workers.executor.host_kv import HostKV  # noqa: E402
 from workers.executor.kv_pool import StagingRing  # noqa: E402
-from workers.executor.streaming import HostKV  # noqa: E402
 from workers.executor.triton_host_pages import copy_host_pages, host_page_addresses  # noqa: E402
 from workers.memory.host_pool import HostSegment, KVLayout  # noqa: E402
 

@@ -9,7 +9,7 @@ in a CUDA graph with the lists in static buffers. On CUDA the host segments must
 CPU the same kernel reads the segments' own addresses, which is how it is tested.
 
 Not wired into ``streaming.py`` yet: its copy engine (``copy_`` per run of blocks) stays the path
-on every device; this kernel is the CUDA replacement for ``LayerStreamer.loads``/``write_backs``.
+on every device; this kernel is the CUDA replacement for ``LayerStreamer.loads``/``write_backs`` (streaming.py).
 """
 
 from __future__ import annotations
