@@ -55,6 +55,9 @@ class EngineConfig:
     device_kv_blocks: int | None = None  # exact number of device KV blocks (per layer)
     device_kv_gib: float | None = None  # or a size; default: gpu_memory_utilization on CUDA, 1 GiB on CPU
     gpu_memory_utilization: float = 0.9
+    # Paged attention kernels (DESIGN.md "Executor on accelerators"): auto = triton on CUDA, torch
+    # elsewhere; triton on CPU runs in Triton's interpreter (TRITON_INTERPRET=1, for tests).
+    attention_backend: str = "auto"  # auto | torch | triton
     max_logprobs: int = 20
     served_model_name: str | None = None
     # Host memory pooling (DESIGN.md "KV memory").
@@ -103,6 +106,10 @@ class EngineConfig:
             raise ConfigError(f"--max-logprobs must be non-negative, got {self.max_logprobs}.")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ConfigError("--served-model-name must not be empty.")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ConfigError(
+                f"--attention-backend must be auto, torch or triton, got {self.attention_backend!r}."
+            )
         if self.kv_policy not in KV_POLICIES:
             raise ConfigError(f"--kv-policy must be none, swap or pie, got {self.kv_policy!r}.")
         if not (math.isfinite(self.host_kv_gib) and self.host_kv_gib >= 0):
@@ -159,6 +166,12 @@ class EngineConfig:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_attention_backend(self, device_type: str) -> str:
+        """``torch`` or ``triton``: what ``auto`` means on ``device_type``."""
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "triton" if device_type == "cuda" else "torch"
 
     def replace(self, **changes) -> EngineConfig:
         """A copy with ``changes``; without its plan unless one is given (the plan was derived from

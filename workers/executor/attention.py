@@ -1,4 +1,6 @@
-"""Paged attention: per-step metadata, and a plain-torch backend that a CUDA kernel can replace.
+"""Paged attention: per-step metadata, the ``PagedAttention`` protocol, and its plain-torch backend
+(the CPU path and the reference); ``make_attention_backend`` picks it or the Triton kernels
+(``triton_attention``, which read the same pages through the same page tables).
 
 A step's tokens arrive flattened (``[T]``, grouped by sequence, in plan order); each sequence has
 ``query_len`` new tokens starting at ``start_position``, with everything before them already in
@@ -14,6 +16,7 @@ the backend never knows which tier a page came from.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from proto.config import ConfigError
 from workers.executor.kv_pool import StagingRing
 
 
@@ -418,3 +422,28 @@ class TorchPagedAttention:
         if group.uniform_query_len:
             return out.reshape(group.num_tokens, num_heads, head_dim)
         return out[group.token_seq_ids, group.token_query_ids]
+
+
+def make_attention_backend(name: str, device: torch.device) -> PagedAttention:
+    """The ``torch`` or ``triton`` backend for ``device`` (``EngineConfig.resolved_attention_backend``).
+
+    Triton is imported only here, when chosen. Off CUDA its kernels run in Triton's interpreter,
+    which triton reads from ``TRITON_INTERPRET`` when it first compiles a kernel module: it must be
+    set before the process starts, so this refuses rather than silently fail to launch.
+    """
+    if name == "torch":
+        return TorchPagedAttention()
+    if name != "triton":
+        raise ConfigError(f"unknown attention backend {name!r}; use torch or triton.")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(
+            f"--attention-backend triton on {device.type} runs in Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before starting (it is meant for tests), or use --attention-backend torch."
+        )
+    try:
+        from workers.executor.triton_attention import TritonPagedAttention
+    except ImportError as error:
+        raise ConfigError(
+            f"--attention-backend triton needs the triton package ({error}); install it or use torch."
+        ) from error
+    return TritonPagedAttention()

@@ -19,7 +19,7 @@ import torch
 
 import proto
 from proto.config import ConfigError, EngineConfig
-from workers.executor.attention import AttentionMetadata, arrays_to_device
+from workers.executor.attention import AttentionMetadata, arrays_to_device, make_attention_backend
 from workers.executor.host_kv import HostKV
 from workers.executor.kv_pool import GIB, KVPool, StagingRing, num_blocks_that_fit
 from workers.executor.model import CausalLM
@@ -77,8 +77,10 @@ class ModelRunner:
         self.model_config = ModelConfig.from_folder(self.plan.model_path)
         self.dtype = getattr(torch, self.plan.dtype)
         self.block_size = config.block_size
+        self.attention_backend = config.resolved_attention_backend(self.device.type)
+        backend = make_attention_backend(self.attention_backend, self.device)
         with torch.device(self.device):
-            self.model = CausalLM(self.model_config, self.dtype)
+            self.model = CausalLM(self.model_config, self.dtype, backend)
         model_config = self.model_config
         load_weights(self.model.checkpoint_targets(), model_config.path, model_config.fp8_block_size)
         self.model.eval()
