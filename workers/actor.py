@@ -138,6 +138,9 @@ class Actor:
         self.context = context if context is not None else zmq.asyncio.Context()
         self.heartbeat_interval = heartbeat_interval
         self.exit_code = EXIT_OK
+        # The first error that failed the actor, as raised: in a thread, the supervisor hands it to
+        # the caller as is (a ModelFolderError naming the file stays one).
+        self.failure: BaseException | None = None
         self._handlers: dict[type, Handler] = {}
         self._peers: dict[str, str] = {}  # peer name -> address
         self._outboxes: dict[str, zmq.Socket] = {}  # peer name -> PUSH socket (shared per address)
@@ -333,6 +336,8 @@ class Actor:
         error = task.exception()
         if error is not None:
             logger.error("%s: task %s failed", self.name, task.get_name(), exc_info=error)
+            if self.failure is None and not self.stopping:
+                self.failure = error
             self.fail(f"{type(error).__name__}: {error}")
 
     async def _close(self) -> None:

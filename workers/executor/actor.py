@@ -117,10 +117,15 @@ class ExecutorActor(Actor):
         self.on(proto.SegmentUpdate, self.handle_segment_update)
 
     @classmethod
-    def from_args(cls, args: WorkerArgs) -> ExecutorActor:
+    def from_args(cls, args: WorkerArgs, context: zmq.asyncio.Context | None = None) -> ExecutorActor:
+        """As a worker starts it; ``context``: the engine's shared one when actors run as threads."""
         collector = args.addresses.memory or None
         return cls(
-            args.config, args.addresses, heartbeat_interval=args.heartbeat_interval, span_collector=collector
+            args.config,
+            args.addresses,
+            context=context,
+            heartbeat_interval=args.heartbeat_interval,
+            span_collector=collector,
         )
 
     async def on_start(self) -> None:

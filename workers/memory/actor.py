@@ -68,8 +68,9 @@ class MemoryActor(Actor):
         self.on(SpanBatch, self.handle_spans)
 
     @classmethod
-    def from_args(cls, args: WorkerArgs) -> MemoryActor:
-        return cls(args.config, args.addresses, heartbeat_interval=args.heartbeat_interval)
+    def from_args(cls, args: WorkerArgs, context: zmq.asyncio.Context | None = None) -> MemoryActor:
+        """As a worker starts it; ``context``: the engine's shared one when actors run as threads."""
+        return cls(args.config, args.addresses, context=context, heartbeat_interval=args.heartbeat_interval)
 
     async def on_start(self) -> None:
         layout, device_type = await self.run_blocking(kv_layout_for, self.config)
