@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["WORKER_NAMES", "Supervisor", "SupervisorOptions", "WorkerKind", "WorkerStartError"]
 
 WorkerKind = Literal["processes", "threads"]
+STOP_STAGES = (("scheduler", "executor"), ("memory",))  # see Supervisor._stop_workers
 WORKER_KINDS: tuple[WorkerKind, ...] = ("processes", "threads")
 
 
@@ -461,8 +462,17 @@ class Supervisor:
                 self._stop_task = asyncio.get_running_loop().create_task(self._stop_workers(reason))
 
     async def _stop_workers(self, reason: str) -> None:
-        """Shutdown to each live worker, wait until ``shutdown_timeout``, SIGKILL what is left, reap."""
-        live = [worker for worker in self.workers.values() if worker.poll() is None]
+        """Shutdown to each live worker, wait until ``shutdown_timeout``, kill what is left, reap.
+
+        The memory manager stops last: it owns the host segments the executor maps, and it is where
+        the executor's step spans go until the executor has stopped.
+        """
+        deadline = time.monotonic() + self.options.shutdown_timeout
+        for stage in STOP_STAGES:
+            await self._stop_stage([self.workers[name] for name in stage if name in self.workers], reason, deadline)
+
+    async def _stop_stage(self, workers: list[Worker], reason: str, deadline: float) -> None:
+        live = [worker for worker in workers if worker.poll() is None]
         mailbox_up = self._actor_task is not None and not self._actor_task.done()
         for worker in live:
             if worker.killed:
@@ -472,7 +482,6 @@ class Supervisor:
                 self._actor.send(worker.name, proto.Shutdown(reason=reason))
             else:  # no socket left to ask politely
                 worker.kill()
-        deadline = time.monotonic() + self.options.shutdown_timeout
         while any(worker.poll() is None for worker in live) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for worker in live:

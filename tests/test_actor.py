@@ -362,6 +362,9 @@ class FakeRunner:
         num_samples = sum(plan.sample)
         return proto.StepResult(plan.step_id, proto.pack_i32([7] * num_samples), forward_time=0.005, step_time=0.006)
 
+    def close(self) -> None:
+        pass
+
 
 class Frontend:
     """The frontend's mailbox on the test loop, queueing what the scheduler and executor send."""

@@ -579,6 +579,9 @@ class FakeRunner:
         self.record_layer_times = False
         self.layer_times: list[tuple[int, int, float]] = []
 
+    def close(self) -> None:
+        pass
+
     def execute(self, plan: proto.StepPlan) -> proto.StepResult:
         self.layer_times = []
         for _ in range(self.num_layers):

@@ -42,6 +42,9 @@ class Runner(Protocol):
 
     def execute(self, plan: proto.StepPlan) -> proto.StepResult: ...
 
+    def close(self) -> None:
+        """Stop background work (the copy engine) and unmap host memory."""
+
 
 @runtime_checkable
 class LayerTimedRunner(Runner, Protocol):
@@ -136,6 +139,10 @@ class ExecutorActor(Actor):
         self.send(SUPERVISOR, ready)
 
     async def on_stop(self) -> None:
+        if self.runner is not None:
+            # On the compute thread, after any forward pass still running there: as a thread of a
+            # library's process, the executor must leave no copy thread or mapping behind.
+            await self.run_blocking(self.runner.close)
         # Off the loop: the exporter may take a while to give up on an unreachable collector.
         loop = asyncio.get_running_loop()
         for tracer in (self.tracer, self.channel):
