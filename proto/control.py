@@ -103,6 +103,9 @@ class Stats(msgspec.Struct, **CONTROL):
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_device_hits_total: int = 0  # of which found cached on the device tier
     prefix_cache_host_hits_total: int = 0  # and on the host tier
+    num_computed_tokens_total: int = 0  # tokens the model ran (prefill, recompute and decode)
+    prefix_cache_demotions_total: int = 0  # evicted device blocks kept on the host tier instead
+    prefix_cache_promotions_total: int = 0  # host hits copied back to the device rather than streamed
 
 
 ControlMessage = Union[Ready, Heartbeat, Shutdown, Dead, Stats]

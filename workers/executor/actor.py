@@ -139,10 +139,13 @@ class ExecutorActor(Actor):
         self.send(SUPERVISOR, ready)
 
     async def on_stop(self) -> None:
-        if self.runner is not None:
+        runner, self.runner = self.runner, None
+        if runner is not None:
             # On the compute thread, after any forward pass still running there: as a thread of a
-            # library's process, the executor must leave no copy thread or mapping behind.
-            await self.run_blocking(self.runner.close)
+            # library's process, the executor must leave no copy thread or mapping behind, and
+            # its weights and KV pool go with the last reference, not at the next cyclic GC.
+            await self.run_blocking(runner.close)
+            del runner
         # Off the loop: the exporter may take a while to give up on an unreachable collector.
         loop = asyncio.get_running_loop()
         for tracer in (self.tracer, self.channel):

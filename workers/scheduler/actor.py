@@ -113,6 +113,7 @@ class SchedulerActor(Actor):
             eos_token_ids=ready.eos_token_ids,
             block_size=ready.block_size,
             vocab_size=ready.vocab_size,
+            max_host_blocks=ready.max_host_blocks,
         )
         self.send(SUPERVISOR, self.model_info)
         self.spawn(self._step_loop(), "step-loop")
@@ -167,6 +168,7 @@ class SchedulerActor(Actor):
             if spans is not None:
                 spans.stepped(deltas, stepped_ns)
             stats.num_steps += 1
+            stats.num_computed_tokens_total += len(plan.token_ids) // 4  # packed int32
             stats.forward_seconds_total += result.forward_time
             stats.step_seconds_total += result.step_time
             stats.bytes_to_device_total += result.bytes_to_device
@@ -264,4 +266,6 @@ class SchedulerActor(Actor):
         stats.prefix_cache_queries_total = prefix.num_query_tokens
         stats.prefix_cache_device_hits_total = prefix.num_device_hit_tokens
         stats.prefix_cache_host_hits_total = prefix.num_host_hit_tokens
+        stats.prefix_cache_demotions_total = prefix.num_demotions
+        stats.prefix_cache_promotions_total = prefix.num_promotions
         self.send("frontend", stats)
