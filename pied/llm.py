@@ -98,6 +98,11 @@ class LLM:
         self._request_counter = itertools.count()
         self._loop = EngineLoop(Engine(self.config, supervisor_options, workers=workers))
         self._finalizer = weakref.finalize(self, self._loop.close)
+        # NOTE: at interpreter exit, before concurrent.futures refuses new work (its own hook is
+        # registered the same way, earlier, and these hooks run last-registered first): stopping
+        # the actors runs their on_stop work on executors.
+        self._finalizer.atexit = False
+        threading._register_atexit(self._finalizer)  # type: ignore[attr-defined]
 
     @property
     def engine(self) -> Engine:
