@@ -40,7 +40,8 @@ PROMPTS = [
     [1, 300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310, 311, 312, 313, 314],
 ]
 MAX_TOKENS = 8
-BASE = dict(dtype="float32", block_size=4)
+# 256 device blocks hold the whole batch (and allocate in a blink, unlike the 1 GiB default pool).
+BASE = dict(dtype="float32", block_size=4, device_kv_blocks=256)
 # 24 device blocks of 4 tokens for a batch needing 42: the host tier (or recompute) takes the rest.
 POLICIES = {
     "none": dict(device_kv_blocks=24),
@@ -146,7 +147,7 @@ def wait_for(condition, timeout: float = 10.0) -> bool:
 def test_llm_shutdown_frees_every_thread_socket_and_host_segment(tiny_model_dir):
     model = tiny_model_dir("llama")
     threads_before, sockets_before, memfds_before = engine_threads(), open_sockets(), open_memfds()
-    llm = LLM(model=str(model), **BASE, **POLICIES["pie"])
+    llm = LLM(model=str(model), **dict(BASE, **POLICIES["pie"]))
     assert engine_threads() != threads_before
     assert llm_tokens(llm)[0]
     assert open_memfds() > memfds_before and mapped_segments() > 0
@@ -167,7 +168,7 @@ def test_llm_shutdown_frees_every_thread_socket_and_host_segment(tiny_model_dir)
 def test_llm_frees_everything_at_interpreter_exit(tiny_model_dir):
     script = (
         "import sys; from pied import LLM, SamplingParams\n"
-        "llm = LLM(model=sys.argv[1], dtype='float32', block_size=4, kv_policy='pie', expansion='fixed:8')\n"
+        "llm = LLM(model=sys.argv[1], dtype='float32', block_size=4, kv_policy='pie', expansion='fixed:8', device_kv_blocks=64)\n"
         "print(llm.generate({'prompt_token_ids': [1, 2, 3]}, SamplingParams(max_tokens=3))[0].outputs[0].token_ids)\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
@@ -205,7 +206,7 @@ FAULT_OPTIONS = SupervisorOptions(startup_timeout=120, heartbeat_interval=0.1, h
 async def fail_in_flight(model: Path, fault) -> Engine:
     """Start the engine as threads, put requests in flight, apply ``fault(engine)``; every stream
     must end with EngineDeadError within 2 s. Returns the (dead, shut down) engine."""
-    config = EngineConfig(model=str(model), **BASE, device_kv_blocks=4096)
+    config = EngineConfig(model=str(model), **dict(BASE, device_kv_blocks=4096))
     engine = Engine(config, FAULT_OPTIONS, workers="threads")
     await engine.start()
     try:
