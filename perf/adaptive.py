@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import add_workers_arg, emit, machine
+from common import add_workers_arg, emit, machine, one_torch_thread
 from pooling import run, workload_model
 
 
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=5, help="adaptive / best-N pairs per scenario (median)")
     add_workers_arg(parser)
     args = parser.parse_args()
-    torch.set_num_threads(1)  # as perf/pooling.py
+    one_torch_thread()
     model_dir, requests, device_blocks, fixed_ns = workload_model(args.quick)
     sweep = [*fixed_ns, 2 * max(fixed_ns)]  # up to where more host memory stops paying
     scenarios = {"link": compare(model_dir, requests, device_blocks, sweep, None, args.pairs, args.workers)}

@@ -104,3 +104,15 @@ async def warm_up(engine: Engine, prompt: list[int]) -> None:
     async for _ in engine.add_request(proto.AddRequest("warm", proto.pack_i32(prompt), params)):
         pass
     await engine.wait_idle()
+
+
+def one_torch_thread() -> None:
+    """One compute thread, here and in the worker processes (they inherit OMP_NUM_THREADS): on a
+    shared 2-core machine more threads fight the copy thread and other processes and make every
+    number noisier."""
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)

@@ -22,8 +22,15 @@ import asyncio
 import time
 
 import numpy as np
-import torch
-from common import SMOLLM_135M_SHAPE, add_workers_arg, emit, machine, started_engine, warm_up
+from common import (
+    SMOLLM_135M_SHAPE,
+    add_workers_arg,
+    emit,
+    machine,
+    one_torch_thread,
+    started_engine,
+    warm_up,
+)
 
 import proto
 from pied.engine import Engine
@@ -173,9 +180,7 @@ def main() -> None:
     add_workers_arg(parser)
     args = parser.parse_args()
     workers = args.workers
-    # One compute thread: on a shared 2-core machine two threads fight the copy thread and other
-    # processes and make every number noisier.
-    torch.set_num_threads(1)
+    one_torch_thread()
     block_size = 16
     model_dir, requests, device_blocks, pie_ns = workload_model(args.quick)
 
