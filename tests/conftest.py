@@ -25,3 +25,57 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
         return folders[key]
 
     return make
+
+
+# ---------------------------------------------------------------- unit / e2e markers
+#
+# `e2e`: a test that starts the engine's workers, a server, a CLI or a whole model run end to end;
+# `unit`: everything else (a class or a kernel driven directly). `pytest -m unit` is the fast
+# subset (README, "Tests"). A module is e2e as a whole, or, in the mixed modules, a test is e2e when
+# it asks for a model folder or an exporter endpoint (the engine-level tests do; the others build
+# their component directly). A test may also carry `@pytest.mark.e2e` itself.
+E2E_MODULES = {
+    "test_actor",
+    "test_adaptive",
+    "test_api",
+    "test_api_concurrency",
+    "test_api_errors",
+    "test_chat_cli",
+    "test_daemon",
+    "test_default_model",
+    "test_engine",
+    "test_faults",
+    "test_fuzz",
+    "test_load",
+    "test_one_engine",
+    "test_pooling",
+    "test_processes",
+    "test_progress",
+    "test_sdnotify",
+}
+MIXED_MODULES = {"test_prefix_cache", "test_tracing"}
+E2E_FIXTURES = {"model_dir", "llama_dir", "tiny_model_dir", "otlp_receiver"}
+# Unit tests that take seconds each (whole-model logits over many parametrisations, long
+# hypothesis runs): `slow`, so that `-m "unit and not slow"` stays under a minute.
+SLOW_UNIT_TESTS = {
+    "test_streaming.py::test_host_blocks_give_device_logits",
+    "test_streaming.py::test_prefetch_is_reused_for_the_blocks_that_stay_when_others_join_or_leave",
+    "test_scheduler_host.py::test_outputs_do_not_depend_on_the_kv_policy",
+    "test_scheduler.py::test_outputs_do_not_depend_on_the_pool_size",
+    "test_prefix_cache.py::test_outputs_with_prefix_caching_equal_the_reference",
+    "test_kv_pool.py::test_runner_writes_kv_at_layer_pages",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("e2e") is not None:
+            continue
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if module in E2E_MODULES or (module in MIXED_MODULES and fixtures & E2E_FIXTURES):
+            item.add_marker(pytest.mark.e2e)
+        else:
+            item.add_marker(pytest.mark.unit)
+            if item.nodeid.split("/")[-1].split("[")[0] in SLOW_UNIT_TESTS:
+                item.add_marker(pytest.mark.slow)

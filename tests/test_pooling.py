@@ -173,10 +173,11 @@ async def test_pie_through_worker_processes_then_kill(tmp_path, victim):
         # Kill one worker mid-generation: every caller gets an error, every worker goes.
         long = proto.SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
         stream = client.add_request(proto.AddRequest("long", proto.pack_i32(PROMPTS[1]), long))
-        await asyncio.wait_for(stream.__aiter__().__anext__(), 30)  # generating
+        deltas = aiter(stream)
+        await asyncio.wait_for(anext(deltas), 30)  # mid-generation: its first token is out
         os.kill(pids[victim], signal.SIGKILL)
         with pytest.raises(EngineDeadError):
-            await asyncio.wait_for(collect(stream), 2.0)
+            await asyncio.wait_for(collect(deltas), 2.0)
         assert client.dead
     finally:
         await client.shutdown()

@@ -7,6 +7,9 @@ fails otherwise): a wire-format change updates its round-trip test in the same c
 from __future__ import annotations
 
 import inspect
+import json
+import os
+from pathlib import Path
 from typing import Union
 
 import msgspec
@@ -243,3 +246,47 @@ def test_wrong_messages_are_rejected_not_guessed():
         decoder.decode(msgspec.msgpack.encode(proto.Heartbeat("x", 1)))
     with pytest.raises(msgspec.DecodeError):
         decoder.decode(b"\xc1")  # never valid msgpack
+
+
+# ---------------------------------------------------------------- golden bytes
+#
+# The exact msgpack bytes of every example, stored in tests/golden/wire_messages.json. A reordered,
+# renamed, retyped or removed field changes them, so a wire-format change cannot pass unnoticed: it
+# updates proto/, its examples and these bytes in the same commit. Regenerate after a deliberate
+# change with `PIED_WRITE_GOLDEN=1 python -m pytest tests/test_proto.py -k golden`.
+GOLDEN_FILE = Path(__file__).parent / "golden" / "wire_messages.json"
+
+
+def golden_encodings() -> dict[str, str]:
+    return {
+        f"{cls.__module__}.{cls.__qualname__}[{index}]": msgspec.msgpack.encode(message).hex()
+        for cls, messages in EXAMPLES.items()
+        for index, message in enumerate(messages)
+    }
+
+
+def test_wire_bytes_equal_the_golden_fixtures():
+    encodings = golden_encodings()
+    if os.environ.get("PIED_WRITE_GOLDEN"):
+        GOLDEN_FILE.write_text(json.dumps(encodings, indent=1, sort_keys=True) + "\n")
+    golden = json.loads(GOLDEN_FILE.read_text())
+    assert sorted(encodings) == sorted(golden), "examples added or removed: regenerate the golden file"
+    changed = [name for name in encodings if encodings[name] != golden[name]]
+    assert not changed, f"wire bytes changed for {changed}: a wire-format change (see the note above)"
+
+
+def test_golden_bytes_catch_a_reordered_field():
+    """The fixture check can fail: the same fields in another order give other bytes."""
+    fields = [
+        (field.name, field.type)
+        if field.required
+        else (field.name, field.type, msgspec.field(default=field.default, default_factory=field.default_factory))
+        for field in msgspec.structs.fields(proto.TokenDelta)
+    ]
+    swapped = [fields[1], fields[0], *fields[2:]]
+    Reordered = msgspec.defstruct("TokenDelta", swapped, array_like=True, omit_defaults=True)
+    original = proto.TokenDelta("r0", pack_i32([5]))
+    reordered = Reordered(token_ids=original.token_ids, request_id="r0")
+    golden = json.loads(GOLDEN_FILE.read_text())
+    assert msgspec.msgpack.encode(original).hex() == golden["proto.messages.TokenDelta[0]"]
+    assert msgspec.msgpack.encode(reordered).hex() != golden["proto.messages.TokenDelta[0]"]

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -161,10 +162,13 @@ def test_daemon_notifies_systemd(tiny_model_dir, tmp_path: Path, monkeypatch: py
             environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             assert not any(item.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_")) for item in environment)
 
-        time.sleep(1.0)
-        pings = listener.times("WATCHDOG", "1")
-        assert len(pings) >= 4, pings
-        assert max(b - a for a, b in zip(pings, pings[1:])) < 0.6
+        deadline = time.monotonic() + 10
+        while len(pings := listener.times("WATCHDOG", "1")) < 5:
+            assert time.monotonic() < deadline, f"too few watchdog pings: {pings}"
+            time.sleep(0.05)
+        # Periodic at WATCHDOG_USEC / 2: the median gap, so one late tick on a loaded machine
+        # does not decide the test.
+        assert statistics.median(b - a for a, b in zip(pings, pings[1:])) < 0.3
 
         # A stopped worker sends no heartbeats: the pings pause (well before it counts as dead).
         executor = workers["executor"]
