@@ -1,11 +1,11 @@
 """``pied serve``: the daemon. Starts the engine, serves the OpenAI-compatible API, supervises.
 
 Lifecycle:
-- start: load the tokenizer and chat template, start the engine (worker processes, or the same
-  actors as threads of this process with ``--inproc``), listen, print one line ``pied: listening on http://HOST:PORT ...``, and tell
-  systemd ``READY=1`` when run under it (:mod:`pied.sdnotify`; before that, ``STATUS=`` lines and
-  ``EXTEND_TIMEOUT_USEC`` while the workers load; after it, ``WATCHDOG=1`` pings while every
-  worker heartbeats);
+- start: load the tokenizer and chat template, start the engine (its actors as worker processes,
+  or as threads of this process with ``--inproc``), listen, print one line ``pied: listening on
+  http://HOST:PORT ...``, and tell systemd ``READY=1`` when run under it (:mod:`pied.sdnotify`;
+  before that, ``STATUS=`` lines and ``EXTEND_TIMEOUT_USEC`` while the workers load; after it,
+  ``WATCHDOG=1`` pings while every worker heartbeats);
 - SIGTERM drains: ``/health`` and new requests answer 503 while requests in flight finish (up to
   ``--shutdown-timeout``), then what is left is aborted and the server stops; exit status 0;
 - SIGINT stops at once (requests in flight end with ``finish_reason: abort``); a second signal
