@@ -309,7 +309,7 @@ class Supervisor:
             if self.kind == "processes":
                 self._spawn_processes(addresses)
             else:
-                self._spawn_threads(addresses)
+                await self._spawn_threads(addresses)
             self._watchdog_task = loop.create_task(self._watchdog(), name="supervisor-watchdog")
             await asyncio.wait_for(asyncio.shield(self._all_ready), options.startup_timeout)
         except asyncio.TimeoutError:
@@ -369,13 +369,13 @@ class Supervisor:
             log_level=self.options.log_level,
         )
 
-    def _spawn_threads(self, addresses: Addresses) -> None:
+    async def _spawn_threads(self, addresses: Addresses) -> None:
         assert self._context is not None
         args = self._worker_args(addresses)
         for name in WORKER_NAMES:
-            # NOTE: imported before any worker loop heartbeats (see preload); the frontend's loop
-            # waits meanwhile, before its watchdog runs.
-            preload(name)
+            # NOTE: imported before any worker loop heartbeats (see preload), off this loop so it
+            # keeps answering (signals, status lines) meanwhile.
+            await asyncio.to_thread(preload, name)
         for name in WORKER_NAMES:
             thread = ActorThread(build_actor(name, args, self._context))
             self.workers[name] = WorkerThread(name, thread)
