@@ -252,7 +252,10 @@ async def test_a_worker_thread_that_stops_kills_the_engine(tiny_model_dir):
     engine = await fail_in_flight(
         tiny_model_dir("llama", max_position_embeddings=4096), lambda e: e.actor("scheduler").stop_threadsafe()
     )
-    assert "scheduler" in engine.dead_reason and "stopped" in engine.dead_reason
+    # Either the watchdog sees the thread end first, or the executor, sending to its closed
+    # mailbox, reports that first: the reason names the scheduler either way.
+    reason = engine.dead_reason
+    assert "scheduler" in reason and ("stopped" in reason or "takes no messages" in reason), reason
 
 
 async def test_a_worker_thread_whose_loop_hangs_kills_the_engine(tiny_model_dir):

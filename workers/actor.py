@@ -53,6 +53,10 @@ EXIT_FAILED = 1
 EXIT_PARENT_DIED = 3
 
 
+class PeerGoneError(RuntimeError):
+    """A message could not be queued: the peer's mailbox is gone (it stopped)."""
+
+
 @dataclass(frozen=True)
 class Addresses:
     """The mailbox address of every actor of one engine. The frontend's mailbox is also where the
@@ -209,8 +213,13 @@ class Actor:
     # ---------------------------------------------------------------- in a handler
 
     def send(self, peer: str, message: msgspec.Struct) -> None:
-        """Queue ``message`` for ``peer``; never blocks. Messages to one peer keep their order."""
-        self._outboxes[peer].send(self._encoder.encode(message), zmq.NOBLOCK)
+        """Queue ``message`` for ``peer``; never blocks. Messages to one peer keep their order.
+        Raises :class:`PeerGoneError` when the peer's mailbox no longer exists (an ``inproc://``
+        peer that stopped; over ``ipc://`` messages queue until it comes back)."""
+        try:
+            self._outboxes[peer].send(self._encoder.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            raise PeerGoneError(f"the {peer} takes no messages: its mailbox is closed") from None
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
         """Run ``coroutine`` as a task of this actor: cancelled when it stops; if it raises, the
