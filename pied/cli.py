@@ -7,6 +7,7 @@ import dataclasses
 import sys
 
 from pied.args import add_engine_args, add_sampling_args, engine_config_from_args
+from pied.bench import add_bench_command
 from pied.chat import add_chat_command
 from pied.serve import add_serve_command
 from proto.config import ConfigError
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_command(commands)
 
     add_serve_command(commands)
+    add_bench_command(commands)
     return parser
 
 
