@@ -54,6 +54,7 @@ E2E_MODULES = {
     "test_faults",
     "test_fuzz",
     "test_load",
+    "test_one_engine",
     "test_pooling",
     "test_processes",
     "test_progress",

@@ -125,10 +125,12 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
     proto.Stats: [
         proto.Stats(),
         proto.Stats(num_running=3, num_waiting=1, num_device_blocks=64, num_host_blocks=32, device_usage=0.5,
-                    host_usage=0.25, num_preemptions=2, num_steps=99, step_time_sum=1.5, forward_time_sum=1.4,
-                    execute_time_sum=1.45, host_lease=32, bytes_to_device_sum=1 << 40, bytes_to_host_sum=1 << 20,
-                    stall_time_sum=0.01, host_lease_target=40, host_decision="shrink: stalls 5.1% > 2%",
-                    host_link_bandwidth=2.4e10),
+                    host_usage=0.25, num_preemptions=2, num_steps=99, cycle_seconds_total=1.5, forward_seconds_total=1.4,
+                    step_seconds_total=1.45, host_lease=32, bytes_to_device_total=1 << 40, bytes_to_host_total=1 << 20,
+                    stall_seconds_total=0.01, host_lease_target=40, host_decision="shrink: stalls 5.1% > 2%",
+                    host_link_bandwidth=2.4e10, prefix_cache_queries_total=640, prefix_cache_device_hits_total=256,
+                    prefix_cache_host_hits_total=64, num_computed_tokens_total=4096, prefix_cache_demotions_total=8,
+                    prefix_cache_promotions_total=2),
     ],
     proto.plan.HostPlan: [
         proto.plan.HostPlan(),

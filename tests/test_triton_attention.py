@@ -272,13 +272,13 @@ def test_greedy_tokens_match_transformers(tmp_path, variant, policy, device="cpu
         attention_backend="triton",
         **POLICIES[policy],
     )
-    assert llm.engine.runner.attention_backend == "triton"
+    assert llm.engine.actor("executor").runner.attention_backend == "triton"
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     for prompt, output in zip(PROMPTS, outputs):
         assert_prefix_equal(output.outputs[0].token_ids, hf_greedy(reference_model, prompt, MAX_TOKENS))
     if policy == "pie":
-        assert llm.engine.totals.bytes_to_device > 0  # host KV was streamed and read in place
+        assert llm.engine.stats().bytes_to_device_total > 0  # host KV was streamed and read in place
 
 
 @pytest.mark.e2e

@@ -42,6 +42,9 @@ class Runner(Protocol):
 
     def execute(self, plan: proto.StepPlan) -> proto.StepResult: ...
 
+    def close(self) -> None:
+        """Stop background work (the copy engine) and unmap host memory."""
+
 
 @runtime_checkable
 class LayerTimedRunner(Runner, Protocol):
@@ -113,10 +116,15 @@ class ExecutorActor(Actor):
         self.on(proto.SegmentUpdate, self.handle_segment_update)
 
     @classmethod
-    def from_args(cls, args: WorkerArgs) -> ExecutorActor:
+    def from_args(cls, args: WorkerArgs, context: zmq.asyncio.Context | None = None) -> ExecutorActor:
+        """As a worker starts it; ``context``: the engine's shared one when actors run as threads."""
         collector = args.addresses.memory or None
         return cls(
-            args.config, args.addresses, heartbeat_interval=args.heartbeat_interval, span_collector=collector
+            args.config,
+            args.addresses,
+            context=context,
+            heartbeat_interval=args.heartbeat_interval,
+            span_collector=collector,
         )
 
     async def on_start(self) -> None:
@@ -127,6 +135,13 @@ class ExecutorActor(Actor):
         self.send(SUPERVISOR, ready)
 
     async def on_stop(self) -> None:
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            # On the compute thread, after any forward pass still running there: as a thread of a
+            # library's process, the executor must leave no copy thread or mapping behind, and
+            # its weights and KV pool go with the last reference, not at the next cyclic GC.
+            await self.run_blocking(runner.close)
+            del runner
         # Off the loop: the exporter may take a while to give up on an unreachable collector.
         loop = asyncio.get_running_loop()
         for tracer in (self.tracer, self.channel):

@@ -8,12 +8,16 @@ is always backed by segments; segments above it are released when the lease shri
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import proto
 from proto.config import EngineConfig, parse_expansion
 from proto.plan import HostPlan
 from workers.memory.host_pool import HostSegment, KVLayout
 from workers.plan import plan_of
+
+if TYPE_CHECKING:
+    from workers.memory.controller import StepSample
 
 
 class MemoryManager:
@@ -76,9 +80,9 @@ class HostMemory:
 
     def __init__(self, config: EngineConfig, layout: KVLayout | None = None) -> None:
         """``layout``: the KV layout of the plan (default: built from it)."""
-        from workers.memory.controller import DemandSample, ExpansionController, StepSample
+        from workers.memory.controller import DemandSample, ExpansionController
 
-        self._demand_sample, self._step_sample = DemandSample, StepSample
+        self._demand_sample = DemandSample
         self.config = config
         self.layout = layout or kv_layout_for(config)
         # The host plan as the daemon checked it (memory available, memlock): not derived again.
@@ -126,29 +130,21 @@ class HostMemory:
         self.granted = lease
         return LeaseChange(lease, created)
 
-    def on_step(
-        self,
-        result: proto.StepResult | None,
-        num_waiting: int,
-        num_preemptions: int,
-        num_host_blocks_in_use: int,
-        short_of_blocks: bool,
-        host_blocks_high_water: int = 0,
-    ) -> LeaseChange | None:
-        """Feed one step (or an idle tick, ``result=None``) to the controller; a change when it
-        moves the lease. Growing maps new segments at once; shrinking keeps them until released."""
+    def on_step(self, step: StepSample | None, demand: proto.DemandReport) -> LeaseChange | None:
+        """Feed one executor step's timings (or an idle tick, ``step=None``) and the scheduler's
+        latest demand to the controller; a change when it moves the lease. Growing maps new
+        segments at once; shrinking keeps them until released."""
         if self.controller is None:
             return None
-        demand = self._demand_sample(
-            num_waiting=num_waiting,
-            num_preemptions=num_preemptions - self._last_preemptions,
-            num_host_blocks_in_use=num_host_blocks_in_use,
-            short_of_blocks=short_of_blocks,
-            high_water=host_blocks_high_water,
+        sample = self._demand_sample(
+            num_waiting=demand.num_waiting,
+            num_preemptions=demand.num_preemptions - self._last_preemptions,
+            num_host_blocks_in_use=demand.num_host_blocks_in_use,
+            short_of_blocks=demand.short_of_blocks,
+            high_water=demand.host_blocks_high_water,
         )
-        self._last_preemptions = num_preemptions
-        step = None if result is None else self._step_sample.from_result(result, self.layout.num_layers)
-        decision = self.controller.observe(step, demand)
+        self._last_preemptions = demand.num_preemptions
+        decision = self.controller.observe(step, sample)
         if decision is None:
             return None
         self.decision_reason, self.target = decision.reason, decision.target
