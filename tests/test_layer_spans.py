@@ -54,6 +54,9 @@ class ThrottledStreamingRunner:
         self.record_layer_times = False
         self.layer_times: list[LayerTime] = []
 
+    def close(self) -> None:
+        """Nothing outlives a step here: each one starts and joins its own copy thread."""
+
     def execute(self, plan: proto.StepPlan) -> proto.StepResult:
         jobs: queue.SimpleQueue[CopyJob | None] = queue.SimpleQueue()
         done: dict[CopyJob, threading.Event] = {}
