@@ -276,23 +276,31 @@ def test_noise_alone_is_never_a_change(bandwidth: float) -> None:
     assert not [reason for reason in trace.reasons if "re-planned" in reason]
 
 
-def test_a_change_detector_needs_a_run_of_steps_one_way() -> None:
-    detector = ChangeDetector(threshold=0.3, steps=4)
-    assert detector.observe(2.0, None) is None  # no reference yet: nothing to compare with
-    detector.reset(compute_time=1.0, bandwidth=100.0)
-    # Within the threshold, or one slow step at a time: no change.
-    for compute in (1.25, 0.8, 2.0, 1.0, 2.0, 2.0, 2.0, 1.1, 0.5, 0.5, 0.5, 2.0):
-        assert detector.observe(compute, 100.0) is None, compute
-    assert detector.run_length == 1
-    assert detector.observe(2.0, None) is None and detector.observe(2.0, 100.0) is None
-    change = detector.observe(2.2, 100.0)
-    assert change is not None and change.quantity == "compute time"
-    assert change.ratio == pytest.approx((2.0 * 3 + 2.2) / 4)
-    assert detector.observe(9.0, 100.0) is None and detector.run_length == 0  # stale until reset
-    detector.reset(compute_time=None, bandwidth=100.0)
-    # A step that did not measure its copy time neither extends nor breaks a run.
-    changes = [detector.observe(1.0, bandwidth) for bandwidth in (25.0, 25.0, None, 25.0, 25.0)]
-    assert changes == [None, None, None, None, Change("link bandwidth", 0.25)]
+def test_a_change_is_a_run_of_steps_beyond_the_spread_of_the_reference() -> None:
+    quiet = [1.0, 0.95, 1.05, 0.98, 1.02, 0.97, 1.03, 1.0]  # +-5%: the bar is ~1.36x (and ~0.73x)
+    detector = ChangeDetector(threshold=0.3, steps=4, reference_steps=64, min_reference=8)
+    assert [detector.observe(value, None) for value in quiet] == [None] * 8  # the reference
+    # Alone, or in a run that breaks before 4 steps, slow steps are noise (and join the reference).
+    for value in (1.3, 0.8, 1.5, 1.0, 0.6, 0.6, 0.6, 1.0):
+        assert detector.observe(value, None) is None, value
+    assert detector.run_length == 0
+    # An unmeasured step neither extends nor breaks a run: the 4th measured one is the change.
+    changes = [detector.observe(value, None) for value in (2.0, None, 2.0, 2.0, 2.4)]
+    assert changes[:4] == [None] * 4 and changes[4] == Change("compute time", pytest.approx(8.4 / 4 / 1.0))
+    # The run is the reference now: more of the same is no change.
+    assert all(detector.observe(2.1, None) is None for _ in range(8))
+    # The link, on its own reference; and after a move the compute time is measured afresh.
+    for bandwidth in (100.0, 101.0, 99.0, 100.0, 102.0, 98.0, 100.0, 100.0):
+        assert detector.observe(None, bandwidth) is None
+    detector.forget_compute_time()
+    changes = [detector.observe(0.2, 25.0) for _ in range(4)]  # compute: no reference yet
+    assert changes == [None, None, None, Change("link bandwidth", 0.25)]
+
+    # On a noisy plant (step times over 10x, as on a busy CPU) the same runs are part of the spread.
+    noisy = ChangeDetector(threshold=0.3, steps=4, reference_steps=64, min_reference=8)
+    for value in [0.3, 3.0, 1.0, 0.5, 2.0, 0.4, 2.5, 1.0] * 2:
+        assert noisy.observe(value, None) is None
+    assert all(noisy.observe(value, None) is None for value in [2.0] * 4 + [0.5] * 4)
     with pytest.raises(ValueError, match="threshold"):
         ChangeDetector(threshold=0.0, steps=4)
 

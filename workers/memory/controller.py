@@ -178,7 +178,7 @@ class ControllerTuning:
     release_slack: float = 0.1  # release only if it frees at least this fraction of the lease
     bandwidth_smoothing: float = 0.5  # EWMA weight of a new bandwidth measurement
     change_threshold: float = 0.3  # relative: a step's compute time or bandwidth this far off the evidence,
-    change_steps: int = 4  # in this many host-reading steps in a row, one way: the plant changed
+    change_steps: int = 6  # in this many host-reading steps in a row, one way: the plant changed
     gain_min: float = 1 / 16
     gain_max: float = 4.0
 
@@ -354,12 +354,16 @@ class ExpansionController:
         self._measured_host_steps = False  # whether any window had steps that read host blocks
         self._window = _Window()
         self._decision = Decision(lease, lease, "hold: start")
-        # Compared step by step with the evidence at this lease; the host-reading samples of its
-        # current run are what a re-plan measures the changed plant on.
-        self._detector = ChangeDetector(self.tuning.change_threshold, self.tuning.change_steps)
-        self._recent: deque[tuple[StepSample, DemandSample]] = deque(maxlen=self.tuning.change_steps)
-        # The link's bandwidth does not depend on the lease: it stays the reference across moves.
-        self._reference_bandwidth: float | None = None
+        # Watches each host-reading step; the samples of its current run are what a re-plan
+        # measures the changed plant on.
+        tuning = self.tuning
+        self._detector = ChangeDetector(
+            tuning.change_threshold,
+            tuning.change_steps,
+            reference_steps=tuning.evidence_windows * tuning.decide_every,
+            min_reference=max(2, tuning.decide_every),
+        )
+        self._recent: deque[tuple[StepSample, DemandSample]] = deque(maxlen=tuning.change_steps)
         self._gain_before_run = self._gain  # a window that closed during a run measured both plants
 
     # ------------------------------------------------------------------ inputs and outputs
@@ -409,23 +413,18 @@ class ExpansionController:
     def decide(self) -> Decision:
         """Close the current window and decide the lease from it."""
         window, self._window = self._window, _Window()
+        lease = self.lease
         self._decision = self._next(window)
-        self._watch()
+        self._watch(lease)
         return self._decision
 
-    def _watch(self) -> None:
-        """Watch for a change against the evidence at the current lease. Right after a move there
-        is none for the compute time (the move changes the batch: the first window at the new
-        lease is the reference, not a change); the bandwidth's reference carries over. A window that
-        closed during a run keeps watching: the run may be the change this window straddled."""
-        if self._detector.run_length > 0:
-            return
-        pooled = _Window.pool(self._evidence)
-        n = pooled.num_host_steps
-        compute = pooled.host_compute_time / n if n and pooled.host_compute_time > 0 else None
-        if pooled.copy_time > 0:
-            self._reference_bandwidth = pooled.copied_bytes / pooled.copy_time
-        self._detector.reset(compute, self._reference_bandwidth)
+    def _watch(self, lease_before: int) -> None:
+        """After a move the compute time is measured afresh (the move changes the batch: the first
+        window at the new lease is the reference, not a change); the bandwidth's reference carries
+        over. A window that closed during a run keeps watching: the run may be the change this
+        window straddled."""
+        if self.lease != lease_before and self._detector.run_length == 0:
+            self._detector.forget_compute_time()
 
     # ------------------------------------------------------------------ control law
 
@@ -471,8 +470,6 @@ class ExpansionController:
         # A decision on a window that straddled the change calibrated the gain on both plants.
         self._gain = self._gain_before_run
         self._learn(window, fresh=True)
-        if window.copy_time > 0:
-            self._reference_bandwidth = window.copied_bytes / window.copy_time
         self._evidence = []
         self._shrink_point = None
         self._ceiling = None
@@ -496,7 +493,7 @@ class ExpansionController:
         else:
             decision = self._hold(what)
         self._decision = decision
-        self._watch()
+        self._watch(lease)
         return decision
 
     def _shrink(self, evidence: _Window, fraction: float) -> Decision:
