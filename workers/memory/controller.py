@@ -39,16 +39,19 @@ Control law. Windows at the same lease are pooled (ratio of sums); ``f`` is thei
 - Noise: a small move needs ``confirm_windows`` windows at the lease, a reversal twice that;
   stalls above ``strong_factor * stall_target`` in one window shrink at once.
 - **Change**: when ``change_steps`` host-reading steps in a row measure a compute time, or a link
-  bandwidth (from the executor's copy time), more than ``change_threshold`` away from the evidence
-  at this lease, in the same direction, the workload or the link changed (short requests -> long
-  contexts, another tenant on the link). The evidence windows, the ceiling and the secant were
-  measured on the old plant: they are forgotten, a measured bandwidth replaces the estimate instead
-  of being smoothed into it, and the lease is re-planned at once from the model on those steps
-  alone (``gain`` is kept: it describes the pipeline, not the load) — down to the modelled limit
-  when the steps read more than it, up ``jump`` of the way to it under demand. The first window
-  after a move is never compared (the move itself changes the batch), so the controller's own
-  moves are not mistaken for a change. Without a measured copy time a faster link is invisible
-  (nothing stalls); probes find it.
+  bandwidth (from the executor's copy time), beyond the recent spread of that quantity by more than
+  ``change_threshold``, the same way (:mod:`workers.memory.change`), the workload or the link
+  changed (short requests -> long contexts, another tenant on the link). The evidence windows, the
+  ceiling and the secant were measured on the old plant: they are forgotten, a measured bandwidth
+  replaces the estimate instead of being smoothed into it, and the lease is re-planned at once from
+  the model on those steps alone — down to the modelled limit when the steps read more than it, up
+  ``jump`` of the way to it under demand. ``gain`` is kept (it describes the pipeline, not the
+  load), as it was before the run began: a window that closed during the run measured both plants.
+  The compute time is measured afresh after every move (the move itself changes the batch), so
+  the controller's own moves are not mistaken for a change. Without a measured copy time a faster
+  link is invisible (nothing stalls); probes find it.
+- With the evidence pool full (``evidence_windows``), a stall fraction above the band shrinks even
+  within its noise: more windows would not narrow the margin, and the band's top is the promise.
 
 NOTE: a shrink is only a lower lease; the scheduler migrates or preempts blocks above it over the
 following steps. The controller never assumes that happened: it reads the blocks in use from every
@@ -177,7 +180,7 @@ class ControllerTuning:
     release_headroom: float = 0.25  # keep usage * (1 + headroom) when releasing
     release_slack: float = 0.1  # release only if it frees at least this fraction of the lease
     bandwidth_smoothing: float = 0.5  # EWMA weight of a new bandwidth measurement
-    change_threshold: float = 0.3  # relative: a step's compute time or bandwidth this far off the evidence,
+    change_threshold: float = 0.3  # relative: a step's compute time or bandwidth this far beyond its spread,
     change_steps: int = 6  # in this many host-reading steps in a row, one way: the plant changed
     gain_min: float = 1 / 16
     gain_max: float = 4.0
