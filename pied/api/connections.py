@@ -16,7 +16,8 @@ headers have not all arrived by then is closed with its connection.
 from __future__ import annotations
 
 import asyncio
-import weakref
+import logging
+import socket
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -25,10 +26,12 @@ from aiohttp.web_protocol import RequestHandler
 
 from pied.api.errors import APIError
 
+logger = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-REFUSAL_LINGER_SECONDS = (
-    1.0  # time for the refused client's request to arrive (closing on unread data resets)
-)
+# Time for a refused client's request to arrive: closing on unread data would reset the
+# connection before the client reads the 503.
+REFUSAL_LINGER_SECONDS = 1.0
+SEND_BUFFER_BYTES = 64 << 10  # per connection (the kernel doubles it); an SSE stream needs little
 
 
 def refusal_bytes() -> bytes:
@@ -71,7 +74,7 @@ class ConnectionLimit:
         self.server: web.Server | None = None  # the runner's, once it is set up (attach)
         self.max_connections = max_connections
         self._busy: dict[RequestHandler, int] = {}  # connection -> requests in progress on it
-        self._evicted: weakref.WeakSet[RequestHandler] = weakref.WeakSet()  # closed, not yet gone
+        self._evicted: set[RequestHandler] = set()  # closed by us, not yet gone from the server
         self.num_evicted = 0
         self.num_refused = 0
 
@@ -80,7 +83,17 @@ class ConnectionLimit:
 
     def __call__(self) -> asyncio.Protocol:
         assert self.server is not None, "attach the runner's server first"
-        connections = [c for c in self.server.connections if c not in self._evicted]
+        try:
+            return self._admit()
+        except Exception:  # noqa: BLE001 - a factory that raises stops the listener accepting at all
+            logger.exception("connection limit failed; accepting the connection")
+            return self.server()
+
+    def _admit(self) -> asyncio.Protocol:
+        assert self.server is not None
+        live = self.server.connections
+        self._evicted.intersection_update(live)
+        connections = [c for c in live if c not in self._evicted]
         if len(connections) >= self.max_connections:
             # Oldest first (aiohttp keeps them in the order they opened).
             idle = next((c for c in connections if c not in self._busy), None)
@@ -123,4 +136,9 @@ class LimitedTCPSite(web.TCPSite):
         await web.BaseSite.start(self)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self.limit, self._host, self._port, backlog=self._backlog)
+        for sock in self._server.sockets:
+            # Accepted connections inherit it: bounded kernel memory per connection (autotuning
+            # would grow it to megabytes), and a client that stops reading meets the write
+            # deadline after a few hundred KiB rather than after megabytes of output.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port

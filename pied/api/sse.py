@@ -12,11 +12,14 @@ client had gone away.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import msgspec
 from aiohttp import web
 
 from pied.api.errors import APIError
+
+logger = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
 
@@ -49,6 +52,7 @@ async def write(request: web.Request, response: web.StreamResponse, data: bytes,
         async with asyncio.timeout(timeout):
             await response.write(data)
     except TimeoutError:
+        logger.info("cutting a stream to %s: it read nothing for %g s", request.remote, timeout)
         transport = request.transport
         if transport is not None:
             # abort, not close: close() would wait for the unread buffer to drain, which is never.
