@@ -485,7 +485,7 @@ def test_non_utf8_authorization_header_is_401(server: ServerProcess, reference: 
             sock.close()
         response = parse_response(data)
         assert_error(response, 401)
-        assert response.headers["X-Request-Id"].isascii()  # a fresh id, not the bytes sent
+        assert response.headers["x-request-id"].isascii()  # a fresh id, not the bytes sent
     assert_recovered(server, pid, reference)
 
 

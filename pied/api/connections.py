@@ -78,6 +78,11 @@ class ConnectionLimit:
         self.num_evicted = 0
         self.num_refused = 0
 
+    @property
+    def num_busy(self) -> int:
+        """Connections with a request in progress."""
+        return len(self._busy)
+
     def attach(self, server: web.Server) -> None:
         self.server = server
 
