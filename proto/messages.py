@@ -249,9 +249,6 @@ class StepResult(msgspec.Struct, tag=True, **HOT):
     link_bandwidth: float = 0.0
 
 
-HotMessage = Union[AddRequest, AbortRequests, TokenDeltas, StepPlan, StepResult]
-
-
 # ---------------------------------------------------------------- host memory (memory manager)
 
 

@@ -1,4 +1,5 @@
-"""Host blocks streamed through the staging ring (workers/executor/streaming.py), swaps, stalls.
+"""Host blocks streamed through the staging ring (workers/executor/streaming.py, host_kv.py,
+copy_engine.py), swaps, stalls.
 
 The reference for every streaming step is the same plan with all blocks on device, run by a second
 runner on the same weights: logits must agree exactly, and after each step the host copy of every
@@ -17,8 +18,9 @@ from step_plans import BlockAllocator, Chunk, make_plan, new_request
 
 import proto
 from proto.config import ConfigError, EngineConfig
+from workers.executor.copy_engine import ThreadCopyEngine
 from workers.executor.runner import COPY_THROTTLE_ENV, ModelRunner
-from workers.executor.streaming import StreamStats, ThreadCopyEngine
+from workers.executor.streaming import StreamStats
 from workers.memory.host_pool import HostSegment
 
 BLOCK_SIZE = 4

@@ -78,11 +78,6 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param)
 
 
-def from_value_error(error: ValueError, param: str | None = None) -> APIError:
-    """A 400 from ``SamplingParams.validate`` (or any ValueError that names its ``param``)."""
-    return bad_request(str(error), getattr(error, "param", None) or param)
-
-
 _AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _MISSING_FIELD = re.compile(r"missing required field `(?P<field>[^`]+)`")
 

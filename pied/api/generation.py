@@ -135,7 +135,7 @@ class Generation:
         """Hand every engine request to the engine. Raises APIError 503 when the waiting queue is
         full or the engine is dead (nothing is left submitted then)."""
         server = self.server
-        server.admit(len(self._requests))
+        server.admit()
         try:
             for choice, request in zip(self.choices, self._requests):
                 choice.stream = server.engine.add_request(request)

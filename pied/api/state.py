@@ -97,7 +97,7 @@ class ServerState:
         if model is not None and model != self.model_name:
             raise APIError(404, f"The model `{model}` does not exist.", param="model")
 
-    def admit(self, num_engine_requests: int) -> None:
+    def admit(self) -> None:
         """Refuse new work while the waiting queue holds ``max_queued_requests`` engine requests."""
         self.check_available()
         limit = self.max_queued_requests

@@ -20,10 +20,11 @@ import torch
 import proto
 from proto.config import ConfigError, EngineConfig
 from workers.executor.attention import AttentionMetadata, arrays_to_device
+from workers.executor.host_kv import HostKV
 from workers.executor.kv_pool import GIB, KVPool, StagingRing, kv_bytes_per_block, num_blocks_that_fit
 from workers.executor.model import CausalLM
 from workers.executor.sampler import Sampler, SamplingState
-from workers.executor.streaming import HostBlockOwners, HostKV, LayerStreamer, StreamStats
+from workers.executor.streaming import HostBlockOwners, LayerStreamer, StreamStats
 from workers.executor.weights import load_weights
 from workers.memory.host_pool import KVLayout
 from workers.memory.manager import SEGMENT_BYTES

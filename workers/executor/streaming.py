@@ -1,4 +1,5 @@
-"""Performance-transparent swapping: the copy engine and the staging ring (DESIGN.md "Streaming").
+"""Performance-transparent swapping: one step's host blocks streamed through the staging ring
+(DESIGN.md "Streaming").
 
 A step's host blocks are the same for every layer. ``LayerStreamer`` gives them staging slots
 ``0..k-1`` (in block id order) and streams each layer's pages through a ring of ``R = depth + 1``
@@ -7,212 +8,24 @@ of layer ``l + depth``; before layer ``l``'s attention, compute waits for layer 
 time waited is the step's stall); after it, the K/V the step wrote into host blocks is written back
 and the area is refilled for layer ``l + R``.
 
-``CopyEngine`` runs batches of transfers in submission order, off the compute path: on CUDA a
-dedicated copy stream ordered against the compute stream by events (host segments are pinned, copies
-are ``non_blocking``), on CPU a copy thread (torch copies release the GIL) signalling events.
-
-``HostKV`` is the executor's side of host memory: the mapped host pool, the copy engine (started on
-first use, so a runner that never sees a host block never starts one), the staging ring, whole-block
-swaps (the ``swap`` baseline), and the next step's first layers, prefetched during this step's last
-layers. The next step uses whatever of them is still valid: a host block it reads with the same
-owners as when it was prefetched keeps its pages (moved on the device to its new slot when blocks
-joined or left the step); only the rest is loaded from host.
+During a step's last layers it loads the next step's first layers (``Prefetch``). The next step
+uses whatever of them is still valid: a host block it reads with the same owners as when it was
+prefetched keeps its pages (moved on the device to its new slot when blocks joined or left the
+step); only the rest is loaded from host.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
-import weakref
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-import proto
-from workers.executor.kv_pool import StagingRing
-from workers.memory.host_pool import HostPool, HostSegment, KVLayout
+from workers.executor.copy_engine import CopyTicket, Transfer
 
-Transfer = tuple[torch.Tensor, torch.Tensor]  # (destination, source), same shape, both contiguous
-
-
-class CopyTicket(ABC):
-    """One submitted batch of transfers. ``copy_time``/``stall_time`` are valid once the batch is
-    done and every wait on it has run (the host synchronized on both)."""
-
-    def __init__(self, num_bytes: int) -> None:
-        self.num_bytes = num_bytes
-
-    @abstractmethod
-    def copy_time(self) -> float:
-        """Seconds the copy engine spent on the batch (including any throttle)."""
-
-    @abstractmethod
-    def stall_time(self) -> float:
-        """Seconds compute waited for the batch (0 when it was done in time, or never waited on)."""
-
-
-class CopyEngine(ABC):
-    """Runs batches of transfers in submission order, off the compute path."""
-
-    @abstractmethod
-    def submit(self, transfers: list[Transfer], num_bytes: int) -> CopyTicket:
-        """Queue ``transfers`` to run, in order, after every earlier batch and after all compute
-        issued so far (so a staging area is never overwritten while compute still uses it)."""
-
-    @abstractmethod
-    def wait(self, ticket: CopyTicket) -> None:
-        """Make compute wait for ``ticket`` (the stall is recorded on the ticket)."""
-
-    @abstractmethod
-    def synchronize(self, ticket: CopyTicket | None = None) -> None:
-        """Block the host until ``ticket`` (default: every batch submitted so far) is done."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Finish what is queued and stop."""
-
-
-class _ThreadTicket(CopyTicket):
-    def __init__(self, transfers: list[Transfer], num_bytes: int) -> None:
-        super().__init__(num_bytes)
-        self.transfers = transfers
-        self.done = threading.Event()
-        self.busy = 0.0  # written by the copy thread before ``done`` is set
-        self.waited = 0.0
-
-    def copy_time(self) -> float:
-        return self.busy
-
-    def stall_time(self) -> float:
-        return self.waited
-
-
-class _CopyWorker:
-    """The copy thread's side: a FIFO of batches. Holds no reference to its engine, so an engine
-    nobody closed is still collected, and its thread told to stop."""
-
-    def __init__(self, throttle_bytes_per_s: float | None) -> None:
-        self.queue: queue.SimpleQueue[_ThreadTicket | None] = queue.SimpleQueue()
-        self.throttle_bytes_per_s = throttle_bytes_per_s
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        while (ticket := self.queue.get()) is not None:
-            start = time.perf_counter()
-            if self.error is None:  # after a failure, batches are only marked done
-                try:
-                    for destination, source in ticket.transfers:
-                        destination.copy_(source)
-                except BaseException as error:  # noqa: BLE001 - reported to compute by wait/synchronize
-                    self.error = error
-                if self.throttle_bytes_per_s:
-                    remaining = ticket.num_bytes / self.throttle_bytes_per_s - (time.perf_counter() - start)
-                    time.sleep(max(0.0, remaining))
-            ticket.busy = time.perf_counter() - start
-            ticket.transfers = []  # drop the views: a detached segment must not stay mapped through them
-            # NOTE: set after the copies: a waiter that sees ``done`` sees the copied pages.
-            ticket.done.set()
-
-
-class ThreadCopyEngine(CopyEngine):
-    """CPU: one copy thread works through a FIFO of batches. ``throttle_bytes_per_s`` (tests only)
-    caps its bandwidth by sleeping after each batch, to create stalls on purpose."""
-
-    def __init__(self, throttle_bytes_per_s: float | None = None) -> None:
-        self.throttle_bytes_per_s = throttle_bytes_per_s
-        self._worker = _CopyWorker(throttle_bytes_per_s)
-        self._last: _ThreadTicket | None = None
-        self._thread = threading.Thread(target=self._worker.run, name="pied-copy", daemon=True)
-        self._thread.start()
-        self._stop = weakref.finalize(self, self._worker.queue.put, None)
-
-    def submit(self, transfers: list[Transfer], num_bytes: int) -> CopyTicket:
-        # NOTE: CPU compute is synchronous, so everything issued so far is already done: FIFO order
-        # is all the ordering a batch needs.
-        ticket = _ThreadTicket(transfers, num_bytes)
-        self._worker.queue.put(ticket)
-        self._last = ticket
-        return ticket
-
-    def wait(self, ticket: CopyTicket) -> None:
-        assert isinstance(ticket, _ThreadTicket)
-        if not ticket.done.is_set():
-            start = time.perf_counter()
-            ticket.done.wait()
-            ticket.waited += time.perf_counter() - start
-        self._raise_if_failed()
-
-    def synchronize(self, ticket: CopyTicket | None = None) -> None:
-        if ticket is None:
-            ticket = self._last
-        if ticket is not None:
-            assert isinstance(ticket, _ThreadTicket)
-            ticket.done.wait()
-        self._raise_if_failed()
-
-    def close(self) -> None:
-        self._stop()  # queues the stop marker once, behind every batch
-        self._thread.join()
-
-    def _raise_if_failed(self) -> None:
-        if self._worker.error is not None:
-            raise RuntimeError("the host KV copy thread failed") from self._worker.error
-
-
-class _CudaTicket(CopyTicket):
-    def __init__(self, num_bytes: int) -> None:
-        super().__init__(num_bytes)
-        self.start = torch.cuda.Event(enable_timing=True)
-        self.end = torch.cuda.Event(enable_timing=True)
-        self.arrival: torch.cuda.Event | None = None  # when compute reached its wait
-
-    def copy_time(self) -> float:
-        return self.start.elapsed_time(self.end) / 1e3
-
-    def stall_time(self) -> float:
-        if self.arrival is None:
-            return 0.0
-        return max(0.0, self.arrival.elapsed_time(self.end) / 1e3)
-
-
-class CudaCopyEngine(CopyEngine):
-    """CUDA: a dedicated copy stream; batches are ordered after compute by events, never by the host."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.stream = torch.cuda.Stream(device)
-
-    def submit(self, transfers: list[Transfer], num_bytes: int) -> CopyTicket:
-        ticket = _CudaTicket(num_bytes)
-        # NOTE: the copy stream waits for everything the compute stream has been given so far (the
-        # staging area's last reader, the new K/V to write back), then copies in stream order.
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            ticket.start.record(self.stream)
-            for destination, source in transfers:
-                destination.copy_(source, non_blocking=True)
-            ticket.end.record(self.stream)
-        return ticket
-
-    def wait(self, ticket: CopyTicket) -> None:
-        assert isinstance(ticket, _CudaTicket)
-        compute = torch.cuda.current_stream(self.device)
-        ticket.arrival = torch.cuda.Event(enable_timing=True)
-        ticket.arrival.record(compute)
-        compute.wait_event(ticket.end)
-
-    def synchronize(self, ticket: CopyTicket | None = None) -> None:
-        if ticket is None:
-            self.stream.synchronize()
-        else:
-            assert isinstance(ticket, _CudaTicket)
-            ticket.end.synchronize()
-
-    def close(self) -> None:
-        self.stream.synchronize()
+if TYPE_CHECKING:
+    from workers.executor.host_kv import HostKV
 
 
 @dataclass
@@ -232,7 +45,7 @@ HostBlockOwners = dict[int, frozenset[str]]  # host block id -> the requests rea
 
 
 @dataclass
-class _Prefetch:
+class Prefetch:
     """The next step's first layers, loaded during this step's last ones: area ``r`` holds layer
     ``r``'s pages of ``host_block_ids`` (slot = rank), valid for a block while the same requests
     hold it (see ``LayerStreamer.start``)."""
@@ -318,7 +131,7 @@ class LayerStreamer:
         NOTE: a prefetched page is used only for a block read by the same requests as when it was
         prefetched: while a request holds a host block, only this executor writes it (write-back,
         ordered before the prefetch by the FIFO), and a swap_out into a prefetched block since
-        invalidates it (``_Prefetch.invalidate``). A block freed and reused by another request
+        invalidates it (``Prefetch.invalidate``). A block freed and reused by another request
         between the steps changes its owners, so stale pages are never used.
         """
         prefetch = self.host_kv.take_prefetch()
@@ -332,7 +145,7 @@ class LayerStreamer:
             if self.loaded[layer] is None:
                 self.loaded[layer] = self._submit(self.loads(layer), self.load_bytes, 0)
 
-    def _adopt(self, prefetch: _Prefetch) -> None:
+    def _adopt(self, prefetch: Prefetch) -> None:
         """Take the prefetched pages still valid for this step: in place when no slot moved (the
         usual decode step: the same blocks), else gathered on the device into their new slots; the
         rest is loaded from host."""
@@ -416,7 +229,7 @@ class LayerStreamer:
             tickets = [
                 ticket for _, ticket in sorted(zip(layers, self.next_tickets), key=lambda pair: pair[0])
             ]
-            self.host_kv.prefetched = _Prefetch(self.host_block_ids, self.owners, tickets)
+            self.host_kv.prefetched = Prefetch(self.host_block_ids, self.owners, tickets)
 
     def stats(self) -> StreamStats:
         """Valid once compute has finished (the host synchronized with it) and after ``finish``."""
@@ -436,151 +249,3 @@ class LayerStreamer:
         self.bytes_to_device += bytes_to_device
         self.bytes_to_host += bytes_to_host
         return ticket
-
-
-class HostKV:
-    """The executor's side of host KV: mapped segments, the copy engine, the staging ring, swaps."""
-
-    def __init__(
-        self,
-        layout: KVLayout,
-        pages: torch.Tensor,
-        num_device_blocks: int,
-        ring: StagingRing | None,
-        blocks_per_segment: int,
-        device: torch.device,
-        throttle_bytes_per_s: float | None = None,
-    ) -> None:
-        self.layout = layout
-        self.pages = pages
-        self.num_device_blocks = num_device_blocks
-        self.ring = ring
-        self.pool = HostPool(layout, blocks_per_segment)
-        self.device = device
-        self.throttle_bytes_per_s = throttle_bytes_per_s
-        self.prefetched: _Prefetch | None = None
-        self._engine: CopyEngine | None = None
-
-    @property
-    def engine(self) -> CopyEngine:
-        """Started on first use: a runner without host blocks never has a copy thread or stream."""
-        if self._engine is None:
-            if self.device.type == "cuda":
-                self._engine = CudaCopyEngine(self.device)
-            else:
-                self._engine = ThreadCopyEngine(self.throttle_bytes_per_s)
-        return self._engine
-
-    def attach(self, infos: list[proto.HostSegmentInfo]) -> None:
-        for info in infos:
-            segment = HostSegment.attach(info, self.layout)
-            try:
-                if self.device.type == "cuda":
-                    segment.pin()
-                self.pool.add(segment)
-            except BaseException:
-                segment.close()
-                raise
-
-    def detach(self, segment_ids: list[int]) -> None:
-        # NOTE: nothing may still read or write a segment when it is unmapped: drain the copy engine
-        # (a prefetch may be in flight) and forget the prefetch, whose views point into it.
-        self.drain()
-        for segment_id in segment_ids:
-            self.pool.remove(segment_id)
-
-    def drain(self) -> None:
-        """Every submitted copy done, no prefetch kept."""
-        self.prefetched = None
-        if self._engine is not None:
-            self._engine.synchronize()
-
-    def close(self) -> None:
-        self.drain()
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
-        self.pool.close()
-
-    def measure_link_bandwidth(self, max_bytes: int = 32 << 20, repeats: int = 3) -> float:
-        """Host -> device bytes/s through this copy engine, from pinned host pages into the staging
-        ring (unused before the first step): the controller's prior, so its first decision can jump
-        instead of growing blindly until stalls reveal the link. 0 without a staging ring."""
-        if self.ring is None:
-            return 0.0
-        count = max(1, min(self.ring.num_pages, max_bytes // self.layout.page_bytes))
-        staging = self.pages[self.ring.first_page : self.ring.first_page + count]
-        source = torch.zeros(staging.shape, dtype=staging.dtype, pin_memory=self.device.type == "cuda")
-        num_bytes = count * self.layout.page_bytes
-        self.engine.synchronize(self.engine.submit([(staging, source)], num_bytes))  # warm-up
-        seconds = 0.0
-        for _ in range(repeats):
-            ticket = self.engine.submit([(staging, source)], num_bytes)
-            self.engine.synchronize(ticket)
-            seconds += ticket.copy_time()
-        # Stopped again: the engine starts on the first step that streams, as it would have.
-        self._engine.close()
-        self._engine = None
-        return repeats * num_bytes / seconds if seconds > 0 else 0.0
-
-    def take_prefetch(self) -> _Prefetch | None:
-        prefetch, self.prefetched = self.prefetched, None
-        return prefetch
-
-    def streamer(
-        self,
-        host_block_ids: np.ndarray,
-        written_host_block_ids: np.ndarray,
-        owners: HostBlockOwners | None = None,
-    ) -> LayerStreamer:
-        return LayerStreamer(self, host_block_ids, written_host_block_ids, owners)
-
-    def swap(self, swap_out: np.ndarray, swap_in: np.ndarray) -> StreamStats:
-        """Copy whole blocks (every layer) across tiers, ``swap_out`` (device -> host) first, then
-        ``swap_in`` (host -> device); the host waits until both are done. Pairs are ``[k, 2]``."""
-        # NOTE: swap_out writes host blocks a prefetch may have read: those pages are stale now.
-        if self.prefetched is not None and len(swap_out):
-            self.prefetched.invalidate(swap_out[:, 1].tolist())
-        transfers = self._block_copies(swap_out, to_host=True) + self._block_copies(swap_in, to_host=False)
-        stats = StreamStats(
-            bytes_to_host=len(swap_out) * self.layout.block_bytes,
-            bytes_to_device=len(swap_in) * self.layout.block_bytes,
-        )
-        if transfers:
-            ticket = self.engine.submit(transfers, stats.bytes_to_host + stats.bytes_to_device)
-            self.engine.synchronize(ticket)
-            stats.copy_time = ticket.copy_time()
-        return stats
-
-    def _block_copies(self, pairs: np.ndarray, to_host: bool) -> list[Transfer]:
-        """One transfer per layer per run of pairs whose device blocks and host slots both advance by one."""
-        if len(pairs) == 0:
-            return []
-        num_device_blocks = self.num_device_blocks
-        device_ids, host_ids = (pairs[:, 0], pairs[:, 1]) if to_host else (pairs[:, 1], pairs[:, 0])
-        direction = "swap_out (device -> host)" if to_host else "swap_in (host -> device)"
-        if device_ids.min() < 0 or device_ids.max() >= num_device_blocks:
-            raise ValueError(f"{direction}: device block ids must be in [0, {num_device_blocks}).")
-        if host_ids.min() < num_device_blocks:
-            raise ValueError(f"{direction}: host block ids must be at least {num_device_blocks}.")
-        runs: list[tuple[HostSegment, int, int, int]] = []  # (segment, offset, device block, count)
-        for device_id, host_id in zip(device_ids.tolist(), host_ids.tolist()):
-            segment, offset = self.pool.locate(host_id - num_device_blocks)
-            if runs:
-                last_segment, last_offset, last_device, count = runs[-1]
-                if (
-                    last_segment is segment
-                    and last_offset + count == offset
-                    and last_device + count == device_id
-                ):
-                    runs[-1] = (segment, last_offset, last_device, count + 1)
-                    continue
-            runs.append((segment, offset, device_id, 1))
-        transfers = []
-        for layer in range(self.layout.num_layers):
-            base = layer * num_device_blocks
-            for segment, offset, device_id, count in runs:
-                device = self.pages[base + device_id : base + device_id + count]
-                host = segment.tensor[layer, offset : offset + count]
-                transfers.append((host, device) if to_host else (device, host))
-        return transfers

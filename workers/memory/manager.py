@@ -7,7 +7,6 @@ is always backed by segments; segments above it are released when the lease shri
 
 from __future__ import annotations
 
-import os
 import resource
 from dataclasses import dataclass
 
@@ -100,10 +99,6 @@ class MemoryManager:
     def blocks_per_segment(self) -> int:
         return self.plan.blocks_per_segment
 
-    @property
-    def num_backed_blocks(self) -> int:
-        return sum(segment.info.num_blocks for segment in self.segments.values())
-
     def set_lease(self, num_blocks: int) -> tuple[list[proto.HostSegmentInfo], list[int]]:
         """Back exactly ``num_blocks`` host blocks (rounded up to whole segments).
 
@@ -129,14 +124,6 @@ class MemoryManager:
 
     def close(self) -> None:
         self.set_lease(0)
-
-
-def check_shm_clean(prefix: str = "pied") -> list[str]:
-    """Names in /dev/shm that look like ours (there should never be any: segments are memfds)."""
-    try:
-        return [name for name in os.listdir("/dev/shm") if name.startswith(prefix)]
-    except FileNotFoundError:
-        return []
 
 
 @dataclass

@@ -76,7 +76,6 @@ class ZmqSpanExporter(SpanExporter):
         self.context = context
         self.service_name = service_name
         self.pid = os.getpid()
-        self.num_sent = 0  # spans
         self.num_dropped = 0  # spans
         self._encoder = msgspec.msgpack.Encoder()
         self._socket: zmq.Socket | None = None
@@ -106,7 +105,6 @@ class ZmqSpanExporter(SpanExporter):
             logger.debug("span channel to %s closed: %s", self.address, error)
             self.num_dropped += len(spans)
             return SpanExportResult.FAILURE
-        self.num_sent += len(spans)
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:

@@ -123,19 +123,6 @@ class Request:
     def output_token_ids(self) -> array:
         return self.token_ids[self.num_prompt_tokens :]
 
-    @property
-    def last_token_id(self) -> int:
-        return self.token_ids[-1]
-
-    @property
-    def num_uncomputed_tokens(self) -> int:
-        """Known tokens whose K/V is not in the cache yet (what the next steps must compute)."""
-        return len(self.token_ids) - self.num_computed_tokens
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status == RequestStatus.FINISHED
-
     def __repr__(self) -> str:
         return (
             f"Request({self.request_id!r}, {self.status.name}, tokens={self.num_prompt_tokens}+"

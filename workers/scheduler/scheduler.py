@@ -8,34 +8,29 @@ The engine loop alternates strictly::
     deltas = scheduler.postprocess(plan, result)
 
 with ``add_request``, ``abort_requests`` and ``set_host_lease`` allowed at any point in between.
+
+This file is the algorithm: who runs, who waits, who is preempted, which blocks each holds. Packing
+a batch into a ``StepPlan`` is ``plan_builder.py``'s; the stop rules and the deltas sent to clients
+are ``stopping.py``'s; keeping host blocks inside a shrinking lease is ``host_lease.py``'s.
 """
 
 from __future__ import annotations
 
-import struct
-from array import array
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from proto import (
-    AddRequest,
-    FinishReason,
-    NewRequestData,
-    StepPlan,
-    StepResult,
-    TokenDelta,
-    TokenLogprobs,
-    unpack_i32,
-)
+from proto import AddRequest, FinishReason, StepPlan, StepResult, TokenDelta, TokenLogprobs, unpack_i32
 from proto.config import ConfigError, EngineConfig
+from workers.scheduler.host_lease import HostLeaseKeeper
+from workers.scheduler.plan_builder import Scheduled, build_step_plan
 from workers.scheduler.prefix_cache import PrefixCache, PrefixCacheStats, block_key, extend_block_hashes
 from workers.scheduler.request import Request, RequestStatus
+from workers.scheduler.stopping import final_delta, finish_reason, pack_token_id, pool_too_small, token_delta
 from workers.scheduler.tiers import BlockTiers
 
 _RUNNING = RequestStatus.RUNNING
 _SWAPPED = RequestStatus.SWAPPED
-_PACK_I32 = struct.Struct("<i").pack
 
 
 @dataclass(frozen=True)
@@ -121,13 +116,12 @@ class Scheduler:
         self.num_swap_outs = 0
         self.num_swap_ins = 0
         self.num_tail_promotions = 0
-        # The last step whose plan may read or write host blocks at or above the lease.
-        self.host_release_step_id = -1
+        self._lease = HostLeaseKeeper(self.tiers)
         self._num_blocks_short = 0
         self._next_step_id = 0
         self._finished_request_ids: list[str] = []  # executor state to drop, sent with the next plan
-        # The plan between schedule() and postprocess(): (request, num_scheduled_tokens, samples).
-        self._in_flight: list[tuple[Request, int, bool]] | None = None
+        # The plan between schedule() and postprocess().
+        self._in_flight: list[Scheduled] | None = None
         self._in_flight_step_id = -1
 
     # ------------------------------------------------------------------ requests in and out
@@ -183,6 +177,11 @@ class Scheduler:
         return self.tiers.host.num_used_above_lease
 
     @property
+    def host_release_step_id(self) -> int:
+        """The last step whose plan may read or write host blocks at or above the lease."""
+        return self._lease.release_step_id
+
+    @property
     def demand(self) -> KVDemand:
         return KVDemand(
             num_waiting=len(self.waiting),
@@ -197,9 +196,7 @@ class Scheduler:
         use is allowed: the next ``schedule()`` moves them to the device or preempts their requests.
         Host memory above the new lease may be unmapped once ``host_blocks_above_lease`` is 0 and the
         result of step ``host_release_step_id`` is back (plans made until then may still touch it)."""
-        if num_blocks < self.tiers.host.lease:
-            self.host_release_step_id = self._next_step_id - 1
-        self.tiers.host.set_lease(num_blocks)
+        self._lease.set(num_blocks, self._next_step_id - 1)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -222,7 +219,7 @@ class Scheduler:
             error = self._pool_too_small(request)
         if error:
             request.status = RequestStatus.FINISHED
-            return [self._final_delta(request, FinishReason.ERROR, error=error)]
+            return [final_delta(request, FinishReason.ERROR, error=error)]
         self.requests[request.request_id] = request
         self.waiting.append(request)
         return []
@@ -246,7 +243,7 @@ class Scheduler:
                 self.swapped.remove(request)
             else:
                 self.waiting.remove(request)
-            deltas.append(self._finish(request, FinishReason.ABORT))
+            deltas.append(self._finish(request, final_delta(request, FinishReason.ABORT)))
         if aborted_running:
             self.running = [request for request in self.running if request.status == _RUNNING]
         return deltas
@@ -260,10 +257,10 @@ class Scheduler:
         tiers = self.tiers
         block_size = self.block_size
         budget = self.max_num_batched_tokens
-        scheduled: list[tuple[Request, int, bool]] = []
+        scheduled: list[Scheduled] = []
         self._num_blocks_short = 0
         if tiers.host.num_used_above_lease:
-            self._settle_host_lease()
+            self._lease.settle(self.running, self.swapped, self._preempt, self._recompute)
         num_preemptions_before = self.num_preemptions
         # Blocks the scheduled requests will need for their next token; admitting a waiting request
         # into them would only get it preempted in the next step.
@@ -378,7 +375,7 @@ class Scheduler:
     def _admit(
         self,
         queue: deque[Request],
-        scheduled: list[tuple[Request, int, bool]],
+        scheduled: list[Scheduled],
         budget: int,
         num_reserved_blocks: int,
     ) -> tuple[int, int]:
@@ -449,40 +446,7 @@ class Scheduler:
         self.waiting.appendleft(request)
         self.num_recomputes += 1
 
-    def _settle_host_lease(self) -> None:
-        """The lease shrank below host blocks in use: swapped requests holding such blocks recompute;
-        running ones move them to the device (migration) or, when that is impossible, the most
-        recently admitted running requests are preempted. Nothing is dropped."""
-        tiers = self.tiers
-        above_lease = [
-            request
-            for request in self.swapped
-            if any(tiers.is_above_lease(block_id) for block_id in request.block_table)
-        ]
-        for request in reversed(above_lease):  # keep their order at the head of the waiting queue
-            self.swapped.remove(request)
-            self._recompute(request)
-        index = 0
-        while index < len(self.running):
-            if self._move_below_lease(self.running[index]):
-                index += 1
-
-    def _move_below_lease(self, request: Request) -> bool:
-        """Move a running request's host blocks above the lease to the device, preempting from the
-        end of the batch while that is impossible. False if ``request`` itself was preempted."""
-        tiers = self.tiers
-        table = request.block_table
-        for index in range(len(table)):
-            if not tiers.is_above_lease(table[index]):
-                continue
-            while not tiers.move_below_lease(table, index, (other.block_table for other in self.running)):
-                victim = self.running.pop()
-                self._preempt(victim)
-                if victim is request:
-                    return False
-        return True
-
-    def _promote_tails(self, scheduled: list[tuple[Request, int, bool]], num_reserved_blocks: int) -> None:
+    def _promote_tails(self, scheduled: list[Scheduled], num_reserved_blocks: int) -> None:
         """kv_policy pie: device blocks nobody needs this step or next take host tails back, so the
         requests that got a host tail while the device was full append to the device again."""
         tiers = self.tiers
@@ -538,149 +502,50 @@ class Scheduler:
     def _note_short(self, num_blocks: int) -> None:
         self._num_blocks_short = max(self._num_blocks_short, num_blocks)
 
-    def _make_plan(self, scheduled: list[tuple[Request, int, bool]]) -> StepPlan:
-        request_ids = []
-        num_scheduled_tokens = array("i")
-        token_ids = array("i")
-        start_positions = array("i")
-        num_blocks = array("i")
-        block_tables = array("i")
-        sample = bytearray()
-        new_requests = []
-        for request, num_new, samples in scheduled:
-            start = request.num_computed_tokens
-            request_ids.append(request.request_id)
-            num_scheduled_tokens.append(num_new)
-            if num_new == 1:
-                token_ids.append(request.token_ids[start])
-            else:
-                token_ids.extend(request.token_ids[start : start + num_new])
-            start_positions.append(start)
-            num_blocks.append(len(request.block_table))
-            block_tables.extend(request.block_table)
-            sample.append(samples)
-            if not request.executor_has_state:
-                request.executor_has_state = True
-                new_requests.append(
-                    NewRequestData(request.request_id, request.packed_prompt_token_ids, request.params)
-                )
+    def _make_plan(self, scheduled: list[Scheduled]) -> StepPlan:
         step_id = self._next_step_id
         self._next_step_id += 1
         self._in_flight = scheduled
         self._in_flight_step_id = step_id
         finished_request_ids, self._finished_request_ids = self._finished_request_ids, []
-        if self.tiers.host.num_used_above_lease:
-            # Still held only as the sources of this plan's swap_in (freed just below).
-            self.host_release_step_id = step_id
+        self._lease.note_plan(step_id)
         swap_out, swap_in = self.tiers.take_copies()
-        return StepPlan(
-            step_id=step_id,
-            request_ids=request_ids,
-            num_scheduled_tokens=num_scheduled_tokens.tobytes(),
-            token_ids=token_ids.tobytes(),
-            start_positions=start_positions.tobytes(),
-            num_blocks=num_blocks.tobytes(),
-            block_tables=block_tables.tobytes(),
-            sample=bytes(sample),
-            new_requests=new_requests,
-            finished_request_ids=finished_request_ids,
-            swap_out=swap_out,
-            swap_in=swap_in,
-        )
+        return build_step_plan(step_id, scheduled, finished_request_ids, swap_out, swap_in)
 
     def _check_stop(self, request: Request, token_id: int, logprobs: TokenLogprobs | None) -> TokenDelta:
-        """The delta for a freshly sampled token, finishing the request if it should stop (vLLM
-        order: a stop token first, then length). Stop tokens count only once ``min_tokens`` outputs
-        came before them."""
-        reason = None
-        stop_token_id = -1
-        error = ""
-        num_tokens = len(request.token_ids)
-        if (
-            token_id in request.stop_token_ids
-            and num_tokens - request.num_prompt_tokens > request.params.min_tokens
-        ):
-            reason = FinishReason.STOP
-            stop_token_id = token_id
-        elif num_tokens >= request.max_num_tokens:
-            reason = FinishReason.LENGTH
-        elif num_tokens > self.max_pool_tokens:
-            # Its next step needs K/V for all its tokens at once, which the device pool cannot hold
-            # even with every other request preempted: fail it rather than wait forever.
-            reason = FinishReason.ERROR
-            error = self._pool_too_small(request)
-        packed_token_ids = _PACK_I32(token_id)
-        if reason is not None:
-            return self._finish(request, reason, packed_token_ids, stop_token_id, logprobs, error)
-        return TokenDelta(
-            request_id=request.request_id,
-            token_ids=packed_token_ids,
-            num_prompt_tokens=request.num_prompt_tokens,
-            logprobs=[logprobs] if logprobs is not None else [],
-            num_cached_tokens=request.num_cached_tokens,
-            trace_context=request.trace_context,
-        )
+        """The delta for a freshly sampled token, finishing the request if it should stop."""
+        reason = finish_reason(request, token_id, self.max_pool_tokens)
+        packed_token_ids = pack_token_id(token_id)
+        if reason is None:
+            return token_delta(request, packed_token_ids, logprobs)
+        stop_token_id = token_id if reason == FinishReason.STOP else -1
+        error = self._pool_too_small(request) if reason == FinishReason.ERROR else ""
+        delta = final_delta(request, reason, packed_token_ids, stop_token_id, logprobs, error)
+        return self._finish(request, delta)
 
-    def _fail_step(self, scheduled: list[tuple[Request, int, bool]], error: str) -> list[TokenDelta]:
+    def _fail_step(self, scheduled: list[Scheduled], error: str) -> list[TokenDelta]:
         """The executor failed the step: end every request in it with ERROR (a retry would not see
         the K/V the failed step should have written)."""
         deltas = []
         for request, _, _ in scheduled:
             if request.status == _RUNNING:
-                deltas.append(self._finish(request, FinishReason.ERROR, error=f"the model failed: {error}"))
+                delta = final_delta(request, FinishReason.ERROR, error=f"the model failed: {error}")
+                deltas.append(self._finish(request, delta))
         self.running = [request for request in self.running if request.status == _RUNNING]
         return deltas
 
-    def _finish(
-        self,
-        request: Request,
-        reason: FinishReason,
-        packed_token_ids: bytes = b"",
-        stop_token_id: int = -1,
-        logprobs: TokenLogprobs | None = None,
-        error: str = "",
-    ) -> TokenDelta:
-        """End a request: free its blocks and forget it. The caller removes it from its queue."""
+    def _finish(self, request: Request, delta: TokenDelta) -> TokenDelta:
+        """End a request (``delta`` is its final one, passed through): free its blocks and forget it.
+        The caller removes it from its queue."""
         request.status = RequestStatus.FINISHED
         self._free_blocks(request)
         del self.requests[request.request_id]
         if request.executor_has_state:
             self._finished_request_ids.append(request.request_id)
-        return self._final_delta(request, reason, packed_token_ids, stop_token_id, logprobs, error)
-
-    def _final_delta(
-        self,
-        request: Request,
-        reason: FinishReason,
-        packed_token_ids: bytes = b"",
-        stop_token_id: int = -1,
-        logprobs: TokenLogprobs | None = None,
-        error: str = "",
-    ) -> TokenDelta:
-        request.finish_reason = reason
-        request.stop_token_id = stop_token_id
-        request.error = error
-        return TokenDelta(
-            request_id=request.request_id,
-            token_ids=packed_token_ids,
-            finish_reason=reason,
-            stop_token_id=stop_token_id,
-            num_prompt_tokens=request.num_prompt_tokens,
-            logprobs=[logprobs] if logprobs is not None else [],
-            num_cached_tokens=request.num_cached_tokens,
-            trace_context=request.trace_context,
-            error=error,
-        )
+        return delta
 
     def _free_blocks(self, request: Request) -> None:
         self.tiers.free(request.block_table)
 
     def _pool_too_small(self, request: Request) -> str:
-        num_blocks = self.tiers.num_blocks_for(request.num_tokens)
-        num_pool_blocks = self.max_pool_tokens // self.block_size
-        pool = "device and host pools have" if self.tiers.pooling else "device pool has"
-        return (
-            f"the request needs {num_blocks} KV blocks for its {request.num_tokens} tokens but the {pool} "
-            f"only {num_pool_blocks} blocks of {self.block_size} tokens; "
-            "raise --device-kv-blocks/--device-kv-gib or lower max_tokens."
-        )
+        return pool_too_small(request.num_tokens, self.block_size, self.max_pool_tokens, self.tiers.pooling)

@@ -255,11 +255,9 @@ class BlockTiers:
         block_table.extend(host_ids)
         return True
 
-    def can_swap_in(self, num_blocks: int) -> bool:
-        return self.device.can_allocate(num_blocks)
-
     def swap_in(self, block_table: array) -> None:
-        """Copy a swapped-out sequence's host blocks into new device blocks; check ``can_swap_in``."""
+        """Copy a swapped-out sequence's host blocks into new device blocks (the caller checked that
+        the device has that many free)."""
         device_ids = self.device.allocate(len(block_table))
         self._swap_in.extend(zip(block_table, device_ids))
         for host_id, device_id in zip(block_table, device_ids):
