@@ -13,26 +13,20 @@ from collections import deque
 
 import proto
 from pied.engine_client import EngineDeadError, EngineStats, RequestStream
+from pied.preflight import preflight
 from proto.config import EngineConfig
 from workers.executor.runner import ModelRunner
-from workers.memory.manager import HostMemory, LeaseChange, kv_layout_for
+from workers.memory.manager import HostMemory, LeaseChange
 from workers.scheduler.scheduler import Scheduler
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config.validate()
-        layout, device_type = kv_layout_for(self.config)
-        self.host = HostMemory(self.config, layout, pinned=device_type == "cuda")
-        self.runner = ModelRunner(
-            self.config,
-            num_staging_blocks=self.host.num_staging_blocks,
-            blocks_per_segment=self.host.plan.blocks_per_segment,
-        )
+        self.config = preflight(config)  # no-op for a config the daemon checked already
+        self.host = HostMemory(self.config)
+        self.runner = ModelRunner(self.config)
         model_config = self.runner.model_config
-        self.max_model_len = min(
-            config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings
-        )
+        self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = set(model_config.eos_token_ids)
         self.scheduler = Scheduler(
             self.config,

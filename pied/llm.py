@@ -12,6 +12,7 @@ import proto
 from pied.default_model import with_default_model
 from pied.output_processor import ChoiceState
 from pied.outputs import CompletionOutput, RequestOutput
+from pied.preflight import preflight
 from pied.tokenizer import Tokenizer
 from proto.config import EngineConfig
 
@@ -66,7 +67,10 @@ class LLM:
         unknown = set(engine_args) - EngineConfig.field_names()
         if unknown:
             raise TypeError(f"unknown engine arguments: {', '.join(sorted(unknown))}")
-        self.config = with_default_model(EngineConfig(model=model, dtype=dtype, seed=seed, **engine_args)).validate()
+        config = with_default_model(EngineConfig(model=model, dtype=dtype, seed=seed, **engine_args))
+        # Every setting and the model folder, checked before any worker starts (ConfigError,
+        # ModelFolderError); the workers get the plan it derived.
+        self.config = preflight(config)
         # Imported here: the daemon's frontend uses this module's helpers and must not load torch.
         from pied.inproc import EngineCore
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import proto
 from pied.engine_client import EngineDeadError, EngineStats, RequestStream
+from pied.preflight import preflight
 from pied.supervisor import Supervisor, SupervisorOptions, WorkerStartError
 from proto.config import EngineConfig
 
@@ -41,7 +42,7 @@ class ProcessEngineClient:
         options: SupervisorOptions | None = None,
         on_dead: Callable[[str], None] | None = None,
     ) -> None:
-        self.config = config.validate()
+        self.config = preflight(config)  # a no-op for a config the daemon checked already
         self.model_info: proto.Ready | None = None  # num_device_blocks, max_model_len, eos ids, ...
         self.last_stats = proto.Stats()  # the latest Stats message, with the step time totals
         self._streams: dict[str, RequestStream] = {}

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING
 from pied import config_file
 from pied.args import add_engine_args, engine_config_from_args
 from pied.engine_client import EngineClient
+from pied.exit_status import run_time
+from pied.preflight import preflight
 from pied.sdnotify import Notifier
 from proto.config import ConfigError, EngineConfig
 
@@ -346,14 +348,43 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.config is not None:
-        config_file.apply(parser, args, args.config)
-    options = ServeOptions.from_args(args).validate()
-    config = engine_config_from_args(args)
+    # The configuration phase: every error here is a ConfigError or ModelFolderError (exit 2),
+    # raised before any worker starts.
+    from_file = config_file.apply(parser, args, args.config) if args.config is not None else set()
+    try:
+        options = ServeOptions.from_args(args).validate()
+        config = preflight(engine_config_from_args(args))
+    except ConfigError as error:  # a value the file set: name the file and its key
+        raise config_file.blame(error, args.config, from_file) if from_file else error from None
+    check_chat_template_option(options.chat_template)
     api_key = options.resolved_api_key()
     if api_key is None and not is_loopback(options.host):
         logger.warning("listening on %s without an API key: anyone who can reach it can use it", options.host)
-    return uvloop.run(serve(config, options, api_key))
+    plan = config.plan
+    assert plan is not None
+    logger.info(
+        "checked: model %s on %s in %s, max model length %d, device KV %s, host KV %d blocks",
+        plan.model_path,
+        plan.device,
+        plan.dtype,
+        plan.max_model_len,
+        f"{plan.num_device_blocks} blocks" if plan.num_device_blocks is not None else "sized by the executor",
+        plan.host.max_host_blocks,
+    )
+    with run_time():  # from here on a failure is exit 1, whatever its type
+        return uvloop.run(serve(config, options, api_key))
+
+
+def check_chat_template_option(chat_template: str | None) -> None:
+    """``--chat-template``: a file or a template that loads and compiles."""
+    if chat_template is None:
+        return
+    from pied.chat_template import ChatTemplateError, check_chat_template, load_chat_template
+
+    try:
+        check_chat_template(load_chat_template(chat_template))
+    except ChatTemplateError as error:
+        raise ConfigError(f"--chat-template: {error}") from None
 
 
 # ---------------------------------------------------------------- the daemon
@@ -451,6 +482,7 @@ async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None
     from pied.api.state import ServerState
     from pied.chat_template import check_chat_template, load_chat_template
     from pied.tokenizer import Tokenizer
+    from workers.model_config import ModelConfig
     from workers.tracing import FRONTEND_SERVICE, setup_tracing
 
     loop = asyncio.get_running_loop()
@@ -460,6 +492,8 @@ async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None
         loop.add_signal_handler(signum, signals.put_nowait, signum)
 
     model_dir = config.resolved_model()
+    # Before any worker starts: an unsupported or quantized model folder is a configuration error (exit 2).
+    ModelConfig.from_folder(model_dir)
     tracer = setup_tracing(FRONTEND_SERVICE, config)  # before the workers: a bad --otlp-endpoint stops here
     notifier.status(f"Loading the tokenizer of {model_dir}")
     chat_template = None

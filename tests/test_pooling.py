@@ -26,7 +26,7 @@ MAX_TOKENS = 20
 BLOCK_SIZE = 4
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "qwen3", "gemma3", "phi3", "smollm3"])
 def model_dir(request, tmp_path_factory):
     return build_model_dir(tmp_path_factory.mktemp(request.param), request.param)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pied.inproc import InprocEngineClient
 from pied.mp_client import ProcessEngineClient, SupervisorOptions, WorkerStartError
 from pied.supervisor import WORKER_NAMES
 from proto.config import EngineConfig
+from workers.model_config import ModelFolderError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -240,9 +242,19 @@ async def test_stopped_scheduler_counts_as_hung(model_dir):
     await kill_during_generation(model_dir, "scheduler", signal.SIGSTOP, HANG_OPTIONS)
 
 
-async def test_bad_model_folder_fails_start_with_the_reason(tmp_path):
-    client = ProcessEngineClient(engine_config(tmp_path / "missing"), OPTIONS)
-    with pytest.raises(WorkerStartError, match="missing"):
+async def test_bad_model_folder_is_refused_before_any_worker_starts(tmp_path):
+    with pytest.raises(ModelFolderError, match="missing"):
+        ProcessEngineClient(engine_config(tmp_path / "missing"), OPTIONS)
+
+
+async def test_weights_that_do_not_fit_fail_start_with_the_reason(model_dir, tmp_path):
+    # config.json passes the preflight; the weights disagree with it, which only loading them shows.
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    client = ProcessEngineClient(engine_config(folder), OPTIONS)
+    with pytest.raises(WorkerStartError, match="has shape"):
         await client.start()
     assert all(is_gone(pid) for pid in client.worker_pids.values())
 
@@ -250,6 +262,7 @@ async def test_bad_model_folder_fails_start_with_the_reason(tmp_path):
 PARENT_SCRIPT = """
 import asyncio, json, sys
 from proto.config import EngineConfig
+from workers.model_config import ModelFolderError
 from pied.mp_client import ProcessEngineClient, SupervisorOptions
 import proto
 

@@ -56,21 +56,17 @@ class LayerTimedRunner(Runner, Protocol):
 def load_model_runner(config: EngineConfig) -> Runner:
     # Imported here: torch and the model code load in the worker process only.
     from workers.executor.runner import ModelRunner
-    from workers.memory.manager import HostPlan, kv_layout_for
 
-    # The same HostPlan the memory manager derives: staging room for the largest lease.
-    layout, device_type = kv_layout_for(config)
-    plan = HostPlan.from_config(config, layout, pinned=device_type == "cuda")
-    staging = plan.max_host_blocks if config.kv_policy == "pie" else 0
-    runner = ModelRunner(config, num_staging_blocks=staging, blocks_per_segment=plan.blocks_per_segment)
-    runner.max_host_blocks = plan.max_host_blocks
-    return runner
+    # Device, dtype, KV pool and staging ring from the config's plan (the daemon checked it).
+    return ModelRunner(config)
 
 
 def ready_message(worker: str, config: EngineConfig, runner: Runner) -> proto.Ready:
     """The model facts the scheduler and the frontend need, as the in-process engine derives them."""
     model = runner.model_config
-    max_model_len = min(config.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
+    max_model_len = getattr(runner, "max_model_len", 0) or min(
+        config.max_model_len or model.max_position_embeddings, model.max_position_embeddings
+    )
     return proto.Ready(
         worker=worker,
         pid=os.getpid(),

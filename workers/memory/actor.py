@@ -72,8 +72,9 @@ class MemoryActor(Actor):
         return cls(args.config, args.addresses, heartbeat_interval=args.heartbeat_interval)
 
     async def on_start(self) -> None:
-        layout, device_type = await self.run_blocking(kv_layout_for, self.config)
-        self.host = HostMemory(self.config, layout, pinned=device_type == "cuda")
+        # The host plan comes checked in the config (pied.preflight); only the layout is built here.
+        layout = await self.run_blocking(kv_layout_for, self.config)
+        self.host = HostMemory(self.config, layout)
         self._grant(self.host.start())
         self.send(
             SUPERVISOR,
