@@ -10,7 +10,8 @@ them). A fraction is placed on host the way production does it: ``kv_policy=pie`
 lease that holds the whole batch (``expansion=fixed:N``) and a device budget (``device_kv_blocks``)
 of ``(1 - fraction)`` of the batch's blocks, so the scheduler puts what does not fit on the device
 into host blocks (device first, in admission order: a sequence may be all device, all host or
-split; one whose last block is on host also writes its new KV back each step). Each fraction needs its own device budget, so each has its own engine; all of them are
+split; one whose last block is on host also writes its new KV back each step). At 100% one
+device block is left (a device budget cannot be empty), so the measured fraction is just under 1. Each fraction needs its own device budget, so each has its own engine; all of them are
 started first and then take turns, one batch each per round, so drift on a shared machine hits each
 alike. A batch's prompts are ``(ceil(context / 16) - 1) * 16 + 1`` tokens, so the 15 decode tokens
 after prefill fit in each sequence's last block and the placement does not change while measuring.
@@ -245,7 +246,7 @@ async def measure_batch(
             if consumers.done() or time.monotonic() > deadline:
                 consumers.result()  # raises what ended it early
                 raise RuntimeError(f"only {started[0]} of {len(requests)} sequences started decoding")
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.01)  # Stats arrive every 50 ms at most
         first_step = engine.stats().num_steps + warm_steps
         last = None
         while not consumers.done():
@@ -257,7 +258,7 @@ async def measure_batch(
                 last = stats
                 if sum(s["steps"] for s in samples) >= steps:
                     break
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.01)  # Stats arrive every 50 ms at most
         await consumers
     finally:
         if not consumers.done():
