@@ -18,7 +18,9 @@ from pied.api.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
+from pied.api.request_fields import check_unsupported
 from pied.api.state import ServerState
+from pied.api.structured import constrain, grammar_constraint
 from pied.output_processor import ChoiceUpdate
 
 
@@ -55,6 +57,8 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
     body = decode_body(await request.read(), CompletionRequest)
     server.check_available()
     server.check_model(body.model)
+    check_unsupported(body, honoured=("echo",))
+    grammar = grammar_constraint(body)
     if body.suffix is not None:
         raise bad_request("suffix is not supported.", "suffix")
     if body.best_of is not None and body.best_of != (body.n or 1):
@@ -64,6 +68,11 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
     prompts = []
     inputs = await prompt_inputs(server, body)
     for index, (token_ids, text) in enumerate(inputs):
+        if body.truncate_prompt_tokens is not None:
+            if body.truncate_prompt_tokens < 1:
+                raise bad_request("truncate_prompt_tokens must be at least 1.", "truncate_prompt_tokens")
+            # NOTE: echo then shows the prompt as given; the model sees its last k tokens.
+            token_ids = token_ids[-body.truncate_prompt_tokens :]
         params = sampling_params(
             body,
             max_tokens=body.max_tokens,
@@ -74,6 +83,7 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
             prompt_param="prompt" if len(inputs) == 1 else f"prompt[{index}]",
             limits=server.limits,
         )
+        params = await constrain(server, body, params, grammar)
         prompts.append(PromptInput(token_ids, params, text))
     generation = Generation(server, responses.new_id("cmpl"), prompts)
     created = responses.now_seconds()

@@ -29,6 +29,9 @@ class ServerState:
     max_queued_requests: int | None = None
     limits: RequestLimits = DEFAULT_LIMITS
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None  # a name in pied.api.tool_parsers.TOOL_PARSERS
+    reasoning_parser: str | None = None  # a name in pied.api.reasoning.REASONING_PARSERS
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     # Engine requests submitted that have not produced their first delta yet: the frontend's exact
