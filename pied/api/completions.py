@@ -57,7 +57,7 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
     body = decode_body(await request.read(), CompletionRequest)
     server.check_available()
     server.check_model(body.model)
-    check_unsupported(body, honoured=("echo",))
+    check_unsupported(body, honoured=("echo", "best_of"))
     grammar = grammar_constraint(body)
     if body.suffix is not None:
         raise bad_request("suffix is not supported.", "suffix")

@@ -104,6 +104,7 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     reasoning_effort: Any = None
     thinking_token_budget: Any = None
     echo: Any = None
+    best_of: Any = None
     add_generation_prompt: Union[bool, None] = True
     continue_final_message: Union[bool, None] = False
     add_special_tokens: Union[bool, None] = False

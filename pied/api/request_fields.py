@@ -32,6 +32,7 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "reasoning_effort": ((None,), "reasoning_effort is not supported"),
     "thinking_token_budget": ((None,), "thinking_token_budget is not supported"),
     "echo": ((None, False), "echo is not supported for chat completions"),
+    "best_of": ((None, 1), "best_of is not supported for chat completions"),
 }
 
 
