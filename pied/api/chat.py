@@ -140,6 +140,10 @@ async def create_chat_completion(request: web.Request, server: ServerState) -> w
         },
     )
     params = await constrain(server, body, params, grammar)
+    if tool_choice == "auto" and server.tool_call_parser is not None:
+        # Tool-call markers ([TOOL_CALLS], <|python_tag|>, sometimes <tool_call>) are special tokens
+        # that the detokenizer would drop before the parser sees them (vLLM's adjust_request).
+        params = msgspec.structs.replace(params, skip_special_tokens=False)
     output = ChatOutputFormat(
         reasoning_parser=server.reasoning_parser,
         tool_call_parser=server.tool_call_parser,
