@@ -109,3 +109,17 @@ def test_tool_call_stream_adds_up(parser):
             assert content == (whole.content or ""), (pieces, content)
             assert [c["function"] for c in calls] == [c["function"] for c in whole.tool_calls]
             assert last_finish == finish
+
+
+def test_parser_flags_are_checked_before_start():
+    from pied.serve import ServeOptions
+    from proto.config import ConfigError
+
+    ServeOptions(enable_auto_tool_choice=True, tool_call_parser="hermes", reasoning_parser="qwen3").validate()
+    for options, flag in (
+        (ServeOptions(tool_call_parser="nope"), "--tool-call-parser"),
+        (ServeOptions(enable_auto_tool_choice=True), "--enable-auto-tool-choice"),
+        (ServeOptions(reasoning_parser="nope"), "--reasoning-parser"),
+    ):
+        with pytest.raises(ConfigError, match=flag):
+            options.validate()
