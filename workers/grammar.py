@@ -17,16 +17,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import xgrammar as xgr
-from tokenizers import Tokenizer
 
 import proto
 
+if TYPE_CHECKING:
+    import xgrammar
 
-def grammar_of(constraint: proto.GrammarConstraint) -> xgr.Grammar:
+
+def _xgrammar():
+    """xgrammar, imported on first use: it takes seconds to import (it loads transformers), which
+    a server or an executor that never sees a grammar should not pay at start."""
+    import xgrammar
+
+    return xgrammar
+
+
+def grammar_of(constraint: proto.GrammarConstraint) -> xgrammar.Grammar:
     """The xgrammar grammar of ``constraint``; ``ValueError`` with xgrammar's reason if it is bad."""
+    xgr = _xgrammar()
     try:
         if constraint.kind == proto.GrammarKind.JSON_SCHEMA:
             if not constraint.spec:
@@ -58,9 +69,12 @@ class GrammarCompiler:
         self.model_folder = model_folder
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
-        self._compiler: xgr.GrammarCompiler | None = None
+        self._compiler: xgrammar.GrammarCompiler | None = None
 
-    def _tokenizer_info(self) -> xgr.TokenizerInfo:
+    def _tokenizer_info(self) -> xgrammar.TokenizerInfo:
+        from tokenizers import Tokenizer
+
+        xgr = _xgrammar()
         path = self.model_folder / "tokenizer.json"
         tokenizer = Tokenizer.from_file(str(path))
         # The embedding may have more rows than the tokenizer has tokens: those stay "" (never allowed).
@@ -77,7 +91,8 @@ class GrammarCompiler:
             add_prefix_space=metadata["add_prefix_space"],
         )
 
-    def matcher(self, constraint: proto.GrammarConstraint) -> xgr.GrammarMatcher:
+    def matcher(self, constraint: proto.GrammarConstraint) -> xgrammar.GrammarMatcher:
+        xgr = _xgrammar()
         if self._compiler is None:
             self._compiler = xgr.GrammarCompiler(self._tokenizer_info(), max_threads=1)
         compiled = self._compiler.compile_grammar(grammar_of(constraint))
@@ -86,11 +101,12 @@ class GrammarCompiler:
 
 def allocate_bitmask(num_rows: int, vocab_size: int) -> torch.Tensor:
     """An int32 ``[num_rows, ceil(vocab / 32)]`` bitmask, all tokens allowed."""
-    return xgr.allocate_token_bitmask(num_rows, vocab_size)
+    return _xgrammar().allocate_token_bitmask(num_rows, vocab_size)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """Set to -inf, in ``rows`` only, the logits whose bit is 0 (``bitmask`` rows align with ``logits``)."""
+    xgr = _xgrammar()
     if logits.device.type == "cpu":
         xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows)
     else:

@@ -107,7 +107,7 @@ async def create_chat_completion(request: web.Request, server: ServerState) -> w
     check_unsupported(body)
     check_tools(body.tools)
     tool_choice = tool_choice_of(body.tools, body.tool_choice, server.enable_auto_tool_choice)
-    grammar = grammar_constraint(body, body.tools, tool_choice)
+    grammar = await grammar_constraint(body, body.tools, tool_choice)
     template_kwargs = dict(body.chat_template_kwargs or {})
     if body.documents is not None:
         template_kwargs.setdefault("documents", body.documents)

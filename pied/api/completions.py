@@ -58,7 +58,7 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
     server.check_available()
     server.check_model(body.model)
     check_unsupported(body, honoured=("echo", "best_of"))
-    grammar = grammar_constraint(body)
+    grammar = await grammar_constraint(body)
     if body.suffix is not None:
         raise bad_request("suffix is not supported.", "suffix")
     if body.best_of is not None and body.best_of != (body.n or 1):

@@ -8,6 +8,7 @@ grammar is a 400 naming the field and never reaches the engine. A request may ca
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -163,12 +164,15 @@ def _from_tools(tools: list[dict[str, Any]], tool_choice: ToolChoice) -> proto.G
     return _json_schema_constraint({"type": "array", "minItems": 1, "items": {"anyOf": one_of}}, "tools")
 
 
-def grammar_constraint(
+async def grammar_constraint(
     body: SamplingFields,
     tools: list[dict[str, Any]] | None = None,
     tool_choice: ToolChoice = "none",
 ) -> proto.GrammarConstraint | None:
-    """The one grammar the request asks for (None: none); parsed here, a 400 naming it if bad."""
+    """The one grammar the request asks for (None: none); parsed here, a 400 naming it if bad.
+
+    Parsed on a thread: the first grammar imports xgrammar (seconds), and a large schema takes
+    a while to parse; the event loop keeps serving every other stream meanwhile."""
     found: list[tuple[str, proto.GrammarConstraint]] = []
     if body.response_format is not None:
         entry = _from_response_format(body.response_format)
@@ -201,7 +205,7 @@ def grammar_constraint(
         return None
     param, constraint = found[0]
     try:
-        grammar_of(constraint)
+        await asyncio.to_thread(grammar_of, constraint)
     except ValueError as error:
         raise bad_request(f"{param} is not a valid constraint: {error}", param) from None
     return constraint
