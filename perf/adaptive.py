@@ -6,7 +6,12 @@ so that the largest static lease stalls. Prints one JSON line: the first scenari
 ``worst_ratio`` / ``worst_stall_fraction`` over both, every run under ``scenarios``; with --plot, a
 PNG of the lease and the stall fraction over time.
 
-    python perf/adaptive.py [--quick] [--plot docs/adaptive.png]
+    python perf/adaptive.py [--quick] [--workers processes|threads] [--plot docs/adaptive.png]
+
+Through the engine as production runs it (worker processes; ``--workers threads`` as an option):
+the controller is fed by the executor's step spans over ZeroMQ, as in the daemon. A trace is
+sampled from the frontend's Stats snapshots, so ``steps_to_converge`` counts executor steps up to
+the first sample from which the lease stays settled.
 """
 
 from __future__ import annotations
@@ -14,28 +19,34 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import emit, machine
+from common import add_workers_arg, emit, machine, one_torch_thread
 from pooling import run, workload_model
 
 
 def steps_to_converge(trace: list, tolerance: float = 0.1) -> tuple[int, int]:
-    """The first step from which the lease stays within ``tolerance`` of where it ends up under
-    demand (the release that returns host memory once the stream drains is not counted), and that
-    lease."""
+    """The step (of the first trace sample) from which the lease stays within ``tolerance`` of where
+    it ends up under demand (the release that returns host memory once the stream drains is not
+    counted), and that lease."""
     end = len(trace)
     while end > 0 and trace[end - 1][4].startswith(("release", "hold: no demand")):
         end -= 1
     leases = [lease for _, lease, *_ in trace[: end or len(trace)]]
     final = leases[-1] if leases else 0
     band = max(1.0, tolerance * final)
-    for step in range(len(leases)):
-        if all(abs(lease - final) <= band for lease in leases[step:]):
-            return step, final
-    return len(leases), final
+    for sample in range(len(leases)):
+        if all(abs(lease - final) <= band for lease in leases[sample:]):
+            return trace[sample][5], final
+    return trace[-1][5] if trace else 0, final
 
 
 def compare(
-    model_dir: str, requests, device_blocks: int, sweep: list[int], throttle: float | None, pairs: int
+    model_dir: str,
+    requests,
+    device_blocks: int,
+    sweep: list[int],
+    throttle: float | None,
+    pairs: int,
+    workers: str,
 ) -> dict:
     """Every ``fixed:N`` of ``sweep``, then ``adaptive`` with the largest N's host memory as its
     budget (so it may choose anything a static run could), on the same request stream. The ratio
@@ -46,7 +57,7 @@ def compare(
         common["extra"] = {"copy_throttle_bytes_per_s": throttle}
 
     def once(**overrides) -> dict:
-        return run(model_dir, requests, 16, **common, **overrides)
+        return run(model_dir, requests, 16, workers, **common, **overrides)
 
     fixed = {n: once(expansion=f"fixed:{n}") for n in sweep}
     best_n = max(fixed, key=lambda n: fixed[n]["throughput"])
@@ -85,20 +96,22 @@ def main() -> None:
         help="bytes/s of the second scenario's copy engine (CPU copy thread only; 0: skip it)",
     )
     parser.add_argument("--pairs", type=int, default=5, help="adaptive / best-N pairs per scenario (median)")
+    add_workers_arg(parser)
     args = parser.parse_args()
-    torch.set_num_threads(1)  # as perf/pooling.py
+    one_torch_thread()
     model_dir, requests, device_blocks, fixed_ns = workload_model(args.quick)
     sweep = [*fixed_ns, 2 * max(fixed_ns)]  # up to where more host memory stops paying
-    scenarios = {"link": compare(model_dir, requests, device_blocks, sweep, None, args.pairs)}
+    scenarios = {"link": compare(model_dir, requests, device_blocks, sweep, None, args.pairs, args.workers)}
     if args.throttle and not torch.cuda.is_available():
         scenarios["throttled_link"] = compare(
-            model_dir, requests, device_blocks, sweep, args.throttle, args.pairs
+            model_dir, requests, device_blocks, sweep, args.throttle, args.pairs, args.workers
         )
     traces = {name: scenario.pop("trace") for name, scenario in scenarios.items()}
     headline = scenarios["link"]
     result = {
         "benchmark": "adaptive",
         "quick": args.quick,
+        "workers": args.workers,
         "device_kv_blocks": device_blocks,
         **{key: headline[key] for key in HEADLINE},
         "worst_ratio": min(s["throughput_ratio_adaptive_vs_best_fixed"] for s in scenarios.values()),

@@ -1,15 +1,25 @@
-"""Shared pieces of the benchmarks: the SmolLM-135M-shaped random model, prompts, JSON output."""
+"""Shared pieces of the benchmarks: the SmolLM-135M-shaped random model, prompts, the engine as
+production runs it (worker processes by default), JSON output."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import platform
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+if TYPE_CHECKING:
+    from pied.engine import Engine
+    from proto.config import EngineConfig
 
 SMOLLM_135M_SHAPE = dict(
     vocab_size=49152,
@@ -58,3 +68,51 @@ def machine() -> dict:
 def emit(result: dict) -> None:
     """One JSON line on stdout: the benchmark's whole result."""
     print(json.dumps(result, sort_keys=True), flush=True)
+
+
+def add_workers_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers",
+        choices=("processes", "threads"),
+        default="processes",
+        help="run the engine's actors as worker processes, as the daemon does (default), or as "
+        "threads of this process, as pied.LLM does",
+    )
+
+
+@contextlib.asynccontextmanager
+async def started_engine(config: EngineConfig, workers: str) -> AsyncIterator[Engine]:
+    """The one engine, started; shut down on exit. Startup is not part of any measurement."""
+    from pied.engine import Engine, SupervisorOptions
+
+    # A loaded machine may take long to import torch in three processes; a 60 s heartbeat timeout
+    # keeps a slow moment from reading as a hung worker.
+    options = SupervisorOptions(startup_timeout=900, heartbeat_timeout=60, startup_heartbeat_timeout=120)
+    engine = Engine(config, options, workers=workers)  # type: ignore[arg-type]
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.shutdown()
+
+
+async def warm_up(engine: Engine, prompt: list[int]) -> None:
+    """One short request outside the clock (first-call costs: allocation, kernels, caches)."""
+    import proto
+
+    params = proto.SamplingParams(temperature=0, max_tokens=2)
+    async for _ in engine.add_request(proto.AddRequest("warm", proto.pack_i32(prompt), params)):
+        pass
+    await engine.wait_idle()
+
+
+def one_torch_thread() -> None:
+    """One compute thread, here and in the worker processes (they inherit OMP_NUM_THREADS): on a
+    shared 2-core machine more threads fight the copy thread and other processes and make every
+    number noisier."""
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)

@@ -2,7 +2,11 @@
 the memory policies side by side on the same request stream (Poisson arrivals, mixed prompt and
 output lengths, fixed seed). Prints one JSON line; writes a PNG plot with --plot.
 
-    python perf/pooling.py [--quick] [--plot docs/pooling.png]
+    python perf/pooling.py [--quick] [--workers processes|threads] [--plot docs/pooling.png]
+
+The engine runs as in production: its actors in worker processes (``--workers threads``: as
+threads of this process, as ``pied.LLM`` runs them); the JSON says which (``"workers"``). Times
+are taken where a client sees them (the frontend), step times and stalls are the executor's.
 
 Fields: per run throughput (generated tokens/s), TTFT/TPOT p50/p99, mean end-to-end latency;
 ``throughput_ratio_pie_vs_none`` (best N), ``latency_ratio_none_vs_pie`` (mean e2e latency, none over
@@ -14,15 +18,25 @@ headline figures.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
 
 import numpy as np
-import torch
-from common import SMOLLM_135M_SHAPE, emit, machine
+from common import (
+    SMOLLM_135M_SHAPE,
+    add_workers_arg,
+    emit,
+    machine,
+    one_torch_thread,
+    started_engine,
+    warm_up,
+)
 
 import proto
-from pied.inproc import EngineCore
+from pied.engine import Engine
 from proto.config import EngineConfig
+from workers.memory.manager import kv_layout_for
+from workers.model_config import ModelConfig
 
 
 def workload(num_requests: int, rate: float, prompt_range, output_range, vocab: int, seed: int = 0):
@@ -43,56 +57,56 @@ def workload(num_requests: int, rate: float, prompt_range, output_range, vocab: 
     return requests
 
 
-def run(model_dir: str, requests, block_size: int, keep_trace: bool = False, **overrides) -> dict:
-    engine = EngineCore(EngineConfig(model=model_dir, dtype="float32", block_size=block_size, **overrides))
-    # Warm-up outside the clock.
-    warm = proto.SamplingParams(temperature=0, max_tokens=2)
-    engine.add_request(proto.AddRequest("warm", proto.pack_i32(requests[0]["prompt"][:8]), warm))
-    while engine.has_unfinished():
-        engine.step()
-    pending = list(requests)
-    first_token: dict[str, float] = {}
-    finished: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    # Per step: time, lease, stall, step time, the controller's last decision.
-    trace: list[tuple[float, int, float, float, str]] = []
-    start = time.perf_counter()
-    while pending or engine.has_unfinished():
-        now = time.perf_counter() - start
-        while pending and pending[0]["arrival"] <= now:
-            request = pending.pop(0)
+def run(model_dir: str, requests, block_size: int, workers: str, keep_trace: bool = False, **overrides) -> dict:
+    """One policy on the request stream, through the engine (its workers as ``workers``)."""
+    return asyncio.run(run_stream(model_dir, requests, block_size, workers, keep_trace, **overrides))
+
+
+async def run_stream(
+    model_dir: str, requests, block_size: int, workers: str, keep_trace: bool, **overrides
+) -> dict:
+    config = EngineConfig(model=model_dir, dtype="float32", block_size=block_size, **overrides)
+    async with started_engine(config, workers) as engine:
+        await warm_up(engine, requests[0]["prompt"][:8])
+        before = engine.stats()
+        first_token: dict[str, float] = {}
+        finished: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        start = time.perf_counter()
+
+        async def one(request: dict) -> None:
+            await asyncio.sleep(max(0.0, request["arrival"] - (time.perf_counter() - start)))
             params = proto.SamplingParams(temperature=0, max_tokens=request["max_tokens"], ignore_eos=True)
-            engine.add_request(proto.AddRequest(request["id"], proto.pack_i32(request["prompt"]), params))
-        if not engine.has_unfinished():
-            time.sleep(max(0.0, pending[0]["arrival"] - now))
-            continue
-        stall_before, step_before = engine.totals.stall_time, engine.totals.step_time
-        deltas = engine.step()
-        now = time.perf_counter() - start
-        trace.append(
-            (
-                now,
-                engine.scheduler.host_lease,
-                engine.totals.stall_time - stall_before,
-                engine.totals.step_time - step_before,
-                engine.host.decision_reason,
-            )
-        )
-        for delta in deltas:
-            n = len(delta.token_ids) // 4
-            counts[delta.request_id] = counts.get(delta.request_id, 0) + n
-            if n and delta.request_id not in first_token:
-                first_token[delta.request_id] = now
-            if delta.finish_reason is not None:
-                finished[delta.request_id] = now
-    elapsed = time.perf_counter() - start
+            add = proto.AddRequest(request["id"], proto.pack_i32(request["prompt"]), params)
+            request_id = request["id"]
+            async for delta in engine.add_request(add):
+                now = time.perf_counter() - start
+                n = len(delta.token_ids) // 4
+                counts[request_id] = counts.get(request_id, 0) + n
+                if n and request_id not in first_token:
+                    first_token[request_id] = now
+                if delta.finish_reason is not None:
+                    finished[request_id] = now
+
+        trace: list[tuple] = []
+        sampler = asyncio.ensure_future(sample_stats(engine, start, trace)) if keep_trace else None
+        await asyncio.gather(*(one(request) for request in requests))
+        elapsed = time.perf_counter() - start
+        stats = await engine.wait_idle()
+        if sampler is not None:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
+        info = engine.model_info
+        assert info is not None
     arrival = {r["id"]: r["arrival"] for r in requests}
     ttft = np.array([first_token[i] - arrival[i] for i in finished])
     tpot = np.array([(finished[i] - first_token[i]) / (counts[i] - 1) for i in finished if counts[i] > 1])
     e2e = np.array([finished[i] - arrival[i] for i in finished])
-    stats = engine.stats()
-    staging_pages = engine.runner.num_staging_blocks * (engine.config.prefetch_depth + 1)
-    layers = engine.runner.model_config.num_layers
+    # The staging ring: (prefetch_depth + 1) areas (at most L) of the largest lease's blocks, pie only.
+    layers = ModelConfig.from_folder(model_dir).num_layers
+    staging_blocks = info.max_host_blocks if config.kv_policy == "pie" else 0
+    staging_pages = staging_blocks * min(config.prefetch_depth + 1, layers)
+    step_seconds = stats.step_seconds_total - before.step_seconds_total
     result = dict(
         throughput=sum(counts.values()) / elapsed,
         ttft_p50=float(np.percentile(ttft, 50)),
@@ -100,19 +114,43 @@ def run(model_dir: str, requests, block_size: int, keep_trace: bool = False, **o
         tpot_p50=float(np.percentile(tpot, 50)) if len(tpot) else 0.0,
         tpot_p99=float(np.percentile(tpot, 99)) if len(tpot) else 0.0,
         e2e_mean=float(e2e.mean()),
-        preemptions=stats.num_preemptions,
-        steps=stats.num_steps,
-        stall_fraction=stats.stall_seconds_total / max(stats.step_seconds_total, 1e-9),
-        bytes_to_device=stats.bytes_to_device_total,
+        preemptions=stats.num_preemptions - before.num_preemptions,
+        steps=stats.num_steps - before.num_steps,
+        stall_fraction=(stats.stall_seconds_total - before.stall_seconds_total) / max(step_seconds, 1e-9),
+        bytes_to_device=stats.bytes_to_device_total - before.bytes_to_device_total,
         # Device KV budget in blocks-equivalent: device blocks plus staging pages / layers.
-        device_budget_blocks=engine.runner.num_device_blocks + staging_pages / layers,
-        host_block_bytes=engine.runner.kv_layout.block_bytes,
+        device_budget_blocks=info.num_device_blocks + staging_pages / layers,
+        host_block_bytes=kv_layout_for(config)[0].block_bytes,
     )
-    engine.close()
     result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
     if keep_trace:
         result["trace"] = trace
     return result
+
+
+TRACE_INTERVAL = 0.02  # seconds between Stats samples of a trace
+
+
+async def sample_stats(engine: Engine, start: float, trace: list) -> None:
+    """Append to ``trace`` every TRACE_INTERVAL: (time, lease, stall seconds, step seconds, the
+    controller's last decision, steps so far), the seconds being the executor's since the last
+    sample, from the Stats snapshots the frontend receives (as /metrics reads them)."""
+    last = engine.stats()
+    while True:
+        await asyncio.sleep(TRACE_INTERVAL)
+        stats = engine.stats()
+        if stats.num_steps != last.num_steps:
+            trace.append(
+                (
+                    round(time.perf_counter() - start, 4),
+                    stats.host_lease,
+                    stats.stall_seconds_total - last.stall_seconds_total,
+                    stats.step_seconds_total - last.step_seconds_total,
+                    stats.host_decision,
+                    stats.num_steps,
+                )
+            )
+        last = stats
 
 
 def workload_model(quick: bool) -> tuple[str, list[dict], int, list[int]]:
@@ -139,23 +177,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smaller model and workload (~2 min)")
     parser.add_argument("--plot", default=None, help="write a PNG plot here")
+    add_workers_arg(parser)
     args = parser.parse_args()
-    # One compute thread: on a shared 2-core machine two threads fight the copy thread and other
-    # processes and make every number noisier.
-    torch.set_num_threads(1)
+    workers = args.workers
+    one_torch_thread()
     block_size = 16
     model_dir, requests, device_blocks, pie_ns = workload_model(args.quick)
 
     runs: dict[str, dict] = {}
-    runs["none"] = run(model_dir, requests, block_size, device_kv_blocks=device_blocks)
+    runs["none"] = run(model_dir, requests, block_size, workers, device_kv_blocks=device_blocks)
     runs["swap"] = run(
-        model_dir, requests, block_size, device_kv_blocks=device_blocks, kv_policy="swap", host_kv_gib=1.0
+        model_dir, requests, block_size, workers, device_kv_blocks=device_blocks, kv_policy="swap", host_kv_gib=1.0
     )
     for n in pie_ns:
         runs[f"pie_fixed_{n}"] = run(
             model_dir,
             requests,
             block_size,
+            workers,
             device_kv_blocks=device_blocks,
             kv_policy="pie",
             expansion=f"fixed:{n}",
@@ -168,7 +207,7 @@ def main() -> None:
     while none_curve[-1][1] < pie["throughput"] and budget < device_blocks * 16:
         budget *= 2
         none_curve.append(
-            (budget, run(model_dir, requests, block_size, device_kv_blocks=budget)["throughput"])
+            (budget, run(model_dir, requests, block_size, workers, device_kv_blocks=budget)["throughput"])
         )
     matched = next((b for b, t in none_curve if t >= pie["throughput"]), None)
     if matched is not None and len(none_curve) > 1:
@@ -179,6 +218,7 @@ def main() -> None:
     result = {
         "benchmark": "pooling",
         "quick": args.quick,
+        "workers": workers,
         "device_kv_blocks": device_blocks,
         "block_size": block_size,
         "num_requests": len(requests),

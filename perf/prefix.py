@@ -1,5 +1,6 @@
-"""Prefix caching on a multi-turn chat workload, through EngineCore, three ways side by side on the
-same request stream and the same small device KV pool:
+"""Prefix caching on a multi-turn chat workload, through the engine as production runs it (worker
+processes; ``--workers threads`` as an option, and the JSON says which), three ways side by side on
+the same request stream and the same small device KV pool:
 
 - ``off``: no prefix caching (every round prefills the whole conversation again);
 - ``device``: prefix caching on the device tier only (kv_policy none);
@@ -11,7 +12,7 @@ round's prompt is the previous round's prompt and answer plus a new user turn, s
 the first repeats the whole conversation so far. Users start a little apart so that the system prompt
 can be shared. Prints one JSON line:
 
-    python perf/prefix.py [--quick]
+    python perf/prefix.py [--quick] [--workers processes|threads]
 
 Fields per run: time to first token p50/p99 (seconds, from each round's submission), throughput
 (generated tokens/s over the run), ``computed_tokens`` (tokens the model ran: prefill and decode),
@@ -22,15 +23,15 @@ and for computed tokens. Absolute times are for the machine in ``machine``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import SMOLLM_135M_SHAPE, emit, machine
+from common import SMOLLM_135M_SHAPE, add_workers_arg, emit, machine, started_engine, warm_up
 
 import proto
-from pied.inproc import EngineCore
 from proto.config import EngineConfig
 
 
@@ -46,87 +47,65 @@ def conversations(
     return system, turns
 
 
-def run(model_dir: str, workload: dict, block_size: int, **overrides) -> dict:
-    engine = EngineCore(EngineConfig(model=model_dir, dtype="float32", block_size=block_size, **overrides))
-    num_computed = 0
-    execute = engine.runner.execute
+def run(model_dir: str, workload: dict, block_size: int, workers: str, **overrides) -> dict:
+    return asyncio.run(run_users(model_dir, workload, block_size, workers, **overrides))
 
-    def counting_execute(plan: proto.StepPlan) -> proto.StepResult:
-        nonlocal num_computed
-        num_computed += int(proto.unpack_i32(plan.num_scheduled_tokens).sum())
-        return execute(plan)
 
-    # Warm-up outside the clock, on tokens no conversation uses (so it caches nothing they hit).
-    warm = proto.SamplingParams(temperature=0, max_tokens=2)
-    engine.add_request(proto.AddRequest("warm", proto.pack_i32([2] * 8), warm))
-    while engine.has_unfinished():
-        engine.step()
-    engine.runner.execute = counting_execute  # type: ignore[method-assign]
-    stats_before = engine.stats()
-
+async def run_users(model_dir: str, workload: dict, block_size: int, workers: str, **overrides) -> dict:
+    config = EngineConfig(model=model_dir, dtype="float32", block_size=block_size, **overrides)
     system, turns = workload["system"], workload["turns"]
     max_tokens, user_gap = workload["max_tokens"], workload["user_gap"]
     params = proto.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    num_users, num_rounds = len(turns), len(turns[0])
-    history = [list(system) for _ in range(num_users)]  # each user's conversation so far
-    next_round = [0] * num_users
-    start_at = [user * user_gap for user in range(num_users)]  # a user's next submission time
     submitted: dict[str, float] = {}
     first_token: dict[str, float] = {}
     answers: dict[str, list[int]] = {}
-    num_generated = 0
-    start = time.perf_counter()
-    while True:
-        now = time.perf_counter() - start
-        for user in range(num_users):
-            if next_round[user] < num_rounds and start_at[user] <= now:
-                round_index = next_round[user]
-                request_id = f"u{user}r{round_index}"
-                history[user] += turns[user][round_index]
-                engine.add_request(proto.AddRequest(request_id, proto.pack_i32(history[user]), params))
-                submitted[request_id] = now
-                answers[request_id] = []
-                next_round[user] += 1
-                start_at[user] = float("inf")  # closed loop: the next round waits for this answer
-        if not engine.has_unfinished():
-            pending = [at for user, at in enumerate(start_at) if next_round[user] < num_rounds]
-            if not pending:
-                break
-            time.sleep(max(0.0, min(pending) - now))
-            continue
-        deltas = engine.step()
-        now = time.perf_counter() - start
-        for delta in deltas:
-            tokens = proto.unpack_i32(delta.token_ids).tolist()
-            num_generated += len(tokens)
-            answers[delta.request_id] += tokens
-            if tokens and delta.request_id not in first_token:
-                first_token[delta.request_id] = now
-            if delta.finish_reason is not None:
-                user = int(delta.request_id[1 : delta.request_id.index("r")])
-                history[user] += answers[delta.request_id]
-                start_at[user] = now
-    elapsed = time.perf_counter() - start
+    async with started_engine(config, workers) as engine:
+        # Warm-up outside the clock, on tokens no conversation uses (so it caches nothing they hit).
+        await warm_up(engine, [2] * 8)
+        before = engine.stats()
+        start = time.perf_counter()
+
+        async def user(index: int) -> None:
+            """A closed loop of rounds: each round's prompt is the conversation so far plus a new turn."""
+            history = list(system)
+            await asyncio.sleep(index * user_gap)
+            for round_index, turn in enumerate(turns[index]):
+                request_id = f"u{index}r{round_index}"
+                history += turn
+                submitted[request_id] = time.perf_counter() - start
+                answer = answers[request_id] = []
+                add = proto.AddRequest(request_id, proto.pack_i32(history), params)
+                async for delta in engine.add_request(add):
+                    tokens = proto.unpack_i32(delta.token_ids).tolist()
+                    if tokens and request_id not in first_token:
+                        first_token[request_id] = time.perf_counter() - start
+                    answer += tokens
+                history += answer
+
+        await asyncio.gather(*(user(index) for index in range(len(turns))))
+        elapsed = time.perf_counter() - start
+        stats = await engine.wait_idle()
     ttft = np.array([first_token[request_id] - submitted[request_id] for request_id in submitted])
-    stats = engine.stats()
-    cache = engine.scheduler.prefix_cache_stats
+
+    def delta(field: str) -> int:
+        return getattr(stats, field) - getattr(before, field)
+
     result = dict(
         ttft_p50=float(np.percentile(ttft, 50)),
         ttft_p99=float(np.percentile(ttft, 99)),
-        throughput=num_generated / elapsed,
+        throughput=sum(len(answer) for answer in answers.values()) / elapsed,
         elapsed=elapsed,
-        computed_tokens=num_computed,
-        query_tokens=stats.prefix_cache_queries_total - stats_before.prefix_cache_queries_total,
-        device_hit_tokens=stats.prefix_cache_device_hits_total - stats_before.prefix_cache_device_hits_total,
-        host_hit_tokens=stats.prefix_cache_host_hits_total - stats_before.prefix_cache_host_hits_total,
-        demotions=cache.num_demotions,
-        promotions=cache.num_promotions,
-        preemptions=stats.num_preemptions,
-        bytes_to_device=stats.bytes_to_device_total,
+        computed_tokens=delta("num_computed_tokens_total"),
+        query_tokens=delta("prefix_cache_queries_total"),
+        device_hit_tokens=delta("prefix_cache_device_hits_total"),
+        host_hit_tokens=delta("prefix_cache_host_hits_total"),
+        demotions=delta("prefix_cache_demotions_total"),
+        promotions=delta("prefix_cache_promotions_total"),
+        preemptions=delta("num_preemptions"),
+        bytes_to_device=delta("bytes_to_device_total"),
         # Every run must see the same answers: greedy tokens do not depend on caching.
         answers_digest=hash(tuple(tuple(answers[request_id]) for request_id in sorted(answers))) & 0xFFFFFFFF,
     )
-    engine.close()
     return {key: round(value, 4) if isinstance(value, float) else value for key, value in result.items()}
 
 
@@ -135,6 +114,7 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="a smaller model and workload (well under 90 s on two CPU cores)"
     )
+    add_workers_arg(parser)
     args = parser.parse_args()
 
     from tiny_models import build_model_dir
@@ -157,10 +137,16 @@ def main() -> None:
     common = dict(device_kv_blocks=device_blocks, max_num_seqs=num_users)
 
     runs = {
-        "off": run(str(model_dir), workload, block_size, enable_prefix_caching=False, **common),
-        "device": run(str(model_dir), workload, block_size, **common),
+        "off": run(str(model_dir), workload, block_size, args.workers, enable_prefix_caching=False, **common),
+        "device": run(str(model_dir), workload, block_size, args.workers, **common),
         "host": run(
-            str(model_dir), workload, block_size, kv_policy="pie", expansion=f"fixed:{host_blocks}", **common
+            str(model_dir),
+            workload,
+            block_size,
+            args.workers,
+            kv_policy="pie",
+            expansion=f"fixed:{host_blocks}",
+            **common,
         ),
     }
     digests = {run_result.pop("answers_digest") for run_result in runs.values()}
@@ -169,6 +155,7 @@ def main() -> None:
         {
             "benchmark": "prefix",
             "quick": args.quick,
+            "workers": args.workers,
             "block_size": block_size,
             "device_kv_blocks": device_blocks,
             "host_kv_blocks": host_blocks,

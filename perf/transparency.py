@@ -21,6 +21,11 @@ KV content does not change the work, so the pool is not prefilled: every step is
 position ``context - 1`` (which also lets the next-step prefetch work, as in steady-state decode).
 Fractions run round-robin, so drift on a shared machine hits each alike. Prints one JSON line.
 
+Unlike the other benchmarks this one drives the executor's ModelRunner in this process, with
+synthetic plans: what it measures (the layer pipeline's stalls at a chosen host fraction) lives
+entirely in the runner, and no scheduler or controller could place exactly that fraction on host.
+The JSON says so (``"workers": "runner"``).
+
     .venv/bin/python perf/transparency.py [--quick] [--batch 32] [--context 512] [--depth 1]
 """
 
@@ -222,6 +227,7 @@ def main() -> None:
     emit(
         {
             "benchmark": "transparency",
+            "workers": "runner",
             "model": "SmolLM-135M-shaped (random weights)",
             "dtype": config.dtype,
             "batch": args.batch,

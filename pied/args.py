@@ -10,8 +10,8 @@ import typing
 from pied.default_model import with_default_model
 from proto.config import EngineConfig
 
-# Flags that are not engine configuration (set elsewhere or internal).
-_HIDDEN_FIELDS = {"extra"}
+# Fields that are not flags: internal settings, and the plan the preflight derives.
+_HIDDEN_FIELDS = {"extra", "plan"}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -1,22 +1,34 @@
-"""The ``pied`` command: ``pied generate`` (offline) and ``pied serve`` (the daemon)."""
+"""The ``pied`` command: ``pied generate`` (offline) and ``pied serve`` (the daemon).
+
+Exit status: 0 on success; 2 for a configuration or model-folder error, found by the preflight
+before any worker starts (one line ``pied: <flag/key/file>: <what to change>``, no traceback); 1
+for a failure at run time, whatever its type (a ValueError while serving is not a configuration
+error). The type decides, not the moment: only ``ConfigError`` and ``ModelFolderError`` mean 2, and
+the commands raise them only from their configuration phase.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+import traceback
 
 from pied.args import add_engine_args, add_sampling_args, engine_config_from_args
+from pied.bench import add_bench_command
 from pied.chat import add_chat_command
+from pied.exit_status import EXIT_CONFIG_ERROR, EXIT_RUNTIME_FAILURE, RunTimeFailure, run_time
 from pied.serve import add_serve_command
 from proto.config import ConfigError
+from workers.model_config import ModelFolderError
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import proto
     from pied.llm import LLM
+    from pied.preflight import preflight
 
-    config = engine_config_from_args(args)
+    config = preflight(engine_config_from_args(args))
     params = proto.SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -27,12 +39,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop=args.stop,
         ignore_eos=args.ignore_eos,
     )
-    llm = LLM(**dataclasses.asdict(config))
-    prompts = args.prompt or ["def fibonacci(n):"]
-    for prompt, output in zip(prompts, llm.generate(prompts, params)):
-        choice = output.outputs[0]
-        print(f"{prompt}{choice.text}")
-        print(f"[{len(choice.token_ids)} tokens, finish_reason={choice.finish_reason}]", file=sys.stderr)
+    try:
+        params.validate(config.max_logprobs)
+    except ValueError as error:
+        flag = "--" + getattr(error, "param", "sampling").replace("_", "-")
+        raise ConfigError(f"{flag}: {error}") from None
+    with run_time():
+        # The checked config, plan included: LLM does not check it again.
+        llm = LLM(**{field.name: getattr(config, field.name) for field in dataclasses.fields(config)})
+        prompts = args.prompt or ["def fibonacci(n):"]
+        for prompt, output in zip(prompts, llm.generate(prompts, params)):
+            choice = output.outputs[0]
+            print(f"{prompt}{choice.text}")
+            print(f"[{len(choice.token_ids)} tokens, finish_reason={choice.finish_reason}]", file=sys.stderr)
     return 0
 
 
@@ -51,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_command(commands)
 
     add_serve_command(commands)
+    add_bench_command(commands)
     return parser
 
 
@@ -59,13 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except ConfigError as error:
+    except (ConfigError, ModelFolderError) as error:
+        # The preflight's messages name the flag, key or file: one line, no traceback.
         print(f"pied: {error}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as error:
-        # Model folder and tokenizer errors name the file and what is wrong.
-        print(f"pied: {error}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
+    except RunTimeFailure as failure:
+        cause = failure.__cause__ or failure
+        traceback.print_exception(type(cause), cause, cause.__traceback__)
+        print(f"pied: failed at run time: {failure}", file=sys.stderr)
+        return EXIT_RUNTIME_FAILURE
 
 
 if __name__ == "__main__":

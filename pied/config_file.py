@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -140,8 +141,21 @@ def load(parser: argparse.ArgumentParser, path: str | Path) -> dict[str, Any]:
     return values
 
 
-def apply(parser: argparse.ArgumentParser, args: argparse.Namespace, path: str | Path) -> None:
-    """Fill every option of ``args`` that the command line left unset (None) from the file."""
+def apply(parser: argparse.ArgumentParser, args: argparse.Namespace, path: str | Path) -> set[str]:
+    """Fill every option of ``args`` that the command line left unset (None) from the file;
+    returns the options (dests) the file set."""
+    applied = set()
     for dest, value in load(parser, path).items():
         if getattr(args, dest, None) is None:
             setattr(args, dest, value)
+            applied.add(dest)
+    return applied
+
+
+def blame(error: ConfigError, path: str | Path, from_file: set[str]) -> ConfigError:
+    """``error`` (a message that starts with the flag, ``--max-model-len ...``) pointed at the file
+    and key when the file set that value; otherwise ``error`` as it is."""
+    match = re.match(r"--([a-z0-9-]+)", str(error))
+    if match is None or key_name(match.group(1)) not in from_file:
+        return error
+    return ConfigError(f"{path}: {match.group(1)}: {str(error)[match.end():].lstrip(' :')}")

@@ -1,9 +1,10 @@
-"""The frontend's view of the engine: submit requests, receive their token deltas, abort, read stats.
+"""The frontend's view of the engine: submit requests, receive their token deltas, abort, read
+stats, watch its liveness.
 
-Two implementations share this interface:
-- ``pied.inproc.InprocEngineClient``: scheduler and executor in this process (tests, ``pied.LLM``).
-- ``pied.mp_client.ProcessEngineClient``: the daemon's worker processes over ZeroMQ.
-The API server and the output processor only ever see :class:`EngineClient`.
+One implementation, ``pied.engine.Engine``: the scheduler, executor and memory-manager actors, as
+worker processes (the daemon) or as threads of this process (``pied.LLM``, ``--inproc``). The API
+server, the daemon and the output processor only ever see :class:`EngineClient`; its stats are the
+wire snapshot ``proto.Stats`` itself (one structure from the scheduler to ``/metrics``).
 """
 
 from __future__ import annotations
@@ -12,40 +13,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-import msgspec
-
 import proto
 
 
 class EngineDeadError(RuntimeError):
     """The engine (a worker process) died or hung; every request in flight fails with this."""
-
-
-class EngineStats(msgspec.Struct, kw_only=True):
-    """A snapshot of the scheduler's state, refreshed every step."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    num_device_blocks: int = 0
-    num_host_blocks: int = 0
-    device_usage: float = 0.0  # fraction of device KV blocks referenced
-    host_usage: float = 0.0  # fraction of leased host KV blocks referenced
-    num_preemptions: int = 0
-    num_steps: int = 0
-    # Host memory pooling: the lease (host blocks the scheduler may hold) and streaming totals.
-    host_lease: int = 0
-    bytes_to_device_total: int = 0
-    bytes_to_host_total: int = 0
-    stall_seconds_total: float = 0.0
-    step_seconds_total: float = 0.0
-    host_lease_target: int = 0  # the expansion controller's estimate of the transparent lease
-    host_decision: str = ""  # its last decision and reason
-    host_link_bandwidth: float = 0.0  # its host -> device bandwidth estimate, bytes/s (0: unknown)
-    # Prefix caching, in tokens (like vLLM): tokens of admitted requests looked up, and those found
-    # cached on each tier.
-    prefix_cache_queries_total: int = 0
-    prefix_cache_device_hits_total: int = 0
-    prefix_cache_host_hits_total: int = 0
 
 
 class RequestStream:
@@ -91,12 +63,46 @@ class EngineClient(Protocol):
     async def abort(self, request_ids: list[str]) -> None:
         """Abort requests; each one's stream ends with a FinishReason.ABORT delta."""
 
-    def stats(self) -> EngineStats:
+    def stats(self) -> proto.Stats:
         """The latest stats snapshot (cheap; no round trip)."""
+
+    async def wait_idle(self, timeout: float = 10.0) -> proto.Stats:
+        """The snapshot of a quiescent engine, once every request submitted so far has finished."""
+
+    async def shutdown(self) -> None:
+        """Stop the engine: abort what is left, stop workers, free every resource."""
 
     @property
     def dead(self) -> bool:
         """True once the engine has failed; new requests raise EngineDeadError."""
 
-    async def shutdown(self) -> None:
-        """Stop the engine: abort what is left, stop workers, free every resource."""
+    @property
+    def dead_reason(self) -> str:
+        """Why it died (empty while alive)."""
+
+    async def wait_dead(self) -> str:
+        """Returns the reason once the engine has died (never after a clean shutdown)."""
+
+    @property
+    def healthy(self) -> bool:
+        """Every worker is up and heartbeating (the systemd watchdog pings only while this holds)."""
+
+    @property
+    def startup_progress(self) -> str:
+        """Where each worker is while :meth:`start` runs (``executor loading, scheduler ready``)."""
+
+    @property
+    def worker_pids(self) -> dict[str, int]:
+        """``{name: pid}`` of every worker once started."""
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence (prompt plus output) the engine accepts; after :meth:`start`."""
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary size; after :meth:`start`."""
+
+    @property
+    def num_open_requests(self) -> int:
+        """Requests whose stream has not ended yet."""

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import Sequence
-from typing import Any, Union
+import threading
+import weakref
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar, Union
 
 import msgspec
 
 import proto
 from pied.default_model import with_default_model
+from pied.engine import Engine, SupervisorOptions, WorkerKind
+from pied.engine_client import RequestStream
 from pied.output_processor import ChoiceState
 from pied.outputs import CompletionOutput, RequestOutput
+from pied.preflight import preflight
 from pied.tokenizer import Tokenizer
 from proto.config import EngineConfig
+from workers.actor import new_event_loop
 
 PromptType = Union[str, dict[str, Any]]
+T = TypeVar("T")
+IDLE_TIMEOUT_SECONDS = 30.0  # after the last token, for the scheduler's idle snapshot
 
 
 class PromptTooLongError(ValueError):
@@ -60,22 +69,58 @@ def engine_requests(
 
 class LLM:
     """Generate with a model folder in this process. Engine keyword arguments are ``EngineConfig``
-    fields (vLLM's names: ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ...)."""
+    fields (vLLM's names: ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ...).
 
-    def __init__(self, model: str = "", dtype: str = "auto", seed: int = 0, **engine_args: Any) -> None:
+    The engine is the daemon's: the scheduler, executor and memory-manager actors, as threads of
+    this process by default or as worker processes with ``workers="processes"``, driven from a
+    private event loop on a background thread. :meth:`shutdown` (also on leaving a ``with`` block,
+    on garbage collection and at interpreter exit) stops them and frees every thread, socket and
+    host memory segment.
+    """
+
+    def __init__(
+        self,
+        model: str = "",
+        dtype: str = "auto",
+        seed: int = 0,
+        workers: WorkerKind = "threads",
+        supervisor_options: SupervisorOptions | None = None,
+        **engine_args: Any,
+    ) -> None:
         unknown = set(engine_args) - EngineConfig.field_names()
         if unknown:
             raise TypeError(f"unknown engine arguments: {', '.join(sorted(unknown))}")
-        self.config = with_default_model(EngineConfig(model=model, dtype=dtype, seed=seed, **engine_args)).validate()
-        # Imported here: the daemon's frontend uses this module's helpers and must not load torch.
-        from pied.inproc import EngineCore
-
-        self.engine = EngineCore(self.config)  # first: it reports a broken model folder by file name
+        config = with_default_model(EngineConfig(model=model, dtype=dtype, seed=seed, **engine_args))
+        # Every setting and the model folder, checked before any worker starts (ConfigError,
+        # ModelFolderError); the workers get the plan it derived.
+        self.config = preflight(config)
         self.tokenizer = Tokenizer.from_folder(self.config.resolved_model())
         self._request_counter = itertools.count()
+        self._loop = EngineLoop(Engine(self.config, supervisor_options, workers=workers))
+        self._finalizer = weakref.finalize(self, self._loop.close)
+        # NOTE: at interpreter exit, before concurrent.futures refuses new work (its own hook is
+        # registered the same way, earlier, and these hooks run last-registered first): stopping
+        # the actors runs their on_stop work on executors.
+        self._finalizer.atexit = False
+        threading._register_atexit(self._finalizer)  # type: ignore[attr-defined]
+
+    @property
+    def engine(self) -> Engine:
+        """The engine (its ``actor(name)`` reaches the workers' objects when they are threads)."""
+        return self._loop.engine
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the engine and free what it holds. Idempotent."""
+        self._finalizer()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def _prompt_token_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -100,9 +145,11 @@ class LLM:
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        if not self._finalizer.alive:
+            raise RuntimeError("this LLM has been shut down")
 
         outputs: list[RequestOutput] = []
-        choices: dict[str, ChoiceState] = {}
+        choices: list[tuple[proto.AddRequest, ChoiceState]] = []
         for prompt, params in zip(prompts, sampling_params):
             params.validate(self.config.max_logprobs)
             if params.grammar is not None:
@@ -112,29 +159,14 @@ class LLM:
             text, token_ids = self._prompt_token_ids(prompt)
             check_prompt_length(len(token_ids), None, self.engine.max_model_len)
             request_id = str(next(self._request_counter))
-            output = RequestOutput(request_id, text, token_ids)
-            outputs.append(output)
+            outputs.append(RequestOutput(request_id, text, token_ids))
             for index, request in enumerate(engine_requests(request_id, token_ids, params)):
-                choices[request.request_id] = ChoiceState(
-                    request.request_id, index, token_ids, request.params, self.tokenizer
-                )
-                for delta in self.engine.add_request(request):
-                    choices[delta.request_id].update(delta)
-
-        try:
-            while self.engine.has_unfinished():
-                to_abort = []
-                for delta in self.engine.step():
-                    if choices[delta.request_id].update(delta).abort_engine:
-                        to_abort.append(delta.request_id)
-                if to_abort:
-                    self.engine.abort(to_abort)
-        except BaseException:
-            self.engine.abort(list(choices))
-            raise
+                choice = ChoiceState(request.request_id, index, token_ids, request.params, self.tokenizer)
+                choices.append((request, choice))
+        self._loop.call(run_choices(self.engine, choices))
 
         by_request = {output.request_id: output for output in outputs}
-        for choice in choices.values():
+        for _, choice in choices:
             output = by_request[choice.request_id.rsplit("-", 1)[0]]
             output.num_cached_tokens = choice.num_cached_tokens
             output.outputs.append(
@@ -165,3 +197,64 @@ class LLM:
             {"prompt": p, "prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)} for p in prompts
         ]
         return self.generate(token_prompts, sampling_params)
+
+
+async def run_choices(engine: Engine, choices: list[tuple[proto.AddRequest, ChoiceState]]) -> None:
+    """Submit every engine request, feed each one's deltas to its choice, and return once all have
+    finished and the engine is idle again (so its stats describe the finished batch)."""
+
+    async def consume(stream: RequestStream, choice: ChoiceState) -> None:
+        async for delta in stream:
+            if choice.update(delta).abort_engine:
+                await engine.abort([delta.request_id])  # a stop string: the rest is not wanted
+
+    streams = [(engine.add_request(request), choice) for request, choice in choices]
+    try:
+        await asyncio.gather(*(consume(stream, choice) for stream, choice in streams))
+    except BaseException:
+        await engine.abort([request.request_id for request, _ in choices])
+        raise
+    await engine.wait_idle(IDLE_TIMEOUT_SECONDS)
+
+
+class EngineLoop:
+    """An event loop on a daemon thread that owns the engine: the synchronous API's bridge.
+
+    :meth:`call` runs a coroutine there and waits for it; :meth:`close` shuts the engine down, then
+    stops the loop and joins the thread.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._loop = new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pied-llm-loop", daemon=True)
+        self._thread.start()
+        try:
+            self.call(engine.start())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Interrupted here (Ctrl-C): the coroutine's own cleanup (aborting its requests) runs.
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            if self._thread.is_alive():
+                self.call(self.engine.shutdown())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+        self._loop.close()

@@ -1,7 +1,8 @@
 """Prometheus metrics for the API server, in the text exposition format (version 0.0.4), by hand.
 
-Names follow vLLM's ``vllm:*`` metrics with a ``pied:`` prefix. Gauges of engine state are read
-from ``EngineClient.stats()`` when scraped; request timings are observed by the API as each
+Names follow vLLM's ``vllm:*`` metrics with a ``pied:`` prefix. Gauges and totals of engine state
+are read from ``EngineClient.stats()`` (the scheduler's ``proto.Stats``, whose ``*_total`` fields
+carry the names exported here) when scraped; request timings are observed by the API as each
 engine request (one choice) streams its deltas, so ``n`` choices count as ``n`` requests, as in vLLM.
 
 What the latency histograms measure (the frontend's clock, so they include the IPC hop):
@@ -23,7 +24,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
-from pied.engine_client import EngineStats
+import proto
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
@@ -184,7 +185,10 @@ class ServerMetrics:
         self.stall_seconds = Counter(
             "pied:stall_seconds_total", "Seconds compute waited for host KV copies (the stalls)."
         )
-        self.step_seconds = Counter("pied:step_seconds_total", "Seconds spent in engine steps.")
+        self.step_seconds = Counter(
+            "pied:step_seconds_total",
+            "Seconds the executor spent on steps (inputs, forward pass, sampling).",
+        )
         self.prompt_tokens = Counter("pied:prompt_tokens_total", "Number of prefill tokens processed.")
         self.generation_tokens = Counter(
             "pied:generation_tokens_total", "Number of generation tokens processed."
@@ -273,7 +277,7 @@ class ServerMetrics:
 
     # ---------------------------------------------------------------- exposition
 
-    def render(self, stats: EngineStats) -> str:
+    def render(self, stats: proto.Stats) -> str:
         self.num_requests_running.set(stats.num_running)
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.device_usage, tier="device")

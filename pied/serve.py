@@ -1,11 +1,11 @@
 """``pied serve``: the daemon. Starts the engine, serves the OpenAI-compatible API, supervises.
 
 Lifecycle:
-- start: load the tokenizer and chat template, start the engine (worker processes, or a thread
-  with ``--inproc``), listen, print one line ``pied: listening on http://HOST:PORT ...``, and tell
-  systemd ``READY=1`` when run under it (:mod:`pied.sdnotify`; before that, ``STATUS=`` lines and
-  ``EXTEND_TIMEOUT_USEC`` while the workers load; after it, ``WATCHDOG=1`` pings while every
-  worker heartbeats);
+- start: load the tokenizer and chat template, start the engine (its actors as worker processes,
+  or as threads of this process with ``--inproc``), listen, print one line ``pied: listening on
+  http://HOST:PORT ...``, and tell systemd ``READY=1`` when run under it (:mod:`pied.sdnotify`;
+  before that, ``STATUS=`` lines and ``EXTEND_TIMEOUT_USEC`` while the workers load; after it,
+  ``WATCHDOG=1`` pings while every worker heartbeats);
 - SIGTERM drains: ``/health`` and new requests answer 503 while requests in flight finish (up to
   ``--shutdown-timeout``), then what is left is aborted and the server stops; exit status 0;
 - SIGINT stops at once (requests in flight end with ``finish_reason: abort``); a second signal
@@ -37,12 +37,15 @@ from typing import TYPE_CHECKING
 from pied import config_file
 from pied.args import add_engine_args, engine_config_from_args
 from pied.engine_client import EngineClient
+from pied.exit_status import run_time
+from pied.preflight import preflight
 from pied.sdnotify import Notifier
 from proto.config import ConfigError, EngineConfig
 
 if TYPE_CHECKING:
     from pied.api.params import RequestLimits
     from pied.api.state import ServerState
+    from pied.engine import Engine
 
 logger = logging.getLogger("pied.serve")
 
@@ -242,7 +245,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         "--inproc",
         action="store_true",
         default=None,
-        help="run the engine on a thread of this process (debugging)",
+        help="run the engine's workers as threads of this process instead of processes (debugging)",
     )
     limits = parser.add_argument_group("request limits (a request past one gets a 400)")
     limits.add_argument("--max-n", type=int, metavar="N", help=f"the largest n (default: {defaults.max_n})")
@@ -295,25 +298,52 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.config is not None:
-        config_file.apply(parser, args, args.config)
-    options = ServeOptions.from_args(args).validate()
-    config = engine_config_from_args(args)
+    # The configuration phase: every error here is a ConfigError or ModelFolderError (exit 2),
+    # raised before any worker starts.
+    from_file = config_file.apply(parser, args, args.config) if args.config is not None else set()
+    try:
+        options = ServeOptions.from_args(args).validate()
+        config = preflight(engine_config_from_args(args))
+    except ConfigError as error:  # a value the file set: name the file and its key
+        raise config_file.blame(error, args.config, from_file) if from_file else error from None
+    check_chat_template_option(options.chat_template)
     api_key = options.resolved_api_key()
     if api_key is None and not is_loopback(options.host):
         logger.warning("listening on %s without an API key: anyone who can reach it can use it", options.host)
-    return uvloop.run(serve(config, options, api_key))
+    plan = config.plan
+    assert plan is not None
+    logger.info(
+        "checked: model %s on %s in %s, max model length %d, device KV %s, host KV %d blocks",
+        plan.model_path,
+        plan.device,
+        plan.dtype,
+        plan.max_model_len,
+        f"{plan.num_device_blocks} blocks" if plan.num_device_blocks is not None else "sized by the executor",
+        plan.host.max_host_blocks,
+    )
+    with run_time():  # from here on a failure is exit 1, whatever its type
+        return uvloop.run(serve(config, options, api_key))
+
+
+def check_chat_template_option(chat_template: str | None) -> None:
+    """``--chat-template``: a file or a template that loads and compiles."""
+    if chat_template is None:
+        return
+    from pied.chat_template import ChatTemplateError, check_chat_template, load_chat_template
+
+    try:
+        check_chat_template(load_chat_template(chat_template))
+    except ChatTemplateError as error:
+        raise ConfigError(f"--chat-template: {error}") from None
 
 
 # ---------------------------------------------------------------- the daemon
 
 
-def make_engine(config: EngineConfig, options: ServeOptions) -> EngineClient:
-    if options.inproc:
-        from pied.inproc import InprocEngineClient
-
-        return InprocEngineClient(config)
-    from pied.mp_client import ProcessEngineClient, SupervisorOptions
+def make_engine(config: EngineConfig, options: ServeOptions) -> Engine:
+    """The engine's actors as worker processes, or with ``--inproc`` as threads of this process:
+    the same code, handshake, heartbeats and failure handling either way."""
+    from pied.engine import Engine, SupervisorOptions
 
     supervisor_options = SupervisorOptions(
         startup_timeout=options.startup_timeout,
@@ -321,27 +351,7 @@ def make_engine(config: EngineConfig, options: ServeOptions) -> EngineClient:
         heartbeat_timeout=options.heartbeat_timeout,
         startup_heartbeat_timeout=max(60.0, options.heartbeat_timeout),
     )
-    return ProcessEngineClient(config, supervisor_options)
-
-
-def engine_healthy(engine: EngineClient) -> bool:
-    """Every worker up and heartbeating (process engine); alive (thread engine)."""
-    healthy = getattr(engine, "healthy", None)
-    return (not engine.dead) if healthy is None else bool(healthy)
-
-
-async def wait_engine_dead(engine: EngineClient) -> str:
-    wait_dead = getattr(engine, "wait_dead", None)
-    if wait_dead is not None:
-        return await wait_dead()
-    while not engine.dead:  # the thread engine has no event for it
-        await asyncio.sleep(0.1)
-    return "the engine thread failed"
-
-
-def model_vocab_size(engine: EngineClient) -> int:
-    info = getattr(engine, "model_info", None)
-    return int(getattr(info, "vocab_size", 0) or 0)
+    return Engine(config, supervisor_options, workers="threads" if options.inproc else "processes")
 
 
 async def report_loading(engine: EngineClient, notifier: Notifier) -> None:
@@ -349,9 +359,10 @@ async def report_loading(engine: EngineClient, notifier: Notifier) -> None:
     supervisor still waits (its own --startup-timeout and hang checks bound the load)."""
     started = time.monotonic()
     while True:
-        progress = getattr(engine, "startup_progress", "loading the model")
         elapsed = time.monotonic() - started
-        notifier.extend_timeout(3 * LOAD_STATUS_INTERVAL, f"Loading the model: {progress} ({elapsed:.0f} s)")
+        notifier.extend_timeout(
+            3 * LOAD_STATUS_INTERVAL, f"Loading the model: {engine.startup_progress} ({elapsed:.0f} s)"
+        )
         await asyncio.sleep(LOAD_STATUS_INTERVAL)
 
 
@@ -399,6 +410,7 @@ async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None
     from pied.api.state import ServerState
     from pied.chat_template import check_chat_template, load_chat_template
     from pied.tokenizer import Tokenizer
+    from workers.model_config import ModelConfig
     from workers.tracing import FRONTEND_SERVICE, setup_tracing
 
     loop = asyncio.get_running_loop()
@@ -408,6 +420,8 @@ async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None
         loop.add_signal_handler(signum, signals.put_nowait, signum)
 
     model_dir = config.resolved_model()
+    # Before any worker starts: an unsupported or quantized model folder is a configuration error (exit 2).
+    ModelConfig.from_folder(model_dir)
     tracer = setup_tracing(FRONTEND_SERVICE, config)  # before the workers: a bad --otlp-endpoint stops here
     notifier.status(f"Loading the tokenizer of {model_dir}")
     chat_template = None
@@ -427,8 +441,8 @@ async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None
         tokenizer=tokenizer,
         model_name=config.served_model_name or config.model or "default",
         model_root=str(model_dir),
-        max_model_len=engine.max_model_len,  # type: ignore[attr-defined]
-        vocab_size=model_vocab_size(engine),
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.vocab_size,
         max_logprobs=config.max_logprobs,
         max_queued_requests=options.max_queued_requests,
         limits=options.request_limits(),
@@ -454,17 +468,16 @@ async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None
         await engine.shutdown()
         return 1
     host, port = runner.addresses[0][:2]
-    engine_kind = "thread" if options.inproc else "processes"
     print(
-        f"pied: listening on http://{host}:{port} (model {server.model_name}, engine in {engine_kind})",
+        f"pied: listening on http://{host}:{port} (model {server.model_name}, workers as {engine.workers})",
         flush=True,
     )
     notifier.ready(f"Serving {server.model_name} on {host}:{port}")
     background = [
-        asyncio.ensure_future(notifier.run_watchdog(functools.partial(engine_healthy, engine))),
+        asyncio.ensure_future(notifier.run_watchdog(lambda: engine.healthy)),
         asyncio.ensure_future(report_serving(server, notifier, f"{host}:{port}")),
     ]
-    death = asyncio.ensure_future(wait_engine_dead(engine))
+    death = asyncio.ensure_future(engine.wait_dead())
     next_signal = asyncio.ensure_future(signals.get())
     await asyncio.wait([death, next_signal], return_when=asyncio.FIRST_COMPLETED)
 
@@ -490,10 +503,7 @@ async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None
     await runner.cleanup()
     # A worker that died at any point, drain included, is a failure the service manager must see.
     if engine.dead:
-        print(
-            f"pied: exiting with status 1: {getattr(engine, 'dead_reason', 'the engine died')}",
-            file=sys.stderr,
-        )
+        print(f"pied: exiting with status 1: {engine.dead_reason}", file=sys.stderr)
         return 1
     return 0
 

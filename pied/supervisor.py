@@ -1,18 +1,27 @@
-"""Starts the worker processes, handshakes with them, watches them and stops them.
+"""Starts the engine's workers, handshakes with them, watches them and stops them.
 
-The supervisor lives in the daemon's process, on the frontend's event loop, behind the frontend's
-mailbox (an actor of its own, bound at ``Addresses.frontend`` in a private runtime directory)::
+The same three actors (``workers.roster``) run either way, with the same handshake, liveness
+checks and failure semantics:
+
+- ``workers="processes"`` (the daemon): one process per worker, over ``ipc://`` sockets in a private
+  runtime directory;
+- ``workers="threads"`` (``pied.LLM``, ``pied serve --inproc``, tests): each actor on its own loop in
+  an :class:`~workers.actor.ActorThread` of this process, over ``inproc://``, all sharing this
+  supervisor's ``zmq.asyncio.Context``.
+
+The supervisor lives on the frontend's event loop, behind the frontend's mailbox (an actor of its
+own, bound at ``Addresses.frontend``)::
 
     frontend/supervisor ──AddRequest, AbortRequests, Shutdown──► scheduler ──StepPlan──► executor
           ▲   ▲                                                    │   ▲                    │
           │   └───────TokenDeltas, Stats, Ready, Heartbeat, Dead───┘   └─────StepResult─────┤
           └────────────────────────Ready, Heartbeat, Dead (Shutdown ►)──────────────────────┘
 
-Failure model: a worker that exits, sends Dead, or stops heartbeating for ``heartbeat_timeout``
-seconds (hung, or SIGSTOPped) makes the engine dead: ``on_dead(reason)`` is called at once (the
-client fails every request in flight), then the other workers are stopped. Dead is final; the
-daemon exits non-zero and its service manager restarts it. Workers exit on their own when this
-process dies (end-of-file on the parent pipe), so none is ever orphaned.
+Failure model: a worker that exits (a process, or a thread whose actor stopped), sends Dead, or
+stops heartbeating for ``heartbeat_timeout`` seconds (hung, or SIGSTOPped) makes the engine dead:
+``on_dead(reason)`` is called at once (the client fails every request in flight), then the other
+workers are stopped. Dead is final. Worker processes exit on their own when this process dies
+(end-of-file on the parent pipe), so none is ever orphaned; worker threads die with it.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Protocol
 
 import msgspec
 import zmq.asyncio
@@ -37,11 +47,16 @@ import workers
 from pied.runtime_dir import RuntimeDir
 from pied.sdnotify import SYSTEMD_ONLY_VARIABLES
 from proto.config import EngineConfig
-from workers.actor import Actor, Addresses, WorkerArgs
+from workers.actor import EXIT_FAILED, Actor, ActorThread, Addresses, WorkerArgs
+from workers.roster import WORKER_NAMES, build_actor, preload
 
 logger = logging.getLogger(__name__)
 
-WORKER_NAMES = ("memory", "executor", "scheduler")  # start order: the scheduler waits for the others anyway
+__all__ = ["WORKER_NAMES", "Supervisor", "SupervisorOptions", "WorkerKind", "WorkerStartError"]
+
+WorkerKind = Literal["processes", "threads"]
+STOP_STAGES = (("scheduler", "executor"), ("memory",))  # see Supervisor._stop_workers
+WORKER_KINDS: tuple[WorkerKind, ...] = ("processes", "threads")
 
 
 class WorkerStartError(RuntimeError):
@@ -70,17 +85,86 @@ class SupervisorOptions:
             raise ValueError("heartbeat timeouts must be longer than heartbeat_interval")
 
 
+class Worker(Protocol):
+    """One running worker, a process or a thread, as the supervisor watches it."""
+
+    name: str
+    ready: proto.Ready | None
+    last_heartbeat: float | None  # time.monotonic() of the last sign of life; None before the first
+    killed: bool  # we stopped it by force (so its exit is no news)
+
+    @property
+    def pid(self) -> int: ...
+
+    def poll(self) -> int | None:
+        """Its exit status once it has ended, else None."""
+
+    def describe_exit(self) -> str: ...
+
+    def kill(self) -> None:
+        """Stop it without its cooperation (SIGKILL; for a thread, stop its loop)."""
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The exception that failed it, where this process can see it (threads only)."""
+
+
 @dataclass
 class WorkerProcess:
     name: str
     process: subprocess.Popen[bytes]
     ready: proto.Ready | None = None
-    last_heartbeat: float | None = None  # time.monotonic() of the last sign of life; None before the first
-    killed: bool = field(default=False)  # we sent SIGKILL (so its exit is no news)
+    last_heartbeat: float | None = None
+    killed: bool = field(default=False)
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def describe_exit(self) -> str:
+        return describe_exit(self.process.returncode)
+
+    def kill(self) -> None:
+        self.killed = True
+        self.process.kill()
+
+    @property
+    def failure(self) -> BaseException | None:
+        return None  # only the Dead message's text crosses the process boundary
+
+
+@dataclass
+class WorkerThread:
+    name: str
+    thread: ActorThread
+    ready: proto.Ready | None = None
+    last_heartbeat: float | None = None
+    killed: bool = field(default=False)
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    def poll(self) -> int | None:
+        if self.thread.is_alive():
+            return None
+        return EXIT_FAILED if self.thread.exit_code is None else self.thread.exit_code
+
+    def describe_exit(self) -> str:
+        return f"thread stopped with status {self.poll()}"
+
+    def kill(self) -> None:
+        # NOTE: a thread cannot be killed; its loop is asked to stop (a wedged loop never will, and
+        # the thread, a daemon thread, then ends with the process).
+        self.killed = True
+        self.thread.actor.stop_threadsafe(EXIT_FAILED)
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self.thread.actor.failure or self.thread.error
 
 
 def describe_exit(returncode: int) -> str:
@@ -101,7 +185,7 @@ def _kill_all(processes: list[subprocess.Popen[bytes]]) -> None:
 
 
 class Supervisor:
-    """Runs the engine's workers as processes. All methods run on the frontend's event loop.
+    """Runs the engine's workers as processes or threads. All methods run on the frontend's loop.
 
     ``on_output`` receives the scheduler's TokenDeltas and Stats; ``on_dead`` is called once, with a
     human-readable reason, when the engine dies (never on a requested shutdown).
@@ -114,13 +198,18 @@ class Supervisor:
         on_output: Callable[[proto.TokenDeltas | proto.Stats], None],
         on_dead: Callable[[str], None],
         options: SupervisorOptions | None = None,
+        workers: WorkerKind = "processes",
     ) -> None:
+        if workers not in WORKER_KINDS:
+            raise ValueError(f"workers must be one of {', '.join(WORKER_KINDS)}, got {workers!r}")
         self.config = config
         self.options = options or SupervisorOptions()
+        self.kind: WorkerKind = workers
         self.dead = False
         self.dead_reason = ""
         self.model_info: proto.Ready | None = None  # the scheduler's Ready
-        self.workers: dict[str, WorkerProcess] = {}
+        self.workers: dict[str, Worker] = {}
+        self._failure: BaseException | None = None  # the exception that killed a worker thread
         self._on_output = on_output
         self._on_dead = on_dead
         self._runtime_dir: RuntimeDir | None = None
@@ -149,6 +238,14 @@ class Supervisor:
     @property
     def addresses(self) -> Addresses | None:
         return self._addresses
+
+    def actor(self, name: str) -> Actor:
+        """Worker ``name``'s actor object (threads only): tests and benchmarks read its state, as
+        they would any object of this process, while the engine is idle."""
+        worker = self.workers[name]
+        if not isinstance(worker, WorkerThread):
+            raise RuntimeError(f"the {name} runs in another process; only thread workers can be reached")
+        return worker.thread.actor
 
     def heartbeats_fresh(self) -> bool:
         """Every worker is ready and was heard from within ``healthy_heartbeat_age`` (what the
@@ -184,12 +281,16 @@ class Supervisor:
     async def start(self) -> proto.Ready:
         """Start every worker and wait until all are Ready; returns the scheduler's Ready (model
         info). Raises :class:`WorkerStartError` (after stopping whatever did start) on failure."""
-        if self._runtime_dir is not None:
+        if self._addresses is not None:
             raise RuntimeError("Supervisor.start() can only be called once")
         loop = asyncio.get_running_loop()
         options = self.options
-        self._runtime_dir = RuntimeDir(options.runtime_parent)
-        addresses = self._addresses = Addresses.ipc(self._runtime_dir.socket)
+        if self.kind == "processes":
+            self._runtime_dir = RuntimeDir(options.runtime_parent)
+            addresses = self._addresses = Addresses.ipc(self._runtime_dir.socket)
+        else:
+            addresses = self._addresses = Addresses.inproc()
+        # Thread workers share it: inproc:// endpoints exist only within one context.
         self._context = zmq.asyncio.Context()
         actor = Actor("frontend", addresses.frontend, context=self._context)
         actor.on(proto.TokenDeltas, self._on_output)
@@ -205,14 +306,24 @@ class Supervisor:
         self._actor_task.add_done_callback(self._mailbox_stopped)
         self._all_ready = loop.create_future()
         try:
-            self._spawn_workers(addresses)
+            if self.kind == "processes":
+                self._spawn_processes(addresses)
+            else:
+                await self._spawn_threads(addresses)
             self._watchdog_task = loop.create_task(self._watchdog(), name="supervisor-watchdog")
             await asyncio.wait_for(asyncio.shield(self._all_ready), options.startup_timeout)
         except asyncio.TimeoutError:
             reason = f"workers not ready within {options.startup_timeout:g}s ({self._not_ready()})"
             await self.shutdown()
             raise WorkerStartError(reason) from None
-        except BaseException:  # WorkerStartError from the watchdog, or cancellation
+        except WorkerStartError:
+            await self.shutdown()
+            if self._failure is not None:
+                # A worker thread's own exception (a ModelFolderError naming the file, say) reaches
+                # the caller as raised, as it would have without the actors in between.
+                raise self._failure from None
+            raise
+        except BaseException:  # cancellation
             await self.shutdown()
             raise
         assert self.model_info is not None
@@ -247,9 +358,31 @@ class Supervisor:
             self._runtime_dir.cleanup()
         self._closed = True
 
-    # ---------------------------------------------------------------- processes
+    # ---------------------------------------------------------------- workers
 
-    def _spawn_workers(self, addresses: Addresses) -> None:
+    def _worker_args(self, addresses: Addresses, parent_fd: int = -1) -> WorkerArgs:
+        return WorkerArgs(
+            config=self.config,
+            addresses=addresses,
+            parent_fd=parent_fd,
+            heartbeat_interval=self.options.heartbeat_interval,
+            log_level=self.options.log_level,
+        )
+
+    async def _spawn_threads(self, addresses: Addresses) -> None:
+        assert self._context is not None
+        args = self._worker_args(addresses)
+        for name in WORKER_NAMES:
+            # NOTE: imported before any worker loop heartbeats (see preload), off this loop so it
+            # keeps answering (signals, status lines) meanwhile.
+            await asyncio.to_thread(preload, name)
+        for name in WORKER_NAMES:
+            thread = ActorThread(build_actor(name, args, self._context))
+            self.workers[name] = WorkerThread(name, thread)
+            thread.start()
+            logger.info("started %s (thread)", name)
+
+    def _spawn_processes(self, addresses: Addresses) -> None:
         # The parent pipe: workers hold the read end, only this process the write end. When this
         # process dies for any reason the kernel closes the write end and every worker reads EOF.
         # os.pipe() descriptors are not inheritable, so other children never hold the write end.
@@ -264,13 +397,7 @@ class Supervisor:
         )
         try:
             for name in WORKER_NAMES:
-                args = WorkerArgs(
-                    config=self.config,
-                    addresses=addresses,
-                    parent_fd=read_fd,
-                    heartbeat_interval=self.options.heartbeat_interval,
-                    log_level=self.options.log_level,
-                )
+                args = self._worker_args(addresses, read_fd)
                 process = subprocess.Popen(
                     [sys.executable, "-m", f"workers.{name}", msgspec.json.encode(args).decode()],
                     pass_fds=(read_fd,),
@@ -281,7 +408,8 @@ class Supervisor:
                 logger.info("started %s (pid %d)", name, process.pid)
         finally:
             os.close(read_fd)
-        weakref.finalize(self, _kill_all, [worker.process for worker in self.workers.values()])
+        processes = [worker.process for worker in self.workers.values() if isinstance(worker, WorkerProcess)]
+        weakref.finalize(self, _kill_all, processes)
 
     async def _watchdog(self) -> None:
         """Notice dead and hung workers. Polls rather than waits: a poll every tick costs one
@@ -297,9 +425,8 @@ class Supervisor:
             loop_was_late = now - expected > options.heartbeat_interval
             expected = now + tick
             for worker in self.workers.values():
-                returncode = worker.process.poll()
-                if returncode is not None:
-                    self._die(f"the {worker.name} (pid {worker.pid}) {describe_exit(returncode)}")
+                if worker.poll() is not None:
+                    self._die(f"the {worker.name} (pid {worker.pid}) {worker.describe_exit()}", worker)
                     break
                 if loop_was_late or worker.last_heartbeat is None:
                     continue
@@ -309,20 +436,22 @@ class Supervisor:
                     self._die(
                         f"the {worker.name} (pid {worker.pid}) sent no heartbeat for {silence:.1f}s "
                         "(hung or stopped)",
-                        hung=worker,
+                        worker,
+                        hung=True,
                     )
                     break
 
-    def _die(self, reason: str, hung: WorkerProcess | None = None) -> None:
+    def _die(self, reason: str, worker: Worker | None = None, hung: bool = False) -> None:
         if self.dead or self._closing:
             return
         self.dead = True
         self.dead_reason = reason
         logger.error("engine dead: %s", reason)
-        if hung is not None:
-            # A stopped or wedged process cannot act on Shutdown.
-            hung.killed = True
-            hung.process.kill()
+        if worker is not None:
+            self._failure = worker.failure
+            if hung:
+                # A stopped or wedged worker cannot act on Shutdown.
+                worker.kill()
         if self._all_ready is not None and not self._all_ready.done():
             self._all_ready.set_exception(WorkerStartError(reason))
         # NOTE: callers hear about it first; stopping the other workers can take seconds.
@@ -333,8 +462,17 @@ class Supervisor:
                 self._stop_task = asyncio.get_running_loop().create_task(self._stop_workers(reason))
 
     async def _stop_workers(self, reason: str) -> None:
-        """Shutdown to each live worker, wait until ``shutdown_timeout``, SIGKILL what is left, reap."""
-        live = [worker for worker in self.workers.values() if worker.process.poll() is None]
+        """Shutdown to each live worker, wait until ``shutdown_timeout``, kill what is left, reap.
+
+        The memory manager stops last: it owns the host segments the executor maps, and it is where
+        the executor's step spans go until the executor has stopped.
+        """
+        deadline = time.monotonic() + self.options.shutdown_timeout
+        for stage in STOP_STAGES:
+            await self._stop_stage([self.workers[name] for name in stage if name in self.workers], reason, deadline)
+
+    async def _stop_stage(self, workers: list[Worker], reason: str, deadline: float) -> None:
+        live = [worker for worker in workers if worker.poll() is None]
         mailbox_up = self._actor_task is not None and not self._actor_task.done()
         for worker in live:
             if worker.killed:
@@ -343,19 +481,18 @@ class Supervisor:
                 assert self._actor is not None
                 self._actor.send(worker.name, proto.Shutdown(reason=reason))
             else:  # no socket left to ask politely
-                worker.killed = True
-                worker.process.kill()
-        deadline = time.monotonic() + self.options.shutdown_timeout
-        while any(worker.process.poll() is None for worker in live) and time.monotonic() < deadline:
+                worker.kill()
+        while any(worker.poll() is None for worker in live) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for worker in live:
-            if worker.process.poll() is None:
+            if worker.poll() is None:
                 logger.warning("%s (pid %d) did not stop in time; killing it", worker.name, worker.pid)
-                worker.killed = True
-                worker.process.kill()
+                worker.kill()
         for worker in live:
-            # Reaped, so no zombie is left either; after SIGKILL this returns at once.
-            while worker.process.poll() is None:
+            # Reaped, so no zombie is left either; after SIGKILL this returns at once. A thread
+            # whose loop is wedged never ends: give up on it after a second more.
+            give_up = time.monotonic() + (1.0 if isinstance(worker, WorkerThread) else float("inf"))
+            while worker.poll() is None and time.monotonic() < give_up:
                 await asyncio.sleep(0.01)
 
     def _not_ready(self) -> str:
@@ -396,4 +533,4 @@ class Supervisor:
             worker.last_heartbeat = time.monotonic()
 
     def _handle_dead(self, message: proto.Dead) -> None:
-        self._die(f"the {message.worker} failed: {message.reason}")
+        self._die(f"the {message.worker} failed: {message.reason}", self.workers.get(message.worker))

@@ -182,6 +182,11 @@ class Tokenizer:
         return self.vocab_size
 
     @property
+    def max_token_id(self) -> int | None:
+        """The largest id the tokenizer can produce (None for an empty vocabulary)."""
+        return max(self._backend.get_vocab(with_added_tokens=True).values(), default=None)
+
+    @property
     def bos_token(self) -> str | None:
         return self.special_tokens.get("bos_token")
 

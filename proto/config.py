@@ -8,13 +8,36 @@ of ``proto`` it imports nothing of ours."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from proto.plan import EnginePlan
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message says what to change."""
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float")
+KV_POLICIES = ("none", "swap", "pie")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_FIXED_EXPANSION = re.compile(r"fixed:(\d+)")
+
+
+def parse_expansion(expansion: str) -> int | None:
+    """``fixed:N`` -> N host blocks; ``adaptive`` -> None."""
+    if expansion == "adaptive":
+        return None
+    match = _FIXED_EXPANSION.fullmatch(expansion)
+    if match is None:
+        raise ConfigError(
+            f"--expansion must be 'adaptive' or 'fixed:N' (N host blocks, e.g. fixed:256), got {expansion!r}."
+        )
+    return int(match.group(1))
 
 
 @dataclass
@@ -24,7 +47,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     block_size: int = 16
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_model_len: int | None = None  # default: the model's max_position_embeddings (capped to the KV pool)
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     enable_chunked_prefill: bool = True
@@ -32,6 +55,9 @@ class EngineConfig:
     device_kv_blocks: int | None = None  # exact number of device KV blocks (per layer)
     device_kv_gib: float | None = None  # or a size; default: gpu_memory_utilization on CUDA, 1 GiB on CPU
     gpu_memory_utilization: float = 0.9
+    # Paged attention kernels (DESIGN.md "Executor on accelerators"): auto = triton on CUDA, torch
+    # elsewhere; triton on CPU runs in Triton's interpreter (TRITON_INTERPRET=1, for tests).
+    attention_backend: str = "auto"  # auto | torch | triton
     max_logprobs: int = 20
     served_model_name: str | None = None
     # Host memory pooling (DESIGN.md "KV memory").
@@ -46,10 +72,20 @@ class EngineConfig:
     otlp_endpoint: str | None = None
     trace_layers_every: int = 0
     extra: dict = field(default_factory=dict)
+    # What the daemon's preflight derived (pied.preflight): set by it only, never a flag. A config
+    # that carries a plan has been checked; the workers build from the plan.
+    plan: EnginePlan | None = None
 
     def validate(self) -> EngineConfig:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"):
+        """Check every value on its own and against the others (nothing here reads the model
+        folder or the machine: that is the preflight's part). Raises ConfigError naming the flag."""
+        self._check_types()
+        if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not supported; use auto, float32, bfloat16 or float16.")
+        if not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"--device {self.device!r} is not a device; use auto, cpu, cuda or cuda:N.")
+        if not -(1 << 63) <= self.seed < (1 << 64):  # what torch.manual_seed takes
+            raise ConfigError(f"--seed must fit in 64 bits, got {self.seed}.")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size must be a positive power of two, got {self.block_size}.")
         if self.max_num_batched_tokens < 1:
@@ -58,10 +94,40 @@ class EngineConfig:
             raise ConfigError("--max-num-seqs must be at least 1.")
         if self.device_kv_blocks is not None and self.device_kv_blocks < 1:
             raise ConfigError("--device-kv-blocks must be at least 1.")
-        if self.device_kv_gib is not None and self.device_kv_gib <= 0:
-            raise ConfigError("--device-kv-gib must be positive.")
-        if self.kv_policy not in ("none", "swap", "pie"):
+        if self.device_kv_gib is not None and not (math.isfinite(self.device_kv_gib) and self.device_kv_gib > 0):
+            raise ConfigError(f"--device-kv-gib must be a positive number of GiB, got {self.device_kv_gib}.")
+        if self.device_kv_blocks is not None and self.device_kv_gib is not None:
+            raise ConfigError("--device-kv-blocks and --device-kv-gib are both given; keep one.")
+        if not (0 < self.gpu_memory_utilization <= 1):
+            raise ConfigError(
+                f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}."
+            )
+        if self.max_logprobs < 0:
+            raise ConfigError(f"--max-logprobs must be non-negative, got {self.max_logprobs}.")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ConfigError("--served-model-name must not be empty.")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ConfigError(
+                f"--attention-backend must be auto, torch or triton, got {self.attention_backend!r}."
+            )
+        if self.kv_policy not in KV_POLICIES:
             raise ConfigError(f"--kv-policy must be none, swap or pie, got {self.kv_policy!r}.")
+        if not (math.isfinite(self.host_kv_gib) and self.host_kv_gib >= 0):
+            raise ConfigError(f"--host-kv-gib must be a non-negative number of GiB, got {self.host_kv_gib}.")
+        fixed = parse_expansion(self.expansion)
+        if fixed is not None and fixed < 1:
+            raise ConfigError(
+                "--expansion fixed:0 pools no host block; give N >= 1, or use --kv-policy none."
+            )
+        if self.prefetch_depth < 1:
+            raise ConfigError(
+                f"--prefetch-depth must be at least 1 (how many layers ahead host KV is loaded), "
+                f"got {self.prefetch_depth}."
+            )
+        if not (0 < self.stall_target < 1):
+            raise ConfigError(
+                f"--stall-target must be a fraction of step time in (0, 1) (0.02 is 2%), got {self.stall_target}."
+            )
         if self.trace_layers_every < 0:
             raise ConfigError("--trace-layers-every must be non-negative (0 traces no layer).")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -71,6 +137,20 @@ class EngineConfig:
                 "--max-num-batched-tokens must be at least --max-model-len when chunked prefill is off."
             )
         return self
+
+    def _check_types(self) -> None:
+        """Each value has its field's type (``pied.LLM`` keyword arguments bypass argparse)."""
+        hints = typing.get_type_hints(EngineConfig)
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            allowed = typing.get_args(hints[item.name]) or (hints[item.name],)
+            if value is None and type(None) in allowed:
+                continue
+            if any(_is_instance(value, kind) for kind in allowed if kind is not type(None)):
+                continue
+            names = " or ".join(_TYPE_NAMES.get(kind, getattr(kind, "__name__", str(kind))) for kind in allowed)
+            flag = "--" + item.name.replace("_", "-")
+            raise ConfigError(f"{flag} must be {names}, not {type(value).__name__} ({value!r}).")
 
     def resolved_model(self) -> Path:
         if not self.model:
@@ -87,9 +167,31 @@ class EngineConfig:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def resolved_attention_backend(self, device_type: str) -> str:
+        """``torch`` or ``triton``: what ``auto`` means on ``device_type``."""
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "triton" if device_type == "cuda" else "torch"
+
     def replace(self, **changes) -> EngineConfig:
+        """A copy with ``changes``; without its plan unless one is given (the plan was derived from
+        the values being changed)."""
+        changes.setdefault("plan", None)
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a dict"}
+_TYPE_NAMES[type(None)] = "None"
+
+
+def _is_instance(value: object, kind: object) -> bool:
+    if kind is float:  # an int is a fine float; a bool is neither
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(kind) or kind
+    return isinstance(origin, type) and isinstance(value, origin)

@@ -67,40 +67,45 @@ class Dead(msgspec.Struct, **CONTROL):
 
 
 class Stats(msgspec.Struct, **CONTROL):
-    """A snapshot of the scheduler, sent to the frontend after steps (throttled) and whenever the
-    scheduler goes idle, so the last snapshot always reflects a quiescent engine.
+    """The engine's one stats snapshot, from the scheduler to the frontend (``EngineClient.stats()``
+    and ``/metrics`` read it as is). Sent after steps (throttled) and whenever the scheduler goes
+    idle, so the last snapshot always reflects a quiescent engine.
 
-    The first eight fields mirror ``pied.engine_client.EngineStats``. The ``*_time_sum`` fields are
-    totals in seconds over all steps so far: ``step_time_sum`` the scheduler's wall time per step
-    (plan, send, wait, postprocess, emit), ``forward_time_sum`` the model forward passes
-    (``StepResult.forward_time``) and ``execute_time_sum`` the executor's whole handling of the
-    plans (``StepResult.step_time``: inputs, forward, sampling). The overhead over any window is
-    ``1 - Δforward / Δstep`` between two snapshots. The host-tier fields follow: the lease granted to
-    the scheduler (host blocks), and the totals of the StepResults' bytes moved each way and of
-    their stalls (compute waiting for the copy engine).
+    Counts and usage are the scheduler's. The ``*_total`` fields are running sums over all steps so
+    far, named as ``/metrics`` exports them. Step timings are the executor's, from its StepResults:
+    ``step_seconds_total`` its whole handling of each plan (inputs, forward, sampling; the one
+    definition of step time), ``forward_seconds_total`` the model forward passes, and
+    ``stall_seconds_total`` compute waiting for host KV copies. ``cycle_seconds_total`` is the
+    scheduler's wall time per step (plan, send, wait for the result, postprocess, emit): the
+    engine's overhead over any window is ``1 - Δforward / Δcycle`` between two snapshots. The host
+    fields follow: the lease granted to the scheduler (host blocks), the bytes streamed each way, and
+    the expansion controller's view, as the memory manager last reported it with the lease.
     """
 
     num_running: int = 0
     num_waiting: int = 0
     num_device_blocks: int = 0
     num_host_blocks: int = 0
-    device_usage: float = 0.0
-    host_usage: float = 0.0
+    device_usage: float = 0.0  # fraction of device KV blocks referenced
+    host_usage: float = 0.0  # fraction of leased host KV blocks referenced
     num_preemptions: int = 0
     num_steps: int = 0
-    step_time_sum: float = 0.0
-    forward_time_sum: float = 0.0
-    execute_time_sum: float = 0.0
+    cycle_seconds_total: float = 0.0
+    forward_seconds_total: float = 0.0
+    step_seconds_total: float = 0.0
     host_lease: int = 0
-    bytes_to_device_sum: int = 0
-    bytes_to_host_sum: int = 0
-    stall_time_sum: float = 0.0
+    bytes_to_device_total: int = 0
+    bytes_to_host_total: int = 0
+    stall_seconds_total: float = 0.0
     host_lease_target: int = 0  # the expansion controller's estimate of the transparent lease
     host_decision: str = ""  # its last decision and reason, e.g. "grow: demand, stalls 0% < 2%"
     host_link_bandwidth: float = 0.0  # its host -> device bandwidth estimate, bytes/s (0: unknown)
-    prefix_cache_queries_sum: int = 0  # prompt tokens looked up in the prefix cache
-    prefix_cache_device_hits_sum: int = 0  # of which found cached on the device tier
-    prefix_cache_host_hits_sum: int = 0  # and on the host tier
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_device_hits_total: int = 0  # of which found cached on the device tier
+    prefix_cache_host_hits_total: int = 0  # and on the host tier
+    num_computed_tokens_total: int = 0  # tokens the model ran (prefill, recompute and decode)
+    prefix_cache_demotions_total: int = 0  # evicted device blocks kept on the host tier instead
+    prefix_cache_promotions_total: int = 0  # host hits copied back to the device rather than streamed
 
 
 ControlMessage = Union[Ready, Heartbeat, Shutdown, Dead, Stats]

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel module is imported: without CUDA, its kernels can only
+# run in the interpreter, so switch it on before any test module imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from tiny_models import build_model_dir
 
 
@@ -49,12 +56,13 @@ E2E_MODULES = {
     "test_faults",
     "test_fuzz",
     "test_load",
+    "test_one_engine",
     "test_pooling",
     "test_processes",
     "test_progress",
     "test_sdnotify",
 }
-MIXED_MODULES = {"test_prefix_cache", "test_tracing"}
+MIXED_MODULES = {"test_prefix_cache", "test_preflight", "test_tracing"}
 E2E_FIXTURES = {"model_dir", "llama_dir", "tiny_model_dir", "otlp_receiver"}
 # Unit tests that take seconds each (whole-model logits over many parametrisations, long
 # hypothesis runs): `slow`, so that `-m "unit and not slow"` stays under a minute.
@@ -69,7 +77,13 @@ SLOW_UNIT_TESTS = {
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # `triton_full` tests (the whole interpreter suite, minutes on CPU) run only when asked for with
+    # `-m triton_full` (or any -m expression naming it).
+    run_triton_full = "triton_full" in (config.getoption("markexpr") or "")
+    skip_triton_full = pytest.mark.skip(reason="the full Triton interpreter suite: run with -m triton_full")
     for item in items:
+        if not run_triton_full and "triton_full" in item.keywords:
+            item.add_marker(skip_triton_full)
         if item.get_closest_marker("e2e") is not None:
             continue
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""

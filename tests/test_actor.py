@@ -362,6 +362,9 @@ class FakeRunner:
         num_samples = sum(plan.sample)
         return proto.StepResult(plan.step_id, proto.pack_i32([7] * num_samples), forward_time=0.005, step_time=0.006)
 
+    def close(self) -> None:
+        pass
+
 
 class Frontend:
     """The frontend's mailbox on the test loop, queueing what the scheduler and executor send."""
@@ -434,7 +437,7 @@ async def test_scheduler_and_executor_actors_over_inproc():
         while (frontend.stats.device_usage or frontend.stats.num_running) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         assert frontend.stats.device_usage == 0.0 and frontend.stats.num_running == 0
-        assert frontend.stats.num_steps >= 6 and frontend.stats.forward_time_sum > 0
+        assert frontend.stats.num_steps >= 6 and frontend.stats.forward_seconds_total > 0
 
         frontend.actor.connect("executor", addresses.executor)  # a peer named while running
         for name in ("scheduler", "executor"):

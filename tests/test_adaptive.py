@@ -4,12 +4,15 @@ lease than an unthrottled one, with the stall fraction held near the target in b
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
+from engine_driver import collect, generate, mapped_segments, open_memfds, running_engine
 from tiny_models import build_model_dir
 
 import proto
-from pied.inproc import EngineCore
+from pied.engine import Engine
 from proto.config import EngineConfig
 
 
@@ -25,43 +28,56 @@ def model_dir(tmp_path_factory):
     )
 
 
-def run(model_dir, throttle: float | None) -> dict:
+class StepLog:
+    """Wraps the executor's runner (a thread of this process) to record, per step, the lease the
+    scheduler held when the step ran and the step's stall and step times, as the executor measured
+    them (what its step spans carry to the controller)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.leases: list[int] = []
+        self.stalls: list[float] = []
+        self.steps: list[float] = []
+        runner = engine.actor("executor").runner
+        scheduler = engine.actor("scheduler").scheduler
+        execute = runner.execute
+
+        def logged(plan: proto.StepPlan) -> proto.StepResult:
+            lease = scheduler.host_lease  # fixed while a plan runs: leases apply between steps
+            result = execute(plan)
+            self.leases.append(lease)
+            self.stalls.append(result.stall_time)
+            self.steps.append(result.step_time)
+            return result
+
+        runner.execute = logged
+
+
+async def run(model_dir, throttle: float | None) -> dict:
     extra = {"copy_throttle_bytes_per_s": throttle} if throttle else {}
-    config = EngineConfig(
-        model=str(model_dir),
-        dtype="float32",
-        block_size=4,
+    rng = np.random.default_rng(0)
+    requests = {f"r{i}": [1] + rng.integers(5, 500, size=40).tolist() for i in range(24)}
+    async with running_engine(
+        model_dir,
         device_kv_blocks=24,
         kv_policy="pie",
         expansion="adaptive",
         host_kv_gib=0.002,  # ~260 host blocks at most
         extra=extra,
-    )
-    engine = EngineCore(config)
-    rng = np.random.default_rng(0)
-    params = proto.SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
-    for i in range(24):
-        prompt = [1] + rng.integers(5, 500, size=40).tolist()
-        engine.add_request(proto.AddRequest(f"r{i}", proto.pack_i32(prompt), params))
-    leases, stalls, steps = [], [], []
-    while engine.has_unfinished():
-        before = engine.totals.stall_time, engine.totals.step_time
-        engine.step()
-        leases.append(engine.scheduler.host_lease)
-        stalls.append(engine.totals.stall_time - before[0])
-        steps.append(engine.totals.step_time - before[1])
+    ) as engine:
+        log = StepLog(engine)
+        await generate(engine, requests, 48, timeout=600)
+    leases, stalls, steps = log.leases, log.stalls, log.steps
     half = len(leases) // 2
     settled = float(np.mean(leases[half:]))
     stall_fraction = sum(stalls[half:]) / max(sum(steps[half:]), 1e-9)
-    engine.close()
     return dict(
         settled_lease=settled, max_lease=max(leases), stall_fraction=stall_fraction, steps=len(leases)
     )
 
 
-def test_lease_settles_lower_on_a_slower_link(model_dir):
-    fast = run(model_dir, None)
-    slow = run(model_dir, 4e6)  # 4 MB/s: a few dozen 8 KiB host blocks per step at most
+async def test_lease_settles_lower_on_a_slower_link(model_dir):
+    fast = await run(model_dir, None)
+    slow = await run(model_dir, 4e6)  # 4 MB/s: a few dozen 8 KiB host blocks per step at most
     # Under demand the lease grows from zero; on the fast link it reaches far more blocks.
     assert fast["max_lease"] > 0
     assert slow["settled_lease"] < 0.7 * fast["settled_lease"], (fast, slow)
@@ -70,30 +86,17 @@ def test_lease_settles_lower_on_a_slower_link(model_dir):
     assert slow["stall_fraction"] < 0.15, slow
 
 
-def mapped_segments(pid: int) -> int:
-    """Host segments (memfds) mapped into process ``pid``'s address space."""
-    try:
-        with open(f"/proc/{pid}/maps") as maps:
-            return sum("/memfd:pied-kv" in line for line in maps)
-    except FileNotFoundError:
-        return 0
-
-
 async def test_adaptive_lease_grows_and_is_returned_through_worker_processes(tmp_path):
     """The daemon's path: the executor's step spans reach the memory-manager process over ZeroMQ,
     its controller grows the lease under demand (new segments mapped by the executor while the
     engine runs), greedy tokens equal device-only, and once the engine idles the lease goes back to
     0 and the memory manager closes every segment."""
-    import asyncio
-
     from daemon import shm_entries, wait_gone
-    from test_pooling import BLOCK_SIZE, PROMPTS, collect, make_engine, memfds_of, run_to_completion
-
-    from pied.mp_client import ProcessEngineClient
+    from test_pooling import BLOCK_SIZE, REQUESTS, reference_tokens
 
     model_dir = build_model_dir(tmp_path / "model", "llama")
-    requests = {str(i): prompt for i, prompt in enumerate(PROMPTS)}
-    reference = run_to_completion(make_engine(model_dir), requests)
+    requests = REQUESTS
+    reference = await reference_tokens(model_dir)
     config = EngineConfig(
         model=str(model_dir),
         dtype="float32",
@@ -103,7 +106,7 @@ async def test_adaptive_lease_grows_and_is_returned_through_worker_processes(tmp
         expansion="adaptive",
         host_kv_gib=0.002,
     )
-    client = ProcessEngineClient(config)
+    client = Engine(config, workers="processes")
     await client.start()
     pids = dict(client.worker_pids)
     leases, decisions, executor_mappings = [], [], []
@@ -125,17 +128,17 @@ async def test_adaptive_lease_grows_and_is_returned_through_worker_processes(tmp
             for request_id, prompt in requests.items()
         ]
         outputs = await asyncio.wait_for(asyncio.gather(*(collect(stream) for stream in streams)), 120)
-        assert dict(zip(requests, outputs)) == reference
+        assert {request_id: tokens for request_id, (tokens, _) in zip(requests, outputs)} == reference
         assert max(leases) > 0 and any(decision.startswith("grow") for decision in decisions), decisions
         assert max(executor_mappings) > 0  # mapped by the executor while the engine ran
         assert client.stats().host_link_bandwidth > 0  # the executor's link measurement, via the controller
         for _ in range(300):  # idle: the controller's ticks return the lease, then the segments go
             stats = client.stats()
-            if stats.host_lease == 0 and memfds_of(pids["memory"]) == mapped_segments(pids["executor"]) == 0:
+            if stats.host_lease == 0 and open_memfds(pids["memory"]) == mapped_segments(pids["executor"]) == 0:
                 break
             await asyncio.sleep(0.05)
         assert stats.host_lease == 0 and stats.host_decision.startswith("release"), stats
-        assert memfds_of(pids["memory"]) == 0 and mapped_segments(pids["executor"]) == 0
+        assert open_memfds(pids["memory"]) == 0 and mapped_segments(pids["executor"]) == 0
         assert not shm_entries()
     finally:
         watcher.cancel()

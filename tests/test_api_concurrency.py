@@ -116,8 +116,9 @@ def test_disconnect_while_waiting_for_a_full_response(server: ServerProcess) -> 
 
 
 def test_inproc_engine_and_chat_template_override(tiny_model_dir, tmp_path) -> None:
-    """``--inproc`` (the engine on a thread) serves the same API: streamed text equals full text, and a
-    disconnect frees the blocks. ``--chat-template`` replaces the model's template."""
+    """``--inproc`` (the engine's actors as threads of the server) serves the same API: streamed
+    text equals full text, and a disconnect frees the blocks. ``--chat-template`` replaces the
+    model's template."""
     template = tmp_path / "template.jinja"
     template.write_text(
         "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"

@@ -44,6 +44,13 @@ def assert_prefix_equal(ours: list[int], reference: list[int]) -> None:
     assert ours[: len(reference)] == reference
 
 
+PHI3_LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.5,
+    "short_factor": [1.0, 1.3, 2.1, 3.7],
+    "long_factor": [1.5, 4.0, 9.0, 20.0],
+}
 MODEL_VARIANTS = {
     "llama": dict(arch="llama"),
     "qwen2-sharded": dict(arch="qwen2", sharded=True),
@@ -61,6 +68,20 @@ MODEL_VARIANTS = {
         },
     ),
     "llama-mha": dict(arch="llama", num_key_value_heads=4),
+    "qwen3": dict(arch="qwen3"),
+    "gemma3": dict(arch="gemma3"),
+    "phi3": dict(arch="phi3"),
+    # longrope with every sequence past the original context from its prompt on (long factors), and
+    # with none reaching it (short factors). transformers' generate recomputes a sequence's cache
+    # when it crosses the original context; pied does not (see workers/executor/model.py).
+    "phi3-longrope-long": dict(
+        arch="phi3", original_max_position_embeddings=4, rope_parameters=PHI3_LONGROPE
+    ),
+    "phi3-longrope-short": dict(
+        arch="phi3", original_max_position_embeddings=128, rope_parameters=PHI3_LONGROPE
+    ),
+    "smollm3": dict(arch="smollm3"),
+    "gemma3-multimodal-folder": dict(arch="gemma3-multimodal"),
 }
 
 
@@ -86,10 +107,14 @@ def greedy_tokens(llm: LLM, prompts=PROMPTS, max_tokens: int = MAX_TOKENS) -> li
 
 
 def assert_no_blocks_in_use(llm: LLM) -> None:
-    scheduler = llm.engine.scheduler
+    # The actors run as threads of this process: their objects are reachable, and generate()
+    # returns once the engine is idle.
+    scheduler = llm.engine.actor("scheduler").scheduler
     assert not scheduler.has_unfinished()
     assert scheduler.usage == 0.0
-    assert scheduler.block_manager.num_free == llm.engine.runner.num_device_blocks
+    assert scheduler.block_manager.num_free == llm.engine.actor("executor").runner.num_device_blocks
+    stats = llm.engine.stats()
+    assert stats.num_running == stats.num_waiting == 0 and stats.device_usage == 0.0
 
 
 def test_chunked_prefill_gives_same_tokens(llama_dir):
@@ -105,7 +130,7 @@ def test_heavy_preemption_gives_same_tokens(llama_dir):
     # keeps preempting by recompute.
     tight = LLM(model=str(llama_dir), block_size=4, device_kv_blocks=26)
     assert greedy_tokens(tight) == greedy_tokens(roomy)
-    assert tight.engine.scheduler.num_preemptions > 0
+    assert tight.engine.stats().num_preemptions > 0
     assert_no_blocks_in_use(tight)
 
 

@@ -28,6 +28,13 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
 }
+PHI3_LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.5,
+    "short_factor": [1.0, 1.3, 2.1, 3.7],
+    "long_factor": [1.5, 4.0, 9.0, 20.0],
+}
 VARIANTS = {
     "llama": dict(arch="llama"),
     "qwen2-sharded": dict(arch="qwen2", sharded=True),
@@ -38,7 +45,24 @@ VARIANTS = {
     "linear-rope": dict(arch="llama", rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "tied-embeddings": dict(arch="llama", tie_word_embeddings=True),
     "mha": dict(arch="llama", num_key_value_heads=4),
+    "qwen3": dict(arch="qwen3"),
+    "qwen3-bias-sliding-layer": dict(
+        arch="qwen3", attention_bias=True, use_sliding_window=True, sliding_window=5, max_window_layers=1
+    ),
+    "gemma3": dict(arch="gemma3"),
+    "gemma3-old-format": dict(arch="gemma3"),
+    "gemma3-no-softcap-untied": dict(arch="gemma3", final_logit_softcapping=None, tie_word_embeddings=False),
+    "phi3": dict(arch="phi3"),
+    "phi3-sliding": dict(arch="phi3", sliding_window=5, partial_rotary_factor=0.75),
+    # Original context past every sequence here: the short factors and the attention factor.
+    "phi3-longrope-short": dict(
+        arch="phi3", rope_parameters=PHI3_LONGROPE, original_max_position_embeddings=64
+    ),
+    "smollm3": dict(arch="smollm3"),
+    "gemma3-multimodal-folder": dict(arch="gemma3-multimodal"),  # its text model
 }
+# The architectures' fixtures that the batching and placement tests run on.
+BATCHING_MODELS = ["llama", "mistral-window", "qwen3", "gemma3", "phi3", "smollm3"]
 
 
 def make_runner(path, **overrides) -> ModelRunner:
@@ -60,25 +84,49 @@ def to_old_rope_format(path, tmp_path):
     return folder
 
 
+def to_old_gemma3_format(path, tmp_path):
+    """A copy of a Gemma 3 folder with transformers 4's keys: rope_theta, rope_local_base_freq and
+    rope_scaling (global layers only) instead of nested rope_parameters, and sliding_window_pattern
+    instead of layer_types."""
+    folder = shutil.copytree(path, tmp_path / "old-gemma3")
+    config = json.loads((folder / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+    config["rope_theta"] = rope["full_attention"].pop("rope_theta")
+    config["rope_scaling"] = rope["full_attention"]
+    assert config.pop("layer_types") == ["sliding_attention", "full_attention"]
+    config["sliding_window_pattern"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model_dir, tmp_path_factory):
+    """``built(variant name)`` -> (runner, transformers model), once per module."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            kwargs = dict(VARIANTS[name])
+            arch = kwargs.pop("arch")
+            path = tiny_model_dir(arch, **kwargs)
+            if name.endswith("old-format"):
+                convert = to_old_gemma3_format if arch == "gemma3" else to_old_rope_format
+                path = convert(path, tmp_path_factory.mktemp("old-format"))
+            cache[name] = make_runner(path), load_hf_model(path)
+        return cache[name]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def variant(request, tiny_model_dir, tmp_path_factory):
-    kwargs = dict(VARIANTS[request.param])
-    path = tiny_model_dir(kwargs.pop("arch"), **kwargs)
-    if request.param.endswith("old-format"):
-        path = to_old_rope_format(path, tmp_path_factory.mktemp("rope"))
-    return make_runner(path), load_hf_model(path)
+def variant(request, built):
+    return built(request.param)
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_model_dir):
-    path = tiny_model_dir("llama")
-    return make_runner(path), load_hf_model(path)
-
-
-@pytest.fixture(scope="module")
-def mistral_window(tiny_model_dir):
-    path = tiny_model_dir("mistral", sliding_window=5)
-    return make_runner(path), load_hf_model(path)
+def llama(built):
+    return built("llama")
 
 
 def random_tokens(count: int, seed: int) -> list[int]:
@@ -119,9 +167,9 @@ def test_decode_matches_transformers(variant):
         assert_close(logits, reference[position : position + 1])
 
 
-@pytest.mark.parametrize("model", ["llama", "mistral_window"])
-def test_chunked_prefill_matches_one_shot(model, request):
-    runner, hf_model = request.getfixturevalue(model)
+@pytest.mark.parametrize("model", BATCHING_MODELS)
+def test_chunked_prefill_matches_one_shot(model, built):
+    runner, hf_model = built(model)
     tokens = random_tokens(23, seed=3)
     allocator = BlockAllocator(NUM_BLOCKS, BLOCK_SIZE, seed=3)
     one_shot = all_row_logits(runner, make_plan([Chunk("a", tokens, 0, allocator.allocate(len(tokens)))]))
@@ -134,9 +182,9 @@ def test_chunked_prefill_matches_one_shot(model, request):
     assert_close(torch.cat(chunked), hf_logits(hf_model, tokens))
 
 
-@pytest.mark.parametrize("model", ["llama", "mistral_window"])
-def test_mixed_batch_matches_each_alone(model, request):
-    runner, hf_model = request.getfixturevalue(model)
+@pytest.mark.parametrize("model", BATCHING_MODELS)
+def test_mixed_batch_matches_each_alone(model, built):
+    runner, hf_model = built(model)
     prompts = {
         name: random_tokens(length, seed=10 + i)
         for i, (name, length) in enumerate(zip("abcd", (13, 10, 11, 21)))
@@ -180,9 +228,10 @@ def test_sampled_rows_only_in_plan_order(llama):
     assert_close(logits, hf_logits(hf_model, a)[-1:])
 
 
+@pytest.mark.parametrize("model", BATCHING_MODELS)
 @pytest.mark.parametrize("order", ["reversed", "interleaved"])
-def test_block_placement_does_not_matter(llama, order):
-    runner, hf_model = llama
+def test_block_placement_does_not_matter(model, built, order):
+    runner, hf_model = built(model)
     tokens = random_tokens(22, seed=8)
     num_blocks = -(-len(tokens) // BLOCK_SIZE)
     contiguous = list(range(num_blocks))
@@ -200,9 +249,11 @@ def test_block_placement_does_not_matter(llama, order):
     assert_close(results[1][:1], hf_logits(hf_model, tokens[:14])[13:14])
 
 
-def test_bfloat16_runs_close_to_float32(tiny_model_dir, llama):
-    runner32, _ = llama
-    runner16 = make_runner(tiny_model_dir("llama"), dtype="bfloat16")
+@pytest.mark.parametrize("model", ["llama", "gemma3", "phi3"])
+def test_bfloat16_runs_close_to_float32(tiny_model_dir, built, model):
+    runner32, _ = built(model)
+    kwargs = dict(VARIANTS[model])
+    runner16 = make_runner(tiny_model_dir(kwargs.pop("arch"), **kwargs), dtype="bfloat16")
     assert runner16.kv_pool.pages.dtype == torch.bfloat16
     assert runner16.model.embed_tokens.dtype == torch.bfloat16
     tokens = random_tokens(17, seed=9)
@@ -218,8 +269,10 @@ def test_bfloat16_runs_close_to_float32(tiny_model_dir, llama):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-def test_cuda_matches_transformers(tiny_model_dir):
-    path = tiny_model_dir("qwen2", sharded=True)
+@pytest.mark.parametrize("model", ["qwen2-sharded", "qwen3", "gemma3", "phi3", "smollm3"])
+def test_cuda_matches_transformers(tiny_model_dir, model):
+    kwargs = dict(VARIANTS[model])
+    path = tiny_model_dir(kwargs.pop("arch"), **kwargs)
     runner = make_runner(path, device="cuda", device_kv_blocks=None, gpu_memory_utilization=0.05)
     assert runner.kv_pool.pages.is_cuda and runner.num_device_blocks > NUM_BLOCKS
     tokens = random_tokens(22, seed=11)
@@ -228,3 +281,30 @@ def test_cuda_matches_transformers(tiny_model_dir):
     prefill = all_row_logits(runner, make_plan([Chunk("a", tokens[:15], 0, blocks[:4])]))
     decode = runner.compute_logits(make_plan([Chunk("a", tokens[15:16], 15, blocks[:4])]))
     assert_close(torch.cat([prefill, decode]).cpu(), reference[:16])
+
+
+def test_longrope_switches_factors_as_transformers_does(tiny_model_dir):
+    """Original context 16: a 10-token prefill uses the short factors and each decode from position 16
+    on the long ones, exactly as transformers' forward passes over a cache do."""
+    from transformers import DynamicCache
+
+    path = tiny_model_dir("phi3", rope_parameters=PHI3_LONGROPE, original_max_position_embeddings=16)
+    runner, hf_model = make_runner(path), load_hf_model(path)
+    tokens = random_tokens(24, seed=12)
+    cache = DynamicCache(config=hf_model.config)
+    with torch.no_grad():
+        steps = [hf_model(torch.tensor([tokens[:10]]), cache=cache, use_cache=True).logits[0]]
+        for position in range(10, len(tokens)):
+            steps.append(hf_model(torch.tensor([tokens[position : position + 1]]), cache=cache).logits[0])
+    reference = torch.cat(steps)
+    # The switch matters: one pass over all 24 tokens (long factors throughout) gives other logits.
+    assert (reference - hf_logits(hf_model, tokens)).abs().max().item() > 1e-2
+
+    blocks = BlockAllocator(NUM_BLOCKS, BLOCK_SIZE, seed=12).allocate(len(tokens))
+    ours = [all_row_logits(runner, make_plan([Chunk("a", tokens[:10], 0, blocks[:3])]))]
+    for position in range(10, len(tokens)):
+        table = blocks[: position // BLOCK_SIZE + 1]
+        ours.append(
+            runner.compute_logits(make_plan([Chunk("a", tokens[position : position + 1], position, table)]))
+        )
+    assert_close(torch.cat(ours), reference)

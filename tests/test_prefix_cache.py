@@ -2,18 +2,20 @@
 
 First with the scheduler and the fake executor of test_scheduler (a 'model' whose next token hashes
 the whole context it reads back through the block tables, so a wrong hit, a shared block written, or a
-demotion/promotion copy in the wrong order changes the output); then end to end through EngineCore
-with real tiny models, where greedy tokens must be the same with caching on and off.
+demotion/promotion copy in the wrong order changes the output); then end to end through the engine
+(its actors as threads) with real tiny models, where greedy tokens must be the same with caching on
+and off.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
+from engine_driver import assert_all_free, assert_tokens_match, drive, greedy, running_engine
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_pooling import drive
 from test_scheduler import (
     VOCAB,
     Driver,
@@ -30,8 +32,7 @@ from tiny_models import build_model_dir
 
 import proto
 from pied.cli import build_parser, engine_config_from_args
-from pied.engine_client import EngineStats
-from pied.inproc import EngineCore
+from pied.engine import Engine
 from pied.metrics import ServerMetrics
 from proto.config import EngineConfig
 from workers.scheduler import prefix_cache
@@ -420,7 +421,7 @@ def test_prefix_caching_is_on_by_default_and_has_a_flag_pair():
 
 def test_metrics_expose_queries_and_hits_per_tier():
     text = ServerMetrics().render(
-        EngineStats(
+        proto.Stats(
             prefix_cache_queries_total=40, prefix_cache_device_hits_total=16, prefix_cache_host_hits_total=8
         )
     )
@@ -439,56 +440,60 @@ def model_dir(request, tmp_path_factory):
     return build_model_dir(tmp_path_factory.mktemp(f"prefix-{request.param}"), request.param)
 
 
-def engine(model_dir, **overrides) -> EngineCore:
-    config = EngineConfig(model=str(model_dir), dtype="float32", block_size=BLOCK_SIZE, **overrides)
-    return EngineCore(config)
-
-
 class PlanLog:
-    """Records the plans an engine runs (wrapping its runner), to count what each request prefilled."""
+    """Records the plans an engine runs (wrapping its executor's runner, a thread of this process),
+    to count what each request prefilled."""
 
-    def __init__(self, core: EngineCore) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.plans: list[proto.StepPlan] = []
-        execute = core.runner.execute
+        runner = engine.actor("executor").runner
+        execute = runner.execute
 
         def logged(plan: proto.StepPlan) -> proto.StepResult:
             self.plans.append(plan)
             return execute(plan)
 
-        core.runner.execute = logged  # type: ignore[method-assign]
+        runner.execute = logged
 
     def num_scheduled(self, request_id: str) -> int:
         return sum(num for plan in self.plans for rid, _, num, _ in plan_rows(plan) if rid == request_id)
 
 
-def generate(core: EngineCore, waves: list[dict[str, list[int]]], max_tokens: int = 8):
-    """Greedy tokens and deltas per request; each wave is submitted once the previous one finished."""
-    params = proto.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+async def generate(engine: Engine, waves: list[dict[str, list[int]]], max_tokens: int = 8):
+    """Greedy tokens and cached tokens per request; each wave is submitted once the previous one
+    finished and the engine is idle again."""
     outputs: dict[str, list[int]] = {}
     cached: dict[str, int] = {}
+
+    async def consume(request_id: str, stream) -> None:
+        async for delta in stream:
+            outputs[request_id] += proto.unpack_i32(delta.token_ids).tolist()
+            cached[request_id] = delta.num_cached_tokens
+            if delta.finish_reason is not None:
+                assert delta.finish_reason == proto.FinishReason.LENGTH, delta.error
+
     for wave in waves:
+        streams = []
         for request_id, prompt in wave.items():
-            assert core.add_request(proto.AddRequest(request_id, proto.pack_i32(prompt), params)) == []
             outputs[request_id] = []
-        while core.has_unfinished():
-            for delta in core.step():
-                outputs[delta.request_id] += proto.unpack_i32(delta.token_ids).tolist()
-                cached[delta.request_id] = delta.num_cached_tokens
-                if delta.finish_reason is not None:
-                    assert delta.finish_reason == proto.FinishReason.LENGTH, delta.error
+            add = proto.AddRequest(request_id, proto.pack_i32(prompt), greedy(max_tokens))
+            streams.append(consume(request_id, engine.add_request(add)))
+        await asyncio.wait_for(asyncio.gather(*streams), 120)
+        await engine.wait_idle()
     return outputs, cached
 
 
-def assert_engine_idle_and_clean(core: EngineCore) -> None:
-    scheduler = core.scheduler
-    assert not scheduler.has_unfinished()
-    assert scheduler.usage == 0.0 and scheduler.host_usage == 0.0
-    assert scheduler.num_host_blocks_used == 0
+async def reference_outputs(model_dir, waves, **overrides) -> dict[str, list[int]]:
+    async with running_engine(model_dir, enable_prefix_caching=False, **overrides) as engine:
+        outputs, _ = await generate(engine, waves)
+    return outputs
+
+
+def assert_engine_idle_and_clean(engine: Engine) -> None:
+    assert_all_free(engine)
+    scheduler = engine.actor("scheduler").scheduler
     device, host = scheduler.tiers.device, scheduler.tiers.host
-    assert device.num_free == core.runner.num_device_blocks
     assert device.num_cached_free + host.num_cached_free == len(scheduler.prefix_cache)
-    stats = core.stats()
-    assert stats.device_usage == 0.0 and stats.host_usage == 0.0
 
 
 SYSTEM = [1] + [(i * 37) % 500 + 5 for i in range(23)]  # 24 tokens: ends on a block boundary
@@ -506,27 +511,26 @@ WAVES = [
 
 
 @pytest.mark.parametrize("pooling", [False, True], ids=["device", "pie"])
-def test_greedy_tokens_are_the_same_with_and_without_prefix_caching(model_dir, pooling):
+async def test_greedy_tokens_are_the_same_with_and_without_prefix_caching(model_dir, pooling):
     overrides = dict(device_kv_blocks=24, kv_policy="pie", expansion="fixed:64") if pooling else {}
-    reference, _ = generate(engine(model_dir, enable_prefix_caching=False, **overrides), WAVES)
-    core = engine(model_dir, **overrides)
-    log = PlanLog(core)
-    outputs, cached = generate(core, WAVES)
+    reference = await reference_outputs(model_dir, WAVES, **overrides)
+    async with running_engine(model_dir, **overrides) as engine:
+        log = PlanLog(engine)
+        outputs, cached = await generate(engine, WAVES)
+        stats = engine.stats()
+        assert_engine_idle_and_clean(engine)
     assert outputs == reference
     # Tokens each request got from the cache, and so did not prefill (always at least one token).
     assert cached == {"base": 0, "boundary": 24, "mid": 12, "same": 24, "exact": 20, "other": 0, "again": 28}
     num_prompt = {request_id: len(prompt) for wave in WAVES for request_id, prompt in wave.items()}
     for request_id, num_cached in cached.items():
         assert log.num_scheduled(request_id) == num_prompt[request_id] - num_cached + 8 - 1, request_id
-    stats = core.stats()
     assert stats.prefix_cache_queries_total == sum(num_prompt.values())
     assert stats.prefix_cache_device_hits_total + stats.prefix_cache_host_hits_total == sum(cached.values())
-    assert_engine_idle_and_clean(core)
-    core.close()
 
 
 @pytest.mark.parametrize("policy", ["pie", "swap"])
-def test_a_prefix_demoted_to_host_is_hit_from_host(model_dir, policy):
+async def test_a_prefix_demoted_to_host_is_hit_from_host(model_dir, policy):
     # 10 device blocks of 4 tokens: each filler evicts everything the previous requests left cached.
     # pie streams the host hit (or promotes it); swap promotes it (running requests are on the device).
     overrides = dict(
@@ -539,20 +543,20 @@ def test_a_prefix_demoted_to_host_is_hit_from_host(model_dir, policy):
         *({k: v} for k, v in fillers.items()),
         {"second": SYSTEM + [300, 301]},
     ]
-    reference, _ = generate(engine(model_dir, enable_prefix_caching=False, **overrides), waves)
-    core = engine(model_dir, **overrides)
-    log = PlanLog(core)
-    outputs, cached = generate(core, waves)
+    reference = await reference_outputs(model_dir, waves, **overrides)
+    async with running_engine(model_dir, **overrides) as engine:
+        log = PlanLog(engine)
+        outputs, cached = await generate(engine, waves)
+        stats = engine.stats()
+        prefix_stats = engine.actor("scheduler").scheduler.prefix_cache_stats
+        assert_engine_idle_and_clean(engine)
     assert outputs == reference
-    stats = core.stats()
     assert stats.prefix_cache_host_hits_total > 0
-    assert core.scheduler.prefix_cache_stats.num_demotions > 0
+    assert prefix_stats.num_demotions > 0
     assert cached["second"] == 24 and log.num_scheduled("second") == 2 + 8 - 1
-    assert core.totals.bytes_to_device > 0  # the hit was streamed (or promoted) from host memory
+    assert stats.bytes_to_device_total > 0  # the hit was streamed (or promoted) from host memory
     if policy == "swap":
-        assert core.scheduler.prefix_cache_stats.num_promotions == 6
-    assert_engine_idle_and_clean(core)
-    core.close()
+        assert prefix_stats.num_promotions == 6
 
 
 @st.composite
@@ -587,19 +591,16 @@ def llama_dir(tmp_path_factory):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(engine_workloads())
 def test_random_shared_prefix_workloads_match_no_caching(llama_dir, workload):
+    asyncio.run(run_shared_prefix_workload(llama_dir, workload))
+
+
+async def run_shared_prefix_workload(model_dir, workload) -> None:
     requests, policy, device_blocks, chunk = workload
-    reference = drive(engine(llama_dir, enable_prefix_caching=False, max_num_batched_tokens=chunk), requests)
+    async with running_engine(model_dir, enable_prefix_caching=False, max_num_batched_tokens=chunk) as engine:
+        reference = await drive(engine, requests)
     overrides = dict(device_kv_blocks=device_blocks, max_num_batched_tokens=chunk)
     if policy != "none":
         overrides.update(kv_policy=policy, expansion="fixed:48", host_kv_gib=0.01)
-    core = engine(llama_dir, **overrides)
-    cached = drive(core, requests)
-    for request_id, (tokens, reason) in cached.items():
-        reference_tokens, reference_reason = reference[request_id]
-        if proto.FinishReason.ABORT in (reason, reference_reason):
-            n = min(len(tokens), len(reference_tokens))
-            assert tokens[:n] == reference_tokens[:n]
-        else:
-            assert (tokens, reason) == (reference_tokens, reference_reason)
-    assert_engine_idle_and_clean(core)
-    core.close()
+    async with running_engine(model_dir, **overrides) as engine:
+        assert_tokens_match(await drive(engine, requests), reference)
+        assert_engine_idle_and_clean(engine)

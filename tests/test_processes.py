@@ -1,11 +1,12 @@
-"""The engine in worker processes: same tokens as in-process, aborts free blocks, a dead or hung
-worker fails every caller within 2 s, and no process is ever left behind."""
+"""The engine in worker processes: same tokens as with its actors in threads, aborts free blocks, a
+dead or hung worker fails every caller within 2 s, and no process is ever left behind."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,11 +17,11 @@ import pytest
 from tiny_models import build_model_dir
 
 import proto
+from pied.engine import Engine, SupervisorOptions, WorkerStartError
 from pied.engine_client import EngineDeadError, RequestStream
-from pied.inproc import InprocEngineClient
-from pied.mp_client import ProcessEngineClient, SupervisorOptions, WorkerStartError
 from pied.supervisor import WORKER_NAMES
 from proto.config import EngineConfig
+from workers.model_config import ModelFolderError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -114,8 +115,8 @@ async def generate(client, requests: list[proto.AddRequest]) -> list[list[int]]:
     return [tokens for tokens, _ in results]
 
 
-async def started_client(config: EngineConfig, options: SupervisorOptions = OPTIONS) -> ProcessEngineClient:
-    client = ProcessEngineClient(config, options)
+async def started_client(config: EngineConfig, options: SupervisorOptions = OPTIONS) -> Engine:
+    client = Engine(config, options, workers="processes")
     await client.start()
     return client
 
@@ -123,15 +124,15 @@ async def started_client(config: EngineConfig, options: SupervisorOptions = OPTI
 # -------------------------------------------------------------------- correctness
 
 
-async def test_same_greedy_tokens_as_in_process_and_abort_frees_blocks(model_dir):
+async def test_same_greedy_tokens_as_threads_and_abort_frees_blocks(model_dir):
     config = engine_config(model_dir)
     requests = [request(f"r{i}", prompt, 24) for i, prompt in enumerate(PROMPTS)]
-    inproc = InprocEngineClient(config)
-    await inproc.start()
+    threads = Engine(config, OPTIONS, workers="threads")
+    await threads.start()
     try:
-        expected = await generate(inproc, requests)
+        expected = await generate(threads, requests)
     finally:
-        await inproc.shutdown()
+        await threads.shutdown()
 
     client = await started_client(config)
     try:
@@ -167,7 +168,8 @@ async def test_same_greedy_tokens_as_in_process_and_abort_frees_blocks(model_dir
         assert last.finish_reason == proto.FinishReason.ABORT
         _, last = await asyncio.wait_for(collect(other_stream), 5)
         assert last.finish_reason == proto.FinishReason.ABORT
-        assert await wait_until(lambda: client.stats().device_usage == 0.0 and client.stats().num_running == 0, 5)
+        stats = await client.wait_idle(5)
+        assert stats.device_usage == 0.0 and stats.num_running == 0
         assert client.stats().num_steps > 0
         assert client.num_open_requests == 0
     finally:
@@ -240,9 +242,19 @@ async def test_stopped_scheduler_counts_as_hung(model_dir):
     await kill_during_generation(model_dir, "scheduler", signal.SIGSTOP, HANG_OPTIONS)
 
 
-async def test_bad_model_folder_fails_start_with_the_reason(tmp_path):
-    client = ProcessEngineClient(engine_config(tmp_path / "missing"), OPTIONS)
-    with pytest.raises(WorkerStartError, match="missing"):
+async def test_bad_model_folder_is_refused_before_any_worker_starts(tmp_path):
+    with pytest.raises(ModelFolderError, match="missing"):
+        Engine(engine_config(tmp_path / "missing"), OPTIONS, workers="processes")
+
+
+async def test_weights_that_do_not_fit_fail_start_with_the_reason(model_dir, tmp_path):
+    # config.json passes the preflight; the weights disagree with it, which only loading them shows.
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    client = Engine(engine_config(folder), OPTIONS, workers="processes")
+    with pytest.raises(WorkerStartError, match="has shape"):
         await client.start()
     assert all(is_gone(pid) for pid in client.worker_pids.values())
 
@@ -250,11 +262,11 @@ async def test_bad_model_folder_fails_start_with_the_reason(tmp_path):
 PARENT_SCRIPT = """
 import asyncio, json, sys
 from proto.config import EngineConfig
-from pied.mp_client import ProcessEngineClient, SupervisorOptions
+from pied.engine import Engine, SupervisorOptions
 import proto
 
 async def main():
-    client = ProcessEngineClient(EngineConfig(**json.loads(sys.argv[1])), SupervisorOptions(startup_timeout=120))
+    client = Engine(EngineConfig(**json.loads(sys.argv[1])), SupervisorOptions(startup_timeout=120))
     await client.start()
     client.add_request(proto.AddRequest("r", proto.pack_i32([1, 2, 3]),
                        proto.SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True)))

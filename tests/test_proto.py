@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 import proto
+import proto.config
 import proto.control
 import proto.messages
+import proto.plan
 from proto import FinishReason, SamplingParams, pack_f32, pack_i32, unpack_f32, unpack_i32
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
@@ -130,10 +132,25 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
     proto.Stats: [
         proto.Stats(),
         proto.Stats(num_running=3, num_waiting=1, num_device_blocks=64, num_host_blocks=32, device_usage=0.5,
-                    host_usage=0.25, num_preemptions=2, num_steps=99, step_time_sum=1.5, forward_time_sum=1.4,
-                    execute_time_sum=1.45, host_lease=32, bytes_to_device_sum=1 << 40, bytes_to_host_sum=1 << 20,
-                    stall_time_sum=0.01, host_lease_target=40, host_decision="shrink: stalls 5.1% > 2%",
-                    host_link_bandwidth=2.4e10),
+                    host_usage=0.25, num_preemptions=2, num_steps=99, cycle_seconds_total=1.5, forward_seconds_total=1.4,
+                    step_seconds_total=1.45, host_lease=32, bytes_to_device_total=1 << 40, bytes_to_host_total=1 << 20,
+                    stall_seconds_total=0.01, host_lease_target=40, host_decision="shrink: stalls 5.1% > 2%",
+                    host_link_bandwidth=2.4e10, prefix_cache_queries_total=640, prefix_cache_device_hits_total=256,
+                    prefix_cache_host_hits_total=64, num_computed_tokens_total=4096, prefix_cache_demotions_total=8,
+                    prefix_cache_promotions_total=2),
+    ],
+    proto.plan.HostPlan: [
+        proto.plan.HostPlan(),
+        proto.plan.HostPlan(max_host_blocks=100, blocks_per_segment=64, num_segments=2, segment_bytes=64 << 20,
+                            block_bytes=1 << 20, num_staging_blocks=100, initial_lease=100, pinned=True),
+    ],
+    proto.plan.EnginePlan: [
+        proto.plan.EnginePlan(model_path="/srv/models/llama", device="cpu", dtype="float32", max_model_len=512,
+                              num_device_blocks=None, host=proto.plan.HostPlan(), num_layers=2, num_kv_heads=2,
+                              head_dim=16),
+        proto.plan.EnginePlan(model_path="/m", device="cuda:1", dtype="bfloat16", max_model_len=8192,
+                              num_device_blocks=4096, host=proto.plan.HostPlan(max_host_blocks=8, num_segments=1),
+                              num_layers=32, num_kv_heads=8, head_dim=128),
     ],
 }
 ALL_EXAMPLES = [(cls, example) for cls, examples in EXAMPLES.items() for example in examples]
@@ -143,7 +160,7 @@ TAGGED = [cls for cls in EXAMPLES if cls.__struct_config__.tag is not None]
 
 def proto_structs() -> set[type]:
     found = set()
-    for module in (proto.messages, proto.control):
+    for module in (proto.messages, proto.control, proto.plan):
         for _, value in inspect.getmembers(module, inspect.isclass):
             if issubclass(value, msgspec.Struct) and value.__module__ == module.__name__:
                 found.add(value)
@@ -156,7 +173,7 @@ def test_every_message_has_an_example():
 
 
 def test_proto_is_a_leaf_package():
-    for module in (proto.messages, proto.control):
+    for module in (proto.messages, proto.control, proto.plan, proto.config):
         source = inspect.getsource(module)
         assert "import pied" not in source and "from pied" not in source
         assert "import workers" not in source and "from workers" not in source

@@ -10,7 +10,7 @@ from tiny_models import load_hf_model
 
 import proto
 from proto.config import ConfigError, EngineConfig
-from workers.executor import runner as runner_module
+from workers import plan as plan_module
 from workers.executor.kv_pool import GIB, kv_bytes_per_block
 from workers.executor.runner import ModelRunner
 
@@ -116,7 +116,7 @@ def test_kv_pool_sized_from_gib(llama_path):
 
 
 def test_kv_pool_default_on_cpu(llama_path, monkeypatch):
-    monkeypatch.setattr(runner_module, "DEFAULT_CPU_KV_GIB", 0.002)
+    monkeypatch.setattr(plan_module, "DEFAULT_CPU_KV_GIB", 0.002)
     runner = make_runner(llama_path, device_kv_blocks=None)
     assert runner.num_device_blocks == int(
         0.002 * GIB // kv_bytes_per_block(2, BLOCK_SIZE, 2, 16, torch.float32)

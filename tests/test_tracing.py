@@ -47,7 +47,7 @@ from proto.config import ConfigError, EngineConfig
 from proto.spans import SpanBatch, SpanRecord
 from workers.actor import Actor, ActorThread, Addresses
 from workers.executor.step_spans import EXECUTE_SPAN, StepSpans, StepTiming
-from workers.memory.actor import step_result_from_span
+from workers.memory.actor import step_sample_from_span
 from workers.memory.spans import SpanReceiver, span_channel_tracer, span_record
 from workers.scheduler.request_spans import DECODE_SPAN, PREFILL_SPAN, QUEUE_SPAN, RequestSpans
 from workers.scheduler.scheduler import Scheduler
@@ -552,7 +552,7 @@ def test_step_spans_execute_under_prefill_step_on_the_channel_layers_when_sample
     assert first[span_names.STEP_STALL_TIME] == 0.001 and first[span_names.STEP_LAYERS_TRACED]
     assert (first[span_names.STEP_COPY_TIME], first[span_names.STEP_LINK_BANDWIDTH]) == (0.002, 5e9)
     # ... and the memory manager reads back what its controller needs.
-    read_back = step_result_from_span(span_record(steps[0]))
+    read_back = step_sample_from_span(span_record(steps[0]), num_layers=2)
     assert (read_back.copy_time, read_back.link_bandwidth, read_back.stall_time) == (0.002, 5e9, 0.001)
     assert steps[0].parent is None and (steps[0].start_time, steps[0].end_time) == (start, start + 5_000_000)
     layers = [span for span in collected.get_finished_spans() if span.name == span_names.LAYER_SPAN]
@@ -578,6 +578,9 @@ class FakeRunner:
         self.block_size = config.block_size
         self.record_layer_times = False
         self.layer_times: list[tuple[int, int, float]] = []
+
+    def close(self) -> None:
+        pass
 
     def execute(self, plan: proto.StepPlan) -> proto.StepResult:
         self.layer_times = []

@@ -53,6 +53,10 @@ EXIT_FAILED = 1
 EXIT_PARENT_DIED = 3
 
 
+class PeerGoneError(RuntimeError):
+    """A message could not be queued: the peer's mailbox is gone (it stopped)."""
+
+
 @dataclass(frozen=True)
 class Addresses:
     """The mailbox address of every actor of one engine. The frontend's mailbox is also where the
@@ -138,6 +142,9 @@ class Actor:
         self.context = context if context is not None else zmq.asyncio.Context()
         self.heartbeat_interval = heartbeat_interval
         self.exit_code = EXIT_OK
+        # The first error that failed the actor, as raised: in a thread, the supervisor hands it to
+        # the caller as is (a ModelFolderError naming the file stays one).
+        self.failure: BaseException | None = None
         self._handlers: dict[type, Handler] = {}
         self._peers: dict[str, str] = {}  # peer name -> address
         self._outboxes: dict[str, zmq.Socket] = {}  # peer name -> PUSH socket (shared per address)
@@ -206,8 +213,13 @@ class Actor:
     # ---------------------------------------------------------------- in a handler
 
     def send(self, peer: str, message: msgspec.Struct) -> None:
-        """Queue ``message`` for ``peer``; never blocks. Messages to one peer keep their order."""
-        self._outboxes[peer].send(self._encoder.encode(message), zmq.NOBLOCK)
+        """Queue ``message`` for ``peer``; never blocks. Messages to one peer keep their order.
+        Raises :class:`PeerGoneError` when the peer's mailbox no longer exists (an ``inproc://``
+        peer that stopped; over ``ipc://`` messages queue until it comes back)."""
+        try:
+            self._outboxes[peer].send(self._encoder.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            raise PeerGoneError(f"the {peer} takes no messages: its mailbox is closed") from None
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
         """Run ``coroutine`` as a task of this actor: cancelled when it stops; if it raises, the
@@ -333,6 +345,8 @@ class Actor:
         error = task.exception()
         if error is not None:
             logger.error("%s: task %s failed", self.name, task.get_name(), exc_info=error)
+            if self.failure is None and not self.stopping:
+                self.failure = error
             self.fail(f"{type(error).__name__}: {error}")
 
     async def _close(self) -> None:

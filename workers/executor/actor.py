@@ -42,6 +42,9 @@ class Runner(Protocol):
 
     def execute(self, plan: proto.StepPlan) -> proto.StepResult: ...
 
+    def close(self) -> None:
+        """Stop background work (the copy engine) and unmap host memory."""
+
 
 @runtime_checkable
 class LayerTimedRunner(Runner, Protocol):
@@ -56,21 +59,17 @@ class LayerTimedRunner(Runner, Protocol):
 def load_model_runner(config: EngineConfig) -> Runner:
     # Imported here: torch and the model code load in the worker process only.
     from workers.executor.runner import ModelRunner
-    from workers.memory.manager import HostPlan, kv_layout_for
 
-    # The same HostPlan the memory manager derives: staging room for the largest lease.
-    layout, device_type = kv_layout_for(config)
-    plan = HostPlan.from_config(config, layout, pinned=device_type == "cuda")
-    staging = plan.max_host_blocks if config.kv_policy == "pie" else 0
-    runner = ModelRunner(config, num_staging_blocks=staging, blocks_per_segment=plan.blocks_per_segment)
-    runner.max_host_blocks = plan.max_host_blocks
-    return runner
+    # Device, dtype, KV pool and staging ring from the config's plan (the daemon checked it).
+    return ModelRunner(config)
 
 
 def ready_message(worker: str, config: EngineConfig, runner: Runner) -> proto.Ready:
     """The model facts the scheduler and the frontend need, as the in-process engine derives them."""
     model = runner.model_config
-    max_model_len = min(config.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
+    max_model_len = getattr(runner, "max_model_len", 0) or min(
+        config.max_model_len or model.max_position_embeddings, model.max_position_embeddings
+    )
     return proto.Ready(
         worker=worker,
         pid=os.getpid(),
@@ -117,10 +116,15 @@ class ExecutorActor(Actor):
         self.on(proto.SegmentUpdate, self.handle_segment_update)
 
     @classmethod
-    def from_args(cls, args: WorkerArgs) -> ExecutorActor:
+    def from_args(cls, args: WorkerArgs, context: zmq.asyncio.Context | None = None) -> ExecutorActor:
+        """As a worker starts it; ``context``: the engine's shared one when actors run as threads."""
         collector = args.addresses.memory or None
         return cls(
-            args.config, args.addresses, heartbeat_interval=args.heartbeat_interval, span_collector=collector
+            args.config,
+            args.addresses,
+            context=context,
+            heartbeat_interval=args.heartbeat_interval,
+            span_collector=collector,
         )
 
     async def on_start(self) -> None:
@@ -131,6 +135,13 @@ class ExecutorActor(Actor):
         self.send(SUPERVISOR, ready)
 
     async def on_stop(self) -> None:
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            # On the compute thread, after any forward pass still running there: as a thread of a
+            # library's process, the executor must leave no copy thread or mapping behind, and
+            # its weights and KV pool go with the last reference, not at the next cyclic GC.
+            await self.run_blocking(runner.close)
+            del runner
         # Off the loop: the exporter may take a while to give up on an unreachable collector.
         loop = asyncio.get_running_loop()
         for tracer in (self.tracer, self.channel):

@@ -1,4 +1,6 @@
-"""Paged attention: per-step metadata, and a plain-torch backend that a CUDA kernel can replace.
+"""Paged attention: per-step metadata, the ``PagedAttention`` protocol, and its plain-torch backend
+(the CPU path and the reference); ``make_attention_backend`` picks it or the Triton kernels
+(``triton_attention``, which read the same pages through the same page tables).
 
 A step's tokens arrive flattened (``[T]``, grouped by sequence, in plan order); each sequence has
 ``query_len`` new tokens starting at ``start_position``, with everything before them already in
@@ -14,6 +16,7 @@ the backend never knows which tier a page came from.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from proto.config import ConfigError
 from workers.executor.kv_pool import StagingRing
 
 
@@ -336,8 +340,12 @@ class PagedAttention(Protocol):
         page_table: torch.Tensor,
         meta: AttentionMetadata,
         sliding_window: int | None,
+        scale: float | None = None,
     ) -> torch.Tensor:
-        """``q [T, heads, head_dim]`` -> ``[T, heads, head_dim]``, attending over ``page_table``'s pages."""
+        """``q [T, heads, head_dim]`` -> ``[T, heads, head_dim]``, attending over ``page_table``'s pages.
+
+        Scores are ``q.k * scale``; None means ``head_dim ** -0.5`` (Gemma 3 uses its own scale).
+        """
         ...
 
 
@@ -367,13 +375,22 @@ class TorchPagedAttention:
         page_table: torch.Tensor,
         meta: AttentionMetadata,
         sliding_window: int | None,
+        scale: float | None = None,
     ) -> torch.Tensor:
         if len(meta.groups) == 1:
-            return self._attend_group(q, pool, page_table, meta.groups[0], meta.block_size, sliding_window)
+            return self._attend_group(
+                q, pool, page_table, meta.groups[0], meta.block_size, sliding_window, scale
+            )
         out = torch.empty_like(q)
         for group in meta.groups:
             out[group.token_rows] = self._attend_group(
-                q[group.token_rows], pool, page_table[group.seq_ids], group, meta.block_size, sliding_window
+                q[group.token_rows],
+                pool,
+                page_table[group.seq_ids],
+                group,
+                meta.block_size,
+                sliding_window,
+                scale,
             )
         return out
 
@@ -385,6 +402,7 @@ class TorchPagedAttention:
         group: AttentionGroup,
         block_size: int,
         sliding_window: int | None,
+        scale: float | None,
     ) -> torch.Tensor:
         num_seqs, max_query_len = group.num_seqs, group.max_query_len
         _, num_heads, head_dim = q.shape
@@ -399,8 +417,33 @@ class TorchPagedAttention:
         v = pool[:, 1][page_table].flatten(1, 2).transpose(1, 2)
         mask = group.attention_mask(sliding_window, block_size)
         out = F.scaled_dot_product_attention(
-            padded_q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True
+            padded_q.transpose(1, 2), k, v, attn_mask=mask, scale=scale, enable_gqa=True
         ).transpose(1, 2)
         if group.uniform_query_len:
             return out.reshape(group.num_tokens, num_heads, head_dim)
         return out[group.token_seq_ids, group.token_query_ids]
+
+
+def make_attention_backend(name: str, device: torch.device) -> PagedAttention:
+    """The ``torch`` or ``triton`` backend for ``device`` (``EngineConfig.resolved_attention_backend``).
+
+    Triton is imported only here, when chosen. Off CUDA its kernels run in Triton's interpreter,
+    which triton reads from ``TRITON_INTERPRET`` when it first compiles a kernel module: it must be
+    set before the process starts, so this refuses rather than silently fail to launch.
+    """
+    if name == "torch":
+        return TorchPagedAttention()
+    if name != "triton":
+        raise ConfigError(f"unknown attention backend {name!r}; use torch or triton.")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(
+            f"--attention-backend triton on {device.type} runs in Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before starting (it is meant for tests), or use --attention-backend torch."
+        )
+    try:
+        from workers.executor.triton_attention import TritonPagedAttention
+    except ImportError as error:
+        raise ConfigError(
+            f"--attention-backend triton needs the triton package ({error}); install it or use torch."
+        ) from error
+    return TritonPagedAttention()

@@ -1,9 +1,13 @@
-"""The Llama-family decoder (Llama 2/3, Qwen2/2.5, Mistral, SmolLM) over a paged KV pool.
+"""The Llama-family decoder over a paged KV pool: Llama 2/3, Qwen2/2.5/3, Mistral, Gemma 3 (text),
+Phi-3/4, SmolLM 1-3.
 
 Numerically it follows transformers' implementation step for step (RMSNorm in float32, RoPE with
-cos/sin computed in float32 then cast, SiLU-gated MLP), so fp32 logits agree to ~1e-6. Q/K/V and
+cos/sin computed in float32 then cast, gated MLP), so fp32 logits agree to ~1e-6. Q/K/V and
 gate/up projections are fused into one matmul each; ``checkpoint_targets`` maps the checkpoint's
-separate tensors onto row slices of the fused weights.
+separate tensors onto row slices of the fused weights (Phi-3's checkpoints are fused already).
+The architectures differ only by ``ModelConfig``'s switches, read in the constructors: q/k norms,
+Gemma's (1 + w) norms, sandwich norms and scaled embeddings, the MLP activation, each layer's rope
+(or none), the attention scale and the final logit soft-cap.
 
 Parameters are created with ``torch.empty`` (no random init: the weights are loaded right after),
 so build the model under ``with torch.device(device):`` to allocate it in place.
@@ -11,6 +15,7 @@ so build the model under ``with torch.device(device):`` to allocate it in place.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,21 +48,36 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+    """``unit_offset`` (Gemma): scale by ``1 + weight`` and cast back only at the end, as Gemma does."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, unit_offset: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In float32 whatever the model dtype, as transformers does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
-def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """Per-pair rotation frequencies (float32, CPU), with linear or llama3 scaling applied."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+def make_norm(config: ModelConfig, size: int, dtype: torch.dtype) -> RMSNorm:
+    return RMSNorm(size, config.rms_norm_eps, dtype, config.unit_offset_norms)
+
+
+def rope_inverse_frequencies(rope: RopeConfig, rotary_dim: int, long: bool = False) -> torch.Tensor:
+    """Per-pair rotation frequencies (float32, CPU), with linear, llama3 or longrope scaling applied.
+
+    ``long``: longrope's frequencies for sequences past the original context (its short ones otherwise).
+    """
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
+    if rope.type == "longrope":
+        factors = torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float32)
+        return 1.0 / (factors * rope.theta**exponents)
     inv_freq = 1.0 / (rope.theta**exponents)
     if rope.type == "linear":
         return inv_freq / rope.factor
@@ -77,10 +97,58 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     return inv_freq
 
 
+class RotaryEmbedding(nn.Module):
+    """cos/sin of one ``RopeConfig`` for a step's tokens, over the rotated leading ``rotary_dim`` dims."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int) -> None:
+        super().__init__()
+        self.rotary_dim = int(head_dim * rope.partial_rotary_factor)
+        self.attention_factor = rope.attention_factor
+        self.original_max_position_embeddings = rope.original_max_position_embeddings
+        self.register_buffer("inv_freq", rope_inverse_frequencies(rope, self.rotary_dim), persistent=False)
+        long_inv_freq = None
+        if rope.type == "longrope":
+            long_inv_freq = rope_inverse_frequencies(rope, self.rotary_dim, long=True)
+        self.long_inv_freq: torch.Tensor | None
+        self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, context_lens: torch.Tensor | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[T, 1, rotary_dim]`` cos and sin (float32, then cast). ``context_lens [T]``: each token's
+        sequence length after this step, which picks longrope's factors (unused otherwise)."""
+        inv_freq = self.inv_freq[None, :]
+        if self.long_inv_freq is not None:
+            assert context_lens is not None
+            # As transformers' longrope: a forward pass whose sequence reaches past the original
+            # context uses the long factors for all its tokens, the short ones otherwise. transformers
+            # decides per call; here per sequence, so a batch does not change a sequence's result.
+            # NOTE: K/V already cached keep the factors they were computed with. transformers' Phi-3
+            # generate() drops the cache once, when a sequence first grows past the original context,
+            # and recomputes it with the long factors; pied does not (that needs the scheduler to
+            # recompute the sequence), so a sequence that crosses the original context during
+            # generation continues from short-factor K/V, as transformers' forward over a cache does.
+            use_long = (context_lens > self.original_max_position_embeddings)[:, None]
+            inv_freq = torch.where(use_long, self.long_inv_freq[None, :], inv_freq)
+        angles = positions[:, None].float() * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)[:, None, :]
+        cos, sin = angles.cos(), angles.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [T, heads, head_dim]`` (half-split layout) by ``cos``/``sin`` ``[T, 1, head_dim]``."""
+    """Rotate ``x [T, heads, head_dim]`` (half-split layout) by ``cos``/``sin`` ``[T, 1, rotary_dim]``;
+    dims past ``rotary_dim`` (partial rotary) pass through."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]), dim=-1)
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # a step's cos and sin for one RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -93,23 +161,30 @@ class Attention(nn.Module):
             config.head_dim,
         )
         self.sliding_window = config.layer_sliding_windows[layer]
+        self.scale = config.attention_scale
+        self.fused_checkpoint = config.fused_checkpoint
         self.backend = backend
         self.sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
         self.qkv_proj = Linear(config.hidden_size, sum(self.sizes), config.qkv_bias, dtype)
         self.o_proj = Linear(self.sizes[0], config.hidden_size, config.o_proj_bias, dtype)
+        self.q_norm = make_norm(config, self.head_dim, dtype) if config.qk_norm else None
+        self.k_norm = make_norm(config, self.head_dim, dtype) if config.qk_norm else None
 
     def forward(
         self,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: Rope | None,
         meta: AttentionMetadata,
         pool: torch.Tensor,
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(self.sizes, dim=-1)
-        q = apply_rope(q.unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)
-        k = apply_rope(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         stream = meta.stream
         if stream is not None:
             # NOTE: wait for this layer's host blocks to be staged before writing into their pages:
@@ -117,7 +192,8 @@ class Attention(nn.Module):
             stream.before_attention(self.layer)
         # NOTE: write before attend, so the new tokens see themselves through the pages.
         self.backend.write_kv(pool, k, v, meta.slot_pages(self.layer), meta)
-        out = self.backend.attend(q, pool, meta.page_table(self.layer), meta, self.sliding_window)
+        page_table = meta.page_table(self.layer)
+        out = self.backend.attend(q, pool, page_table, meta, self.sliding_window, scale=self.scale)
         if stream is not None:
             # NOTE: the staging area is read (and written) only above: it may now be written back
             # and refilled for a later layer.
@@ -125,57 +201,85 @@ class Attention(nn.Module):
         return self.o_proj(out.flatten(1))
 
     def checkpoint_targets(self, prefix: str) -> Targets:
-        qkv = self.qkv_proj.checkpoint_targets(
-            [prefix + name for name in ("q_proj", "k_proj", "v_proj")], self.sizes
-        )
-        return qkv | self.o_proj.checkpoint_targets([prefix + "o_proj"], [self.o_proj.weight.shape[0]])
+        if self.fused_checkpoint:
+            qkv = self.qkv_proj.checkpoint_targets([prefix + "qkv_proj"], [sum(self.sizes)])
+        else:
+            qkv = self.qkv_proj.checkpoint_targets(
+                [prefix + name for name in ("q_proj", "k_proj", "v_proj")], self.sizes
+            )
+        targets = qkv | self.o_proj.checkpoint_targets([prefix + "o_proj"], [self.o_proj.weight.shape[0]])
+        if self.q_norm is not None and self.k_norm is not None:
+            targets[prefix + "q_norm.weight"] = self.q_norm.weight.detach()
+            targets[prefix + "k_norm.weight"] = self.k_norm.weight.detach()
+        return targets
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
+        self.activation = ACTIVATIONS[config.hidden_act]
+        self.fused_checkpoint = config.fused_checkpoint
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, config.mlp_bias, dtype)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, config.mlp_bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.activation(gate) * up)
 
     def checkpoint_targets(self, prefix: str) -> Targets:
-        gate_up = self.gate_up_proj.checkpoint_targets(
-            [prefix + "gate_proj", prefix + "up_proj"], [self.intermediate_size] * 2
-        )
+        if self.fused_checkpoint:
+            gate_up = self.gate_up_proj.checkpoint_targets(
+                [prefix + "gate_up_proj"], [2 * self.intermediate_size]
+            )
+        else:
+            gate_up = self.gate_up_proj.checkpoint_targets(
+                [prefix + "gate_proj", prefix + "up_proj"], [self.intermediate_size] * 2
+            )
         return gate_up | self.down_proj.checkpoint_targets(
             [prefix + "down_proj"], [self.down_proj.weight.shape[0]]
         )
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm residual blocks; with ``sandwich_norms`` (Gemma) the attention output and the MLP's
+    input and output are normed too (``post_attention_layernorm`` then norms the attention output,
+    not the MLP input)."""
+
     def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype, backend: PagedAttention) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.input_layernorm = make_norm(config, config.hidden_size, dtype)
         self.self_attn = Attention(config, layer, dtype, backend)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = make_norm(config, config.hidden_size, dtype)
         self.mlp = MLP(config, dtype)
+        self.sandwich_norms = config.sandwich_norms
+        if self.sandwich_norms:
+            self.pre_feedforward_layernorm = make_norm(config, config.hidden_size, dtype)
+            self.post_feedforward_layernorm = make_norm(config, config.hidden_size, dtype)
 
     def forward(
         self,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: Rope | None,
         meta: AttentionMetadata,
         pool: torch.Tensor,
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, meta, pool)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        attended = self.self_attn(self.input_layernorm(hidden), rope, meta, pool)
+        if not self.sandwich_norms:
+            hidden = hidden + attended
+            return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        hidden = hidden + self.post_attention_layernorm(attended)
+        return hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
 
     def checkpoint_targets(self, prefix: str) -> Targets:
+        norms = ["input_layernorm", "post_attention_layernorm"]
+        if self.sandwich_norms:
+            norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
         return (
-            {
-                prefix + "input_layernorm.weight": self.input_layernorm.weight.detach(),
-                prefix + "post_attention_layernorm.weight": self.post_attention_layernorm.weight.detach(),
-            }
+            {prefix + name + ".weight": getattr(self, name).weight.detach() for name in norms}
             | self.self_attn.checkpoint_targets(prefix + "self_attn.")
             | self.mlp.checkpoint_targets(prefix + "mlp.")
         )
@@ -192,15 +296,25 @@ class CausalLM(nn.Module):
         self.config = config
         embedding = torch.empty(config.vocab_size, config.hidden_size, dtype=dtype)
         self.embed_tokens = nn.Parameter(embedding, requires_grad=False)
+        # Gemma scales embeddings by sqrt(hidden) rounded to the model dtype, as transformers does.
+        self.embedding_multiplier = (
+            None
+            if config.embedding_multiplier is None
+            else torch.tensor(config.embedding_multiplier).to(dtype).item()
+        )
         self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, backend) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.norm = make_norm(config, config.hidden_size, dtype)
         self.lm_head = (
             None
             if config.tie_word_embeddings
             else Linear(config.hidden_size, config.vocab_size, False, dtype)
         )
-        inv_freq = rope_inverse_frequencies(config.rope, config.head_dim).to(self.embed_tokens.device)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # One rotary embedding per distinct rope (Gemma's local and global layers differ); a layer
+        # without rope (SmolLM3) has none.
+        distinct = list(dict.fromkeys(rope for rope in config.layer_ropes if rope is not None))
+        self.rotary = nn.ModuleList(RotaryEmbedding(rope, config.head_dim) for rope in distinct)
+        self.layer_rotary = [None if rope is None else distinct.index(rope) for rope in config.layer_ropes]
+        self.needs_context_lens = any(rotary.long_inv_freq is not None for rotary in self.rotary)
 
     def forward(
         self,
@@ -215,28 +329,37 @@ class CausalLM(nn.Module):
         Every token's K/V is written to ``pool``; only the rows in ``logits_indices`` go through
         the final norm and lm_head (the other rows' logits would be thrown away).
         """
-        cos, sin = self.rope_cos_sin(positions, self.embed_tokens.dtype)
+        ropes = self.rope_cos_sin(positions, meta, self.embed_tokens.dtype)
         hidden = F.embedding(input_ids, self.embed_tokens)
-        for layer in self.layers:
-            hidden = layer(hidden, cos, sin, meta, pool)
+        if self.embedding_multiplier is not None:
+            hidden = hidden * self.embedding_multiplier
+        for layer, rotary in zip(self.layers, self.layer_rotary):
+            hidden = layer(hidden, None if rotary is None else ropes[rotary], meta, pool)
         hidden = self.norm(hidden[logits_indices])
         head = self.embed_tokens if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, head).float()
+        logits = F.linear(hidden, head).float()
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def rope_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[T, 1, head_dim]`` cos and sin, computed once per step for all layers (float32, then cast)."""
-        angles = positions[:, None].float() * self.inv_freq[None, :]
-        angles = torch.cat((angles, angles), dim=-1)[:, None, :]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+    def rope_cos_sin(
+        self, positions: torch.Tensor, meta: AttentionMetadata, dtype: torch.dtype
+    ) -> list[Rope]:
+        """Each rotary embedding's ``[T, 1, rotary_dim]`` cos and sin, once per step for all layers."""
+        context_lens = None
+        if self.needs_context_lens:
+            query_lens = meta.query_start_loc.diff()
+            context_lens = torch.repeat_interleave(meta.context_lens, query_lens, output_size=meta.num_tokens)
+        return [rotary(positions, context_lens, dtype) for rotary in self.rotary]
 
     def checkpoint_targets(self) -> Targets:
         """Checkpoint tensor name -> the (view of the) parameter it is loaded into."""
+        prefix = self.config.checkpoint_prefix
         targets = {
-            "model.embed_tokens.weight": self.embed_tokens.detach(),
-            "model.norm.weight": self.norm.weight.detach(),
+            prefix + "embed_tokens.weight": self.embed_tokens.detach(),
+            prefix + "norm.weight": self.norm.weight.detach(),
         }
         if self.lm_head is not None:
-            targets["lm_head.weight"] = self.lm_head.weight.detach()
+            targets[self.config.lm_head_name] = self.lm_head.weight.detach()
         for i, layer in enumerate(self.layers):
-            targets |= layer.checkpoint_targets(f"model.layers.{i}.")
+            targets |= layer.checkpoint_targets(f"{prefix}layers.{i}.")
         return targets

@@ -19,19 +19,18 @@ import torch
 
 import proto
 from proto.config import ConfigError, EngineConfig
-from workers.executor.attention import AttentionMetadata, arrays_to_device
+from workers.executor.attention import AttentionMetadata, arrays_to_device, make_attention_backend
 from workers.executor.host_kv import HostKV
-from workers.executor.kv_pool import GIB, KVPool, StagingRing, kv_bytes_per_block, num_blocks_that_fit
+from workers.executor.kv_pool import GIB, KVPool, StagingRing, num_blocks_that_fit
 from workers.executor.model import CausalLM
 from workers.executor.sampler import Sampler, SamplingState
 from workers.executor.streaming import HostBlockOwners, LayerStreamer, StreamStats
 from workers.executor.weights import load_weights
 from workers.grammar import GrammarCompiler
 from workers.memory.host_pool import KVLayout
-from workers.memory.manager import SEGMENT_BYTES
-from workers.model_config import ModelConfig, resolve_dtype
+from workers.model_config import ModelConfig
+from workers.plan import num_staging_areas, plan_of
 
-DEFAULT_CPU_KV_GIB = 1.0
 # Test only: caps the CPU copy thread's bandwidth (bytes/s) to create stalls on purpose.
 COPY_THROTTLE_ENV = "PIED_COPY_THROTTLE_BYTES_PER_S"
 
@@ -53,34 +52,38 @@ class StepInputs:
 class ModelRunner:
     """Runs StepPlans on one device.
 
-    ``num_staging_blocks`` (M): the most distinct host blocks a step may use (0: none). The pool
+    It builds from the config's plan (``proto.plan.EnginePlan``: device, dtype, device KV blocks,
+    host plan), as the daemon's preflight checked it. ``num_staging_blocks`` (M): the most distinct
+    host blocks a step may use (default: the plan's, the largest lease under pie; 0: none). The pool
     then gets ``R * M`` staging pages after the ``L * D`` device pages, ``R = prefetch_depth + 1``
     (at most L); when D comes from a memory budget, the staging pages are part of it.
-    ``blocks_per_segment``: the host pool's segment size, as the memory manager chose it
-    (default: what it chooses for this model). ``prefetch_next_step``: during a step's
-    last layers, load the next step's first layers (used when its host blocks are the same).
+    ``blocks_per_segment``: the host pool's segment size (default: the plan's).
+    ``prefetch_next_step``: during a step's last layers, load the next step's first layers (used
+    when its host blocks are the same).
     """
 
     def __init__(
         self,
         config: EngineConfig,
-        num_staging_blocks: int = 0,
+        num_staging_blocks: int | None = None,
         blocks_per_segment: int | None = None,
         prefetch_next_step: bool = True,
     ) -> None:
-        if num_staging_blocks < 0:
+        if num_staging_blocks is not None and num_staging_blocks < 0:
             raise ValueError(f"num_staging_blocks must be non-negative, got {num_staging_blocks}.")
-        if config.prefetch_depth < 0:
-            raise ConfigError(f"--prefetch-depth must be non-negative, got {config.prefetch_depth}.")
         self.config = config
-        self.device = torch.device(config.resolved_device())
+        self.plan = plan_of(config, num_staging_blocks)
+        self.device = torch.device(self.plan.device)
         torch.manual_seed(config.seed)
-        self.model_config = ModelConfig.from_folder(config.resolved_model())
-        self.dtype = resolve_dtype(config.dtype, self.model_config.dtype, self.device.type)
+        self.model_config = ModelConfig.from_folder(self.plan.model_path)
+        self.dtype = getattr(torch, self.plan.dtype)
         self.block_size = config.block_size
+        self.attention_backend = config.resolved_attention_backend(self.device.type)
+        backend = make_attention_backend(self.attention_backend, self.device)
         with torch.device(self.device):
-            self.model = CausalLM(self.model_config, self.dtype)
-        load_weights(self.model.checkpoint_targets(), self.model_config.path)
+            self.model = CausalLM(self.model_config, self.dtype, backend)
+        model_config = self.model_config
+        load_weights(self.model.checkpoint_targets(), model_config.path, model_config.fp8_block_size)
         self.model.eval()
         num_layers = self.model_config.num_layers
         self.kv_layout = KVLayout(
@@ -90,10 +93,17 @@ class ModelRunner:
             self.model_config.head_dim,
             self.dtype,
         )
+        host = self.plan.host
+        if num_staging_blocks is None:
+            num_staging_blocks = host.num_staging_blocks
         self.num_staging_blocks = num_staging_blocks
-        num_areas = min(config.prefetch_depth + 1, num_layers)
+        self.max_host_blocks = host.max_host_blocks
+        num_areas = num_staging_areas(config, self.model_config)
         num_staging_pages = num_areas * num_staging_blocks
-        self.num_device_blocks = self._num_kv_blocks(num_staging_pages * self.kv_layout.page_bytes)
+        self.num_device_blocks = self.plan.num_device_blocks or self._num_cuda_kv_blocks(
+            num_staging_pages * self.kv_layout.page_bytes
+        )
+        self.max_model_len = self._max_model_len()
         staging = None
         if num_staging_blocks:
             staging = StagingRing(num_layers * self.num_device_blocks, num_areas, num_staging_blocks)
@@ -113,7 +123,7 @@ class ModelRunner:
             self.kv_pool.pages,
             self.num_device_blocks,
             staging,
-            blocks_per_segment or max(1, SEGMENT_BYTES // self.kv_layout.block_bytes),
+            blocks_per_segment or host.blocks_per_segment,
             self.device,
             self._copy_throttle(),
         )
@@ -158,35 +168,36 @@ class ModelRunner:
         """Stop the copy engine and unmap every host segment."""
         self.host_kv.close()
 
-    def _num_kv_blocks(self, reserved_bytes: int = 0) -> int:
-        """``--device-kv-blocks``, else what fits in ``--device-kv-gib``, else the default budget:
-        1 GiB on CPU; on CUDA ``gpu_memory_utilization`` of the memory free after loading weights.
-        A budget is less ``reserved_bytes`` (the staging ring)."""
-        if self.config.device_kv_blocks is not None:
-            return self.config.device_kv_blocks
-        bytes_per_block = kv_bytes_per_block(
-            self.model_config.num_layers,
-            self.block_size,
-            self.model_config.num_kv_heads,
-            self.model_config.head_dim,
-            self.dtype,
-        )
-        if self.config.device_kv_gib is not None:
-            budget, source = self.config.device_kv_gib * GIB, f"--device-kv-gib {self.config.device_kv_gib}"
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * self.config.gpu_memory_utilization
-            source = (
-                f"--gpu-memory-utilization {self.config.gpu_memory_utilization} of {free / GIB:.2f} GiB free"
-            )
-        else:
-            budget, source = DEFAULT_CPU_KV_GIB * GIB, f"the default {DEFAULT_CPU_KV_GIB} GiB on CPU"
-        num_blocks = num_blocks_that_fit(budget - reserved_bytes, bytes_per_block)
+    def _num_cuda_kv_blocks(self, reserved_bytes: int) -> int:
+        """The device KV pool the plan left to the executor (CUDA without --device-kv-blocks or
+        --device-kv-gib): ``gpu_memory_utilization`` of the memory free after loading the weights,
+        less ``reserved_bytes`` (the staging ring). A run-time check: free memory is only known now."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        budget = free * self.config.gpu_memory_utilization
+        num_blocks = num_blocks_that_fit(budget - reserved_bytes, self.kv_layout.block_bytes)
         if num_blocks < 1:
             raise ConfigError(
-                f"{source} holds no KV block ({bytes_per_block} bytes each); raise it or set --device-kv-blocks."
+                f"--gpu-memory-utilization {self.config.gpu_memory_utilization} of {free / GIB:.2f} GiB free holds "
+                f"no KV block ({self.kv_layout.block_bytes} bytes each); raise it or set --device-kv-blocks."
             )
         return num_blocks
+
+    def _max_model_len(self) -> int:
+        """The plan's model length; when the pool was sized here, checked (or, when not given,
+        lowered) against it as the preflight does for a pool it sized."""
+        if self.plan.num_device_blocks is not None:
+            return self.plan.max_model_len
+        pool_blocks = self.num_device_blocks + (self.max_host_blocks if self.config.kv_policy == "pie" else 0)
+        pool_tokens = pool_blocks * self.block_size
+        if self.plan.max_model_len <= pool_tokens:
+            return self.plan.max_model_len
+        if self.config.max_model_len is None:
+            return pool_tokens
+        raise ConfigError(
+            f"--max-model-len {self.plan.max_model_len} does not fit the {pool_blocks} KV blocks of "
+            f"{self.block_size} tokens that --gpu-memory-utilization {self.config.gpu_memory_utilization} leaves; "
+            "raise it or lower --max-model-len."
+        )
 
     def execute(self, plan: proto.StepPlan) -> proto.StepResult:
         step_start = time.perf_counter()

@@ -9,8 +9,10 @@ way. Every failure is a ``ModelFolderError`` naming the file at fault.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -45,10 +47,14 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
-def load_weights(targets: dict[str, torch.Tensor], folder: Path) -> None:
+def load_weights(
+    targets: dict[str, torch.Tensor], folder: Path, fp8_block_size: tuple[int, int] | None = None
+) -> None:
     """Copy each checkpoint tensor named in ``targets`` into its destination view.
 
-    Tensors in the files that no target names (e.g. a tied ``lm_head.weight``) are ignored.
+    Tensors in the files that no target names (e.g. a tied ``lm_head.weight``) are ignored. With
+    ``fp8_block_size`` (an FP8 checkpoint, see ``ModelConfig``), a float8 weight is dequantized with
+    its ``weight_scale_inv`` on the way.
     """
     files = weight_files(folder)
     where = _tensor_locations(files)
@@ -58,24 +64,65 @@ def load_weights(targets: dict[str, torch.Tensor], folder: Path) -> None:
         more = f" and {len(missing) - MAX_NAMES_IN_ERROR} more" if len(missing) > MAX_NAMES_IN_ERROR else ""
         described = files[0] if len(files) == 1 else folder / WEIGHTS_INDEX_FILE
         raise ModelFolderError(f"{described}: missing tensors {shown}{more}.")
-    with Progress(len(targets), f"loading {folder.name}") as progress:
+    with Progress(len(targets), f"loading {folder.name}") as progress, contextlib.ExitStack() as stack:
+        try:
+            handles = {
+                file: stack.enter_context(safe_open(file, framework="pt", device="cpu")) for file in files
+            }
+        except Exception as error:  # checked by _tensor_locations already; a file changed under us
+            raise ModelFolderError(f"{folder}: corrupt safetensors file ({error}).") from None
         for file in files:
-            _load_file(file, [name for name in targets if where[name] == file], targets, progress)
-
-
-def _load_file(file: Path, names: list[str], targets: dict[str, torch.Tensor], progress: Progress) -> None:
-    try:
-        with safe_open(file, framework="pt", device="cpu") as handle, torch.no_grad():
-            for name in names:
-                destination = targets[name]
-                shape = tuple(handle.get_slice(name).get_shape())
-                if shape != tuple(destination.shape):
-                    raise ModelFolderError(
-                        f"{file}: tensor {name} has shape {list(shape)}, but config.json implies "
-                        f"{list(destination.shape)}."
-                    )
-                destination.copy_(handle.get_tensor(name))
+            for name in [name for name in targets if where[name] == file]:
+                tensor = _read(handles, where, file, name, targets[name].shape)
+                if tensor.dtype in FP8_DTYPES:
+                    scale_name = name + "_scale_inv"
+                    if fp8_block_size is None or scale_name not in where:
+                        raise ModelFolderError(
+                            f"{file}: tensor {name} is FP8 but has no {scale_name} "
+                            "(or config.json has no FP8 quantization_config)."
+                        )
+                    scale = _read(handles, where, where[scale_name], scale_name, None)
+                    tensor = dequantize_fp8(tensor, scale, fp8_block_size, where[scale_name], name)
+                with torch.no_grad():
+                    targets[name].copy_(tensor)
                 progress.update()
+
+
+FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+def dequantize_fp8(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block_size: tuple[int, int], file: Path, name: str
+) -> torch.Tensor:
+    """``weight * scale_inv`` in float32, each scale covering a ``block_size`` tile of the weight (the
+    last tiles may be partial), or the whole tensor when ``block_size`` is (0, 0) or there is one scale."""
+    weight32 = weight.to(torch.float32)
+    if scale_inv.numel() == 1:
+        return weight32 * scale_inv.to(torch.float32).reshape(())
+    rows, columns = weight.shape
+    block_rows, block_columns = block_size
+    expected = (-(-rows // block_rows), -(-columns // block_columns)) if block_rows else (1, 1)
+    if tuple(scale_inv.shape) != expected:
+        raise ModelFolderError(
+            f"{file}: {name}_scale_inv has shape {list(scale_inv.shape)}, but a {rows}x{columns} weight in "
+            f"blocks of {list(block_size)} needs {list(expected)}."
+        )
+    scale = scale_inv.to(torch.float32).repeat_interleave(block_rows, 0)[:rows]
+    return weight32 * scale.repeat_interleave(block_columns, 1)[:, :columns]
+
+
+def _read(
+    handles: dict[Path, Any], where: dict[str, Path], file: Path, name: str, shape: torch.Size | None
+) -> torch.Tensor:
+    """One tensor from its file, its shape checked against ``shape`` (when given) before reading."""
+    try:
+        handle = handles[where[name]]
+        found = tuple(handle.get_slice(name).get_shape())
+        if shape is not None and found != tuple(shape):
+            raise ModelFolderError(
+                f"{file}: tensor {name} has shape {list(found)}, but config.json implies {list(shape)}."
+            )
+        return handle.get_tensor(name)
     except ModelFolderError:
         raise
     except Exception as error:  # safetensors raises its own error types for damaged data

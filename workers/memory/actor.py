@@ -20,25 +20,26 @@ from proto import spans as span_names
 from proto.config import EngineConfig
 from proto.spans import SpanBatch, SpanRecord
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
+from workers.memory.controller import StepSample
 from workers.memory.manager import HostMemory, LeaseChange, kv_layout_for
 
 IDLE_TICK_SECONDS = 0.1  # an idle engine still reports, so an unused lease is returned
 
 
-def step_result_from_span(span: SpanRecord) -> proto.StepResult:
-    """The timings the controller reads, from an executor ``step`` span's attributes."""
+def step_sample_from_span(span: SpanRecord, num_layers: int) -> StepSample:
+    """The timings the controller reads, from an executor ``step`` span's attributes (the step
+    time is the span's own duration: the executor's whole handling of the plan)."""
     attributes = span.attributes
-    return proto.StepResult(
-        step_id=int(attributes.get(span_names.STEP_ID, 0)),
-        sampled_token_ids=b"",
-        forward_time=float(attributes.get(span_names.STEP_FORWARD_TIME, 0.0)),
+    return StepSample(
         step_time=(span.end_time_ns - span.start_time_ns) / 1e9,
+        forward_time=float(attributes.get(span_names.STEP_FORWARD_TIME, 0.0)),
+        stall_time=float(attributes.get(span_names.STEP_STALL_TIME, 0.0)),
         num_host_blocks=int(attributes.get(span_names.STEP_NUM_HOST_BLOCKS, 0)),
         bytes_to_device=int(attributes.get(span_names.STEP_BYTES_TO_DEVICE, 0)),
-        bytes_to_host=int(attributes.get(span_names.STEP_BYTES_TO_HOST, 0)),
-        stall_time=float(attributes.get(span_names.STEP_STALL_TIME, 0.0)),
+        num_layers=num_layers,
         layer_compute_time=float(attributes.get(span_names.STEP_LAYER_COMPUTE_TIME, 0.0)),
         copy_time=float(attributes.get(span_names.STEP_COPY_TIME, 0.0)),
+        bytes_to_host=int(attributes.get(span_names.STEP_BYTES_TO_HOST, 0)),
         link_bandwidth=float(attributes.get(span_names.STEP_LINK_BANDWIDTH, 0.0)),
     )
 
@@ -68,12 +69,14 @@ class MemoryActor(Actor):
         self.on(SpanBatch, self.handle_spans)
 
     @classmethod
-    def from_args(cls, args: WorkerArgs) -> MemoryActor:
-        return cls(args.config, args.addresses, heartbeat_interval=args.heartbeat_interval)
+    def from_args(cls, args: WorkerArgs, context: zmq.asyncio.Context | None = None) -> MemoryActor:
+        """As a worker starts it; ``context``: the engine's shared one when actors run as threads."""
+        return cls(args.config, args.addresses, context=context, heartbeat_interval=args.heartbeat_interval)
 
     async def on_start(self) -> None:
-        layout, device_type = await self.run_blocking(kv_layout_for, self.config)
-        self.host = HostMemory(self.config, layout, pinned=device_type == "cuda")
+        # The host plan comes checked in the config (pied.preflight); only the layout is built here.
+        layout = await self.run_blocking(kv_layout_for, self.config)
+        self.host = HostMemory(self.config, layout)
         self._grant(self.host.start())
         self.send(
             SUPERVISOR,
@@ -98,26 +101,21 @@ class MemoryActor(Actor):
             self._send_lease(report.host_lease, detach=released)
 
     def handle_spans(self, batch: SpanBatch) -> None:
-        for span in batch.spans:
-            if span.name == span_names.STEP_SPAN:
-                self._saw_step = True
-                self._observe(step_result_from_span(span))
-
-    # ---------------------------------------------------------------- the controller
-
-    def _observe(self, result: proto.StepResult | None) -> None:
         host = self.host
         if host is None:
             return
-        demand = self.demand
-        change = host.on_step(
-            result,
-            demand.num_waiting,
-            demand.num_preemptions,
-            demand.num_host_blocks_in_use,
-            demand.short_of_blocks,
-            demand.host_blocks_high_water,
-        )
+        for span in batch.spans:
+            if span.name == span_names.STEP_SPAN:
+                self._saw_step = True
+                self._observe(step_sample_from_span(span, host.layout.num_layers))
+
+    # ---------------------------------------------------------------- the controller
+
+    def _observe(self, step: StepSample | None) -> None:
+        host = self.host
+        if host is None:
+            return
+        change = host.on_step(step, self.demand)
         if change is not None:
             self._grant(change)
 

@@ -7,83 +7,17 @@ is always backed by segments; segments above it are released when the lease shri
 
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import proto
-from proto.config import ConfigError, EngineConfig
+from proto.config import EngineConfig, parse_expansion
+from proto.plan import HostPlan
 from workers.memory.host_pool import HostSegment, KVLayout
+from workers.plan import plan_of
 
-GIB = 1 << 30
-SEGMENT_BYTES = 64 << 20  # large enough to copy efficiently, small enough to grow in fine steps
-DEFAULT_HOST_KV_GIB = 1.0
-
-
-def parse_expansion(expansion: str) -> int | None:
-    """``fixed:N`` -> N host blocks; ``adaptive`` -> None."""
-    if expansion == "adaptive":
-        return None
-    kind, _, value = expansion.partition(":")
-    if kind == "fixed" and value.isdigit():
-        return int(value)
-    raise ConfigError(f"--expansion must be 'adaptive' or 'fixed:N' (N host blocks), got {expansion!r}.")
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-@dataclass(frozen=True)
-class HostPlan:
-    """How much host memory the engine may use, decided once at start."""
-
-    max_host_blocks: int  # H_max: the largest lease, and the staging capacity per step (pie)
-    blocks_per_segment: int
-    initial_lease: int
-
-    @classmethod
-    def from_config(cls, config: EngineConfig, layout: KVLayout, pinned: bool) -> HostPlan:
-        """Check the host budget against free memory and the memlock limit; say what to change."""
-        if config.kv_policy == "none":
-            return cls(0, 1, 0)
-        fixed = parse_expansion(config.expansion) if config.kv_policy == "pie" else None
-        budget_gib = config.host_kv_gib or DEFAULT_HOST_KV_GIB
-        if fixed is not None:
-            max_host_blocks = fixed
-            budget = fixed * layout.block_bytes
-        else:
-            budget = int(budget_gib * GIB)
-            max_host_blocks = budget // layout.block_bytes
-        if max_host_blocks < 1:
-            raise ConfigError(
-                f"--host-kv-gib {budget_gib} holds no host KV block ({layout.block_bytes} bytes each); raise it."
-            )
-        available = available_memory_bytes()
-        if available is not None and budget > available:
-            raise ConfigError(
-                f"the host KV pool needs {budget / GIB:.2f} GiB but only {available / GIB:.2f} GiB of memory "
-                "is available; lower --host-kv-gib (or N in --expansion fixed:N)."
-            )
-        if pinned:
-            soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-            if soft != resource.RLIM_INFINITY and budget > soft:
-                raise ConfigError(
-                    f"pinning {budget / GIB:.2f} GiB of host KV needs a memlock limit at least that large "
-                    f"(it is {soft / GIB:.3f} GiB): set LimitMEMLOCK=infinity in the systemd unit or "
-                    "`ulimit -l unlimited`, or lower --host-kv-gib."
-                )
-        blocks_per_segment = max(1, min(max_host_blocks, SEGMENT_BYTES // layout.block_bytes))
-        # fixed:N grants its N blocks at once; adaptive starts with the whole budget until the
-        # controller (which steers it from measured stalls) takes over.
-        return cls(max_host_blocks, blocks_per_segment, max_host_blocks)
+if TYPE_CHECKING:
+    from workers.memory.controller import StepSample
 
 
 class MemoryManager:
@@ -144,17 +78,25 @@ class HostMemory:
     """The memory manager's policy: the lease for ``kv_policy`` and ``expansion``, the segments
     backing it, and (adaptive) the controller steering it from the executor's step results."""
 
-    def __init__(self, config: EngineConfig, layout: KVLayout, pinned: bool = False) -> None:
-        from workers.memory.controller import DemandSample, ExpansionController, StepSample
+    def __init__(self, config: EngineConfig, layout: KVLayout | None = None) -> None:
+        """``layout``: the KV layout of the plan (default: built from it)."""
+        from workers.memory.controller import DemandSample, ExpansionController
 
-        self._demand_sample, self._step_sample = DemandSample, StepSample
+        self._demand_sample = DemandSample
         self.config = config
-        self.layout = layout
-        self.plan = HostPlan.from_config(config, layout, pinned)
-        self.manager = MemoryManager(self.plan, layout)
+        self.layout = layout or kv_layout_for(config)
+        # The host plan as the daemon checked it (memory available, memlock): not derived again.
+        self.plan = plan_of(config).host
+        if self.plan.max_host_blocks and self.plan.block_bytes != self.layout.block_bytes:
+            raise ValueError(
+                f"the host plan's blocks are {self.plan.block_bytes} bytes, the KV layout's {self.layout.block_bytes}."
+            )
+        self.manager = MemoryManager(self.plan, self.layout)
         self.adaptive = config.kv_policy == "pie" and parse_expansion(config.expansion) is None
         self.controller = (
-            ExpansionController(self.plan.max_host_blocks, config.stall_target, host_block_bytes=layout.block_bytes)
+            ExpansionController(
+                self.plan.max_host_blocks, config.stall_target, host_block_bytes=self.layout.block_bytes
+            )
             if self.adaptive
             else None
         )
@@ -170,7 +112,7 @@ class HostMemory:
     @property
     def num_staging_blocks(self) -> int:
         """Staging capacity per step (pie only): the largest lease."""
-        return self.plan.max_host_blocks if self.config.kv_policy == "pie" else 0
+        return self.plan.num_staging_blocks
 
     @property
     def lease(self) -> int:
@@ -188,29 +130,21 @@ class HostMemory:
         self.granted = lease
         return LeaseChange(lease, created)
 
-    def on_step(
-        self,
-        result: proto.StepResult | None,
-        num_waiting: int,
-        num_preemptions: int,
-        num_host_blocks_in_use: int,
-        short_of_blocks: bool,
-        host_blocks_high_water: int = 0,
-    ) -> LeaseChange | None:
-        """Feed one step (or an idle tick, ``result=None``) to the controller; a change when it
-        moves the lease. Growing maps new segments at once; shrinking keeps them until released."""
+    def on_step(self, step: StepSample | None, demand: proto.DemandReport) -> LeaseChange | None:
+        """Feed one executor step's timings (or an idle tick, ``step=None``) and the scheduler's
+        latest demand to the controller; a change when it moves the lease. Growing maps new
+        segments at once; shrinking keeps them until released."""
         if self.controller is None:
             return None
-        demand = self._demand_sample(
-            num_waiting=num_waiting,
-            num_preemptions=num_preemptions - self._last_preemptions,
-            num_host_blocks_in_use=num_host_blocks_in_use,
-            short_of_blocks=short_of_blocks,
-            high_water=host_blocks_high_water,
+        sample = self._demand_sample(
+            num_waiting=demand.num_waiting,
+            num_preemptions=demand.num_preemptions - self._last_preemptions,
+            num_host_blocks_in_use=demand.num_host_blocks_in_use,
+            short_of_blocks=demand.short_of_blocks,
+            high_water=demand.host_blocks_high_water,
         )
-        self._last_preemptions = num_preemptions
-        step = None if result is None else self._step_sample.from_result(result, self.layout.num_layers)
-        decision = self.controller.observe(step, demand)
+        self._last_preemptions = demand.num_preemptions
+        decision = self.controller.observe(step, sample)
         if decision is None:
             return None
         self.decision_reason, self.target = decision.reason, decision.target
@@ -235,15 +169,9 @@ class HostMemory:
         self.manager.close()
 
 
-def kv_layout_for(config: EngineConfig) -> tuple[KVLayout, str]:
-    """The KV block layout the executor will use for ``config`` (cheap: reads config.json only),
-    and the device type. The memory manager and the executor derive the same HostPlan from it."""
+def kv_layout_for(config: EngineConfig) -> KVLayout:
+    """The KV block layout of ``config``'s plan (the executor's pool has the same pages)."""
     import torch
 
-    from workers.model_config import ModelConfig, resolve_dtype
-
-    model_config = ModelConfig.from_folder(config.resolved_model())
-    device_type = torch.device(config.resolved_device()).type
-    dtype = resolve_dtype(config.dtype, model_config.dtype, device_type)
-    layout = KVLayout(model_config.num_layers, config.block_size, model_config.num_kv_heads, model_config.head_dim, dtype)
-    return layout, device_type
+    plan = plan_of(config)
+    return KVLayout(plan.num_layers, config.block_size, plan.num_kv_heads, plan.head_dim, getattr(torch, plan.dtype))

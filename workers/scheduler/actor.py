@@ -84,8 +84,9 @@ class SchedulerActor(Actor):
         self.on(proto.StepResult, self.handle_step_result)
 
     @classmethod
-    def from_args(cls, args: WorkerArgs) -> SchedulerActor:
-        return cls(args.config, args.addresses, heartbeat_interval=args.heartbeat_interval)
+    def from_args(cls, args: WorkerArgs, context: zmq.asyncio.Context | None = None) -> SchedulerActor:
+        """As a worker starts it; ``context``: the engine's shared one when actors run as threads."""
+        return cls(args.config, args.addresses, context=context, heartbeat_interval=args.heartbeat_interval)
 
     # ---------------------------------------------------------------- handlers
 
@@ -112,6 +113,7 @@ class SchedulerActor(Actor):
             eos_token_ids=ready.eos_token_ids,
             block_size=ready.block_size,
             vocab_size=ready.vocab_size,
+            max_host_blocks=ready.max_host_blocks,
         )
         self.send(SUPERVISOR, self.model_info)
         self.spawn(self._step_loop(), "step-loop")
@@ -166,12 +168,13 @@ class SchedulerActor(Actor):
             if spans is not None:
                 spans.stepped(deltas, stepped_ns)
             stats.num_steps += 1
-            stats.forward_time_sum += result.forward_time
-            stats.execute_time_sum += result.step_time
-            stats.bytes_to_device_sum += result.bytes_to_device
-            stats.bytes_to_host_sum += result.bytes_to_host
-            stats.stall_time_sum += result.stall_time
-            stats.step_time_sum += time.perf_counter() - started
+            stats.num_computed_tokens_total += len(plan.token_ids) // 4  # packed int32
+            stats.forward_seconds_total += result.forward_time
+            stats.step_seconds_total += result.step_time
+            stats.bytes_to_device_total += result.bytes_to_device
+            stats.bytes_to_host_total += result.bytes_to_host
+            stats.stall_seconds_total += result.stall_time
+            stats.cycle_seconds_total += time.perf_counter() - started
             self._publish_stats(scheduler)
             self._report_demand(scheduler, plan.step_id)
 
@@ -260,7 +263,9 @@ class SchedulerActor(Actor):
         stats.host_usage = scheduler.host_usage
         stats.num_preemptions = scheduler.num_preemptions
         prefix = scheduler.prefix_cache_stats
-        stats.prefix_cache_queries_sum = prefix.num_query_tokens
-        stats.prefix_cache_device_hits_sum = prefix.num_device_hit_tokens
-        stats.prefix_cache_host_hits_sum = prefix.num_host_hit_tokens
+        stats.prefix_cache_queries_total = prefix.num_query_tokens
+        stats.prefix_cache_device_hits_total = prefix.num_device_hit_tokens
+        stats.prefix_cache_host_hits_total = prefix.num_host_hit_tokens
+        stats.prefix_cache_demotions_total = prefix.num_demotions
+        stats.prefix_cache_promotions_total = prefix.num_promotions
         self.send("frontend", stats)

@@ -1,14 +1,16 @@
-"""``ProcessEngineClient``: the :class:`~pied.engine_client.EngineClient` of the daemon, with the
-scheduler and the executor in worker processes started and watched by :mod:`pied.supervisor`.
+"""``Engine``: the one :class:`~pied.engine_client.EngineClient`. The scheduler, executor and
+memory-manager actors run as worker processes (the daemon) or as threads of this process
+(``pied.LLM``, ``pied serve --inproc``, tests), started and watched by :mod:`pied.supervisor`; the
+two differ only in wiring (``ipc://`` or ``inproc://``), never in what runs.
 
 Usage (on the frontend's event loop)::
 
-    client = ProcessEngineClient(config)
-    await client.start()                    # workers up and Ready, or WorkerStartError
-    stream = client.add_request(request)    # deltas arrive on the stream
+    engine = Engine(config, workers="processes")   # or "threads"
+    await engine.start()                    # workers up and Ready, or WorkerStartError
+    stream = engine.add_request(request)    # deltas arrive on the stream
     async for delta in stream: ...          # raises EngineDeadError if the engine dies
-    await client.wait_dead()                # the daemon exits non-zero when this returns
-    await client.shutdown()
+    await engine.wait_dead()                # the daemon exits non-zero when this returns
+    await engine.shutdown()
 """
 
 from __future__ import annotations
@@ -19,17 +21,20 @@ import time
 from collections.abc import Callable
 
 import proto
-from pied.engine_client import EngineDeadError, EngineStats, RequestStream
-from pied.supervisor import Supervisor, SupervisorOptions, WorkerStartError
+from pied.engine_client import EngineDeadError, RequestStream
+from pied.preflight import preflight
+from pied.supervisor import Supervisor, SupervisorOptions, WorkerKind, WorkerStartError
 from proto.config import EngineConfig
+from workers.actor import Actor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ProcessEngineClient", "SupervisorOptions", "WorkerStartError"]
+__all__ = ["Engine", "SupervisorOptions", "WorkerKind", "WorkerStartError"]
 
 
-class ProcessEngineClient:
-    """The engine in worker processes. Every method runs on the loop that called :meth:`start`.
+class Engine:
+    """The engine's actors behind the frontend. Every method runs on the loop that called
+    :meth:`start`.
 
     ``on_dead(reason)`` (optional) is called once when a worker dies or hangs, after every stream
     in flight has failed with :class:`EngineDeadError`.
@@ -40,15 +45,24 @@ class ProcessEngineClient:
         config: EngineConfig,
         options: SupervisorOptions | None = None,
         on_dead: Callable[[str], None] | None = None,
+        *,
+        workers: WorkerKind = "processes",
     ) -> None:
-        self.config = config.validate()
+        self.config = preflight(config)  # a no-op for a config the daemon checked already
         self.model_info: proto.Ready | None = None  # num_device_blocks, max_model_len, eos ids, ...
-        self.last_stats = proto.Stats()  # the latest Stats message, with the step time totals
+        self._stats = proto.Stats()  # the scheduler's latest snapshot
+        # Set by an idle snapshot with no request open, cleared by a request or deltas: the
+        # scheduler sends its idle snapshot after the deltas that emptied it, on the same socket.
+        self._idle = asyncio.Event()
         self._streams: dict[str, RequestStream] = {}
         self._dead_event = asyncio.Event()
         self._on_dead_callback = on_dead
         self._supervisor = Supervisor(
-            self.config, on_output=self._handle_output, on_dead=self._handle_dead, options=options
+            self.config,
+            on_output=self._handle_output,
+            on_dead=self._handle_dead,
+            options=options,
+            workers=workers,
         )
         self._started = False
         self._shut_down = False
@@ -57,7 +71,7 @@ class ProcessEngineClient:
 
     async def start(self) -> None:
         self.model_info = await self._supervisor.start()
-        self.last_stats.num_device_blocks = self.model_info.num_device_blocks
+        self._stats.num_device_blocks = self.model_info.num_device_blocks
         self._started = True
 
     def add_request(self, request: proto.AddRequest) -> RequestStream:
@@ -66,11 +80,12 @@ class ProcessEngineClient:
         if self._shut_down:
             raise EngineDeadError("engine shut down")
         if not self._started:
-            raise RuntimeError("ProcessEngineClient.add_request() before start()")
+            raise RuntimeError("Engine.add_request() before start()")
         if request.request_id in self._streams:
             raise ValueError(f"request id {request.request_id!r} is already in use.")
         stream = RequestStream(request.request_id)
         self._streams[request.request_id] = stream
+        self._idle.clear()
         self._supervisor.send(request)
         return stream
 
@@ -80,29 +95,25 @@ class ProcessEngineClient:
         if open_ids and self._started and not self.dead and not self._supervisor.closed:
             self._supervisor.send(proto.AbortRequests(open_ids))
 
-    def stats(self) -> EngineStats:
-        stats = self.last_stats
-        return EngineStats(
-            num_running=stats.num_running,
-            num_waiting=stats.num_waiting,
-            num_device_blocks=stats.num_device_blocks,
-            num_host_blocks=stats.num_host_blocks,
-            device_usage=stats.device_usage,
-            host_usage=stats.host_usage,
-            num_preemptions=stats.num_preemptions,
-            num_steps=stats.num_steps,
-            host_lease=stats.host_lease,
-            bytes_to_device_total=stats.bytes_to_device_sum,
-            bytes_to_host_total=stats.bytes_to_host_sum,
-            stall_seconds_total=stats.stall_time_sum,
-            step_seconds_total=stats.step_time_sum,  # the scheduler's wall time per step
-            host_lease_target=stats.host_lease_target,
-            host_decision=stats.host_decision,
-            host_link_bandwidth=stats.host_link_bandwidth,
-            prefix_cache_queries_total=stats.prefix_cache_queries_sum,
-            prefix_cache_device_hits_total=stats.prefix_cache_device_hits_sum,
-            prefix_cache_host_hits_total=stats.prefix_cache_host_hits_sum,
-        )
+    def stats(self) -> proto.Stats:
+        return self._stats
+
+    async def wait_idle(self, timeout: float = 10.0) -> proto.Stats:
+        """The snapshot of a quiescent engine: every request submitted so far has finished and the
+        scheduler has reported itself idle since. Raises TimeoutError after ``timeout`` seconds
+        and EngineDeadError if the engine dies meanwhile."""
+        idle = asyncio.ensure_future(self._idle.wait())
+        dead = asyncio.ensure_future(self._dead_event.wait())
+        try:
+            done, _ = await asyncio.wait([idle, dead], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            idle.cancel()
+            dead.cancel()
+        if self.dead:
+            raise EngineDeadError(f"engine is dead: {self.dead_reason}")
+        if not done:
+            raise TimeoutError(f"the engine did not go idle within {timeout:g}s")
+        return self._stats
 
     @property
     def dead(self) -> bool:
@@ -120,7 +131,7 @@ class ProcessEngineClient:
         await self._supervisor.shutdown()
         self._fail_all(EngineDeadError("engine shut down"))
 
-    # ---------------------------------------------------------------- daemon-facing extras
+    # ---------------------------------------------------------------- liveness and facts
 
     @property
     def dead_reason(self) -> str:
@@ -143,13 +154,27 @@ class ProcessEngineClient:
 
     @property
     def worker_pids(self) -> dict[str, int]:
-        """``{name: pid}`` of every worker process once started."""
+        """``{name: pid}`` of every worker once started (this process's pid for threads)."""
         return self._supervisor.pids
+
+    @property
+    def workers(self) -> WorkerKind:
+        return self._supervisor.kind
+
+    def actor(self, name: str) -> Actor:
+        """Worker ``name``'s actor object, with threads (tests and benchmarks read its state while
+        the engine is idle); RuntimeError with processes."""
+        return self._supervisor.actor(name)
 
     @property
     def max_model_len(self) -> int:
         assert self.model_info is not None, "max_model_len before start()"
         return self.model_info.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        assert self.model_info is not None, "vocab_size before start()"
+        return self.model_info.vocab_size
 
     @property
     def num_open_requests(self) -> int:
@@ -159,8 +184,11 @@ class ProcessEngineClient:
 
     def _handle_output(self, message: proto.TokenDeltas | proto.Stats) -> None:
         if isinstance(message, proto.Stats):
-            self.last_stats = message
+            self._stats = message
+            if not self._streams and message.num_running == message.num_waiting == 0:
+                self._idle.set()
             return
+        self._idle.clear()
         streams = self._streams
         for delta in message.deltas:
             stream = streams.get(delta.request_id)

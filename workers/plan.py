@@ -1,0 +1,161 @@
+"""The engine plan (``proto.plan.EnginePlan``) derived from a configuration and a model's config.
+
+``plan_engine`` is the one derivation: the daemon's preflight (``pied.preflight``) calls it before
+any worker starts and hands the result to the workers inside their ``EngineConfig``; a worker object
+built without a plan (a unit test, a library caller constructing a ``ModelRunner`` directly) calls
+:func:`plan_of`, which derives the same plan once. Every refusal is a ConfigError naming the flag.
+No torch here: the daemon must not load it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from proto.config import ConfigError, EngineConfig
+from proto.plan import EnginePlan, HostPlan
+from workers.memory.host_plan import GIB, plan_host
+from workers.model_config import DTYPE_ALIASES, ModelConfig
+
+DEFAULT_CPU_KV_GIB = 1.0
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def dtype_name(name: str, checkpoint_dtype: str, device_type: str) -> str:
+    """The dtype to run in for ``--dtype name`` ("auto" follows the checkpoint's dtype).
+
+    "auto" with a float16 checkpoint runs in float32 on CPU: CPU float16 matmuls are slow or
+    missing, and float16 has bfloat16's memory cost with none of its range. An explicit
+    ``float16`` is honoured everywhere.
+    """
+    key = checkpoint_dtype if name == "auto" else DTYPE_ALIASES.get(name)
+    if key is None:
+        raise ConfigError(f"--dtype {name!r} is not supported; use auto, float32, bfloat16 or float16.")
+    if name == "auto" and key == "float16" and device_type == "cpu":
+        key = "float32"
+    return key
+
+
+def kv_block_bytes(model: ModelConfig, block_size: int, dtype: str) -> int:
+    """One block across all layers: K and V for ``block_size`` tokens of every KV head."""
+    return model.num_layers * 2 * block_size * model.num_kv_heads * model.head_dim * DTYPE_BYTES[dtype]
+
+
+def num_staging_areas(config: EngineConfig, model: ModelConfig) -> int:
+    """R: layer ``l + depth`` loads while layer ``l`` computes, so ``depth + 1`` areas (at most L)."""
+    return min(config.prefetch_depth + 1, model.num_layers)
+
+
+def plan_engine(
+    config: EngineConfig,
+    model: ModelConfig,
+    device: str,
+    available: int | None = None,
+    memlock: int | None = None,
+    num_staging_blocks: int | None = None,
+) -> EnginePlan:
+    """The plan for ``config`` on ``device`` (resolved: cpu, cuda, cuda:N) with ``model``.
+
+    ``available`` and ``memlock`` (bytes) default to the machine's; tests pass their own.
+    ``num_staging_blocks`` overrides the staging ring's width (a ``ModelRunner`` built directly
+    with its own ring: the device budget makes room for that one)."""
+    device_type = device.split(":", 1)[0]
+    dtype = dtype_name(config.dtype, model.dtype, device_type)
+    block_bytes = kv_block_bytes(model, config.block_size, dtype)
+    host = plan_host(config, block_bytes, pinned=device_type == "cuda", available=available, memlock=memlock)
+    staging = host.num_staging_blocks if num_staging_blocks is None else num_staging_blocks
+    num_device_blocks = device_blocks(config, model, device_type, block_bytes, staging)
+    max_model_len = plan_max_model_len(config, model, num_device_blocks, host)
+    if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
+        # Without chunking a prompt (or a preempted request's recomputation) must fit one step.
+        raise ConfigError(
+            f"--max-num-batched-tokens ({config.max_num_batched_tokens}) must be at least the model length "
+            f"({max_model_len}) when chunked prefill is off; raise it, lower --max-model-len, or drop "
+            "--no-enable-chunked-prefill."
+        )
+    return EnginePlan(
+        model_path=str(Path(config.resolved_model()).absolute()),
+        device=device,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        num_device_blocks=num_device_blocks,
+        host=host,
+        num_layers=model.num_layers,
+        num_kv_heads=model.num_kv_heads,
+        head_dim=model.head_dim,
+    )
+
+
+def device_blocks(
+    config: EngineConfig, model: ModelConfig, device_type: str, block_bytes: int, num_staging_blocks: int
+) -> int | None:
+    """``--device-kv-blocks``, else what fits in ``--device-kv-gib``, else 1 GiB on CPU, less the
+    staging ring; None on CUDA without either (the executor sizes it from the memory free after
+    loading the weights)."""
+    if config.device_kv_blocks is not None:
+        return config.device_kv_blocks
+    if config.device_kv_gib is not None:
+        budget, source = config.device_kv_gib * GIB, f"--device-kv-gib {config.device_kv_gib:g}"
+    elif device_type == "cpu":
+        budget, source = DEFAULT_CPU_KV_GIB * GIB, f"the default {DEFAULT_CPU_KV_GIB:g} GiB of KV on CPU"
+    else:
+        return None
+    page_bytes = block_bytes // model.num_layers
+    staging_bytes = num_staging_areas(config, model) * num_staging_blocks * page_bytes
+    num_blocks = int((budget - staging_bytes) // block_bytes)
+    if num_blocks < 1:
+        staging = f" after {staging_bytes / GIB:.3f} GiB of staging pages" if staging_bytes else ""
+        raise ConfigError(
+            f"{source} holds no KV block ({block_bytes} bytes each{staging}); raise it or set --device-kv-blocks."
+        )
+    return num_blocks
+
+
+def plan_max_model_len(
+    config: EngineConfig, model: ModelConfig, num_device_blocks: int | None, host: HostPlan
+) -> int:
+    """``--max-model-len`` checked against the model and the KV pool; without it, the model's
+    ``max_position_embeddings``, lowered to what the pool holds (device blocks, plus the largest
+    lease under pie) so that one sequence of the model length always fits."""
+    limit = model.max_position_embeddings
+    if config.max_model_len is not None and config.max_model_len > limit:
+        raise ConfigError(
+            f"--max-model-len {config.max_model_len} is above the model's max_position_embeddings ({limit}, "
+            f"in {Path(model.path) / 'config.json'}); give at most {limit}."
+        )
+    wanted = config.max_model_len or limit
+    if num_device_blocks is None:
+        return wanted  # the executor checks the pool once it has sized it
+    pool_blocks = num_device_blocks + (host.max_host_blocks if config.kv_policy == "pie" else 0)
+    pool_tokens = pool_blocks * config.block_size
+    if wanted <= pool_tokens:
+        return wanted
+    if config.max_model_len is None:
+        return pool_tokens
+    pool = "device and host KV pools hold" if config.kv_policy == "pie" else "device KV pool holds"
+    raise ConfigError(
+        f"--max-model-len {wanted} does not fit: the {pool} {pool_blocks} blocks of {config.block_size} "
+        f"tokens ({pool_tokens} tokens); raise --device-kv-blocks/--device-kv-gib (one sequence needs "
+        f"{-(-wanted // config.block_size)} blocks) or lower --max-model-len."
+    )
+
+
+def plan_of(config: EngineConfig, num_staging_blocks: int | None = None) -> EnginePlan:
+    """``config.plan``, or (for a config that never went through the daemon's preflight, such as a
+    ``ModelRunner`` built directly) the same plan derived here from the model folder."""
+    if config.plan is not None:
+        return config.plan
+    model = ModelConfig.from_folder(config.resolved_model())
+    return plan_engine(config, model, local_device(config.device), num_staging_blocks=num_staging_blocks)
+
+
+def local_device(device: str) -> str:
+    """``--device auto`` resolved in a process that may load torch (``$PIED_DEVICE`` first)."""
+    if device != "auto":
+        return device
+    forced = os.environ.get("PIED_DEVICE")
+    if forced:
+        return forced
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
