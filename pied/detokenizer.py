@@ -5,10 +5,11 @@ Text comes from vLLM's prefix/read-offset technique: decode a short window of re
 whatever the output length. A window whose text ends in U+FFFD is an incomplete UTF-8 sequence (a
 character split across byte-level tokens): nothing is emitted until a later token completes it.
 
-Stop strings: the text is searched as it grows; the first stop string to be complete ends the
-output, cut before it (or after it with ``include_stop_str_in_output``). Text that could still become the start of a
-stop string is held back, so the deltas never include text a later stop string would cut, and the
-concatenated deltas always equal the final text.
+Stop strings: the text is read as it grows by one automaton over all stop strings
+(:mod:`pied.stop_matcher`, linear in the text whatever the stop strings); the first stop string to
+be complete ends the output, cut before it (or after it with ``include_stop_str_in_output``). Text
+that could still become the start of a stop string is held back, so the deltas never include text a
+later stop string would cut, and the concatenated deltas always equal the final text.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import proto
+from pied.stop_matcher import for_stops
 
 # As vLLM: decoding starts with this many prompt tokens as context, so the first output token
 # decodes as it does after the prompt (SentencePiece drops a word's leading space at the start).
@@ -57,12 +59,13 @@ class IncrementalDetokenizer:
         self._prefix_text = self._decode(context)
 
         # The text is kept in pieces so a long output costs no quadratic copying: what the caller
-        # has (_emitted_parts), what is decoded but held back (_pending, shorter than the longest
-        # stop string), and the end of it all (_recent) that a new stop string could start in.
+        # has (_emitted_parts) and what is decoded but held back (_pending: the end of the text that
+        # a later token could turn into a stop string, as long as the automaton state's depth).
         self._emitted_parts: list[str] = []
         self._pending = ""
-        self._recent = ""
-        self._recent_length = max((len(stop) for stop in self.stop_strings), default=1) - 1
+        stops = tuple(dict.fromkeys(stop for stop in self.stop_strings if stop))
+        self._stops = for_stops(stops) if stops else None
+        self._stop_state = 0
 
     @property
     def text(self) -> str:
@@ -103,58 +106,48 @@ class IncrementalDetokenizer:
         return self._advance(window_text[len(self._prefix_text) :], final=True)
 
     def _advance(self, new_text: str, final: bool) -> str:
-        # As vLLM, stop strings count only once min_tokens tokens are out.
-        if new_text and self.stop_strings and self.num_output_tokens > self.min_tokens:
-            found = self._find_stop(self._recent + new_text, len(self._recent))
+        if self._stops is not None and new_text:
+            found = self._read_stops(new_text)
             if found is not None:
-                position, stop = found
-                end = position + len(stop) if self.include_stop_str_in_output else position
-                # ``position`` counts from the start of _recent; the delta starts after the emitted text.
+                end_in_new, stop = found
+                # The match ends inside new_text; the delta starts after the emitted text.
                 unseen = self._pending + new_text
-                end_in_unseen = end - len(self._recent) + len(self._pending)
+                end = len(self._pending) + end_in_new
+                if not self.include_stop_str_in_output:
+                    end -= len(stop)
                 self.stopped = True
                 self.stop_reason = stop
                 self._pending = ""
-                return self._emit(unseen[: max(end_in_unseen, 0)])
+                return self._emit(unseen[: max(end, 0)])
         self._pending += new_text
-        recent = self._recent + new_text
-        self._recent = recent[max(0, len(recent) - self._recent_length) :]
-        held = 0 if final or self.include_stop_str_in_output else self._stop_prefix_length()
+        held = 0
+        if self._stops is not None and not final and not self.include_stop_str_in_output:
+            held = self._stops.depth[self._stop_state]
         held = min(held, len(self._pending))
         delta = self._pending[: len(self._pending) - held]
         self._pending = self._pending[len(delta) :]
         return self._emit(delta)
 
+    def _read_stops(self, new_text: str) -> tuple[int, str] | None:
+        """Feed ``new_text`` to the automaton. The first stop string completed in it (the one that
+        ends earliest; at one end, the longest) as (its end in ``new_text``, the stop string).
+        Generation would have stopped there however many tokens this push brought, so the result
+        does not depend on the chunking. As vLLM, stop strings count only once min_tokens tokens
+        are out; before that the text is still read, so a stop string may start in it."""
+        automaton = self._stops
+        assert automaton is not None
+        counting = self.num_output_tokens > self.min_tokens
+        state = self._stop_state
+        for position, char in enumerate(new_text):
+            state = automaton.advance(state, char)
+            stop = automaton.matched[state]
+            if stop is not None and counting:
+                self._stop_state = state
+                return position + 1, stop
+        self._stop_state = state
+        return None
+
     def _emit(self, delta: str) -> str:
         if delta:
             self._emitted_parts.append(delta)
         return delta
-
-    def _find_stop(self, text: str, previous_length: int) -> tuple[int, str] | None:
-        """The stop string that is complete first in ``text``, reading what follows
-        ``previous_length`` left to right: the occurrence that ends earliest (ties: the longer one).
-        Generation would have stopped there however many tokens this push brought, so the result
-        does not depend on the chunking."""
-        best: tuple[int, int, str] | None = None
-        for stop in self.stop_strings:
-            # Occurrences ending in the old text were looked for already.
-            position = text.find(stop, max(0, previous_length - len(stop) + 1))
-            if position >= 0:
-                candidate = (position + len(stop), position, stop)
-                if best is None or candidate[:2] < best[:2]:
-                    best = candidate
-        return None if best is None else (best[1], best[2])
-
-    def _stop_prefix_length(self) -> int:
-        """Length of the longest end of the text that is a proper prefix of a stop string."""
-        text = self._recent
-        longest = 0
-        for stop in self.stop_strings:
-            tail = text[len(text) - min(len(stop) - 1, len(text)) :]
-            start = tail.find(stop[0]) if tail else -1
-            while start != -1 and len(tail) - start > longest:
-                if stop.startswith(tail[start:]):
-                    longest = len(tail) - start
-                    break
-                start = tail.find(stop[0], start + 1)
-        return longest

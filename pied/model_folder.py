@@ -26,6 +26,7 @@ from workers.model_config import (
     WEIGHTS_INDEX_FILE,
     ModelConfig,
     ModelFolderError,
+    read_json_object,
 )
 
 # config.json keys and what they must hold. Keys not listed are left to the model's own parser.
@@ -62,18 +63,6 @@ def check_model_folder(path: str | Path) -> ModelConfig:
     for shard in weight_files(folder):
         check_safetensors_header(shard)
     return model
-
-
-def read_json_object(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ModelFolderError(f"{file}: invalid JSON ({error}).") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ModelFolderError(f"{file}: cannot be read ({error}).") from None
-    if not isinstance(data, dict):
-        raise ModelFolderError(f"{file}: expected a JSON object at the top level, not {type(data).__name__}.")
-    return data
 
 
 def _is_int(value: Any) -> bool:

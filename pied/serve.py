@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pied.serve")
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 32 << 20  # token-id prompts of a long context are several MiB of JSON
+LINGERING_SECONDS = 2.0  # aiohttp's default is 10 s of reading a body nobody wants
 DEATH_GRACE_SECONDS = 1.0  # after the engine dies, time for handlers to send their errors
 LOAD_STATUS_INTERVAL = 5.0  # seconds between STATUS/EXTEND_TIMEOUT_USEC messages while loading
 SERVE_STATUS_INTERVAL = 5.0  # seconds between STATUS lines while serving
@@ -69,6 +70,13 @@ class ServeOptions:
     chat_template: str | None = None
     max_queued_requests: int | None = None
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    # What one client can hold: admitted requests (429 past it), connections, and how long a
+    # connection may sit on its headers (also the keep-alive), its body, or a stream it does not read.
+    max_admitted_requests: int = 256
+    max_connections: int = 512
+    keep_alive_timeout: float = 5.0
+    body_timeout: float = 30.0
+    write_timeout: float = 30.0
     shutdown_timeout: float = 30.0
     startup_timeout: float = 600.0
     heartbeat_timeout: float = 10.0
@@ -78,8 +86,11 @@ class ServeOptions:
     max_choices: int = 1024
     max_output_tokens: int | None = None
     max_prompt_tokens: int | None = None
+    max_prompts: int = 256
+    max_messages: int = 1024
     max_stop_strings: int = 32
     max_stop_string_chars: int = 1024
+    max_stop_token_ids: int = 256
     # Tools and reasoning (vLLM's flags): parsers of the model's output text.
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
@@ -102,6 +113,19 @@ class ServeOptions:
             raise ConfigError("--max-queued-requests must be at least 0.")
         if self.max_request_body_bytes < 1024:
             raise ConfigError("--max-request-body-bytes must be at least 1024.")
+        if self.max_admitted_requests < 1:
+            raise ConfigError(
+                f"--max-admitted-requests must be at least 1, got {self.max_admitted_requests}."
+            )
+        if self.max_connections < 1:
+            raise ConfigError(f"--max-connections must be at least 1, got {self.max_connections}.")
+        for flag, seconds in (
+            ("--keep-alive-timeout", self.keep_alive_timeout),
+            ("--body-timeout", self.body_timeout),
+            ("--write-timeout", self.write_timeout),
+        ):
+            if not seconds > 0:
+                raise ConfigError(f"{flag} must be positive, got {seconds}.")
         if self.shutdown_timeout < 0:
             raise ConfigError("--shutdown-timeout must be non-negative.")
         if self.startup_timeout <= 0:
@@ -134,8 +158,11 @@ class ServeOptions:
             max_choices=self.max_choices,
             max_output_tokens=self.max_output_tokens,
             max_prompt_tokens=self.max_prompt_tokens,
+            max_prompts=self.max_prompts,
+            max_messages=self.max_messages,
             max_stop_strings=self.max_stop_strings,
             max_stop_string_chars=self.max_stop_string_chars,
+            max_stop_token_ids=self.max_stop_token_ids,
         )
 
     def resolved_api_key(self) -> str | None:
@@ -220,6 +247,40 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         help=f"answer 413 to larger request bodies (default: {defaults.max_request_body_bytes})",
     )
     server.add_argument(
+        "--max-admitted-requests",
+        type=int,
+        metavar="N",
+        help="answer 429 (with Retry-After) while N generation/tokenize requests are being answered, "
+        f"counted before their bodies are read (default: {defaults.max_admitted_requests})",
+    )
+    server.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="the most open connections; past it an idle one is closed, else the new one gets a 503 "
+        f"(default: {defaults.max_connections})",
+    )
+    server.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="close a connection whose next request's headers have not all arrived this long after it "
+        f"opened or after its last response (default: {defaults.keep_alive_timeout:g})",
+    )
+    server.add_argument(
+        "--body-timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"answer 408 to a request body that takes longer to arrive (default: {defaults.body_timeout:g})",
+    )
+    server.add_argument(
+        "--write-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="cut a stream whose client reads nothing for this long, and abort its request "
+        f"(default: {defaults.write_timeout:g})",
+    )
+    server.add_argument(
         "--shutdown-timeout",
         "--drain-timeout",
         dest="shutdown_timeout",
@@ -268,6 +329,24 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         help="the longest prompt, in tokens (default: the context)",
     )
     limits.add_argument(
+        "--max-prompts",
+        type=int,
+        metavar="N",
+        help=f"the most prompts in one /v1/completions request (default: {defaults.max_prompts})",
+    )
+    limits.add_argument(
+        "--max-messages",
+        type=int,
+        metavar="N",
+        help=f"the most messages in one chat request (default: {defaults.max_messages})",
+    )
+    limits.add_argument(
+        "--max-stop-token-ids",
+        type=int,
+        metavar="N",
+        help=f"the most stop_token_ids per request (default: {defaults.max_stop_token_ids})",
+    )
+    limits.add_argument(
         "--max-stop-strings",
         type=int,
         metavar="N",
@@ -277,7 +356,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         "--max-stop-string-chars",
         type=int,
         metavar="N",
-        help=f"the longest stop string (default: {defaults.max_stop_string_chars})",
+        help=f"the stop strings' total length in characters (default: {defaults.max_stop_string_chars})",
     )
     tools = parser.add_argument_group("tools and reasoning")
     tools.add_argument(
@@ -407,6 +486,7 @@ async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None
     from aiohttp import web
 
     from pied.api.app import create_app
+    from pied.api.connections import ConnectionLimit, LimitedTCPSite
     from pied.api.state import ServerState
     from pied.chat_template import check_chat_template, load_chat_template
     from pied.tokenizer import Tokenizer
@@ -445,20 +525,37 @@ async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None
         vocab_size=engine.vocab_size,
         max_logprobs=config.max_logprobs,
         max_queued_requests=options.max_queued_requests,
+        max_admitted_requests=options.max_admitted_requests,
+        body_timeout=options.body_timeout,
+        write_timeout=options.write_timeout,
         limits=options.request_limits(),
         enable_auto_tool_choice=options.enable_auto_tool_choice,
         tool_call_parser=options.tool_call_parser,
         reasoning_parser=options.reasoning_parser,
     )
+    connection_limit = ConnectionLimit(options.max_connections)
     app = create_app(
-        server, api_key=api_key, max_request_body_bytes=options.max_request_body_bytes, tracer=tracer
+        server,
+        api_key=api_key,
+        max_request_body_bytes=options.max_request_body_bytes,
+        tracer=tracer,
+        connection_limit=connection_limit,
     )
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its
     # engine requests (a non-streaming request would otherwise run to the end for nobody).
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    # keepalive_timeout is also the header deadline (pied.api.connections); lingering_time bounds
+    # how long an unread body is drained after an early answer (401, 413, 408).
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=5.0,
+        keepalive_timeout=options.keep_alive_timeout,
+        lingering_time=LINGERING_SECONDS,
+    )
     await runner.setup()
     # A deep backlog: a burst of clients connecting at once must not wait for SYN retries.
-    site = web.TCPSite(runner, options.host, options.port, backlog=4096)
+    site = LimitedTCPSite(runner, options.host, options.port, connection_limit, backlog=4096)
     try:
         await site.start()
     except OSError as error:

@@ -213,11 +213,21 @@ class Tokenizer:
         Rendered chat prompts are encoded with ``add_special_tokens=False``, as transformers and
         vLLM do: the template writes its own BOS."""
         ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens:
-            if self._prepend_bos and (not ids or ids[0] != self.bos_token_id):
-                ids.insert(0, self.bos_token_id)  # type: ignore[arg-type]
-            if self._append_eos and (not ids or ids[-1] != self.eos_token_id):
-                ids.append(self.eos_token_id)  # type: ignore[arg-type]
+        return self._add_special(ids) if add_special_tokens else ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """:meth:`encode` of each text, in parallel. NOTE: unlike ``encode``, the Rust side
+        releases the GIL here, so a call on a worker thread does not stall the event loop."""
+        encodings = self._backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        if not add_special_tokens:
+            return [encoding.ids for encoding in encodings]
+        return [self._add_special(encoding.ids) for encoding in encodings]
+
+    def _add_special(self, ids: list[int]) -> list[int]:
+        if self._prepend_bos and (not ids or ids[0] != self.bos_token_id):
+            ids.insert(0, self.bos_token_id)  # type: ignore[arg-type]
+        if self._append_eos and (not ids or ids[-1] != self.eos_token_id):
+            ids.append(self.eos_token_id)  # type: ignore[arg-type]
         return ids
 
     def decode(self, ids: Sequence[int] | Any, skip_special_tokens: bool = True) -> str:
@@ -225,6 +235,11 @@ class Tokenizer:
         if not isinstance(ids, list):
             ids = [int(i) for i in ids]
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """:meth:`decode` of each id list. NOTE: releases the GIL (``decode`` holds it), so long
+        decodes belong here when they run on a worker thread."""
+        return self._backend.decode_batch(sequences, skip_special_tokens=skip_special_tokens)
 
     # ---------------------------------------------------------------- chat
 

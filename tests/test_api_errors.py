@@ -4,6 +4,7 @@ engine that dies mid-stream (an SSE error event, then exit non-zero)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -318,3 +319,28 @@ def test_engine_death_mid_stream(tiny_model_dir) -> None:
         assert "the engine died" in server.log()
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- 500
+
+
+async def test_500_body_carries_no_internals(caplog) -> None:
+    """A bug in a handler is a 500 in the OpenAI shape; its text goes to the log, not the client."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from pied.api.app import error_middleware
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("secret-detail /srv/private/path")
+
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_get("/broken", broken)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get("/broken")
+        body = await response.read()
+    assert response.status == 500
+    error = json.loads(body)["error"]
+    assert error["code"] == 500 and error["type"] == "InternalServerError"
+    assert b"secret" not in body and b"RuntimeError" not in body and b"/srv" not in body
+    assert "secret-detail" in caplog.text  # logged instead

@@ -8,6 +8,7 @@ import statistics
 import pytest
 
 import proto
+from workers.memory.change import Change, ChangeDetector
 from workers.memory.controller import (
     ControllerTuning,
     Decision,
@@ -15,7 +16,7 @@ from workers.memory.controller import (
     ExpansionController,
     StepSample,
 )
-from workers.memory.simulate import Plant, Trace, run
+from workers.memory.simulate import Phase, Plant, Trace, run
 
 MAX_HOST_BLOCKS = 4000
 TARGET = 0.02
@@ -207,6 +208,118 @@ def test_a_lower_bandwidth_settles_on_a_lower_lease() -> None:
     assert settled[2] / settled[0] > 5  # roughly proportional to the bandwidth (10x here)
 
 
+# ---------------------------------------------------------------- a changing workload
+
+SETTLE_STEPS = 1000  # steps before the first change
+PHASE_STEPS = 600  # steps of each later phase
+CONVERGE_STEPS = 50  # the lease is near the new limit this many steps after a change
+
+
+def phases_of(kind: str, scale: float) -> tuple[Phase, ...]:
+    """``kind`` scales by ``scale`` for a phase, then returns: both directions of one change."""
+    field = {"compute time": "compute_scale", "link bandwidth": "bandwidth_scale"}[kind]
+    return (Phase(SETTLE_STEPS, **{field: scale}), Phase(SETTLE_STEPS + PHASE_STEPS))
+
+
+@pytest.mark.parametrize(
+    "kind, scale, copy_time",
+    [
+        # Many short requests -> few long-context ones: the step's compute time halves, or doubles.
+        ("compute time", 0.5, True),
+        ("compute time", 2.0, True),
+        # The same when the executor does not measure its copy time (stalls reveal the bandwidth).
+        ("compute time", 0.5, False),
+        ("compute time", 2.0, False),
+        # Another tenant takes three quarters of the host link, and leaves; or the link was shared
+        # at start (a quarter of it here) and is freed for a while.
+        ("link bandwidth", 0.25, True),
+        ("link bandwidth", 4.0, True),
+    ],
+)
+def test_follows_a_change_and_its_reversal_within_fifty_steps(
+    kind: str, scale: float, copy_time: bool
+) -> None:
+    bandwidth = 50e9 if scale <= 1 or kind != "link bandwidth" else 12.5e9
+    plant = Plant(
+        bandwidth=bandwidth, noise=0.1, seed=1, report_copy_time=copy_time, phases=phases_of(kind, scale)
+    )
+    controller, trace = settle(plant, num_steps=SETTLE_STEPS + 2 * PHASE_STEPS)
+    for start in (SETTLE_STEPS, SETTLE_STEPS + PHASE_STEPS):
+        end = start + PHASE_STEPS
+        limit = plant.transparent_limit(start)
+        assert not 1 / 1.4 < limit / plant.transparent_limit(start - 1) < 1.4  # a material change
+        settled = trace.leases[start + CONVERGE_STEPS : end]
+        assert all(0.8 * limit <= lease <= 1.25 * limit for lease in settled), (start, limit, settled[:20])
+        assert reversals(trace.leases[start - 1 : end]) <= 2, trace.leases[start - 1 : end]
+        # Stalls on the plant's clock, after settling: within the band.
+        assert trace.stall_fraction_between(start + CONVERGE_STEPS, end) <= BAND[1]
+    # The change detection re-planned (a change in the window right after a move is caught by
+    # the stalls instead: the compute time is only compared once the move has landed).
+    replans = [reason for reason in trace.reasons if reason.endswith("re-planned")]
+    assert replans and all(kind in reason for reason in replans), trace.reasons
+
+
+@pytest.mark.parametrize("bandwidth", [10e9, 50e9, 200e9])
+def test_noise_alone_is_never_a_change(bandwidth: float) -> None:
+    # +-20% on every step's compute, copy and overhead times, a batch whose compute time grows
+    # with the lease (up to 1.7x at 200 GB/s) and a scheduler that fills a grown lease over many
+    # steps: the controller's own moves are not mistaken for a change, and neither is noise.
+    plant = Plant(
+        bandwidth=bandwidth,
+        noise=0.2,
+        seed=7,
+        report_copy_time=True,
+        layer_compute_per_block=2e-7,
+        fill_rate=20,
+    )
+    _, trace = settle(plant, num_steps=4000)
+    assert not [reason for reason in trace.reasons if "re-planned" in reason]
+
+
+def test_a_change_is_a_run_of_steps_beyond_the_spread_of_the_reference() -> None:
+    quiet = [1.0, 0.95, 1.05, 0.98, 1.02, 0.97, 1.03, 1.0]  # +-5%: the bar is ~1.36x (and ~0.73x)
+    detector = ChangeDetector(threshold=0.3, steps=4, reference_steps=64, min_reference=8)
+    assert [detector.observe(value, None) for value in quiet] == [None] * 8  # the reference
+    # Alone, or in a run that breaks before 4 steps, slow steps are noise (and join the reference).
+    for value in (1.3, 0.8, 1.5, 1.0, 0.6, 0.6, 0.6, 1.0):
+        assert detector.observe(value, None) is None, value
+    assert detector.run_length == 0
+    # An unmeasured step neither extends nor breaks a run: the 4th measured one is the change.
+    changes = [detector.observe(value, None) for value in (2.0, None, 2.0, 2.0, 2.4)]
+    assert changes[:4] == [None] * 4 and changes[4] == Change("compute time", pytest.approx(8.4 / 4 / 1.0))
+    # The run is the reference now: more of the same is no change.
+    assert all(detector.observe(2.1, None) is None for _ in range(8))
+    # The link, on its own reference; and after a move the compute time is measured afresh.
+    for bandwidth in (100.0, 101.0, 99.0, 100.0, 102.0, 98.0, 100.0, 100.0):
+        assert detector.observe(None, bandwidth) is None
+    detector.forget_compute_time()
+    changes = [detector.observe(0.2, 25.0) for _ in range(4)]  # compute: no reference yet
+    assert changes == [None, None, None, Change("link bandwidth", 0.25)]
+
+    # On a noisy plant (step times over 10x, as on a busy CPU) the same runs are part of the spread.
+    noisy = ChangeDetector(threshold=0.3, steps=4, reference_steps=64, min_reference=8)
+    for value in [0.3, 3.0, 1.0, 0.5, 2.0, 0.4, 2.5, 1.0] * 2:
+        assert noisy.observe(value, None) is None
+    assert all(noisy.observe(value, None) is None for value in [2.0] * 4 + [0.5] * 4)
+    with pytest.raises(ValueError, match="threshold"):
+        ChangeDetector(threshold=0.0, steps=4)
+
+
+def test_a_change_forgets_the_ceiling_of_the_old_plant() -> None:
+    # The link was shared when stalls set a ceiling (the lowest lease that stalled); it is freed:
+    # the lease goes past the ceiling within a few windows instead of probing up to it.
+    plant = Plant(bandwidth=12.5e9, report_copy_time=True, phases=(Phase(800, bandwidth_scale=4.0),))
+    controller, trace = settle(plant, num_steps=800, initial_lease=MAX_HOST_BLOCKS)
+    stalled = [
+        lease for lease, reason in zip(trace.decisions, trace.reasons[1:]) if reason.startswith("shrink")
+    ]
+    ceiling = min(stalled)
+    assert controller.lease < ceiling < 0.9 * plant.transparent_limit(800)
+    run(controller, plant, 24, trace)
+    assert "grow: link bandwidth 4x, re-planned" in trace.reasons
+    assert controller.lease >= 0.9 * plant.transparent_limit(800) > ceiling
+
+
 # ---------------------------------------------------------------- open loop
 
 
@@ -360,6 +473,8 @@ def test_configuration_is_validated() -> None:
         dict(jump=1.5),
         dict(far=-0.1),
         dict(secant_spread=1.0),
+        dict(change_steps=0),
+        dict(change_threshold=0.0),
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ControllerTuning(**bad)

@@ -167,22 +167,23 @@ class ModelConfig:
             raise ModelFolderError(
                 f"{config_file}: not found; a Hugging Face model folder needs config.json."
             )
-        raw = _read_json(config_file)
+        raw = read_json_object(config_file)
         generation_file = folder / "generation_config.json"
-        generation = _read_json(generation_file) if generation_file.is_file() else {}
+        generation = read_json_object(generation_file) if generation_file.is_file() else {}
         _check_weights_present(folder)
         return _parse(folder, raw, generation, config_file)
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A model folder's JSON file, which must hold an object; ModelFolderError naming it otherwise."""
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ModelFolderError(f"{file}: invalid JSON ({error}).") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ModelFolderError(f"{file}: cannot be read ({error}).") from None
     if not isinstance(data, dict):
-        raise ModelFolderError(f"{file}: expected a JSON object at the top level.")
+        raise ModelFolderError(f"{file}: expected a JSON object at the top level, not {type(data).__name__}.")
     return data
 
 
@@ -341,7 +342,7 @@ def _tensor_names(folder: Path) -> list[str]:
     """Tensor names from the safetensors index, or from the single file's JSON header (no torch)."""
     index = folder / WEIGHTS_INDEX_FILE
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         return list(weight_map) if isinstance(weight_map, dict) else []
     try:
         with open(folder / SINGLE_WEIGHTS_FILE, "rb") as handle:

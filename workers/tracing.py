@@ -57,6 +57,7 @@ __all__ = [
     "FRONTEND_SERVICE",
     "SCHEDULER_SERVICE",
     "EXECUTOR_SERVICE",
+    "MEMORY_SERVICE",
     "OtlpTarget",
     "PresetSpanIds",
     "otlp_target",
@@ -72,6 +73,7 @@ __all__ = [
 FRONTEND_SERVICE = "pied"
 SCHEDULER_SERVICE = "pied-scheduler"
 EXECUTOR_SERVICE = "pied-executor"
+MEMORY_SERVICE = "pied-memory"
 
 HTTP_PROTOBUF = "http/protobuf"
 GRPC = "grpc"

@@ -18,11 +18,13 @@ from opentelemetry import trace
 
 import pied
 from pied.api import openapi
+from pied.api.body import read_json
 from pied.api.chat import create_chat_completion, render_chat
 from pied.api.completions import create_completion
+from pied.api.connections import ConnectionLimit
 from pied.api.errors import APIError, bad_request
 from pied.api.openapi import Route
-from pied.api.params import check_token_ids, decode_body
+from pied.api.params import check_token_ids
 from pied.api.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -38,7 +40,7 @@ from pied.api.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
-from pied.api.state import ServerState
+from pied.api.state import THREAD_DECODE_TOKENS, ServerState
 from pied.api.tracing import tracing_middleware
 from pied.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from workers.tracing import tracing_enabled
@@ -49,6 +51,10 @@ STATE = web.AppKey("state", ServerState)
 OPENAPI = web.AppKey("openapi", bytes)
 REQUEST_ID_HEADER = "X-Request-Id"
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # reachable without the API key (probes, scrapers)
+# Paths whose requests count against --max-admitted-requests (they hold a body, the tokenizer or
+# the engine); the cheap GETs, /health among them, are always answered.
+ADMITTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"})
+MAX_REQUEST_ID_LENGTH = 128
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -81,9 +87,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return APIError(error.status, message).response(headers)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
-    except Exception as error:  # noqa: BLE001 - a bug in one request must not kill the server
+    except Exception:  # noqa: BLE001 - a bug in one request must not kill the server
+        # The details go to the log only: an exception's text may carry paths, ids or data.
         logger.exception("error answering %s %s", request.method, request.path)
-        return APIError(500, f"Internal server error: {error!r}").response()
+        return APIError(500, "Internal server error; the server's log has the details.").response()
 
 
 def auth_middleware(api_key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
@@ -93,16 +100,41 @@ def auth_middleware(api_key: str) -> Callable[[web.Request, Handler], Awaitable[
     async def check_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in OPEN_PATHS:
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            # aiohttp keeps bytes that are not UTF-8 as surrogates: encode them back the same way,
+            # so such a header is a wrong key (401), not an encoding error (500).
+            given = token.strip().encode("utf-8", "surrogateescape")
             # compare_digest: the comparison takes the same time however much of the key matches.
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
                 raise APIError(401, "Invalid or missing API key; send 'Authorization: Bearer <key>'.")
         return await handler(request)
 
     return check_api_key
 
 
+def admission_middleware(
+    server: ServerState,
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """The bound on requests admitted (``ServerState.admitted``), for the paths that cost the
+    engine or the tokenizer; taken before the handler reads the body."""
+
+    @web.middleware
+    async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method != "POST" or request.path not in ADMITTED_PATHS:
+            return await handler(request)
+        with server.admitted():
+            return await handler(request)
+
+    return admit
+
+
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    request_id = request.headers.get(REQUEST_ID_HEADER, "")
+    # Echoed only when it is a plain token: a header that is not ASCII (or holds control
+    # characters) would fail the response when it is written.
+    if not (
+        0 < len(request_id) <= MAX_REQUEST_ID_LENGTH and request_id.isascii() and request_id.isprintable()
+    ):
+        request_id = uuid.uuid4().hex
     response.headers[REQUEST_ID_HEADER] = request_id
 
 
@@ -142,7 +174,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def tokenize(request: web.Request) -> web.Response:
     server = request.app[STATE]
-    body = decode_body(await request.read(), TokenizeRequest)
+    body = await read_json(request, server, TokenizeRequest)
     server.check_model(body.model)
     if body.messages is not None:
         prompt = await render_chat(
@@ -154,22 +186,30 @@ async def tokenize(request: web.Request) -> web.Response:
             template_kwargs=body.chat_template_kwargs,
         )
         add_special_tokens = bool(body.add_special_tokens)
+        param = "messages"
     elif body.prompt is not None:
         prompt = body.prompt
         add_special_tokens = body.add_special_tokens is not False
+        param = "prompt"
     else:
         raise bad_request("Give either prompt or messages.", "prompt")
-    token_ids = await server.encode(prompt, add_special_tokens)
-    token_strs = server.tokenizer.convert_ids_to_tokens(token_ids) if body.return_token_strs else None
+    token_ids = await server.encode(prompt, add_special_tokens, param)
+    token_strs = None
+    if body.return_token_strs:
+        if len(token_ids) < THREAD_DECODE_TOKENS:
+            token_strs = server.tokenizer.convert_ids_to_tokens(token_ids)
+        else:
+            token_strs = await asyncio.to_thread(server.tokenizer.convert_ids_to_tokens, token_ids)
     return json_response(TokenizeResponse(len(token_ids), server.max_model_len, token_ids, token_strs))
 
 
 async def detokenize(request: web.Request) -> web.Response:
     server = request.app[STATE]
-    body = decode_body(await request.read(), DetokenizeRequest)
+    body = await read_json(request, server, DetokenizeRequest)
     server.check_model(body.model)
     check_token_ids(body.tokens, server.vocab_size, "tokens")
-    return json_response(DetokenizeResponse(server.tokenizer.decode(body.tokens, skip_special_tokens=False)))
+    text = await server.decode(body.tokens, skip_special_tokens=False)
+    return json_response(DetokenizeResponse(text))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -207,14 +247,20 @@ def create_app(
     api_key: str | None = None,
     max_request_body_bytes: int = 1 << 24,
     tracer: trace.Tracer | None = None,
+    connection_limit: ConnectionLimit | None = None,
 ) -> web.Application:
     """The API. ``tracer`` (``workers.tracing.setup_tracing``): when it records, every generation
-    request gets a server span, the root of its trace across the engine's processes."""
+    request gets a server span, the root of its trace across the engine's processes.
+    ``connection_limit``: the cap the listening site applies (it learns here which connections
+    have a request in progress)."""
     middlewares: list[Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]] = [error_middleware]
     if tracer is not None and tracing_enabled(tracer):
         middlewares.insert(0, tracing_middleware(tracer))  # outermost: it sees the final status
+    if connection_limit is not None:
+        middlewares.insert(0, connection_limit.track_requests)
     if api_key:
         middlewares.append(auth_middleware(api_key))
+    middlewares.append(admission_middleware(server))  # after the key check: strangers take no place
     # client_max_size makes request.read() raise 413 past the limit, before buffering the rest.
     app = web.Application(middlewares=middlewares, client_max_size=max_request_body_bytes)
     app[STATE] = server

@@ -9,10 +9,11 @@ import msgspec
 from aiohttp import web
 
 from pied.api import responses
+from pied.api.body import read_json
 from pied.api.chat_output import ChatOutputFormat
 from pied.api.errors import bad_request
 from pied.api.generation import Choice, Generation, PromptInput
-from pied.api.params import decode_body, sampling_params
+from pied.api.params import check_request_limits, sampling_params
 from pied.api.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -77,6 +78,11 @@ async def render_chat(
 
     Rendered on a thread: a template is untrusted code that may run until its deadline, and the
     event loop must keep serving every other request meanwhile."""
+    if len(messages) > server.limits.max_messages:
+        raise bad_request(
+            f"A request may have at most {server.limits.max_messages} messages, got {len(messages)}.",
+            "messages",
+        )
     conversation = message_dicts(messages)
     if add_generation_prompt and continue_final_message:
         raise bad_request(
@@ -101,9 +107,10 @@ async def render_chat(
 
 
 async def create_chat_completion(request: web.Request, server: ServerState) -> web.StreamResponse:
-    body = decode_body(await request.read(), ChatCompletionRequest)
+    body = await read_json(request, server, ChatCompletionRequest)
     server.check_available()
     server.check_model(body.model)
+    check_request_limits(body, server.limits)  # before the template renders anything
     check_unsupported(body)
     check_tools(body.tools)
     tool_choice = tool_choice_of(body.tools, body.tool_choice, server.enable_auto_tool_choice)
@@ -119,7 +126,7 @@ async def create_chat_completion(request: web.Request, server: ServerState) -> w
         tools=body.tools,
         template_kwargs=template_kwargs,
     )
-    token_ids = truncate_prompt(await server.encode(prompt, bool(body.add_special_tokens)), body)
+    token_ids = truncate_prompt(await server.encode(prompt, bool(body.add_special_tokens), "messages"), body)
 
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")

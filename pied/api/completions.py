@@ -9,9 +9,10 @@ import msgspec
 from aiohttp import web
 
 from pied.api import responses
+from pied.api.body import read_json
 from pied.api.errors import bad_request
 from pied.api.generation import Choice, Generation, PromptInput
-from pied.api.params import check_num_choices, check_token_ids, decode_body, sampling_params
+from pied.api.params import check_num_choices, check_request_limits, check_token_ids, sampling_params
 from pied.api.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -21,6 +22,7 @@ from pied.api.protocol import (
 from pied.api.request_fields import check_unsupported
 from pied.api.state import ServerState
 from pied.api.structured import constrain, grammar_constraint
+from pied.llm import check_prompt_length
 from pied.output_processor import ChoiceUpdate
 
 
@@ -29,11 +31,11 @@ async def prompt_inputs(server: ServerState, body: CompletionRequest) -> list[tu
     prompt = body.prompt
     add_special_tokens = body.add_special_tokens is not False
     if isinstance(prompt, str):
-        return [(await server.encode(prompt, add_special_tokens), prompt)]
-    if prompt and not isinstance(prompt[0], int):
-        check_num_choices(len(prompt), body.n, server.limits)
+        return [(await server.encode(prompt, add_special_tokens, "prompt"), prompt)]
     if not prompt:
         raise bad_request("prompt must not be empty.", "prompt")
+    if not isinstance(prompt[0], int):
+        check_num_choices(len(prompt), body.n, server.limits)
     kinds = {type(item) for item in prompt}
     if len(kinds) != 1:
         raise bad_request(
@@ -45,18 +47,26 @@ async def prompt_inputs(server: ServerState, body: CompletionRequest) -> list[tu
     elif kind is list:
         token_prompts = prompt
     else:
-        return [(await server.encode(text, add_special_tokens), text) for text in prompt]  # type: ignore[arg-type]
+        texts: list[str] = prompt  # type: ignore[assignment]
+        return list(zip(await server.encode_many(texts, add_special_tokens, "prompt"), texts))
     result: list[tuple[list[int], str | None]] = []
     for index, token_ids in enumerate(token_prompts):
-        check_token_ids(token_ids, server.vocab_size, "prompt" if kind is int else f"prompt[{index}]")
+        param = "prompt" if kind is int else f"prompt[{index}]"
+        if len(token_ids) >= server.max_model_len:  # O(1), before the ids are walked
+            try:
+                check_prompt_length(len(token_ids), body.max_tokens, server.max_model_len)
+            except ValueError as error:
+                raise bad_request(str(error), param) from None
+        check_token_ids(token_ids, server.vocab_size, param)
         result.append((list(token_ids), None))
     return result
 
 
 async def create_completion(request: web.Request, server: ServerState) -> web.StreamResponse:
-    body = decode_body(await request.read(), CompletionRequest)
+    body = await read_json(request, server, CompletionRequest)
     server.check_available()
     server.check_model(body.model)
+    check_request_limits(body, server.limits)  # before anything is tokenized
     check_unsupported(body, honoured=("echo", "best_of"))
     grammar = await grammar_constraint(body)
     if body.suffix is not None:
@@ -85,6 +95,10 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
         )
         params = await constrain(server, body, params, grammar)
         prompts.append(PromptInput(token_ids, params, text))
+    if body.echo:  # the prompts' texts, decoded here (on a thread when long) rather than per choice
+        for prompt in prompts:
+            if prompt.text is None:
+                prompt.text = await server.decode(prompt.token_ids, skip_special_tokens=False)
     generation = Generation(server, responses.new_id("cmpl"), prompts)
     created = responses.now_seconds()
     num_top = body.logprobs or 0

@@ -18,6 +18,7 @@ ERROR_TYPES = {
     403: "PermissionDeniedError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    408: "RequestTimeoutError",
     413: "RequestEntityTooLargeError",
     422: "UnprocessableEntityError",
     429: "RateLimitError",
@@ -41,10 +42,16 @@ class APIError(Exception):
     """An error answered to the client with ``status`` and the OpenAI error body."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, error_type: str | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        error_type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}  # sent with the error (Retry-After, Connection: close)
         self.message = message
         self.param = param
         self.error_type = (
@@ -55,12 +62,16 @@ class APIError(Exception):
         return ErrorResponse(ErrorInfo(self.message, self.error_type, self.param, self.status))
 
     def response(self, headers: dict[str, str] | None = None) -> web.Response:
-        return web.Response(
+        all_headers = {**self.headers, **(headers or {})}
+        response = web.Response(
             status=self.status,
             body=msgspec.json.encode(self.body()),
             content_type="application/json",
-            headers=headers,
+            headers=all_headers,
         )
+        if all_headers.get("Connection", "").lower() == "close":
+            response.force_close()
+        return response
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:

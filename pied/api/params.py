@@ -28,20 +28,28 @@ class RequestLimits:
     max_n: int = 128  # OpenAI's limit on n; more would let one request flood the queue
     # Choices of one request: n times its number of prompts (each choice is an engine request).
     max_choices: int = 1024
+    max_prompts: int = 256  # prompts in one /v1/completions request (a list prompt)
+    max_messages: int = 1024  # messages of one chat request (each is rendered by the template)
     max_output_tokens: int | None = None  # None: the rest of the context
     max_prompt_tokens: int | None = None  # None: the context length
-    # Every generated character is checked against every stop string; both bound that work.
+    # Every generated character is read by one automaton over the stop strings: their number and
+    # total length bound its size (the matching itself is linear, pied.stop_matcher).
     max_stop_strings: int = 32
-    max_stop_string_chars: int = 1024
+    max_stop_string_chars: int = 1024  # all the stop strings together
+    # Stop token ids travel to the engine with every choice; after duplicates are removed.
+    max_stop_token_ids: int = 256
 
     def validate(self) -> RequestLimits:
         for flag, value in (
             ("--max-n", self.max_n),
             ("--max-choices", self.max_choices),
+            ("--max-prompts", self.max_prompts),
+            ("--max-messages", self.max_messages),
             ("--max-output-tokens", self.max_output_tokens),
             ("--max-prompt-tokens", self.max_prompt_tokens),
             ("--max-stop-strings", self.max_stop_strings),
             ("--max-stop-string-chars", self.max_stop_string_chars),
+            ("--max-stop-token-ids", self.max_stop_token_ids),
         ):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}.")
@@ -67,13 +75,18 @@ def decode_body(body: bytes, request_type: type[T]) -> T:
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
+    """The stop strings, each once (a repeated one would only cost matching work)."""
     if stop is None:
         return []
-    return [stop] if isinstance(stop, str) else list(stop)
+    return [stop] if isinstance(stop, str) else list(dict.fromkeys(stop))
 
 
 def check_num_choices(num_prompts: int, n: int | None, limits: RequestLimits) -> None:
     """Checked before tokenizing: a list of many tiny prompts is cheap to send, dear to encode."""
+    if num_prompts > limits.max_prompts:
+        raise bad_request(
+            f"A request may have at most {limits.max_prompts} prompts, got {num_prompts}.", "prompt"
+        )
     num_choices = num_prompts * (1 if n is None else max(n, 1))
     if num_choices > limits.max_choices:
         raise bad_request(
@@ -88,12 +101,33 @@ def check_stop_strings(stop: list[str], limits: RequestLimits) -> None:
         raise bad_request(
             f"stop may have at most {limits.max_stop_strings} strings, got {len(stop)}.", "stop"
         )
-    longest = max(map(len, stop), default=0)
-    if longest > limits.max_stop_string_chars:
+    total = sum(map(len, stop))
+    if total > limits.max_stop_string_chars:
         raise bad_request(
-            f"stop strings may be at most {limits.max_stop_string_chars} characters long, got {longest}.",
+            f"stop strings may have at most {limits.max_stop_string_chars} characters in all, got {total}.",
             "stop",
         )
+
+
+def check_request_limits(request: SamplingFields, limits: RequestLimits) -> None:
+    """The limits a request's fields can be held to as soon as its body is decoded, before any
+    tokenizing: each costs O(1) or one pass over a list the body size already bounds."""
+    if request.n is not None and request.n > limits.max_n:
+        raise bad_request(f"n must be at most {limits.max_n}, got {request.n}.", "n")
+    if request.logit_bias:
+        raise bad_request("logit_bias is not supported.", "logit_bias")
+    # Raw length first (O(1)): a body of millions of ids is refused before anything walks it.
+    stop_token_ids = request.stop_token_ids or []
+    if len(stop_token_ids) > limits.max_stop_token_ids:
+        raise bad_request(
+            f"stop_token_ids may have at most {limits.max_stop_token_ids} ids, got {len(stop_token_ids)}.",
+            "stop_token_ids",
+        )
+    if isinstance(request.stop, list) and len(request.stop) > limits.max_stop_strings:
+        raise bad_request(
+            f"stop may have at most {limits.max_stop_strings} strings, got {len(request.stop)}.", "stop"
+        )
+    check_stop_strings(stop_strings(request.stop), limits)
 
 
 def check_engine_integers(request: SamplingFields) -> None:
@@ -106,10 +140,12 @@ def check_engine_integers(request: SamplingFields) -> None:
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
-    """Token ids from the client must index the embedding table; a bad one would fail the engine."""
-    for token_id in token_ids:
-        if not 0 <= token_id < vocab_size:
-            raise bad_request(f"Token id {token_id} is out of vocabulary (size {vocab_size}).", param)
+    """Token ids (from the client or the tokenizer) must index the model's embedding table; a bad
+    one would fail the engine. min/max run in C: millions of ids cost milliseconds."""
+    if not token_ids or (min(token_ids) >= 0 and max(token_ids) < vocab_size):
+        return
+    token_id = next(t for t in token_ids if not 0 <= t < vocab_size)
+    raise bad_request(f"Token id {token_id} is out of vocabulary (size {vocab_size}).", param)
 
 
 def sampling_params(
@@ -132,13 +168,9 @@ def sampling_params(
     """
     names = param_names or {}
     max_tokens_param = names.get("max_tokens", "max_tokens")
-    if request.logit_bias:
-        raise bad_request("logit_bias is not supported.", "logit_bias")
+    check_request_limits(request, limits)
     n = 1 if request.n is None else request.n
-    if n > limits.max_n:
-        raise bad_request(f"n must be at most {limits.max_n}, got {n}.", "n")
     stop = stop_strings(request.stop)
-    check_stop_strings(stop, limits)
     if (
         max_tokens is not None
         and limits.max_output_tokens is not None
@@ -172,7 +204,7 @@ def sampling_params(
         max_tokens=max_tokens,
         min_tokens=default(request.min_tokens, 0),
         stop=stop,
-        stop_token_ids=list(request.stop_token_ids or []),
+        stop_token_ids=list(dict.fromkeys(request.stop_token_ids or [])),  # each id once
         ignore_eos=bool(request.ignore_eos),
         logprobs=logprobs,
         skip_special_tokens=default(request.skip_special_tokens, True),

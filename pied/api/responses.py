@@ -94,9 +94,11 @@ def completion_logprobs(
     return logprobs
 
 
-def error_for_update(update: ChoiceUpdate) -> APIError | None:
+def error_for_update(generation: Generation, update: ChoiceUpdate) -> APIError | None:
     if update.finish_reason == "error":
-        return APIError(500, f"The engine failed the request: {update.error or 'unknown error'}")
+        # The engine's own text goes to the log: it may name internals the client has no use for.
+        logger.error("the engine failed %s: %s", generation.request_id, update.error or "unknown error")
+        return APIError(500, "The engine failed the request; the server's log has the details.")
     return None
 
 
@@ -104,7 +106,7 @@ async def run_to_completion(generation: Generation) -> None:
     """Consume every update; raise APIError if the engine failed a choice or died."""
     try:
         async for _choice, update in generation.updates():
-            error = error_for_update(update)
+            error = error_for_update(generation, update)
             if error is not None:
                 raise error
     except EngineDeadError as error:
@@ -125,35 +127,43 @@ async def run_stream(
     """Stream a generation as SSE: ``first_chunks``, one chunk per update (``chunk_for`` may skip
     an update by returning None), the usage chunk when asked, then ``[DONE]``.
 
-    A client that disconnects makes a write fail (or cancels this handler); the caller's
-    ``generation.close()`` then aborts the engine requests.
+    A client that disconnects, or reads nothing for the write deadline, makes a write fail (or
+    cancels this handler); the caller's ``generation.close()`` then aborts the engine requests.
     """
     response = await sse.open_event_stream(request)
+    timeout = generation.server.write_timeout
+
+    async def send(data: bytes) -> None:
+        await sse.write(request, response, data, timeout)
+
+    async def send_error(error: APIError) -> None:
+        await sse.send_error(request, response, error, timeout)
+
     try:
         if first_chunks:
-            await response.write(b"".join(sse.event(chunk) for chunk in first_chunks))
+            await send(b"".join(sse.event(chunk) for chunk in first_chunks))
         try:
             async for choice, update in generation.updates():
-                error = error_for_update(update)
+                error = error_for_update(generation, update)
                 if error is not None:
-                    await sse.send_error(response, error)
+                    await send_error(error)
                     return response
                 chunk = chunk_for(choice, update)
                 if chunk is not None:
-                    await response.write(sse.event(chunk))
+                    await send(sse.event(chunk))
         except EngineDeadError as error:
-            await sse.send_error(response, APIError(503, f"The engine is not available: {error}"))
+            await send_error(APIError(503, f"The engine is not available: {error}"))
             return response
-        except Exception as error:  # noqa: BLE001 - the status is sent; the client must still hear of it
-            if isinstance(error, ConnectionResetError):
-                raise
+        except ConnectionResetError:
+            raise
+        except Exception:  # noqa: BLE001 - the status is sent; the client must still hear of it
             logger.exception("error while streaming %s", generation.request_id)
-            await sse.send_error(response, APIError(500, f"Internal error: {error!r}"))
+            await send_error(APIError(500, "Internal server error; the server's log has the details."))
             return response
         tail = sse.event(usage_chunk()) if usage_chunk is not None else b""
-        await response.write(tail + sse.DONE)
+        await send(tail + sse.DONE)
     except ConnectionResetError:
-        pass  # the client went away; close() aborts what is left
+        pass  # the client went away or stopped reading; close() aborts what is left
     return response
 
 

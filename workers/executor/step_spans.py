@@ -2,7 +2,12 @@
 
 - ``step``: one per step, with the StepResult's timings and transfer counts as attributes
   (``proto.spans`` names them), and one ``layer`` child per layer on the steps sampled by
-  ``--trace-layers-every N`` (step ids divisible by N) when the runner times its layers. Sent every
+  ``--trace-layers-every N`` (step ids divisible by N) when the runner times its layers. A layer's
+  own children show the pipeline: ``host load`` (the copy engine loading its host pages, usually
+  during earlier layers), ``wait`` (compute waiting for that load: the stall), ``compute`` (the
+  layer's time on the compute thread outside the wait) and ``write-back`` (the copy engine writing
+  its new K/V to host), so one trace shows whether copies hide under compute and which layer
+  stalls. Their times are readings the runner took anyway (no sync added on the hot path). Sent every
   step on the span channel to the memory manager, whose controller reads them; exported over OTLP
   only when sampled, as a root span linked to the requests it prefilled: every decode step in OTLP
   would be one more trace per step and would drown the request traces.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from opentelemetry import trace
@@ -49,9 +55,47 @@ from workers.tracing import sampled_parent, tracing_enabled
 logger = logging.getLogger(__name__)
 
 EXECUTE_SPAN = "execute"
+# A traced layer's children (see the module doc).
+LOAD_SPAN = "host load"
+WAIT_SPAN = "wait"
+COMPUTE_SPAN = "compute"
+WRITE_BACK_SPAN = "write-back"
 
-# One layer's (start, end, stall): start and end on time.perf_counter_ns()'s clock, stall in seconds.
-LayerTime = tuple[int, int, float]
+
+class LayerTime(NamedTuple):
+    """One layer of a traced step. Times are ``time.perf_counter_ns()`` readings (the CPU copy
+    thread's are on the same clock; CUDA event times are placed on it after the step), 0 where the
+    runner took none: ``start``/``end`` of the layer on the compute thread, ``stall`` seconds it
+    waited for its host pages, that wait, the copy engine's load of the layer's host pages, and its
+    write-back of the layer's new K/V. ``(start, end, stall)`` alone is a layer without streaming."""
+
+    start: int
+    end: int
+    stall: float = 0.0
+    wait_start: int = 0
+    wait_end: int = 0
+    load_start: int = 0
+    load_end: int = 0
+    write_back_start: int = 0
+    write_back_end: int = 0
+
+    def phases(self) -> list[tuple[str, int, int]]:
+        """(child span name, start, end) of what the layer recorded, in start order: compute is
+        the layer's span less its wait (before the wait: the projections; after: attention on)."""
+        phases = []
+        if self.load_end > self.load_start > 0:
+            phases.append((LOAD_SPAN, self.load_start, self.load_end))
+        if self.start <= self.wait_start < self.wait_end <= self.end:
+            if self.wait_start > self.start:
+                phases.append((COMPUTE_SPAN, self.start, self.wait_start))
+            phases.append((WAIT_SPAN, self.wait_start, self.wait_end))
+            if self.end > self.wait_end:
+                phases.append((COMPUTE_SPAN, self.wait_end, self.end))
+        elif self.end > self.start and self.wait_start > 0:
+            phases.append((COMPUTE_SPAN, self.start, self.end))  # the load was there in time
+        if self.write_back_end > self.write_back_start > 0:
+            phases.append((WRITE_BACK_SPAN, self.write_back_start, self.write_back_end))
+        return sorted(phases, key=lambda phase: phase[1])
 
 
 @dataclass
@@ -144,14 +188,24 @@ class StepSpans:
             span.set_status(Status(StatusCode.ERROR, result.error))
         if layer_times is not None:
             step_context = trace.set_span_in_context(span)
-            for index, (start, end, stall) in enumerate(layer_times):
+            for index, times in enumerate(layer_times):
+                times = LayerTime(*times)
                 layer = tracer.start_span(
                     LAYER_SPAN,
                     context=step_context,
-                    start_time=timing.wall_ns(start),
-                    attributes={LAYER_INDEX: index, LAYER_STALL_TIME: stall},
+                    start_time=timing.wall_ns(times.start),
+                    attributes={LAYER_INDEX: index, LAYER_STALL_TIME: times.stall},
                 )
-                layer.end(end_time=timing.wall_ns(end))
+                layer_context = trace.set_span_in_context(layer)
+                for name, start, end in times.phases():
+                    phase = tracer.start_span(
+                        name,
+                        context=layer_context,
+                        start_time=timing.wall_ns(start),
+                        attributes={LAYER_INDEX: index},
+                    )
+                    phase.end(end_time=timing.wall_ns(end))
+                layer.end(end_time=timing.wall_ns(times.end))
         span.end(end_time=timing.end_ns)
 
     def _execute_spans(

@@ -5,7 +5,8 @@ executor's step spans, shipped over ZeroMQ), Shutdown. It creates the host segme
 nothing ever lands in /dev/shm), grants the scheduler a lease with ``HostLease`` (the scheduler
 forwards new segments to the executor before any plan can use them), feeds the expansion controller
 from the step spans' timings and the scheduler's demand, and releases segments once the scheduler
-holds nothing above a smaller lease.
+holds nothing above a smaller lease. With an OTLP endpoint, the controller's decisions are events
+on its ``lease`` spans (:mod:`workers.memory.lease_spans`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from proto.config import EngineConfig
 from proto.spans import SpanBatch, SpanRecord
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
 from workers.memory.controller import StepSample
+from workers.memory.lease_spans import LeaseSpans
 from workers.memory.manager import HostMemory, LeaseChange, kv_layout_for
+from workers.tracing import MEMORY_SERVICE, setup_tracing, shutdown_tracing, tracing_enabled
 
 IDLE_TICK_SECONDS = 0.1  # an idle engine still reports, so an unused lease is returned
 
@@ -64,6 +67,8 @@ class MemoryActor(Actor):
         self.host: HostMemory | None = None
         self.demand = proto.DemandReport(0, 0, 0, False, 0)
         self._saw_step = False
+        self.tracer = setup_tracing(MEMORY_SERVICE, config)
+        self.lease_spans: LeaseSpans | None = None
         self.connect("scheduler", addresses.scheduler)
         self.on(proto.DemandReport, self.handle_demand)
         self.on(SpanBatch, self.handle_spans)
@@ -78,6 +83,8 @@ class MemoryActor(Actor):
         layout = await self.run_blocking(kv_layout_for, self.config)
         self.host = HostMemory(self.config, layout)
         self._grant(self.host.start())
+        if tracing_enabled(self.tracer) and self.host.controller is not None:
+            self.lease_spans = LeaseSpans(self.tracer, self.host.lease)
         self.send(
             SUPERVISOR,
             proto.Ready(worker=self.name, pid=os.getpid(), max_host_blocks=self.host.max_host_blocks),
@@ -88,6 +95,10 @@ class MemoryActor(Actor):
     async def on_stop(self) -> None:
         if self.host is not None:
             self.host.close()
+        if self.lease_spans is not None:
+            self.lease_spans.close()
+        # Off the loop: the exporter may take a while to give up on an unreachable collector.
+        await asyncio.get_running_loop().run_in_executor(None, shutdown_tracing, self.tracer)
 
     # ---------------------------------------------------------------- handlers
 
@@ -115,7 +126,11 @@ class MemoryActor(Actor):
         host = self.host
         if host is None:
             return
+        controller = host.controller
+        last = controller.decision if controller is not None else None
         change = host.on_step(step, self.demand)
+        if self.lease_spans is not None and controller is not None and controller.decision is not last:
+            self.lease_spans.decided(controller.decision, controller.stall_fraction, controller.bandwidth)
         if change is not None:
             self._grant(change)
 

@@ -38,6 +38,20 @@ Control law. Windows at the same lease are pooled (ratio of sums); ``f`` is thei
   blocks, or preempt, for nothing), so host memory goes back when the engine idles.
 - Noise: a small move needs ``confirm_windows`` windows at the lease, a reversal twice that;
   stalls above ``strong_factor * stall_target`` in one window shrink at once.
+- **Change**: when ``change_steps`` host-reading steps in a row measure a compute time, or a link
+  bandwidth (from the executor's copy time), beyond the recent spread of that quantity by more than
+  ``change_threshold``, the same way (:mod:`workers.memory.change`), the workload or the link
+  changed (short requests -> long contexts, another tenant on the link). The evidence windows, the
+  ceiling and the secant were measured on the old plant: they are forgotten, a measured bandwidth
+  replaces the estimate instead of being smoothed into it, and the lease is re-planned at once from
+  the model on those steps alone — down to the modelled limit when the steps read more than it, up
+  ``jump`` of the way to it under demand. ``gain`` is kept (it describes the pipeline, not the
+  load), as it was before the run began: a window that closed during the run measured both plants.
+  The compute time is measured afresh after every move (the move itself changes the batch), so
+  the controller's own moves are not mistaken for a change. Without a measured copy time a faster
+  link is invisible (nothing stalls); probes find it.
+- With the evidence pool full (``evidence_windows``), a stall fraction above the band shrinks even
+  within its noise: more windows would not narrow the margin, and the band's top is the promise.
 
 NOTE: a shrink is only a lower lease; the scheduler migrates or preempts blocks above it over the
 following steps. The controller never assumes that happened: it reads the blocks in use from every
@@ -48,9 +62,11 @@ so a shrink that has not landed yet is not compounded), and holds while usage is
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import proto
+from workers.memory.change import Change, ChangeDetector
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +112,12 @@ class StepSample:
         if self.num_layers > 0 and self.layer_compute_time > 0:
             return self.num_layers * self.layer_compute_time
         return max(0.0, self.forward_time - self.stall_time)
+
+    @property
+    def measured_bandwidth(self) -> float | None:
+        """Bytes/s over the copy engine's busy time, both directions (None: not measured)."""
+        copied = max(0, self.bytes_to_device) + max(0, self.bytes_to_host)
+        return copied / self.copy_time if self.copy_time > 0 and copied > 0 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,14 +180,25 @@ class ControllerTuning:
     release_headroom: float = 0.25  # keep usage * (1 + headroom) when releasing
     release_slack: float = 0.1  # release only if it frees at least this fraction of the lease
     bandwidth_smoothing: float = 0.5  # EWMA weight of a new bandwidth measurement
+    change_threshold: float = 0.3  # relative: a step's compute time or bandwidth this far beyond its spread,
+    change_steps: int = 6  # in this many host-reading steps in a row, one way: the plant changed
     gain_min: float = 1 / 16
     gain_max: float = 4.0
 
     def __post_init__(self) -> None:
-        if min(self.decide_every, self.first_window, self.confirm_windows, self.release_after) < 1:
+        counts = (
+            self.decide_every,
+            self.first_window,
+            self.confirm_windows,
+            self.release_after,
+            self.change_steps,
+        )
+        if min(counts) < 1:
             raise ValueError(
-                "decide_every, first_window, confirm_windows and release_after must be at least 1."
+                "decide_every, first_window, confirm_windows, release_after and change_steps must be at least 1."
             )
+        if self.change_threshold <= 0:
+            raise ValueError(f"change_threshold must be positive, got {self.change_threshold}.")
         if self.evidence_windows < 2 * self.confirm_windows:
             raise ValueError("evidence_windows must hold a reversal's 2 * confirm_windows windows.")
         if not 0 <= self.deadband < 1:
@@ -324,6 +357,17 @@ class ExpansionController:
         self._measured_host_steps = False  # whether any window had steps that read host blocks
         self._window = _Window()
         self._decision = Decision(lease, lease, "hold: start")
+        # Watches each host-reading step; the samples of its current run are what a re-plan
+        # measures the changed plant on.
+        tuning = self.tuning
+        self._detector = ChangeDetector(
+            tuning.change_threshold,
+            tuning.change_steps,
+            reference_steps=tuning.evidence_windows * tuning.decide_every,
+            min_reference=max(2, tuning.decide_every),
+        )
+        self._recent: deque[tuple[StepSample, DemandSample]] = deque(maxlen=tuning.change_steps)
+        self._gain_before_run = self._gain  # a window that closed during a run measured both plants
 
     # ------------------------------------------------------------------ inputs and outputs
 
@@ -355,6 +399,13 @@ class ExpansionController:
             # Demand against an empty lease: the idle samples before it say nothing about it.
             window = self._window = _Window()
         window.add(step, demand)
+        if step is not None and step.num_host_blocks > 0:
+            self._recent.append((step, demand))
+            change = self._detector.observe(step.compute_time, step.measured_bandwidth)
+            if change is not None:
+                return self._replan(change)
+            if self._detector.run_length == 0:
+                self._gain_before_run = self._gain
         # A short first window, so the first jump (the bandwidth prior and a couple of steps'
         # compute time are enough) comes at once rather than after a window of preemptions.
         first = self.lease == 0 and window.num_demand == window.num_samples >= self.tuning.first_window
@@ -365,8 +416,18 @@ class ExpansionController:
     def decide(self) -> Decision:
         """Close the current window and decide the lease from it."""
         window, self._window = self._window, _Window()
+        lease = self.lease
         self._decision = self._next(window)
+        self._watch(lease)
         return self._decision
+
+    def _watch(self, lease_before: int) -> None:
+        """After a move the compute time is measured afresh (the move changes the batch: the first
+        window at the new lease is the reference, not a change); the bandwidth's reference carries
+        over. A window that closed during a run keeps watching: the run may be the change this
+        window straddled."""
+        if self.lease != lease_before and self._detector.run_length == 0:
+            self._detector.forget_compute_time()
 
     # ------------------------------------------------------------------ control law
 
@@ -383,7 +444,10 @@ class ExpansionController:
         self._quiet_windows = 0 if window.num_demand else self._quiet_windows + 1
         if window.stall_fraction > tuning.strong_factor * self.stall_target:
             return self._shrink(window, window.stall_fraction)  # far over: act on this window alone
-        if fraction - margin > self.stall_target * (1 + tuning.deadband):
+        over = fraction > self.stall_target * (1 + tuning.deadband)
+        # With the evidence pool full, more windows would not narrow the margin: a lease that stalls
+        # above the band on all of them is too large, however noisy each step is.
+        if over and (fraction - margin > self.stall_target * (1 + tuning.deadband) or self._evidence_full):
             return self._shrink(pooled, fraction)
         if self._quiet_windows >= tuning.release_after:
             return self._release(window)
@@ -397,6 +461,43 @@ class ExpansionController:
         if self.lease >= self.max_host_blocks:
             return self._hold("at max")
         return self._grow(pooled, fraction)
+
+    def _replan(self, change: Change) -> Decision:
+        """The plant changed (see the module doc): forget what was measured on the old one and move
+        to the model's limit on the steps since the change."""
+        window = _Window()
+        for step, demand in self._recent:
+            window.add(step, demand)
+        self._recent.clear()
+        self._window = _Window()  # its earlier samples were the old plant's
+        # A decision on a window that straddled the change calibrated the gain on both plants.
+        self._gain = self._gain_before_run
+        self._learn(window, fresh=True)
+        self._evidence = []
+        self._shrink_point = None
+        self._ceiling = None
+        self._probe = self.tuning.probe_min
+        self._direction = 0
+        self._stall_fraction = window.stall_fraction
+        lease = self.lease
+        what = f"{change.quantity} {change.ratio:.2g}x, re-planned"
+        model = self._model_limit(window)
+        target = min(self._gain * model, self.max_host_blocks) if model is not None else None
+        blocks = window.host_blocks / window.num_host_steps if window.num_host_steps else 0.0
+        demand = 2 * window.num_demand >= window.num_samples or window.num_preemptions > 0
+        filled = window.last_in_use >= math.floor(self.tuning.fill_fraction * lease)
+        if target is not None and target < lease and blocks > target:
+            # The steps read more than the new limit: they stall until the lease is there.
+            decision = self._move(-1, max(0, math.floor(target)), f"shrink: {what}")
+        elif target is not None and target >= lease * (1 + self.tuning.far) and demand and filled:
+            # From below, as any jump: the rest follows in the next window.
+            new = min(math.ceil(lease + self.tuning.jump * (target - lease)), self.max_host_blocks)
+            decision = self._move(+1, max(new, lease + 1), f"grow: {what}")
+        else:
+            decision = self._hold(what)
+        self._decision = decision
+        self._watch(lease)
+        return decision
 
     def _shrink(self, evidence: _Window, fraction: float) -> Decision:
         lease = self.lease
@@ -509,6 +610,10 @@ class ExpansionController:
         self._direction = 0
         return Decision(keep, self._target(), "release: no demand")
 
+    @property
+    def _evidence_full(self) -> bool:
+        return len(self._evidence) >= self.tuning.evidence_windows
+
     def _enough_evidence(self, direction: int) -> bool:
         """A small move needs ``confirm_windows`` windows at this lease, a reversal twice that:
         one noisy window must neither nudge the lease nor turn it around."""
@@ -534,8 +639,9 @@ class ExpansionController:
 
     # ------------------------------------------------------------------ model
 
-    def _learn(self, window: _Window) -> None:
-        """Update bytes per block and bandwidth from the window's measurements."""
+    def _learn(self, window: _Window, fresh: bool = False) -> None:
+        """Update bytes per block and bandwidth from the window's measurements (``fresh``: after a
+        change, a measured bandwidth replaces the estimate instead of being smoothed into it)."""
         self._measured_host_steps = self._measured_host_steps or window.num_host_steps > 0
         if window.host_blocks > 0 and window.host_bytes > 0:
             self._block_bytes = window.host_bytes / window.host_blocks
@@ -553,7 +659,7 @@ class ExpansionController:
             weight = self.tuning.bandwidth_smoothing
             self._bandwidth = (
                 weight * measured + (1 - weight) * self._bandwidth
-                if self._bandwidth_measured and self._bandwidth
+                if self._bandwidth_measured and self._bandwidth and not fresh
                 else measured  # the first measurement replaces the prior
             )
             self._bandwidth_measured = True

@@ -7,6 +7,11 @@ blocks layer by layer through a ring of ``prefetch_depth + 1`` staging slots ove
 ``bandwidth`` bytes/s. A layer whose copy is late waits: that is the stall. The scheduler side
 holds ``min(demand, lease)`` host blocks, fills a grown lease at ``fill_rate`` blocks per step and
 gives back blocks above a shrunk lease only after ``preempt_lag`` steps (preempting as it does).
+
+A workload that changes is a list of :class:`Phase` s: from a given step the compute time scales
+(many short requests -> few long-context ones: another batch, another step time) and the link
+bandwidth scales (another tenant on the host link), both relative to the plant's own settings, so a
+later phase at scale 1 is the recovery.
 """
 
 from __future__ import annotations
@@ -16,6 +21,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from workers.memory.controller import DemandSample, ExpansionController, StepSample
+
+
+@dataclass(frozen=True)
+class Phase:
+    """From step ``at_step`` on: compute times scale by ``compute_scale`` and the link bandwidth by
+    ``bandwidth_scale`` (relative to the plant's settings, not to the previous phase)."""
+
+    at_step: int
+    compute_scale: float = 1.0
+    bandwidth_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.at_step < 0 or self.compute_scale <= 0 or self.bandwidth_scale <= 0:
+            raise ValueError("a phase starts at a step >= 0 and scales by positive factors.")
 
 
 @dataclass
@@ -37,6 +56,7 @@ class Plant:
     demand: Callable[[int], int] = lambda step: 1 << 30  # host blocks the workload wants at a step
     fill_rate: int = 1 << 30  # host blocks the scheduler can newly fill per step
     preempt_lag: int = 0  # steps before blocks above a lower lease are given back
+    phases: tuple[Phase, ...] = ()  # workload and link changes, in any order
     seed: int = 0
     step_index: int = field(default=0, init=False)
     in_use: int = field(default=0, init=False)  # host blocks the scheduler holds
@@ -50,26 +70,39 @@ class Plant:
     def host_block_bytes(self) -> int:
         return self.num_layers * self.page_bytes
 
-    def transparent_limit(self) -> float:
-        """Host blocks per step whose copy time equals the compute time (noise-free): the fixed
-        point of ``M * page_bytes / bandwidth = base + per_block * (device + M)`` per layer."""
-        blocks_per_second = self.bandwidth / self.page_bytes
-        per_block = blocks_per_second * self.layer_compute_per_block
+    def phase(self, step: int | None = None) -> Phase:
+        """The phase in force at ``step`` (default: the next step to run)."""
+        step = self.step_index if step is None else step
+        started = [phase for phase in self.phases if phase.at_step <= step]
+        return max(started, key=lambda phase: phase.at_step, default=Phase(0))
+
+    def link_bandwidth(self, step: int | None = None) -> float:
+        return self.bandwidth * self.phase(step).bandwidth_scale
+
+    def layer_compute_time(self, blocks: int, step: int | None = None) -> float:
+        """Noise-free compute time of one layer with ``blocks`` host blocks resident."""
+        per_layer = self.layer_compute_base + self.layer_compute_per_block * (self.num_device_blocks + blocks)
+        return per_layer * self.phase(step).compute_scale
+
+    def transparent_limit(self, step: int | None = None) -> float:
+        """Host blocks per step whose copy time equals the compute time (noise-free) at ``step``:
+        the fixed point of ``M * page_bytes / bandwidth = base + per_block * (device + M)`` per layer."""
+        blocks_per_second = self.link_bandwidth(step) / self.page_bytes
+        scale = self.phase(step).compute_scale
+        per_block = blocks_per_second * self.layer_compute_per_block * scale
         if per_block >= 1:
             return float("inf")  # compute grows faster than copies: never copy-bound
-        base = self.layer_compute_base + self.layer_compute_per_block * self.num_device_blocks
-        return blocks_per_second * base / (1 - per_block)
+        return blocks_per_second * self.layer_compute_time(0, step) / (1 - per_block)
 
-    def stall_limit(self, stall_target: float) -> float:
-        """Host blocks per step whose (noise-free) stall fraction is ``stall_target``, by bisection."""
+    def stall_limit(self, stall_target: float, step: int | None = None) -> float:
+        """Host blocks per step whose (noise-free) stall fraction is ``stall_target`` at ``step``,
+        by bisection."""
         low, high = 0.0, float(1 << 20)
         for _ in range(60):
             middle = (low + high) / 2
             blocks = round(middle)
-            compute = self.layer_compute_base + self.layer_compute_per_block * (
-                self.num_device_blocks + blocks
-            )
-            forward, stall = self._pipeline(compute, blocks * self.page_bytes / self.bandwidth)
+            copy = blocks * self.page_bytes / self.link_bandwidth(step)
+            forward, stall = self._pipeline(self.layer_compute_time(blocks, step), copy)
             fraction = stall / (forward + self.overhead)
             low, high = (middle, high) if fraction <= stall_target else (low, middle)
         return low
@@ -92,10 +125,9 @@ class Plant:
         if self.in_use <= lease:
             self.in_use = min(wanted, lease, self.in_use + self.fill_rate)
         blocks = self.in_use
-        compute = (
-            self.layer_compute_base + self.layer_compute_per_block * (self.num_device_blocks + blocks)
-        ) * self._jitter()
-        copy = blocks * self.page_bytes / self.bandwidth * self._jitter()
+        compute = self.layer_compute_time(blocks, self.step_index - 1) * self._jitter()
+        bandwidth = self.link_bandwidth(self.step_index - 1)
+        copy = blocks * self.page_bytes / bandwidth * self._jitter()
         forward, stall = self._pipeline(compute, copy if blocks else 0.0)
         sample = StepSample(
             step_time=forward + self.overhead * self._jitter(),
@@ -106,7 +138,7 @@ class Plant:
             num_layers=self.num_layers,
             layer_compute_time=compute,
             copy_time=copy * self.num_layers if self.report_copy_time and blocks else 0.0,
-            link_bandwidth=self.bandwidth if self.report_link_bandwidth else 0.0,
+            link_bandwidth=self.bandwidth if self.report_link_bandwidth else 0.0,  # measured at start
         )
         demand = DemandSample(
             num_waiting=1 if wanted > self.in_use else 0,
@@ -148,7 +180,11 @@ class Trace:
     reasons: list[str] = field(default_factory=list)  # and why
 
     def stall_fraction(self, last_steps: int) -> float:
-        samples = self.samples[-last_steps:]
+        return self.stall_fraction_between(len(self.samples) - last_steps, len(self.samples))
+
+    def stall_fraction_between(self, start: int, end: int) -> float:
+        """Stalled share of the simulated time of steps ``[start, end)`` (the plant's clock)."""
+        samples = self.samples[max(0, start) : end]
         total = sum(sample.step_time for sample in samples)
         return sum(sample.stall_time for sample in samples) / total if total else 0.0
 
