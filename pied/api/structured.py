@@ -219,7 +219,7 @@ async def bad_words_token_ids(server: Any, words: list[str]) -> list[list[int]]:
         if not isinstance(word, str) or not word.strip():
             raise bad_request("bad_words must be non-empty strings.", "bad_words")
         for text in (word.lstrip(), " " + word.lstrip()):
-            ids = await server.encode(text, False)
+            ids = await server.encode(text, False, "bad_words")
             if ids and ids not in sequences:
                 sequences.append(ids)
     return sequences
