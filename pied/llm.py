@@ -152,6 +152,10 @@ class LLM:
         choices: list[tuple[proto.AddRequest, ChoiceState]] = []
         for prompt, params in zip(prompts, sampling_params):
             params.validate(self.config.max_logprobs)
+            if params.grammar is not None:
+                from workers.grammar import grammar_of  # xgrammar loads only when a grammar is used
+
+                grammar_of(params.grammar)  # a bad grammar is this call's ValueError, not the engine's
             text, token_ids = self._prompt_token_ids(prompt)
             check_prompt_length(len(token_ids), None, self.engine.max_model_len)
             request_id = str(next(self._request_counter))

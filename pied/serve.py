@@ -91,6 +91,10 @@ class ServeOptions:
     max_stop_strings: int = 32
     max_stop_string_chars: int = 1024
     max_stop_token_ids: int = 256
+    # Tools and reasoning (vLLM's flags): parsers of the model's output text.
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeOptions:
@@ -131,6 +135,19 @@ class ServeOptions:
         if self.api_key is not None and self.api_key_file is not None:
             raise ConfigError("give --api-key or --api-key-file, not both.")
         self.request_limits().validate()
+        from pied.api.reasoning import REASONING_PARSERS
+        from pied.api.tool_parsers import TOOL_PARSERS
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ConfigError(
+                f"--tool-call-parser must be one of {', '.join(TOOL_PARSERS)}, got {self.tool_call_parser!r}."
+            )
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser.")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ConfigError(
+                f"--reasoning-parser must be one of {', '.join(REASONING_PARSERS)}, got {self.reasoning_parser!r}."
+            )
         return self
 
     def request_limits(self) -> RequestLimits:
@@ -341,6 +358,17 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help=f"the stop strings' total length in characters (default: {defaults.max_stop_string_chars})",
     )
+    tools = parser.add_argument_group("tools and reasoning")
+    tools.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        default=None,
+        help='parse tool calls out of the output for tool_choice "auto" (needs --tool-call-parser)',
+    )
+    tools.add_argument("--tool-call-parser", metavar="NAME", help="hermes, llama3_json or mistral")
+    tools.add_argument(
+        "--reasoning-parser", metavar="NAME", help="qwen3 or deepseek_r1: <think>...</think> into reasoning_content"
+    )
     add_engine_args(parser)
     parser.set_defaults(handler=functools.partial(cmd_serve, parser=parser))
 
@@ -501,6 +529,9 @@ async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None
         body_timeout=options.body_timeout,
         write_timeout=options.write_timeout,
         limits=options.request_limits(),
+        enable_auto_tool_choice=options.enable_auto_tool_choice,
+        tool_call_parser=options.tool_call_parser,
+        reasoning_parser=options.reasoning_parser,
     )
     connection_limit = ConnectionLimit(options.max_connections)
     app = create_app(

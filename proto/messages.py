@@ -51,6 +51,24 @@ class FinishReason(enum.IntEnum):
         return ("stop", "length", "abort", "error")[self.value]
 
 
+class GrammarKind(enum.IntEnum):
+    """What a :class:`GrammarConstraint`'s ``spec`` is."""
+
+    JSON_SCHEMA = 0  # a JSON schema's text; "" means any JSON value (response_format json_object)
+    REGEX = 1  # a regular expression the whole output matches
+    EBNF = 2  # an EBNF grammar (xgrammar's GBNF dialect, root rule ``root``)
+
+
+class GrammarConstraint(msgspec.Struct, array_like=True, frozen=True):
+    """Structured output: the whole output must be a sentence of this grammar (then eos).
+
+    The frontend checks that ``spec`` parses before it sends it; the executor compiles it against
+    the model's vocabulary and masks every token the grammar does not allow next."""
+
+    kind: GrammarKind
+    spec: str
+
+
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     """How to sample one request, shaped like vLLM's ``SamplingParams``.
 
@@ -58,7 +76,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     ``0 < top_p <= 1``; ``top_k`` of 0 or -1 disables it; ``0 <= min_p <= 1``;
     ``repetition_penalty > 0``; ``max_tokens`` None means "until the context is full";
     ``min_tokens <= max_tokens``; ``logprobs`` None means none, otherwise the number of top
-    alternatives (0 returns only the sampled token's logprob).
+    alternatives (0 returns only the sampled token's logprob). ``allowed_token_ids`` empty means
+    every token; ``bad_words_token_ids`` are token sequences whose last token is masked when the
+    output ends with the rest (the frontend tokenizes vLLM's ``bad_words``); ``grammar`` None means
+    unconstrained.
     """
 
     n: int = 1
@@ -78,6 +99,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: Union[int, None] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] = []
+    bad_words_token_ids: list[list[int]] = []
+    grammar: Union[GrammarConstraint, None] = None
 
     def validate(self, max_logprobs: int = 20) -> None:
         """Raise ``ValueError(message)`` naming the offending parameter; ``.param`` is set on it."""
@@ -115,6 +139,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             bad("stop", "stop strings must be non-empty strings.")
         if any(t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "stop_token_ids must be non-negative token ids.")
+        if any(t < 0 for t in self.allowed_token_ids):
+            bad("allowed_token_ids", "allowed_token_ids must be non-negative token ids.")
+        if any(not word or any(t < 0 for t in word) for word in self.bad_words_token_ids):
+            bad("bad_words", "bad_words must be non-empty sequences of token ids.")
 
     @property
     def greedy(self) -> bool:

@@ -45,6 +45,8 @@ E2E_MODULES = {
     "test_actor",
     "test_adaptive",
     "test_api",
+    "test_structured_api",
+    "test_request_fields",
     "test_api_concurrency",
     "test_api_errors",
     "test_chat_cli",

@@ -42,12 +42,19 @@ FULL_PARAMS = SamplingParams(
     logprobs=5,
     skip_special_tokens=False,
     include_stop_str_in_output=True,
+    allowed_token_ids=[7, 9, 11],
+    bad_words_token_ids=[[5], [6, 8]],
+    grammar=proto.GrammarConstraint(proto.GrammarKind.JSON_SCHEMA, '{"type": "object"}'),
 )
 LOGPROBS = proto.TokenLogprobs(logprob=-0.25, top_ids=pack_i32([7, 3, 9]), top_logprobs=pack_f32([-0.25, -1.5, -3.0]))
 
 # One or more examples per message: a minimal one (defaults) and one with every field set.
 EXAMPLES: dict[type, list[msgspec.Struct]] = {
     SamplingParams: [SamplingParams(), GREEDY, FULL_PARAMS],
+    proto.GrammarConstraint: [
+        proto.GrammarConstraint(proto.GrammarKind.REGEX, "[a-z]+"),
+        proto.GrammarConstraint(proto.GrammarKind.EBNF, 'root ::= "yes" | "no"'),
+    ],
     proto.AddRequest: [
         proto.AddRequest("r0", pack_i32([1, 2, 3]), GREEDY),
         proto.AddRequest("r1", pack_i32(np.arange(1000)), FULL_PARAMS, 1712.5, "00-abc-def-01"),

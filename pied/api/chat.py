@@ -10,6 +10,7 @@ from aiohttp import web
 
 from pied.api import responses
 from pied.api.body import read_json
+from pied.api.chat_output import ChatOutputFormat
 from pied.api.errors import bad_request
 from pied.api.generation import Choice, Generation, PromptInput
 from pied.api.params import check_request_limits, sampling_params
@@ -20,10 +21,11 @@ from pied.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
-    ChatResponseMessage,
     DeltaMessage,
 )
+from pied.api.request_fields import check_unsupported
 from pied.api.state import ServerState
+from pied.api.structured import check_tools, constrain, grammar_constraint, tool_choice_of
 from pied.chat_template import ChatTemplateError
 from pied.output_processor import ChoiceUpdate
 
@@ -109,17 +111,22 @@ async def create_chat_completion(request: web.Request, server: ServerState) -> w
     server.check_available()
     server.check_model(body.model)
     check_request_limits(body, server.limits)  # before the template renders anything
-    if body.response_format is not None and body.response_format.get("type", "text") != "text":
-        raise bad_request('Only response_format {"type": "text"} is supported.', "response_format")
+    check_unsupported(body)
+    check_tools(body.tools)
+    tool_choice = tool_choice_of(body.tools, body.tool_choice, server.enable_auto_tool_choice)
+    grammar = await grammar_constraint(body, body.tools, tool_choice)
+    template_kwargs = dict(body.chat_template_kwargs or {})
+    if body.documents is not None:
+        template_kwargs.setdefault("documents", body.documents)
     prompt = await render_chat(
         server,
         body.messages,
         add_generation_prompt=body.add_generation_prompt is not False,
         continue_final_message=bool(body.continue_final_message),
         tools=body.tools,
-        template_kwargs=body.chat_template_kwargs,
+        template_kwargs=template_kwargs,
     )
-    token_ids = await server.encode(prompt, bool(body.add_special_tokens), "messages")
+    token_ids = truncate_prompt(await server.encode(prompt, bool(body.add_special_tokens), "messages"), body)
 
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
@@ -139,13 +146,25 @@ async def create_chat_completion(request: web.Request, server: ServerState) -> w
             "max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
         },
     )
+    params = await constrain(server, body, params, grammar)
+    if tool_choice == "auto" and server.tool_call_parser is not None:
+        # Tool-call markers ([TOOL_CALLS], <|python_tag|>, sometimes <tool_call>) are special tokens
+        # that the detokenizer would drop before the parser sees them (vLLM's adjust_request).
+        params = msgspec.structs.replace(params, skip_special_tokens=False)
+    output = ChatOutputFormat(
+        reasoning_parser=server.reasoning_parser,
+        tool_call_parser=server.tool_call_parser,
+        tool_choice=tool_choice,
+        include_reasoning=body.include_reasoning is not False,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+    )
     generation = Generation(server, responses.new_id("chatcmpl"), [PromptInput(token_ids, params, prompt)])
     created = responses.now_seconds()
     async with generation.running():
         if body.stream:
-            return await stream_response(request, server, generation, body, created, num_top)
+            return await stream_response(request, server, generation, body, created, num_top, output)
         await responses.run_to_completion(generation)
-        answer = full_response(server, generation, created, num_top)
+        answer = full_response(server, generation, created, num_top, output)
         return web.Response(body=msgspec.json.encode(answer), content_type="application/json")
 
 
@@ -156,8 +175,10 @@ async def stream_response(
     body: ChatCompletionRequest,
     created: int,
     num_top: int,
+    output: ChatOutputFormat,
 ) -> web.StreamResponse:
     options = body.stream_options
+    streams = {choice.state.index: output.stream() for choice in generation.choices}
     include_usage = bool(options and options.include_usage)
     continuous = include_usage and bool(options and options.continuous_usage_stats)
 
@@ -172,10 +193,10 @@ async def stream_response(
         logprobs = None
         if update.logprobs is not None:
             logprobs = responses.chat_logprobs(server, update.token_ids, update.logprobs, num_top)
-        delta = DeltaMessage(content=update.text)
-        return chunk(
-            [ChatChunkChoice(choice.state.index, delta, logprobs, update.finish_reason, update.stop_reason)]
-        )
+        delta, finish_reason = streams[choice.state.index].feed(update.text, update.finish_reason)
+        if delta == DeltaMessage() and finish_reason is None and logprobs is None:
+            return None  # all held back by a parser (a possible marker, a tool call)
+        return chunk([ChatChunkChoice(choice.state.index, delta, logprobs, finish_reason, update.stop_reason)])
 
     def usage_chunk() -> ChatCompletionChunk:
         final = ChatCompletionChunk(generation.request_id, created, server.model_name, [])
@@ -195,8 +216,18 @@ async def stream_response(
     )
 
 
+def truncate_prompt(token_ids: list[int], body: ChatCompletionRequest) -> list[int]:
+    """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens."""
+    keep = body.truncate_prompt_tokens
+    if keep is None:
+        return token_ids
+    if keep < 1:
+        raise bad_request(f"truncate_prompt_tokens must be at least 1, got {keep}.", "truncate_prompt_tokens")
+    return token_ids[-keep:]
+
+
 def full_response(
-    server: ServerState, generation: Generation, created: int, num_top: int
+    server: ServerState, generation: Generation, created: int, num_top: int, output: ChatOutputFormat
 ) -> ChatCompletionResponse:
     choices = []
     for choice in generation.choices:
@@ -204,15 +235,8 @@ def full_response(
         logprobs = None
         if state.logprobs is not None:
             logprobs = responses.chat_logprobs(server, state.token_ids, state.logprobs, num_top)
-        choices.append(
-            ChatChoice(
-                state.index,
-                ChatResponseMessage(content=state.text),
-                logprobs,
-                state.finish_reason,
-                state.stop_reason,
-            )
-        )
+        message, finish_reason = output.message(state.text, state.finish_reason)
+        choices.append(ChatChoice(state.index, message, logprobs, finish_reason, state.stop_reason))
     return ChatCompletionResponse(
         generation.request_id, created, server.model_name, choices, responses.usage(generation)
     )

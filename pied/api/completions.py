@@ -19,7 +19,9 @@ from pied.api.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
+from pied.api.request_fields import check_unsupported
 from pied.api.state import ServerState
+from pied.api.structured import constrain, grammar_constraint
 from pied.llm import check_prompt_length
 from pied.output_processor import ChoiceUpdate
 
@@ -65,6 +67,8 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
     server.check_available()
     server.check_model(body.model)
     check_request_limits(body, server.limits)  # before anything is tokenized
+    check_unsupported(body, honoured=("echo", "best_of"))
+    grammar = await grammar_constraint(body)
     if body.suffix is not None:
         raise bad_request("suffix is not supported.", "suffix")
     if body.best_of is not None and body.best_of != (body.n or 1):
@@ -74,6 +78,11 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
     prompts = []
     inputs = await prompt_inputs(server, body)
     for index, (token_ids, text) in enumerate(inputs):
+        if body.truncate_prompt_tokens is not None:
+            if body.truncate_prompt_tokens < 1:
+                raise bad_request("truncate_prompt_tokens must be at least 1.", "truncate_prompt_tokens")
+            # NOTE: echo then shows the prompt as given; the model sees its last k tokens.
+            token_ids = token_ids[-body.truncate_prompt_tokens :]
         params = sampling_params(
             body,
             max_tokens=body.max_tokens,
@@ -84,6 +93,7 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
             prompt_param="prompt" if len(inputs) == 1 else f"prompt[{index}]",
             limits=server.limits,
         )
+        params = await constrain(server, body, params, grammar)
         prompts.append(PromptInput(token_ids, params, text))
     if body.echo:  # the prompts' texts, decoded here (on a thread when long) rather than per choice
         for prompt in prompts:

@@ -61,6 +61,33 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     stream: Union[bool, None] = False
     stream_options: Union[StreamOptions, None] = None
     user: Union[str, None] = None
+    # Constrained output (pied.api.structured): grammars and token masks.
+    response_format: Union[dict[str, Any], None] = None
+    structured_outputs: Union[dict[str, Any], None] = None
+    guided_json: Union[str, dict[str, Any], None] = None
+    guided_regex: Union[str, None] = None
+    guided_choice: Union[list[str], None] = None
+    guided_grammar: Union[str, None] = None
+    guided_decoding_backend: Union[str, None] = None
+    allowed_token_ids: Union[list[int], None] = None
+    bad_words: Union[list[str], None] = None
+    truncate_prompt_tokens: Union[int, None] = None
+    # vLLM fields pied refuses unless "off" (pied.api.request_fields): declared so none is dropped.
+    prompt_logprobs: Any = None
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    spaces_between_special_tokens: Any = None
+    priority: Any = None
+    request_id: Any = None
+    logits_processors: Any = None
+    return_tokens_as_token_ids: Any = None
+    return_token_ids: Any = None
+    cache_salt: Any = None
+    kv_transfer_params: Any = None
+    vllm_xargs: Any = None
+    mm_processor_kwargs: Any = None
+    structural_tag: Any = None
+    guided_whitespace_pattern: Any = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -70,7 +97,14 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     top_logprobs: Union[int, None] = None
     tools: Union[list[dict[str, Any]], None] = None
     tool_choice: Union[str, dict[str, Any], None] = None
-    response_format: Union[dict[str, Any], None] = None
+    parallel_tool_calls: Union[bool, None] = None
+    include_reasoning: Union[bool, None] = None
+    documents: Union[list[dict[str, Any]], None] = None
+    chat_template: Any = None
+    reasoning_effort: Any = None
+    thinking_token_budget: Any = None
+    echo: Any = None
+    best_of: Any = None
     add_generation_prompt: Union[bool, None] = True
     continue_final_message: Union[bool, None] = False
     add_special_tokens: Union[bool, None] = False
@@ -87,6 +121,7 @@ class CompletionRequest(SamplingFields, kw_only=True):
     suffix: Union[str, None] = None
     best_of: Union[int, None] = None
     add_special_tokens: Union[bool, None] = True
+    prompt_embeds: Any = None
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
@@ -143,6 +178,7 @@ class ChatResponseMessage(msgspec.Struct):
     role: str = "assistant"
     content: Union[str, None] = None
     tool_calls: list[dict[str, Any]] = []
+    reasoning_content: Union[str, None, UnsetType] = UNSET  # only with --reasoning-parser
 
 
 class ChatChoice(msgspec.Struct):
@@ -168,6 +204,8 @@ class DeltaMessage(msgspec.Struct, omit_defaults=True):
 
     role: Union[str, None] = None
     content: Union[str, None] = None
+    reasoning_content: Union[str, None] = None
+    tool_calls: Union[list[dict[str, Any]], None] = None
 
 
 class ChatChunkChoice(msgspec.Struct):

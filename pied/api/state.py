@@ -40,6 +40,9 @@ class ServerState:
     write_timeout: float = 30.0  # seconds a stream write may wait on a client that does not read
     limits: RequestLimits = DEFAULT_LIMITS
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None  # a name in pied.api.tool_parsers.TOOL_PARSERS
+    reasoning_parser: str | None = None  # a name in pied.api.reasoning.REASONING_PARSERS
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     # Engine requests submitted that have not produced their first delta yet: the frontend's exact

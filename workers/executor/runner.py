@@ -26,6 +26,7 @@ from workers.executor.model import CausalLM
 from workers.executor.sampler import Sampler, SamplingState
 from workers.executor.streaming import HostBlockOwners, LayerStreamer, StreamStats
 from workers.executor.weights import load_weights
+from workers.grammar import GrammarCompiler
 from workers.memory.host_pool import KVLayout
 from workers.model_config import ModelConfig
 from workers.plan import num_staging_areas, plan_of
@@ -132,6 +133,9 @@ class ModelRunner:
         self.stream_stats = StreamStats()  # the last step's (for benchmarks)
         self.sampler = Sampler(self.model_config.vocab_size, self.device, config.max_logprobs)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
+        self.grammar_compiler = GrammarCompiler(
+            config.resolved_model(), self.model_config.vocab_size, self.eos_token_ids
+        )
         self.states: dict[str, SamplingState] = {}
 
     def _copy_throttle(self) -> float | None:
@@ -254,6 +258,7 @@ class ModelRunner:
                 self.model_config.vocab_size,
                 self.eos_token_ids,
                 self.device,
+                self.grammar_compiler,
             )
         unknown = [request_id for request_id in plan.request_ids if request_id not in self.states]
         if unknown:

@@ -7,6 +7,11 @@ by min_p, top_k and top_p, and sampled with the exponential race ``argmax(probs 
 which draws from a request's own ``torch.Generator`` when it has a seed, so a seeded request gives
 the same tokens whatever else is in the batch.
 
+Then the masks that constrain the output (vLLM's ``allowed_token_ids``, ``bad_words`` and structured
+output): masked tokens get ``-inf`` in the logits every later stage reads, so greedy, top-k/p and the
+race all pick only allowed tokens, and batching is unchanged (one mask row per constrained request).
+Logprobs stay those of the raw logits, as vLLM returns by default.
+
 Everything is batched: an all-greedy batch without penalties is one argmax; the only per-row loop
 that launches kernels draws the noise of seeded rows.
 """
@@ -17,6 +22,7 @@ import numpy as np
 import torch
 
 import proto
+from workers.grammar import GrammarCompiler, allocate_bitmask, apply_bitmask
 
 # vLLM treats temperatures below this as greedy (dividing by them would overflow float32).
 SAMPLING_EPS = 1e-5
@@ -40,6 +46,7 @@ class SamplingState:
         vocab_size: int,
         eos_token_ids: set[int],
         device: torch.device | str,
+        grammar_compiler: GrammarCompiler | None = None,
     ) -> None:
         self.params = params
         self.vocab_size = vocab_size
@@ -79,6 +86,36 @@ class SamplingState:
             self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
             self.prompt_mask[torch.from_numpy(ids).to(self.device)] = True
 
+        # Tokens outside allowed_token_ids get -inf: one boolean row, built once.
+        self.disallowed: torch.Tensor | None = None
+        if params.allowed_token_ids:
+            allowed = [t for t in params.allowed_token_ids if 0 <= t < vocab_size]
+            self.disallowed = torch.ones(vocab_size, dtype=torch.bool, device=self.device)
+            self.disallowed[torch.tensor(allowed, dtype=torch.long, device=self.device)] = False
+        self.bad_words = [list(word) for word in params.bad_words_token_ids if word]
+        self.eos_ids = sorted(t for t in eos_token_ids if 0 <= t < vocab_size)
+        self.matcher = None
+        if params.grammar is not None:
+            if grammar_compiler is None:
+                raise ValueError("a request has a grammar but the executor has no grammar compiler.")
+            self.matcher = grammar_compiler.matcher(params.grammar)
+
+    @property
+    def constrained(self) -> bool:
+        """True when a mask removes tokens before sampling."""
+        return self.disallowed is not None or bool(self.bad_words) or self.matcher is not None
+
+    def banned_words_now(self) -> list[int]:
+        """bad_words (vLLM's rule): a word's last token is banned when the output ends with the rest."""
+        banned = []
+        output = self.output_token_ids
+        for word in self.bad_words:
+            prefix = word[:-1]
+            if not prefix or (len(output) >= len(prefix) and output[len(output) - len(prefix) :] == prefix):
+                if 0 <= word[-1] < self.vocab_size:
+                    banned.append(word[-1])
+        return banned
+
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
@@ -91,11 +128,15 @@ class SamplingState:
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that changes the logits first: the argmax of the raw logits."""
-        return self.greedy and not self.uses_penalties and not self.blocks_stop_tokens
+        return self.greedy and not self.uses_penalties and not self.blocks_stop_tokens and not self.constrained
 
     def append(self, token_id: int) -> None:
-        """Record one sampled output token."""
+        """Record one sampled output token (and advance the grammar by it)."""
         self.output_token_ids.append(token_id)
+        if self.matcher is not None and not self.matcher.is_terminated():
+            # The mask allowed only tokens the grammar accepts, so this succeeds; past the end
+            # (ignore_eos) the matcher is terminated and the mask allows only eos.
+            self.matcher.accept_token(token_id)
         if self.output_counts is not None and 0 <= token_id < self.vocab_size:
             # An int index is a view, so this is one small kernel and no host-device sync.
             self.output_counts[token_id] += 1
@@ -145,7 +186,40 @@ class Sampler:
         processed = logits.to(torch.float32, copy=True)
         self._block_stop_tokens(processed, states)
         self._apply_penalties(processed, states)
+        self._apply_masks(processed, states)
         return processed
+
+    def _apply_masks(self, logits: torch.Tensor, states: list[SamplingState]) -> None:
+        """allowed_token_ids, bad_words and the grammar's next-token bitmask: -inf where masked."""
+        allowed_rows = [i for i, state in enumerate(states) if state.disallowed is not None]
+        if allowed_rows:
+            disallowed = torch.stack([states[i].disallowed for i in allowed_rows])  # type: ignore[misc]
+            index = self._row_index(allowed_rows)
+            logits[index] = logits[index].masked_fill(disallowed, float("-inf"))
+        rows: list[int] = []
+        columns: list[int] = []
+        for i, state in enumerate(states):
+            if state.bad_words:
+                banned = state.banned_words_now()
+                rows.extend([i] * len(banned))
+                columns.extend(banned)
+        if rows:
+            index = torch.tensor([rows, columns], dtype=torch.long).to(self.device, non_blocking=True)
+            logits[index[0], index[1]] = float("-inf")
+        grammar_rows = [i for i, state in enumerate(states) if state.matcher is not None]
+        if grammar_rows:
+            bitmask = allocate_bitmask(len(states), self.vocab_size)
+            for i in grammar_rows:
+                matcher = states[i].matcher
+                if matcher.is_terminated():  # only reachable with ignore_eos: eos until max_tokens
+                    end = torch.full((self.vocab_size,), float("-inf"), device=self.device)
+                    end[states[i].eos_ids] = 0.0
+                    logits[i] += end
+                else:
+                    matcher.fill_next_token_bitmask(bitmask, i)
+            live = [i for i in grammar_rows if not states[i].matcher.is_terminated()]
+            if live:
+                apply_bitmask(logits, bitmask, live)
 
     def _column(self, values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
         """A per-row parameter as an ``[n, 1]`` device tensor (one host-to-device copy)."""

@@ -1,0 +1,125 @@
+"""Tool-call and reasoning parsers on whole outputs, and streamed in every split of the same text:
+the streamed pieces always add up to what the whole-output parse gives."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from pied.api.chat_output import ChatOutputFormat
+from pied.api.reasoning import ReasoningStream, split_reasoning
+from pied.api.tool_parsers import forced_tool_calls, parse_tool_calls
+
+CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+
+
+def args(call: dict) -> dict:
+    return json.loads(call["function"]["arguments"])
+
+
+@pytest.mark.parametrize(
+    ("parser", "text", "content", "calls"),
+    [
+        ("hermes", f"Sure.<tool_call>\n{json.dumps(CALL)}\n</tool_call>", "Sure.", [CALL]),
+        ("hermes", f"<tool_call>{json.dumps(CALL)}</tool_call><tool_call>{json.dumps(CALL)}</tool_call>", None, [CALL, CALL]),
+        ("hermes", "no tools here", "no tools here", []),
+        ("hermes", "<tool_call>{not json</tool_call>", "<tool_call>{not json</tool_call>", []),
+        ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}', None, [CALL]),
+        ("llama3_json", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+         '{"name": "get_weather", "parameters": {"city": "Paris"}}', None, [CALL, CALL]),
+        ("llama3_json", "Hello {", "Hello {", []),
+        ("mistral", f"[TOOL_CALLS][{json.dumps(CALL)}]", None, [CALL]),
+        ("mistral", "plain", "plain", []),
+    ],
+)
+def test_parse_tool_calls(parser, text, content, calls):
+    got_content, got_calls = parse_tool_calls(parser, text)
+    assert got_content == content
+    assert [call["function"]["name"] for call in got_calls] == [c["name"] for c in calls]
+    assert [args(call) for call in got_calls] == [c["arguments"] for c in calls]
+    assert all(call["type"] == "function" and call["id"] for call in got_calls)
+
+
+def test_forced_tool_calls():
+    [call] = forced_tool_calls({"type": "function", "function": {"name": "f"}}, '{"a": 1}')
+    assert call["function"] == {"name": "f", "arguments": '{"a": 1}'}
+    calls = forced_tool_calls("required", '[{"name": "f", "parameters": {}}, {"name": "g", "parameters": {"x": 2}}]')
+    assert [c["function"]["name"] for c in calls] == ["f", "g"]
+    assert forced_tool_calls("required", "[{") == []
+
+
+@pytest.mark.parametrize(
+    ("parser", "text", "reasoning", "content"),
+    [
+        ("qwen3", "<think>hmm</think>answer", "hmm", "answer"),
+        ("qwen3", "hmm</think>answer", "hmm", "answer"),
+        ("qwen3", "just an answer", None, "just an answer"),
+        ("deepseek_r1", "hmm</think>answer", "hmm", "answer"),
+        ("deepseek_r1", "<think>still thinking", "still thinking", ""),
+    ],
+)
+def test_split_reasoning(parser, text, reasoning, content):
+    assert split_reasoning(parser, text) == (reasoning, content)
+
+
+def random_splits(text: str, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 6))))
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+
+
+@pytest.mark.parametrize("parser", ["qwen3", "deepseek_r1"])
+@pytest.mark.parametrize("text", ["<think>a b</think>c d", "<think>x</thi", "abc</think>", "<thin", "plain <think> text"])
+def test_reasoning_stream_adds_up(parser, text):
+    for seed in range(30):
+        stream = ReasoningStream(parser)
+        pieces = random_splits(text, seed) if len(text) > 1 else [text]
+        reasoning = content = ""
+        for i, piece in enumerate(pieces):
+            r, c = stream.feed(piece, final=i == len(pieces) - 1)
+            reasoning, content = reasoning + r, content + c
+        # qwen3's stream commits at the first character (as vLLM's does): an output that does not
+        # open with <think> is content, one that does is reasoning; the whole-output rule agrees
+        # exactly when the output opens with <think> if and only if it closes it.
+        whole_reasoning, whole_content = split_reasoning(parser, text)
+        if parser == "deepseek_r1" or text.startswith("<think>") == ("</think>" in text):
+            assert (reasoning or None, content) == (whole_reasoning or None, whole_content), (pieces, reasoning, content)
+
+
+@pytest.mark.parametrize("parser", ["hermes", "llama3_json", "mistral"])
+def test_tool_call_stream_adds_up(parser):
+    texts = {
+        "hermes": [f"I will call.<tool_call>\n{json.dumps(CALL)}\n</tool_call>", "no call <tool_ at all", "plain"],
+        "llama3_json": ['{"name": "get_weather", "parameters": {"city": "Paris"}}', "  plain text", "<|python"],
+        "mistral": [f"ok [TOOL_CALLS][{json.dumps(CALL)}]", "[TOOL_CALLS] broken", "plain"],
+    }[parser]
+    output = ChatOutputFormat(tool_call_parser=parser, tool_choice="auto")
+    for text in texts:
+        whole, finish = output.message(text, "stop")
+        for seed in range(20):
+            stream = output.stream()
+            pieces = random_splits(text, seed)
+            content, calls, last_finish = "", [], None
+            for i, piece in enumerate(pieces):
+                delta, last_finish = stream.feed(piece, "stop" if i == len(pieces) - 1 else None)
+                content += delta.content or ""
+                calls += delta.tool_calls or []
+            assert content == (whole.content or ""), (pieces, content)
+            assert [c["function"] for c in calls] == [c["function"] for c in whole.tool_calls]
+            assert last_finish == finish
+
+
+def test_parser_flags_are_checked_before_start():
+    from pied.serve import ServeOptions
+    from proto.config import ConfigError
+
+    ServeOptions(enable_auto_tool_choice=True, tool_call_parser="hermes", reasoning_parser="qwen3").validate()
+    for options, flag in (
+        (ServeOptions(tool_call_parser="nope"), "--tool-call-parser"),
+        (ServeOptions(enable_auto_tool_choice=True), "--enable-auto-tool-choice"),
+        (ServeOptions(reasoning_parser="nope"), "--reasoning-parser"),
+    ):
+        with pytest.raises(ConfigError, match=flag):
+            options.validate()
