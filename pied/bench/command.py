@@ -29,6 +29,7 @@ from pied.bench.metrics import (
     percentile_label,
 )
 from pied.bench.serve import BenchmarkConfig, run_benchmark
+from proto.config import ConfigError
 
 
 def format_table(result: dict[str, Any], config: BenchmarkConfig) -> str:
@@ -173,9 +174,13 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    # A bad flag is a configuration error (exit 2, one line), like the daemon's own flags.
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if config.dataset_path and not Path(config.dataset_path).is_file():
-        raise FileNotFoundError(f"--dataset-path: no file at {config.dataset_path}")
+        raise ConfigError(f"--dataset-path: no file at {config.dataset_path}")
     result = asyncio.run(run_benchmark(config))
     document = result.to_json(detailed=args.save_detailed)
     print(format_table(document, config), flush=True)
