@@ -1,10 +1,16 @@
 """The model runner: one StepPlan in, one StepResult out.
 
 It owns the model, the device KV pool, the sampler, the per-request sampling state and the
-executor's side of host KV (``streaming.HostKV``). A step performs the plan's whole-block swaps,
+executor's side of host KV (``host_kv.HostKV``). A step performs the plan's whole-block swaps,
 decodes the plan's packed arrays, builds the step's tensors in two small host-to-device copies,
 runs the forward pass (streaming the step's host blocks through the staging ring, if any) and
 samples the rows the plan asks for.
+
+Where this differs from DESIGN.md ("Executor on accelerators"), as built today: decode runs eagerly
+(no CUDA graphs yet), the scheduler does not yet plan step t+1 while step t runs, the device pool is
+sized from ``--gpu-memory-utilization`` after the weights load rather than after profiling the
+largest step, and on CUDA host pages still reach the staging ring through the copy engine: the
+host-page kernel (``triton_host_pages``) exists and is tested but is not wired in.
 """
 
 from __future__ import annotations

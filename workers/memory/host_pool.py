@@ -4,6 +4,10 @@ A segment is a ``memfd`` (no name in /dev/shm at all, so no crash can ever leak 
 memory manager and mapped by the executor through ``/proc/<pid>/fd/<fd>``; it lives exactly as long
 as some process maps it or holds its descriptor.
 
+NOTE: DESIGN.md's target is stricter than this: segments sealed against shrinking and handed to the
+executors over a Unix socket (SCM_RIGHTS), so the workers need not stay dumpable for ``/proc``
+access. That is issue 17's remaining work; until then the descriptor travels by path as above.
+
 Layout of a segment of ``S`` blocks: ``[num_layers, S, 2, block_size, num_kv_heads, head_dim]``.
 Layer-major, so one layer's pages of a run of consecutive host blocks are contiguous and stream to
 the device as one transfer (DESIGN.md "Streaming").
