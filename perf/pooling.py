@@ -120,7 +120,7 @@ async def run_stream(
         bytes_to_device=stats.bytes_to_device_total - before.bytes_to_device_total,
         # Device KV budget in blocks-equivalent: device blocks plus staging pages / layers.
         device_budget_blocks=info.num_device_blocks + staging_pages / layers,
-        host_block_bytes=kv_layout_for(config)[0].block_bytes,
+        host_block_bytes=kv_layout_for(config).block_bytes,
     )
     result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
     if keep_trace:
