@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import build_model_dir, load_hf_model
+from tiny_models import PHI3_LONGROPE, build_model_dir, load_hf_model
 
 from pied import LLM, SamplingParams
 
@@ -44,13 +44,6 @@ def assert_prefix_equal(ours: list[int], reference: list[int]) -> None:
     assert ours[: len(reference)] == reference
 
 
-PHI3_LONGROPE = {
-    "rope_type": "longrope",
-    "rope_theta": 10000.0,
-    "partial_rotary_factor": 0.5,
-    "short_factor": [1.0, 1.3, 2.1, 3.7],
-    "long_factor": [1.5, 4.0, 9.0, 20.0],
-}
 MODEL_VARIANTS = {
     "llama": dict(arch="llama"),
     "qwen2-sharded": dict(arch="qwen2", sharded=True),

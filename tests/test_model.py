@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from step_plans import BlockAllocator, Chunk, all_row_logits, make_plan
-from tiny_models import load_hf_model
+from tiny_models import PHI3_LONGROPE, load_hf_model
 
 from proto.config import EngineConfig
 from workers.executor.runner import ModelRunner
@@ -27,13 +27,6 @@ LLAMA3_ROPE = {
     "low_freq_factor": 1.0,
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
-}
-PHI3_LONGROPE = {
-    "rope_type": "longrope",
-    "rope_theta": 10000.0,
-    "partial_rotary_factor": 0.5,
-    "short_factor": [1.0, 1.3, 2.1, 3.7],
-    "long_factor": [1.5, 4.0, 9.0, 20.0],
 }
 VARIANTS = {
     "llama": dict(arch="llama"),

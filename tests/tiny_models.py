@@ -21,6 +21,15 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 BOS, EOS, IM_END = 1, 2, 4
 
+# Phi-3 / Phi-4-mini longrope scaling at tiny sizes (short and long factors per rotary pair).
+PHI3_LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.5,
+    "short_factor": [1.0, 1.3, 2.1, 3.7],
+    "long_factor": [1.5, 4.0, 9.0, 20.0],
+}
+
 ARCHES = ("llama", "qwen2", "mistral", "qwen3", "gemma3", "phi3", "smollm3")
 CONFIG_CLASSES = {
     "llama": "LlamaConfig",
