@@ -58,6 +58,9 @@ class EngineConfig:
     # Paged attention kernels (DESIGN.md "Executor on accelerators"): auto = triton on CUDA, torch
     # elsewhere; triton on CPU runs in Triton's interpreter (TRITON_INTERPRET=1, for tests).
     attention_backend: str = "auto"  # auto | torch | triton
+    # Decode steps replay CUDA graphs captured at padded batch sizes (workers/executor/graphs.py);
+    # True runs every step eagerly (vLLM's flag and meaning). Graphs exist on CUDA only.
+    enforce_eager: bool = False
     max_logprobs: int = 20
     served_model_name: str | None = None
     # Host memory pooling (DESIGN.md "KV memory").

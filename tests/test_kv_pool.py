@@ -7,8 +7,15 @@ import torch
 from step_plans import Chunk, make_plan
 from tiny_models import load_hf_model
 
-from proto.config import EngineConfig
-from workers.executor.kv_pool import GIB, KVPool, kv_bytes_per_block, num_blocks_that_fit
+from proto.config import ConfigError, EngineConfig
+from workers.executor.kv_pool import (
+    GIB,
+    DeviceMemoryProfile,
+    KVPool,
+    kv_bytes_per_block,
+    num_blocks_that_fit,
+    num_profiled_kv_blocks,
+)
 from workers.executor.runner import ModelRunner
 
 
@@ -18,6 +25,33 @@ def test_sizing_helpers():
     assert kv_bytes_per_block(2, 16, 2, 16, torch.bfloat16) == 2 * 2 * 16 * 2 * 16 * 2
     assert num_blocks_that_fit(GIB, 8192) == GIB // 8192
     assert num_blocks_that_fit(8191, 8192) == 0
+
+
+def test_pool_size_from_profile():
+    """--gpu-memory-utilization is a fraction of the whole device; weights, the largest step's
+    activations, the graph pool and the staging ring come off it before the KV blocks."""
+    profile = DeviceMemoryProfile(total=80 * GIB, weights=16 * GIB, peak_activations=3 * GIB, graph_pool=GIB)
+    block = 2 * 1024 * 1024
+    # 0.9 * 80 = 72 GiB; 72 - 16 - 3 - 1 - 0.5 (staging) = 51.5 GiB of 2 MiB blocks.
+    assert num_profiled_kv_blocks(profile, 0.9, GIB // 2, block) == int(51.5 * GIB) // block
+    assert num_profiled_kv_blocks(profile, 0.5, 0, block) == (40 - 20) * GIB // block
+    # More activations leave fewer blocks, one for one.
+    bigger = DeviceMemoryProfile(80 * GIB, 16 * GIB, 3 * GIB + 10 * block, GIB)
+    assert num_profiled_kv_blocks(bigger, 0.9, 0, block) == num_profiled_kv_blocks(profile, 0.9, 0, block) - 10
+    with pytest.raises(ConfigError, match="activations at --max-num-batched-tokens"):
+        num_profiled_kv_blocks(profile, 0.25, 0, block)  # 20 GiB < 16 + 3 + 1 + a block
+
+
+def test_dummy_forward_of_the_largest_step(tiny_model_dir):
+    """The profiling step runs through the real forward pass (here on CPU): logits for every
+    sequence, uneven splits included."""
+    path = tiny_model_dir("llama")
+    runner = ModelRunner(
+        EngineConfig(model=str(path), dtype="float32", device="cpu", block_size=4, device_kv_blocks=10)
+    )
+    logits = runner.dummy_forward(num_tokens=37, num_seqs=5)
+    assert logits.shape == (5, runner.model_config.vocab_size) and torch.isfinite(logits).all()
+    assert runner.dummy_forward(num_tokens=3, num_seqs=3).shape[0] == 3
 
 
 def test_pool_shape_and_page_indexing():

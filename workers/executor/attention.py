@@ -158,9 +158,117 @@ class AttentionMetadata:
         device: torch.device,
         staging: StagingRing | None = None,
     ) -> AttentionMetadata:
-        """From a step's per-sequence arrays (block ids concatenated, ``num_blocks[i]`` each).
+        """From a step's per-sequence arrays (block ids concatenated, ``num_blocks[i]`` each); see
+        ``StepLayout.build`` for what it checks."""
+        layout = StepLayout.build(
+            query_lens, start_positions, num_blocks, block_ids, block_size, num_device_blocks, staging
+        )
+        return cls.from_layout(layout, device)[0]
 
-        Block ids >= ``num_device_blocks`` are host blocks, allowed only with a ``staging`` ring.
+    @classmethod
+    def from_layout(
+        cls, layout: StepLayout, device: torch.device, extra: dict[str, np.ndarray] | None = None
+    ) -> tuple[AttentionMetadata, dict[str, torch.Tensor]]:
+        """The layout's tensors on ``device`` in one host-to-device copy, together with ``extra``
+        arrays of the step (the runner's token ids and sampled rows), returned as tensors."""
+        extra = extra or {}
+        host = layout.arrays() | {f"extra.{name}": array for name, array in extra.items()}
+        tensors = arrays_to_device(host, device)
+        groups = []
+        for i, members in enumerate(layout.group_members):
+            member_lens = layout.query_lens[members]
+            groups.append(
+                AttentionGroup(
+                    num_seqs=len(members),
+                    num_tokens=int(member_lens.sum()),
+                    max_query_len=int(member_lens.max()),
+                    num_blocks=-(-int(layout.context_lens[members].max()) // layout.block_size),
+                    seq_ids=tensors[f"group{i}.seq_ids"] if layout.split else None,
+                    token_rows=tensors[f"group{i}.token_rows"] if layout.split else None,
+                    token_seq_ids=tensors[f"group{i}.token_seq_ids"],
+                    token_query_ids=tensors[f"group{i}.token_query_ids"],
+                    padded_query_positions=tensors[f"group{i}.padded_query_positions"],
+                )
+            )
+        meta = cls(
+            num_seqs=layout.num_seqs,
+            num_tokens=layout.num_tokens,
+            max_query_len=int(layout.query_lens.max()),
+            max_context_len=int(layout.context_lens.max()),
+            block_size=layout.block_size,
+            num_device_blocks=layout.num_device_blocks,
+            groups=groups,
+            host_block_ids=layout.host_block_ids,
+            written_host_block_ids=layout.written_host_block_ids,
+            **{name: tensors[name] for name in host if "." not in name},
+            **{name.removeprefix("stream."): tensors[name] for name in host if name.startswith("stream.")},
+        )
+        return meta, {name.removeprefix("extra."): tensors[name] for name in host if name.startswith("extra.")}
+
+    def page_table(self, layer: int) -> torch.Tensor:
+        """``[n, max_blocks]`` page indices of each sequence's blocks in ``layer``."""
+        if self.ring_block_tables is None:
+            return self.block_tables + layer * self.num_device_blocks
+        ring = self.ring_block_tables[layer % self.ring_block_tables.shape[0]]
+        return torch.add(ring, self.block_strides, alpha=layer)
+
+    def slot_pages(self, layer: int) -> torch.Tensor:
+        """``[T]`` the page each new token's K/V is written to in ``layer``."""
+        if self.ring_slot_blocks is None:
+            return self.slot_blocks + layer * self.num_device_blocks
+        ring = self.ring_slot_blocks[layer % self.ring_slot_blocks.shape[0]]
+        return torch.add(ring, self.slot_strides, alpha=layer)
+
+
+@dataclass
+class StepLayout:
+    """A step's batch layout as host arrays: what ``AttentionMetadata`` holds on the device, before
+    it is copied there (the CUDA-graph runner pads these into its persistent buffers instead)."""
+
+    query_lens: np.ndarray
+    block_size: int
+    num_device_blocks: int
+    positions: np.ndarray
+    query_start_loc: np.ndarray
+    context_lens: np.ndarray
+    block_tables: np.ndarray
+    slot_blocks: np.ndarray
+    slot_offsets: np.ndarray
+    group_members: list[np.ndarray]
+    start_positions: np.ndarray
+    host_block_ids: np.ndarray = field(default_factory=_no_block_ids)
+    written_host_block_ids: np.ndarray = field(default_factory=_no_block_ids)
+    stream: dict[str, np.ndarray] = field(default_factory=dict)  # the ring tables (host blocks only)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.query_start_loc[-1])
+
+    @property
+    def split(self) -> bool:
+        """Decodes and the rest are attended as two groups."""
+        return len(self.group_members) > 1
+
+    @property
+    def is_decode(self) -> bool:
+        return bool((self.query_lens == 1).all())
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: np.ndarray,
+        start_positions: np.ndarray,
+        num_blocks: np.ndarray,
+        block_ids: np.ndarray,
+        block_size: int,
+        num_device_blocks: int,
+        staging: StagingRing | None = None,
+    ) -> StepLayout:
+        """Block ids >= ``num_device_blocks`` are host blocks, allowed only with a ``staging`` ring.
         Raises ``ValueError`` when the arrays disagree, a block id is not a device block (without
         staging), or the step uses more distinct host blocks than a staging area holds.
         """
@@ -199,89 +307,60 @@ class AttentionMetadata:
         block_columns = np.arange(len(block_ids)) - np.repeat(block_starts, num_blocks)
         block_tables[np.repeat(seq_ids, num_blocks), block_columns] = block_ids
         slot_blocks = block_tables[token_seq_ids, positions // block_size]
-        slot_offsets = positions % block_size
 
         # Decodes and the rest are attended separately (see AttentionGroup); one group if all alike.
         is_decode = query_lens == 1
         split = is_decode.any() and not is_decode.all()
-        group_members = [seq_ids[is_decode], seq_ids[~is_decode]] if split else [seq_ids]
-        host = dict(
+        layout = cls(
+            query_lens=query_lens,
+            block_size=block_size,
+            num_device_blocks=num_device_blocks,
             positions=positions,
             query_start_loc=query_start_loc,
             context_lens=context_lens,
             block_tables=block_tables,
             slot_blocks=slot_blocks,
-            slot_offsets=slot_offsets,
+            slot_offsets=positions % block_size,
+            group_members=[seq_ids[is_decode], seq_ids[~is_decode]] if split else [seq_ids],
+            start_positions=start_positions,
         )
-        for i, members in enumerate(group_members):
-            layout = _group_layout(members, query_lens, start_positions, query_start_loc)
-            host |= {f"group{i}.{name}": array for name, array in layout.items()}
-        host_block_ids = written_host_block_ids = _no_block_ids()
         if has_host_blocks:
             assert staging is not None
-            host_block_ids = np.unique(block_ids[block_ids >= num_device_blocks])
-            if len(host_block_ids) > staging.area_size:
+            layout.host_block_ids = np.unique(block_ids[block_ids >= num_device_blocks])
+            if len(layout.host_block_ids) > staging.area_size:
                 raise ValueError(
-                    f"the step uses {len(host_block_ids)} distinct host blocks but a staging area holds "
-                    f"{staging.area_size}."
+                    f"the step uses {len(layout.host_block_ids)} distinct host blocks but a staging area "
+                    f"holds {staging.area_size}."
                 )
-            written_host_block_ids = np.unique(slot_blocks[slot_blocks >= num_device_blocks])
+            layout.written_host_block_ids = np.unique(slot_blocks[slot_blocks >= num_device_blocks])
             ring_block_tables, block_strides = _ring_tables(
-                block_tables, host_block_ids, num_device_blocks, staging
+                block_tables, layout.host_block_ids, num_device_blocks, staging
             )
             ring_slot_blocks, slot_strides = _ring_tables(
-                slot_blocks, host_block_ids, num_device_blocks, staging
+                slot_blocks, layout.host_block_ids, num_device_blocks, staging
             )
-            host |= {
-                "stream.ring_block_tables": ring_block_tables,
-                "stream.block_strides": block_strides,
-                "stream.ring_slot_blocks": ring_slot_blocks,
-                "stream.slot_strides": slot_strides,
-            }
-        tensors = arrays_to_device(host, device)
-        groups = []
-        for i, members in enumerate(group_members):
-            member_lens = query_lens[members]
-            groups.append(
-                AttentionGroup(
-                    num_seqs=len(members),
-                    num_tokens=int(member_lens.sum()),
-                    max_query_len=int(member_lens.max()),
-                    num_blocks=-(-int(context_lens[members].max()) // block_size),
-                    seq_ids=tensors[f"group{i}.seq_ids"] if split else None,
-                    token_rows=tensors[f"group{i}.token_rows"] if split else None,
-                    token_seq_ids=tensors[f"group{i}.token_seq_ids"],
-                    token_query_ids=tensors[f"group{i}.token_query_ids"],
-                    padded_query_positions=tensors[f"group{i}.padded_query_positions"],
-                )
+            layout.stream = dict(
+                ring_block_tables=ring_block_tables,
+                block_strides=block_strides,
+                ring_slot_blocks=ring_slot_blocks,
+                slot_strides=slot_strides,
             )
-        return cls(
-            num_seqs=num_seqs,
-            num_tokens=num_tokens,
-            max_query_len=int(query_lens.max()),
-            max_context_len=int(context_lens.max()),
-            block_size=block_size,
-            num_device_blocks=num_device_blocks,
-            groups=groups,
-            host_block_ids=host_block_ids,
-            written_host_block_ids=written_host_block_ids,
-            **{name: tensors[name] for name in host if "." not in name},
-            **{name.removeprefix("stream."): tensors[name] for name in host if name.startswith("stream.")},
+        return layout
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array ``AttentionMetadata.from_layout`` copies to the device, by tensor name."""
+        host = dict(
+            positions=self.positions,
+            query_start_loc=self.query_start_loc,
+            context_lens=self.context_lens,
+            block_tables=self.block_tables,
+            slot_blocks=self.slot_blocks,
+            slot_offsets=self.slot_offsets,
         )
-
-    def page_table(self, layer: int) -> torch.Tensor:
-        """``[n, max_blocks]`` page indices of each sequence's blocks in ``layer``."""
-        if self.ring_block_tables is None:
-            return self.block_tables + layer * self.num_device_blocks
-        ring = self.ring_block_tables[layer % self.ring_block_tables.shape[0]]
-        return torch.add(ring, self.block_strides, alpha=layer)
-
-    def slot_pages(self, layer: int) -> torch.Tensor:
-        """``[T]`` the page each new token's K/V is written to in ``layer``."""
-        if self.ring_slot_blocks is None:
-            return self.slot_blocks + layer * self.num_device_blocks
-        ring = self.ring_slot_blocks[layer % self.ring_slot_blocks.shape[0]]
-        return torch.add(ring, self.slot_strides, alpha=layer)
+        for i, members in enumerate(self.group_members):
+            group = _group_layout(members, self.query_lens, self.start_positions, self.query_start_loc)
+            host |= {f"group{i}.{name}": array for name, array in group.items()}
+        return host | {f"stream.{name}": array for name, array in self.stream.items()}
 
 
 def _ring_tables(

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from proto.config import ConfigError
+
 GIB = 1 << 30
 
 
@@ -99,3 +101,34 @@ class KVPool:
         """The device pages of one layer, indexed by device block id (a view)."""
         offset = self.layer_page_offset(layer)
         return self.pages[offset : offset + self.num_device_blocks]
+
+
+@dataclass(frozen=True)
+class DeviceMemoryProfile:
+    """What one CUDA device holds besides the KV pool, measured after the weights load
+    (``ModelRunner._profile_device_memory``); bytes."""
+
+    total: int  # the device's memory
+    weights: int  # allocated once the weights are loaded
+    peak_activations: int  # the largest step's temporaries beyond the weights (a dummy forward)
+    graph_pool: int  # the CUDA graphs' shared memory pool (estimated: the largest decode's temporaries)
+
+
+def num_profiled_kv_blocks(
+    profile: DeviceMemoryProfile, utilization: float, reserved_bytes: int, block_bytes: int
+) -> int:
+    """Device KV blocks under ``--gpu-memory-utilization`` (vLLM's meaning: the fraction of the
+    device's whole memory this engine may use): ``utilization * total`` less the weights, the
+    largest step's activations, the graph pool and ``reserved_bytes`` (the staging ring and the
+    scratch page), in blocks of ``block_bytes``. Raises ConfigError when no block fits."""
+    budget = utilization * profile.total - profile.weights - profile.peak_activations - profile.graph_pool
+    num_blocks = num_blocks_that_fit(budget - reserved_bytes, block_bytes)
+    if num_blocks < 1:
+        raise ConfigError(
+            f"--gpu-memory-utilization {utilization} of {profile.total / GIB:.2f} GiB leaves no KV block "
+            f"({block_bytes} bytes each) after {profile.weights / GIB:.2f} GiB of weights, "
+            f"{profile.peak_activations / GIB:.2f} GiB of activations at --max-num-batched-tokens, "
+            f"{profile.graph_pool / GIB:.2f} GiB for CUDA graphs and {reserved_bytes / GIB:.2f} GiB of "
+            "staging; raise it, lower --max-num-batched-tokens or --max-num-seqs, or set --device-kv-blocks."
+        )
+    return num_blocks

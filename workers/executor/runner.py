@@ -6,11 +6,12 @@ decodes the plan's packed arrays, builds the step's tensors in two small host-to
 runs the forward pass (streaming the step's host blocks through the staging ring, if any) and
 samples the rows the plan asks for.
 
-Where this differs from DESIGN.md ("Executor on accelerators"), as built today: decode runs eagerly
-(no CUDA graphs yet), the scheduler does not yet plan step t+1 while step t runs, the device pool is
-sized from ``--gpu-memory-utilization`` after the weights load rather than after profiling the
-largest step, and on CUDA host pages still reach the staging ring through the copy engine: the
-host-page kernel (``triton_host_pages``) exists and is tested but is not wired in.
+Decode steps run padded through the graph runner (``graphs.DecodeGraphs``): CUDA graphs on CUDA
+with the triton backend unless ``--enforce-eager``, piecewise when a step streams host blocks. On
+CUDA the device pool is sized after profiling the largest step (``kv_pool.num_profiled_kv_blocks``).
+
+Where this differs from DESIGN.md ("Executor on accelerators"), as built today: the scheduler does
+not yet plan step t+1 while step t runs.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import torch
 
 import proto
 from proto.config import ConfigError, EngineConfig
-from workers.executor.attention import AttentionMetadata, arrays_to_device, make_attention_backend
+from workers.executor.attention import AttentionMetadata, StepLayout, make_attention_backend
+from workers.executor.graphs import DecodeGraphs
 from workers.executor.host_kv import HostKV
-from workers.executor.kv_pool import GIB, KVPool, StagingRing, num_blocks_that_fit
+from workers.executor.kv_pool import DeviceMemoryProfile, KVPool, StagingRing, num_profiled_kv_blocks
 from workers.executor.model import CausalLM
 from workers.executor.sampler import Sampler, SamplingState
 from workers.executor.streaming import HostBlockOwners, LayerStreamer, StreamStats
@@ -43,15 +45,23 @@ COPY_THROTTLE_ENV = "PIED_COPY_THROTTLE_BYTES_PER_S"
 
 @dataclass
 class StepInputs:
-    """A plan as device tensors: the forward pass's arguments."""
+    """A plan as device tensors: the forward pass's arguments.
 
-    input_ids: torch.Tensor  # [T]
-    meta: AttentionMetadata
-    logits_indices: torch.Tensor  # rows of [T] whose logits are sampled, in plan order
+    A decode step run by the graph runner (``graph_batch > 0``) has its inputs in the runner's
+    persistent rows instead: no ``input_ids``/``meta``, and its logits are the first rows of the
+    padded batch's.
+    """
+
+    input_ids: torch.Tensor | None  # [T]
+    meta: AttentionMetadata | None
+    logits_indices: torch.Tensor | None  # rows of [T] whose logits are sampled, in plan order
     sample: np.ndarray  # [num requests] bool: the plan's sample flags
+    stream: LayerStreamer | None = None  # the step's host blocks, streamed through the ring
+    graph_batch: int = 0  # the padded decode batch, 0: eager
 
     @property
     def positions(self) -> torch.Tensor:
+        assert self.meta is not None
         return self.meta.positions
 
 
@@ -106,8 +116,10 @@ class ModelRunner:
         self.max_host_blocks = host.max_host_blocks
         num_areas = num_staging_areas(config, self.model_config)
         num_staging_pages = num_areas * num_staging_blocks
+        self.graph_mode = graph_mode(config, self.device, self.attention_backend)
+        num_scratch_pages = 1 if self.graph_mode else 0  # where padded decode rows write
         self.num_device_blocks = self.plan.num_device_blocks or self._num_cuda_kv_blocks(
-            num_staging_pages * self.kv_layout.page_bytes
+            (num_staging_pages + num_scratch_pages) * self.kv_layout.page_bytes
         )
         self.max_model_len = self._max_model_len()
         staging = None
@@ -121,7 +133,7 @@ class ModelRunner:
             self.model_config.head_dim,
             self.dtype,
             self.device,
-            num_extra_pages=staging.num_pages if staging else 0,
+            num_extra_pages=(staging.num_pages if staging else 0) + num_scratch_pages,
         )
         self.staging = staging
         self.host_kv = HostKV(
@@ -143,6 +155,19 @@ class ModelRunner:
             config.resolved_model(), self.model_config.vocab_size, self.eos_token_ids
         )
         self.states: dict[str, SamplingState] = {}
+        self.graphs: DecodeGraphs | None = None
+        if self.graph_mode:
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.kv_pool.pages,
+                self.block_size,
+                self.num_device_blocks,
+                staging,
+                config.max_num_seqs,
+                -(-self.max_model_len // self.block_size),
+            )
+            if self.graph_mode == "capture":
+                self.graphs.capture()
 
     def _copy_throttle(self) -> float | None:
         """``config.extra["copy_throttle_bytes_per_s"]``, else ``$PIED_COPY_THROTTLE_BYTES_PER_S`` (read
@@ -176,17 +201,55 @@ class ModelRunner:
 
     def _num_cuda_kv_blocks(self, reserved_bytes: int) -> int:
         """The device KV pool the plan left to the executor (CUDA without --device-kv-blocks or
-        --device-kv-gib): ``gpu_memory_utilization`` of the memory free after loading the weights,
-        less ``reserved_bytes`` (the staging ring). A run-time check: free memory is only known now."""
-        free, _ = torch.cuda.mem_get_info(self.device)
-        budget = free * self.config.gpu_memory_utilization
-        num_blocks = num_blocks_that_fit(budget - reserved_bytes, self.kv_layout.block_bytes)
-        if num_blocks < 1:
-            raise ConfigError(
-                f"--gpu-memory-utilization {self.config.gpu_memory_utilization} of {free / GIB:.2f} GiB free holds "
-                f"no KV block ({self.kv_layout.block_bytes} bytes each); raise it or set --device-kv-blocks."
-            )
-        return num_blocks
+        --device-kv-gib), sized after profiling the largest step (``num_profiled_kv_blocks``). A run-time
+        check: the activations are only known now."""
+        profile = self._profile_device_memory()
+        return num_profiled_kv_blocks(
+            profile, self.config.gpu_memory_utilization, reserved_bytes, self.kv_layout.block_bytes
+        )
+
+    def _profile_device_memory(self) -> DeviceMemoryProfile:
+        """Weights, then the peak of a dummy forward of ``--max-num-batched-tokens`` at the largest
+        batch, and of a decode at ``--max-num-seqs`` (what the graph pool holds), on CUDA."""
+        device = self.device
+        torch.cuda.synchronize(device)
+        weights = torch.cuda.memory_allocated(device)
+        peaks = []
+        config = self.config
+        for num_tokens, num_seqs in (
+            (config.max_num_batched_tokens, min(config.max_num_seqs, config.max_num_batched_tokens)),
+            (config.max_num_seqs, config.max_num_seqs),
+        ):
+            torch.cuda.reset_peak_memory_stats(device)
+            self.dummy_forward(num_tokens, num_seqs)
+            torch.cuda.synchronize(device)
+            peaks.append(torch.cuda.max_memory_allocated(device) - weights)
+        total = torch.cuda.mem_get_info(device)[1]
+        graph_pool = peaks[1] if self.graph_mode == "capture" else 0
+        return DeviceMemoryProfile(total, weights, peaks[0], graph_pool)
+
+    def dummy_forward(self, num_tokens: int, num_seqs: int) -> torch.Tensor:
+        """A forward pass (and the sampler's softmax) over ``num_tokens`` new tokens split evenly over
+        ``num_seqs`` sequences, each starting at position 0, every block of a temporary one-block
+        pool: the largest step's temporaries, for profiling. Returns the logits."""
+        query_lens = np.full(num_seqs, num_tokens // num_seqs, dtype=np.int64)
+        query_lens[: num_tokens % num_seqs] += 1
+        num_blocks = -(-query_lens // self.block_size)
+        layout = StepLayout.build(
+            query_lens, np.zeros(num_seqs), num_blocks, np.zeros(num_blocks.sum()), self.block_size, 1
+        )
+        last_rows = np.cumsum(query_lens) - 1
+        meta, tensors = AttentionMetadata.from_layout(
+            layout, self.device, dict(input_ids=np.zeros(num_tokens, dtype=np.int64), logits_indices=last_rows)
+        )
+        config = self.model_config
+        pool = KVPool(
+            config.num_layers, 1, self.block_size, config.num_kv_heads, config.head_dim, self.dtype, self.device
+        )
+        with torch.inference_mode():
+            logits = self.model(tensors["input_ids"], meta.positions, meta, pool.pages, tensors["logits_indices"])
+            logits.softmax(dim=-1)
+        return logits
 
     def _max_model_len(self) -> int:
         """The plan's model length; when the pool was sized here, checked (or, when not given,
@@ -218,7 +281,7 @@ class ModelRunner:
             # prefetch of the next step may still be running on the copy stream, and should.
             torch.cuda.current_stream(self.device).synchronize()
         forward_time = time.perf_counter() - forward_start
-        stats = inputs.meta.stream.stats() if isinstance(inputs.meta.stream, LayerStreamer) else StreamStats()
+        stats = inputs.stream.stats() if inputs.stream is not None else StreamStats()
         stats.bytes_to_device += swapped.bytes_to_device
         stats.bytes_to_host += swapped.bytes_to_host
         stats.copy_time += swapped.copy_time
@@ -288,29 +351,35 @@ class ModelRunner:
             )
         num_blocks = proto.unpack_i32(plan.num_blocks)
         block_ids = proto.unpack_i32(plan.block_tables)
-        meta = AttentionMetadata.build(
+        layout = StepLayout.build(
             query_lens,
             proto.unpack_i32(plan.start_positions),
             num_blocks,
             block_ids,
             self.block_size,
             self.num_device_blocks,
-            self.device,
             self.staging,
         )
-        if len(meta.host_block_ids):
+        stream = None
+        if len(layout.host_block_ids):
             owners = (
                 self._host_block_owners(plan.request_ids, num_blocks, block_ids)
                 if self.prefetch_next_step
                 else None
             )
-            stream = self.host_kv.streamer(meta.host_block_ids, meta.written_host_block_ids, owners)
+            stream = self.host_kv.streamer(layout.host_block_ids, layout.written_host_block_ids, owners)
             # The next step reads mostly the same host blocks: whatever it keeps is loaded already.
             stream.prefetch_next = owners is not None
-            meta.stream = stream
+        if self.graphs is not None and self.graphs.accepts(layout):
+            batch = self.graphs.prepare(layout, token_ids)
+            return StepInputs(None, None, None, sample, stream, graph_batch=batch)
         last_rows = np.cumsum(query_lens, dtype=np.int64) - 1
-        tensors = arrays_to_device(dict(input_ids=token_ids, logits_indices=last_rows[sample]), self.device)
-        return StepInputs(tensors["input_ids"], meta, tensors["logits_indices"], sample)
+        # NOTE: the metadata, token ids and sampled rows reach the device in one copy.
+        meta, tensors = AttentionMetadata.from_layout(
+            layout, self.device, dict(input_ids=token_ids, logits_indices=last_rows[sample])
+        )
+        meta.stream = stream
+        return StepInputs(tensors["input_ids"], meta, tensors["logits_indices"], sample, stream)
 
     def _host_block_owners(
         self, request_ids: list[str], num_blocks: np.ndarray, block_ids: np.ndarray
@@ -323,22 +392,47 @@ class ModelRunner:
         return {block_id: frozenset(requests) for block_id, requests in owners.items()}
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
-        stream = inputs.meta.stream
-        if not isinstance(stream, LayerStreamer):
-            with torch.inference_mode():
-                return self.model(
-                    inputs.input_ids, inputs.positions, inputs.meta, self.kv_pool.pages, inputs.logits_indices
-                )
+        """Float32 logits of the step's sampled rows."""
+        stream = inputs.stream
+        if stream is None:
+            return self._forward(inputs)
         completed = False
         stream.start()
         try:
-            with torch.inference_mode():
-                logits = self.model(
-                    inputs.input_ids, inputs.positions, inputs.meta, self.kv_pool.pages, inputs.logits_indices
-                )
+            logits = self._forward(inputs)
             completed = True
             return logits
         finally:
             # NOTE: write-backs are on the host when this returns (and, after a failure, every copy
             # is done); a prefetch of the next step's first layers may still be running.
             stream.finish(completed)
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        if inputs.graph_batch:
+            assert self.graphs is not None
+            logits = self.graphs.run(inputs.graph_batch, inputs.stream)[: len(inputs.sample)]
+            if inputs.sample.all():
+                return logits
+            rows = torch.from_numpy(np.flatnonzero(inputs.sample)).to(self.device, non_blocking=True)
+            return logits[rows]
+        assert inputs.input_ids is not None and inputs.meta is not None and inputs.logits_indices is not None
+        with torch.inference_mode():
+            return self.model(
+                inputs.input_ids, inputs.positions, inputs.meta, self.kv_pool.pages, inputs.logits_indices
+            )
+
+
+def graph_mode(config: EngineConfig, device: torch.device, attention_backend: str) -> str | None:
+    """How decode steps run: ``"capture"`` (CUDA graphs), ``"pad"`` (the graphs' padded path, eagerly:
+    ``config.extra["decode_padding"]``, for tests on CPU), or None (eager).
+
+    Graphs are captured on CUDA unless ``--enforce-eager``, with the triton backend only: the torch
+    backend padded to the model length would gather every sequence's KV up to it in every layer.
+    """
+    if config.enforce_eager:
+        return None
+    if device.type == "cuda" and attention_backend == "triton":
+        return "capture"
+    if config.extra.get("decode_padding"):
+        return "pad"
+    return None
