@@ -81,7 +81,14 @@ def test_derived_page_tables_are_the_eager_ones(llama_dir, staged):
     if not staged:
         tables = [[b % num_device_blocks for b in table] for table in tables]
     context_lens = np.array([10, 7, 19])
-    args = (np.ones(3), context_lens - 1, [len(t) for t in tables], np.concatenate(tables), block_size, num_device_blocks)
+    args = (
+        np.ones(3),
+        context_lens - 1,
+        [len(t) for t in tables],
+        np.concatenate(tables),
+        block_size,
+        num_device_blocks,
+    )
     layout = StepLayout.build(*args, staging)
     eager = AttentionMetadata.build(*args, torch.device("cpu"), staging)
     batch = graphs.prepare(layout, np.array([11, 12, 13]))
@@ -118,20 +125,25 @@ POLICIES = {
     "device": dict(device_kv_blocks=256),
     "tight": dict(device_kv_blocks=24),
     "pie": dict(device_kv_blocks=24, kv_policy="pie", expansion="fixed:96"),
+    # The host-page kernel moves the pages (Triton's interpreter, CPU tensors for mapped memory).
+    "pie-kernel": dict(device_kv_blocks=24, kv_policy="pie", expansion="fixed:96", host_page_kernel=True),
 }
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
 async def test_padded_decode_gives_eager_tokens(llama_dir, reference, policy):
-    overrides = POLICIES[policy] | dict(extra={"decode_padding": True}, max_num_seqs=6)
+    overrides = dict(POLICIES[policy])
+    extra = {"decode_padding": True, "host_page_kernel": overrides.pop("host_page_kernel", False)}
+    overrides |= dict(extra=extra, max_num_seqs=6)
     async with running_engine(llama_dir, **overrides) as engine:
         tokens = await drive(engine, WORKLOAD)
         runner = engine.actor("executor").runner
         assert runner.graphs is not None
         num_runs = dict(runner.graphs.num_runs)
         assert_all_free(engine)
-        if policy == "pie":
+        if policy.startswith("pie"):
             assert engine.stats().bytes_to_device_total > 0
+            assert (runner.host_kv.page_lists is not None) == (policy == "pie-kernel")
     assert tokens == reference
     # Decode steps ran padded, at several captured sizes (padding included: 5 and 3 sequences pad
     # to 6 and 4). With room for all, every step after the prefill is a decode step.

@@ -37,7 +37,9 @@ def test_pool_size_from_profile():
     assert num_profiled_kv_blocks(profile, 0.5, 0, block) == (40 - 20) * GIB // block
     # More activations leave fewer blocks, one for one.
     bigger = DeviceMemoryProfile(80 * GIB, 16 * GIB, 3 * GIB + 10 * block, GIB)
-    assert num_profiled_kv_blocks(bigger, 0.9, 0, block) == num_profiled_kv_blocks(profile, 0.9, 0, block) - 10
+    assert (
+        num_profiled_kv_blocks(bigger, 0.9, 0, block) == num_profiled_kv_blocks(profile, 0.9, 0, block) - 10
+    )
     with pytest.raises(ConfigError, match="activations at --max-num-batched-tokens"):
         num_profiled_kv_blocks(profile, 0.25, 0, block)  # 20 GiB < 16 + 3 + 1 + a block
 

@@ -103,3 +103,17 @@ def test_kernel_moves_the_pages_the_copy_engine_moves(
         host_kv.close()
         for segment in segments:
             segment.close()
+
+
+def test_when_streaming_moves_pages_by_kernel(monkeypatch):
+    """By default on CUDA only (every attached segment is registered there); on CPU when asked,
+    in Triton's interpreter; never when refused."""
+    from proto.config import ConfigError
+    from workers.executor.streaming import use_host_page_kernel
+
+    assert use_host_page_kernel("cuda", None) and not use_host_page_kernel("cuda", False)
+    assert not use_host_page_kernel("cpu", None) and not use_host_page_kernel("cpu", False)
+    assert use_host_page_kernel("cpu", True)  # conftest set TRITON_INTERPRET=1
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
+        use_host_page_kernel("cpu", True)

@@ -203,7 +203,9 @@ class AttentionMetadata:
             **{name: tensors[name] for name in host if "." not in name},
             **{name.removeprefix("stream."): tensors[name] for name in host if name.startswith("stream.")},
         )
-        return meta, {name.removeprefix("extra."): tensors[name] for name in host if name.startswith("extra.")}
+        return meta, {
+            name.removeprefix("extra."): tensors[name] for name in host if name.startswith("extra.")
+        }
 
     def page_table(self, layer: int) -> torch.Tensor:
         """``[n, max_blocks]`` page indices of each sequence's blocks in ``layer``."""

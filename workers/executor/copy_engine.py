@@ -12,10 +12,23 @@ import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 
 Transfer = tuple[torch.Tensor, torch.Tensor]  # (destination, source), same shape, both contiguous
+# A kernel launch that moves pages itself (the host-page kernel, triton_host_pages.py), run in the
+# batch's place in the FIFO: on the copy stream on CUDA, on the copy thread on CPU.
+Launch = Callable[[], None]
+Work = Transfer | Launch
+
+
+def run_work(work: Work, non_blocking: bool) -> None:
+    if callable(work):
+        work()
+    else:
+        destination, source = work
+        destination.copy_(source, non_blocking=non_blocking)
 
 
 class CopyTicket(ABC):
@@ -38,8 +51,8 @@ class CopyEngine(ABC):
     """Runs batches of transfers in submission order, off the compute path."""
 
     @abstractmethod
-    def submit(self, transfers: list[Transfer], num_bytes: int) -> CopyTicket:
-        """Queue ``transfers`` to run, in order, after every earlier batch and after all compute
+    def submit(self, transfers: list[Work], num_bytes: int) -> CopyTicket:
+        """Queue ``transfers`` (copies or launches) to run, in order, after every earlier batch and after all compute
         issued so far (so a staging area is never overwritten while compute still uses it)."""
 
     @abstractmethod
@@ -56,7 +69,7 @@ class CopyEngine(ABC):
 
 
 class _ThreadTicket(CopyTicket):
-    def __init__(self, transfers: list[Transfer], num_bytes: int) -> None:
+    def __init__(self, transfers: list[Work], num_bytes: int) -> None:
         super().__init__(num_bytes)
         self.transfers = transfers
         self.done = threading.Event()
@@ -84,8 +97,8 @@ class _CopyWorker:
             start = time.perf_counter()
             if self.error is None:  # after a failure, batches are only marked done
                 try:
-                    for destination, source in ticket.transfers:
-                        destination.copy_(source)
+                    for work in ticket.transfers:
+                        run_work(work, non_blocking=False)
                 except BaseException as error:  # noqa: BLE001 - reported to compute by wait/synchronize
                     self.error = error
                 if self.throttle_bytes_per_s:
@@ -108,7 +121,7 @@ class ThreadCopyEngine(CopyEngine):
         self._thread.start()
         self._stop = weakref.finalize(self, self._worker.queue.put, None)
 
-    def submit(self, transfers: list[Transfer], num_bytes: int) -> CopyTicket:
+    def submit(self, transfers: list[Work], num_bytes: int) -> CopyTicket:
         # NOTE: CPU compute is synchronous, so everything issued so far is already done: FIFO order
         # is all the ordering a batch needs.
         ticket = _ThreadTicket(transfers, num_bytes)
@@ -164,15 +177,15 @@ class CudaCopyEngine(CopyEngine):
         self.device = device
         self.stream = torch.cuda.Stream(device)
 
-    def submit(self, transfers: list[Transfer], num_bytes: int) -> CopyTicket:
+    def submit(self, transfers: list[Work], num_bytes: int) -> CopyTicket:
         ticket = _CudaTicket(num_bytes)
         # NOTE: the copy stream waits for everything the compute stream has been given so far (the
         # staging area's last reader, the new K/V to write back), then copies in stream order.
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             ticket.start.record(self.stream)
-            for destination, source in transfers:
-                destination.copy_(source, non_blocking=True)
+            for work in transfers:
+                run_work(work, non_blocking=True)
             ticket.end.record(self.stream)
         return ticket
 

@@ -83,7 +83,9 @@ class DecodeGraphs:
         max_num_seqs: int,
         max_blocks: int,
     ) -> None:
-        if pages.shape[0] <= model.config.num_layers * num_device_blocks + (staging.num_pages if staging else 0):
+        if pages.shape[0] <= model.config.num_layers * num_device_blocks + (
+            staging.num_pages if staging else 0
+        ):
             raise ValueError("the pool needs a scratch page after the device and staging pages.")
         self.model = model
         self.pages = pages
@@ -141,7 +143,10 @@ class DecodeGraphs:
         real[:, CONTEXT_LEN] = layout.context_lens
         real[:, SLOT_OFFSET] = layout.slot_offsets
         if layout.stream:  # host blocks: layer 0's pages are their slots in area 0
-            block_pages, slot_pages = layout.stream["ring_block_tables"][0], layout.stream["ring_slot_blocks"][0]
+            block_pages, slot_pages = (
+                layout.stream["ring_block_tables"][0],
+                layout.stream["ring_slot_blocks"][0],
+            )
         else:
             block_pages, slot_pages = layout.block_tables, layout.slot_blocks
         real[:, SLOT_PAGE] = slot_pages
@@ -165,7 +170,10 @@ class DecodeGraphs:
             first, last = self.staging.first_page, self.staging.first_page + self.staging.area_size
             in_staging = (first_pages >= first) & (first_pages < last)
             rings = torch.stack(
-                [first_pages + in_staging * (area * self.staging.area_size) for area in range(self.staging.num_areas)]
+                [
+                    first_pages + in_staging * (area * self.staging.area_size)
+                    for area in range(self.staging.num_areas)
+                ]
             )
         positions = rows[:, POSITION].contiguous()
         group = AttentionGroup(

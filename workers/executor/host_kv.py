@@ -11,7 +11,13 @@ import torch
 import proto
 from workers.executor.copy_engine import CopyEngine, CudaCopyEngine, ThreadCopyEngine, Transfer
 from workers.executor.kv_pool import StagingRing
-from workers.executor.streaming import HostBlockOwners, LayerStreamer, Prefetch, StreamStats
+from workers.executor.streaming import (
+    HostBlockOwners,
+    LayerStreamer,
+    Prefetch,
+    StreamStats,
+    use_host_page_kernel,
+)
 from workers.memory.host_pool import HostPool, HostSegment, KVLayout
 
 
@@ -27,6 +33,7 @@ class HostKV:
         blocks_per_segment: int,
         device: torch.device,
         throttle_bytes_per_s: float | None = None,
+        host_page_kernel: bool | None = None,
     ) -> None:
         self.layout = layout
         self.pages = pages
@@ -37,6 +44,12 @@ class HostKV:
         self.throttle_bytes_per_s = throttle_bytes_per_s
         self.prefetched: Prefetch | None = None
         self._engine: CopyEngine | None = None
+        # Streaming moves pages by kernel through these lists (see streaming.use_host_page_kernel).
+        self.page_lists = None
+        if ring is not None and use_host_page_kernel(device.type, host_page_kernel):
+            from workers.executor.triton_host_pages import HostPageLists
+
+            self.page_lists = HostPageLists(ring.area_size, device)
 
     @property
     def engine(self) -> CopyEngine:

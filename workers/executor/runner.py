@@ -144,6 +144,7 @@ class ModelRunner:
             blocks_per_segment or host.blocks_per_segment,
             self.device,
             self._copy_throttle(),
+            config.extra.get("host_page_kernel"),
         )
         # Measured once, for the expansion controller's first decision (0 without a host tier).
         self.link_bandwidth = self.host_kv.measure_link_bandwidth() if config.kv_policy == "pie" else 0.0
@@ -240,14 +241,24 @@ class ModelRunner:
         )
         last_rows = np.cumsum(query_lens) - 1
         meta, tensors = AttentionMetadata.from_layout(
-            layout, self.device, dict(input_ids=np.zeros(num_tokens, dtype=np.int64), logits_indices=last_rows)
+            layout,
+            self.device,
+            dict(input_ids=np.zeros(num_tokens, dtype=np.int64), logits_indices=last_rows),
         )
         config = self.model_config
         pool = KVPool(
-            config.num_layers, 1, self.block_size, config.num_kv_heads, config.head_dim, self.dtype, self.device
+            config.num_layers,
+            1,
+            self.block_size,
+            config.num_kv_heads,
+            config.head_dim,
+            self.dtype,
+            self.device,
         )
         with torch.inference_mode():
-            logits = self.model(tensors["input_ids"], meta.positions, meta, pool.pages, tensors["logits_indices"])
+            logits = self.model(
+                tensors["input_ids"], meta.positions, meta, pool.pages, tensors["logits_indices"]
+            )
             logits.softmax(dim=-1)
         return logits
 
@@ -274,22 +285,21 @@ class ModelRunner:
         swapped = self.swap(plan)
         inputs = self.prepare(plan)
         states = [self.states[request_id] for request_id in compress(plan.request_ids, inputs.sample)]
-        forward_start = time.perf_counter()
+        timer = ForwardTimer(self.device)
         logits = self.forward(inputs)
-        if self.device.type == "cuda":
-            # So forward_time is the forward pass, not its launch. NOTE: the compute stream only: a
-            # prefetch of the next step may still be running on the copy stream, and should.
-            torch.cuda.current_stream(self.device).synchronize()
-        forward_time = time.perf_counter() - forward_start
+        timer.stop()
+        if states:
+            # NOTE: the step's one host synchronization (on CUDA): the sampled tokens' copy to the host.
+            token_ids, logprobs = self.sampler.sample(logits, states)
+        else:  # every scheduled request is mid-prefill
+            token_ids, logprobs = np.empty(0, dtype=np.int32), []
+        forward_time = timer.seconds()
+        # After the host synchronized with compute: the stall and copy timings are final.
         stats = inputs.stream.stats() if inputs.stream is not None else StreamStats()
         stats.bytes_to_device += swapped.bytes_to_device
         stats.bytes_to_host += swapped.bytes_to_host
         stats.copy_time += swapped.copy_time
         self.stream_stats = stats
-        if states:
-            token_ids, logprobs = self.sampler.sample(logits, states)
-        else:  # every scheduled request is mid-prefill
-            token_ids, logprobs = np.empty(0, dtype=np.int32), []
         for state, token_id in zip(states, token_ids.tolist()):
             state.append(token_id)
         return proto.StepResult(
@@ -420,6 +430,33 @@ class ModelRunner:
             return self.model(
                 inputs.input_ids, inputs.positions, inputs.meta, self.kv_pool.pages, inputs.logits_indices
             )
+
+
+class ForwardTimer:
+    """The forward pass's time: wall time on CPU, CUDA events on the compute stream on CUDA (so the
+    pass itself, not its launch, is timed without a host synchronization of its own). NOTE: the
+    compute stream only: a prefetch of the next step may still run on the copy stream, and should."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.end_event = torch.cuda.Event(enable_timing=True)
+            self.start_event.record()
+        self.start = time.perf_counter()
+        self.end = self.start
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end_event.record()
+        self.end = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Valid after ``stop``; on CUDA waits for the pass (done already once the tokens were read)."""
+        if not self.cuda:
+            return self.end - self.start
+        self.end_event.synchronize()
+        return self.start_event.elapsed_time(self.end_event) / 1e3
 
 
 def graph_mode(config: EngineConfig, device: torch.device, attention_backend: str) -> str | None:

@@ -12,20 +12,48 @@ During a step's last layers it loads the next step's first layers (``Prefetch``)
 uses whatever of them is still valid: a host block it reads with the same owners as when it was
 prefetched keeps its pages (moved on the device to its new slot when blocks joined or left the
 step); only the rest is loaded from host.
+
+On CUDA (``use_host_page_kernel``) a layer's loads and write-backs are one launch each of the
+host-page kernel (``triton_host_pages``), reading the registered host segments through the step's
+static list of page addresses (``HostPageLists``, published by one copy per step); on CPU they are
+one ``copy_`` per run of consecutive blocks on the copy thread. Pages a prefetch left only partly
+valid are always fixed up by copies.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from workers.executor.copy_engine import CopyTicket, Transfer
+from proto.config import ConfigError
+from workers.executor.copy_engine import CopyTicket, Work
 
 if TYPE_CHECKING:
     from workers.executor.host_kv import HostKV
+    from workers.executor.triton_host_pages import HostPageLists
+
+
+def use_host_page_kernel(device_type: str, requested: bool | None) -> bool:
+    """Whether host pages move by kernel (``requested`` None: on CUDA, where every attached segment
+    is registered; True: also on CPU in Triton's interpreter, for tests; False: never). The kernel
+    needs triton, and off CUDA ``TRITON_INTERPRET=1`` from the start of the process."""
+    if requested is False or (requested is None and device_type != "cuda"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        if requested:
+            raise ConfigError(f"the host-page kernel needs the triton package ({error}).") from error
+        return False
+    if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(
+            "the host-page kernel off CUDA runs in Triton's interpreter: set TRITON_INTERPRET=1."
+        )
+    return True
 
 
 @dataclass
@@ -91,6 +119,12 @@ class LayerStreamer:
             (segment.tensor[:, offset : offset + count], slots[written_indices[position]], count)
             for segment, offset, count, position in host_kv.pool.runs(written_indices)
         ]
+        # The kernel path: the step's address lists, published before its first load (see start).
+        self.page_lists: HostPageLists | None = host_kv.page_lists
+        self.publish_lists: list[Work] = []
+        if self.page_lists is not None:
+            written_positions = [slots[host_index] for host_index in written_indices]
+            self.publish_lists = [self.page_lists.fill(host_kv.pool, host_indices, written_positions)]
         self.load_bytes = len(host_indices) * self.page_bytes
         self.write_bytes = len(written_indices) * self.page_bytes
         pages = host_kv.pages
@@ -115,15 +149,26 @@ class LayerStreamer:
             for segment, offset, count, position in self.host_kv.pool.runs(host_indices)
         ]
 
-    def loads(self, layer: int, runs: list[tuple[torch.Tensor, int, int]] | None = None) -> list[Transfer]:
+    def loads(self, layer: int, runs: list[tuple[torch.Tensor, int, int]] | None = None) -> list[Work]:
         """Host pages of ``layer`` (of ``runs``, default all of the step's) into its staging area."""
+        if runs is None and self.page_lists is not None:
+            return [self._launch(layer, to_host=False)]
         area = self.areas[layer % self.ring.num_areas]
         runs = self.load_runs if runs is None else runs
         return [(area[slot : slot + count], host[layer]) for host, slot, count in runs]
 
-    def write_backs(self, layer: int) -> list[Transfer]:
+    def write_backs(self, layer: int) -> list[Work]:
+        if not self.write_runs:
+            return []
+        if self.page_lists is not None:
+            return [self._launch(layer, to_host=True)]
         area = self.areas[layer % self.ring.num_areas]
         return [(host[layer], area[slot : slot + count]) for host, slot, count in self.write_runs]
+
+    def _launch(self, layer: int, to_host: bool) -> Work:
+        lists, pages, first_page = self.page_lists, self.host_kv.pages, self.ring.area_start(layer)
+        assert lists is not None
+        return lambda: lists.launch(pages, first_page, layer, to_host)
 
     def start(self) -> None:
         """Fill the first ``R`` areas, using what the previous step prefetched into them.
@@ -141,6 +186,10 @@ class LayerStreamer:
             self.bytes_to_device += sum(ticket.num_bytes for ticket in prefetch.tickets)
             if self.owners is not None:
                 self._adopt(prefetch)
+        if self.publish_lists:
+            # NOTE: the step's address lists go first, ahead of every launch that reads them (FIFO);
+            # the previous step's prefetch launches, queued earlier, still read its own.
+            self._submit(self.publish_lists, 0, 0)
         for layer in range(min(self.ring.num_areas, self.num_layers)):
             if self.loaded[layer] is None:
                 self.loaded[layer] = self._submit(self.loads(layer), self.load_bytes, 0)
@@ -243,7 +292,7 @@ class LayerStreamer:
             num_prefetched_pages=self.num_prefetched_pages,
         )
 
-    def _submit(self, transfers: list[Transfer], bytes_to_device: int, bytes_to_host: int) -> CopyTicket:
+    def _submit(self, transfers: list[Work], bytes_to_device: int, bytes_to_host: int) -> CopyTicket:
         ticket = self.engine.submit(transfers, bytes_to_device + bytes_to_host)
         self.tickets.append(ticket)
         self.bytes_to_device += bytes_to_device

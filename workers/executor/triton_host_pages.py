@@ -8,8 +8,9 @@ in a CUDA graph with the lists in static buffers. On CUDA the host segments must
 (pinned and device-mapped) and the addresses the device-side ones; under Triton's interpreter on
 CPU the same kernel reads the segments' own addresses, which is how it is tested.
 
-Not wired into ``streaming.py`` yet: its copy engine (``copy_`` per run of blocks) stays the path
-on every device; this kernel is the CUDA replacement for ``LayerStreamer.loads``/``write_backs`` (streaming.py).
+``HostPageLists`` holds a step's lists in one static device buffer (written by one copy per step);
+``LayerStreamer`` (streaming.py) launches the kernel through it for each layer's loads and
+write-backs on CUDA (``use_host_page_kernel``), and keeps its ``copy_`` per run of blocks on CPU.
 """
 
 from __future__ import annotations
@@ -92,3 +93,46 @@ def copy_host_pages(
         BLOCK=block,
         TO_HOST=to_host,
     )
+
+
+class HostPageLists:
+    """A step's host pages as static device lists, for ``copy_host_pages``: rows are the slots
+    (0..k-1), the pages' addresses and layer strides, then the written pages' slots, addresses and
+    layer strides. ``area_size`` (M) entries each; one pinned host copy, one transfer per step."""
+
+    SLOTS, ADDRESSES, STRIDES, WRITTEN_SLOTS, WRITTEN_ADDRESSES, WRITTEN_STRIDES = range(6)
+
+    def __init__(self, area_size: int, device: torch.device) -> None:
+        self.area_size = area_size
+        self.host = torch.zeros((6, area_size), dtype=torch.int64, pin_memory=device.type == "cuda")
+        self.device_lists = self.host.to(device)
+        self.num_pages = 0
+        self.num_written = 0
+
+    def fill(
+        self, pool: HostPool, host_indices: list[int], written_positions: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's lists (``written_positions``: slots of the written pages among
+        ``host_indices``); returns the (device, host) transfer that publishes them, to be queued on
+        the copy engine before the first launch. NOTE: the pinned host rows are rewritten only once
+        the previous step's transfer ran (it precedes that step's loads, which compute waited for)."""
+        if len(host_indices) > self.area_size:
+            raise ValueError(f"{len(host_indices)} host pages do not fit lists of {self.area_size}.")
+        lists = self.host.numpy()
+        count, written = len(host_indices), len(written_positions)
+        addresses, strides = host_page_addresses(pool, host_indices)
+        lists[self.SLOTS, :count] = np.arange(count)
+        lists[self.ADDRESSES, :count] = addresses
+        lists[self.STRIDES, :count] = strides
+        lists[self.WRITTEN_SLOTS, :written] = written_positions
+        lists[self.WRITTEN_ADDRESSES, :written] = addresses[written_positions]
+        lists[self.WRITTEN_STRIDES, :written] = strides[written_positions]
+        self.num_pages, self.num_written = count, written
+        return self.device_lists, self.host
+
+    def launch(self, pages: torch.Tensor, first_page: int, layer: int, to_host: bool) -> None:
+        """Load the step's pages of ``layer`` into the area at ``first_page`` (or write its written
+        pages back, ``to_host``): one kernel launch."""
+        count = self.num_written if to_host else self.num_pages
+        rows = self.device_lists[3:] if to_host else self.device_lists[:3]
+        copy_host_pages(pages, first_page, rows[0, :count], rows[1, :count], rows[2, :count], layer, to_host)
