@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One prepared run on a machine with an NVIDIA GPU: the CUDA-marked tests (of the files named below,
-# so a test-only package missing on the GPU machine cannot abort collection), the paged attention
-# kernels at an 8B shape against the roofline, then the transparency, pooling and adaptive
+# so a test-only package missing on the GPU machine cannot abort collection), whole-model decode at
+# an 8B shape against the roofline (perf/decode_roofline.py: tok/s over batch {1,16,64,256} x
+# context {512,4096} under CUDA graphs and eagerly, GPU vs host time, the attention kernel, memory
+# headroom), the paged attention kernels alone, then the transparency, pooling and adaptive
 # benchmarks (quick variants; adaptive's throttled scenario is CPU-only), each writing its JSON into
-# the folder given as $1. Budget: the timeouts sum to 530 s.
+# the folder given as $1. Budget: the timeouts sum to 530 s (tests/test_gpu_check.py checks it).
 #
 #   perf/gpu_check.sh OUT_DIR
 #
@@ -23,10 +25,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
 status=0
 tests="tests/test_model.py tests/test_streaming.py tests/test_triton_attention.py tests/test_triton_host_pages.py"
 # shellcheck disable=SC2086
-timeout 180 $py -m pytest -q -m cuda -p no:cacheprovider $tests 2>&1 | tee "$out/cuda_tests.log" || status=1
-timeout 60 $py perf/attention_kernels.py > "$out/attention_kernels.json" 2> "$out/attention_kernels.err" || status=1
-timeout 90 $py perf/transparency.py --quick > "$out/transparency.json" 2> "$out/transparency.err" || status=1
-timeout 90 $py perf/pooling.py --quick > "$out/pooling.json" 2> "$out/pooling.err" || status=1
-timeout 110 $py perf/adaptive.py --quick --pairs 3 > "$out/adaptive.json" 2> "$out/adaptive.err" || status=1
+timeout 150 $py -m pytest -q -m cuda -p no:cacheprovider $tests 2>&1 | tee "$out/cuda_tests.log" || status=1
+timeout 100 $py perf/decode_roofline.py > "$out/decode_roofline.json" 2> "$out/decode_roofline.err" || status=1
+timeout 45 $py perf/attention_kernels.py > "$out/attention_kernels.json" 2> "$out/attention_kernels.err" || status=1
+timeout 75 $py perf/transparency.py --quick > "$out/transparency.json" 2> "$out/transparency.err" || status=1
+timeout 70 $py perf/pooling.py --quick > "$out/pooling.json" 2> "$out/pooling.err" || status=1
+timeout 90 $py perf/adaptive.py --quick --pairs 3 > "$out/adaptive.json" 2> "$out/adaptive.err" || status=1
 tail -n 3 "$out"/*.json
 exit $status

@@ -70,7 +70,7 @@ class DecodeGraphs:
 
     ``pages``: the whole pool, ``scratch_page`` its last page (reserved for padding); ``staging``:
     the ring host blocks stream through (None: no host tier). ``max_blocks``: block-table width,
-    enough for the model length.
+    enough for the model length. ``sizes`` replaces ``capture_sizes(max_num_seqs)`` (benchmarks).
     """
 
     def __init__(
@@ -82,6 +82,7 @@ class DecodeGraphs:
         staging: StagingRing | None,
         max_num_seqs: int,
         max_blocks: int,
+        sizes: list[int] | None = None,
     ) -> None:
         if pages.shape[0] <= model.config.num_layers * num_device_blocks + (
             staging.num_pages if staging else 0
@@ -93,7 +94,7 @@ class DecodeGraphs:
         self.num_device_blocks = num_device_blocks
         self.staging = staging
         self.scratch_page = pages.shape[0] - 1
-        self.sizes = capture_sizes(max_num_seqs)
+        self.sizes = sorted(sizes) if sizes else capture_sizes(max_num_seqs)  # sizes: benchmarks only
         self.max_blocks = max_blocks
         device = pages.device
         num_rows = self.sizes[-1]
