@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 from engine_driver import assert_all_free, drive, running_engine
+from step_plans import Chunk, make_plan, new_request
 from tiny_models import build_model_dir
 
-from proto.config import EngineConfig
+from proto.config import ConfigError, EngineConfig
 from workers.executor.attention import AttentionMetadata, StepLayout
 from workers.executor.graphs import DecodeGraphs, capture_sizes, padded_size
 from workers.executor.kv_pool import StagingRing
 from workers.executor.model import CausalLM
-from workers.executor.runner import graph_mode
+from workers.executor.runner import ModelRunner, graph_mode
 from workers.model_config import ModelConfig
 
 # Requests finish one after another (different max tokens), so decode batches of 6, 5, ..., 1 run,
@@ -150,3 +151,112 @@ async def test_padded_decode_gives_eager_tokens(llama_dir, reference, policy):
     assert set(num_runs) <= {1, 2, 4, 6} and len(num_runs) >= 2, num_runs
     if policy == "device":
         assert sum(num_runs.values()) == max(MAX_TOKENS.values()) - 1, num_runs
+
+
+class FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: records capture and replay, captures nothing."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+        self.index = sum(1 for entry in log if entry[0] == "begin")
+
+    def capture_begin(self, pool=None) -> None:
+        self.log.append(("begin", self.index))
+
+    def capture_end(self) -> None:
+        self.log.append(("end", self.index))
+
+    def replay(self) -> None:
+        self.log.append(("replay", self.index))
+
+
+class RecordingHooks:
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def before_attention(self, layer: int) -> None:
+        self.log.append(("before", layer))
+
+    def after_attention(self, layer: int) -> None:
+        self.log.append(("after", layer))
+
+
+def test_piecewise_capture_cuts_at_every_hook_and_replays_them_in_order(llama_dir):
+    """The forward pass calls each layer's hooks once, in order, so capturing it with a splitter gives
+    2L + 1 pieces; a replay runs them with the real hooks between, exactly where eager runs them."""
+    from workers.executor.graphs import PieceSplitter
+
+    config = ModelConfig.from_folder(llama_dir)
+    num_layers, num_device_blocks = config.num_layers, 4
+    staging = StagingRing(num_layers * num_device_blocks, 2, 3)
+    pages = torch.zeros(
+        num_layers * num_device_blocks + staging.num_pages + 1, 2, 4, config.num_kv_heads, config.head_dim
+    )
+    with torch.device("cpu"):
+        model = CausalLM(config, torch.float32)
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    graphs = DecodeGraphs(model, pages, 4, num_device_blocks, staging, 2, max_blocks=2)
+    capture_log: list = []
+    splitter = PieceSplitter(None, lambda: FakeGraph(capture_log))
+    splitter.begin()
+    graphs.piece_outputs[2] = graphs._forward(2, splitter)
+    splitter.end()
+    assert len(splitter.pieces) == 2 * num_layers + 1
+    assert capture_log == [(kind, i) for i in range(2 * num_layers + 1) for kind in ("begin", "end")]
+
+    replay_log: list = []
+    graphs.pieces[2] = splitter.pieces
+    graphs.graphs[2] = FakeGraph(replay_log)  # marks the runner captured
+    for piece in splitter.pieces:
+        piece.log = replay_log
+    assert graphs.run(2, RecordingHooks(replay_log)) is graphs.piece_outputs[2]
+    expected = []
+    for layer in range(num_layers):
+        expected += [("replay", 2 * layer), ("before", layer), ("replay", 2 * layer + 1), ("after", layer)]
+    assert replay_log == expected + [("replay", 2 * num_layers)]
+
+
+def test_enforce_eager_is_a_flag():
+    import argparse
+
+    from pied.args import add_engine_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert parser.parse_args(["--enforce-eager"]).enforce_eager is True
+    assert parser.parse_args([]).enforce_eager is None  # the config's default: graphs where they apply
+    with pytest.raises(ConfigError, match="--enforce-eager"):
+        EngineConfig(enforce_eager="yes").validate()
+
+
+def test_triton_decode_padded_gives_eager_logits(llama_dir):
+    """The attention a graph captures on CUDA (the Triton decode kernel, here interpreted) over the
+    padded rows gives the eager torch backend's logits for the real rows."""
+    settings = dict(
+        model=str(llama_dir),
+        dtype="float32",
+        device="cpu",
+        block_size=4,
+        device_kv_blocks=32,
+        max_model_len=64,
+    )
+    eager = ModelRunner(EngineConfig(**settings))
+    padded = ModelRunner(
+        EngineConfig(**settings, attention_backend="triton", max_num_seqs=4, extra={"decode_padding": True})
+    )
+    assert padded.graphs is not None and eager.graphs is None
+    prompts = {"a": [1, 17, 99, 3, 250], "b": [1, 40, 41, 42, 43, 44, 45, 46, 47], "c": [1, 5, 6]}
+    blocks = {"a": [9, 3], "b": [30, 12, 7], "c": [21]}
+    prefill = make_plan(
+        [Chunk(name, prompt, 0, blocks[name]) for name, prompt in prompts.items()],
+        0,
+        [new_request(name, prompt, temperature=0.0) for name, prompt in prompts.items()],
+    )
+    for runner in (eager, padded):
+        runner.execute(prefill)
+    decode = make_plan([Chunk(name, [7], len(prompt), blocks[name]) for name, prompt in prompts.items()], 1)
+    expected = eager.compute_logits(decode)
+    actual = padded.compute_logits(decode)
+    assert padded.graphs.num_runs == {4: 1}  # 3 sequences padded to 4
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)

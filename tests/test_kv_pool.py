@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from step_plans import Chunk, make_plan
@@ -30,16 +32,21 @@ def test_sizing_helpers():
 def test_pool_size_from_profile():
     """--gpu-memory-utilization is a fraction of the whole device; weights, the largest step's
     activations, the graph pool and the staging ring come off it before the KV blocks."""
-    profile = DeviceMemoryProfile(total=80 * GIB, weights=16 * GIB, peak_activations=3 * GIB, graph_pool=GIB)
+    profile = DeviceMemoryProfile(
+        total=80 * GIB, weights=16 * GIB, peak_activations=3 * GIB, graph_pool=GIB, free=64 * GIB
+    )
     block = 2 * 1024 * 1024
     # 0.9 * 80 = 72 GiB; 72 - 16 - 3 - 1 - 0.5 (staging) = 51.5 GiB of 2 MiB blocks.
     assert num_profiled_kv_blocks(profile, 0.9, GIB // 2, block) == int(51.5 * GIB) // block
     assert num_profiled_kv_blocks(profile, 0.5, 0, block) == (40 - 20) * GIB // block
     # More activations leave fewer blocks, one for one.
-    bigger = DeviceMemoryProfile(80 * GIB, 16 * GIB, 3 * GIB + 10 * block, GIB)
+    bigger = replace(profile, peak_activations=3 * GIB + 10 * block)
     assert (
         num_profiled_kv_blocks(bigger, 0.9, 0, block) == num_profiled_kv_blocks(profile, 0.9, 0, block) - 10
     )
+    # Another process holds 30 GiB: only what is free counts (34 GiB after the weights).
+    shared = replace(profile, free=34 * GIB)
+    assert num_profiled_kv_blocks(shared, 0.9, 0, block) == (34 - 3 - 1) * GIB // block
     with pytest.raises(ConfigError, match="activations at --max-num-batched-tokens"):
         num_profiled_kv_blocks(profile, 0.25, 0, block)  # 20 GiB < 16 + 3 + 1 + a block
 

@@ -37,6 +37,7 @@ sequence's KV up to the model length, so on CUDA it runs eagerly.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -253,7 +254,7 @@ class DecodeGraphs:
                 self._capture_pieces(batch, pool)
 
     def _capture_pieces(self, batch: int, pool: tuple[int, int]) -> None:
-        splitter = _PieceSplitter(pool)
+        splitter = PieceSplitter(pool, torch.cuda.CUDAGraph)
         stream = torch.cuda.Stream(self.pages.device)
         stream.wait_stream(torch.cuda.current_stream(self.pages.device))
         with torch.cuda.stream(stream):
@@ -265,16 +266,17 @@ class DecodeGraphs:
         self.pieces[batch] = splitter.pieces
 
 
-class _PieceSplitter:
+class PieceSplitter:
     """Layer hooks used while capturing: each hook ends the piece being captured and begins the
     next, so a layer's waits and copy submissions fall between pieces (see the module docs)."""
 
-    def __init__(self, pool: tuple[int, int]) -> None:
+    def __init__(self, pool: tuple[int, int] | None, new_graph: Callable[[], torch.cuda.CUDAGraph]) -> None:
         self.pool = pool
+        self.new_graph = new_graph  # torch.cuda.CUDAGraph (a stand-in in tests)
         self.pieces: list[torch.cuda.CUDAGraph] = []
 
     def begin(self) -> None:
-        piece = torch.cuda.CUDAGraph()
+        piece = self.new_graph()
         piece.capture_begin(pool=self.pool)
         self.pieces.append(piece)
 

@@ -112,6 +112,7 @@ class DeviceMemoryProfile:
     weights: int  # allocated once the weights are loaded
     peak_activations: int  # the largest step's temporaries beyond the weights (a dummy forward)
     graph_pool: int  # the CUDA graphs' shared memory pool (estimated: the largest decode's temporaries)
+    free: int  # free once the weights are loaded (other processes may hold part of the device)
 
 
 def num_profiled_kv_blocks(
@@ -120,8 +121,10 @@ def num_profiled_kv_blocks(
     """Device KV blocks under ``--gpu-memory-utilization`` (vLLM's meaning: the fraction of the
     device's whole memory this engine may use): ``utilization * total`` less the weights, the
     largest step's activations, the graph pool and ``reserved_bytes`` (the staging ring and the
-    scratch page), in blocks of ``block_bytes``. Raises ConfigError when no block fits."""
-    budget = utilization * profile.total - profile.weights - profile.peak_activations - profile.graph_pool
+    scratch page), in blocks of ``block_bytes``; never more than what is free besides the weights
+    (another process may hold part of the device). Raises ConfigError when no block fits."""
+    available = min(utilization * profile.total - profile.weights, profile.free)
+    budget = available - profile.peak_activations - profile.graph_pool
     num_blocks = num_blocks_that_fit(budget - reserved_bytes, block_bytes)
     if num_blocks < 1:
         raise ConfigError(

@@ -215,6 +215,7 @@ class ModelRunner:
         device = self.device
         torch.cuda.synchronize(device)
         weights = torch.cuda.memory_allocated(device)
+        free, total = torch.cuda.mem_get_info(device)
         peaks = []
         config = self.config
         for num_tokens, num_seqs in (
@@ -225,9 +226,8 @@ class ModelRunner:
             self.dummy_forward(num_tokens, num_seqs)
             torch.cuda.synchronize(device)
             peaks.append(torch.cuda.max_memory_allocated(device) - weights)
-        total = torch.cuda.mem_get_info(device)[1]
         graph_pool = peaks[1] if self.graph_mode == "capture" else 0
-        return DeviceMemoryProfile(total, weights, peaks[0], graph_pool)
+        return DeviceMemoryProfile(total, weights, max(peaks[0], peaks[1]), graph_pool, free)
 
     def dummy_forward(self, num_tokens: int, num_seqs: int) -> torch.Tensor:
         """A forward pass (and the sampler's softmax) over ``num_tokens`` new tokens split evenly over
