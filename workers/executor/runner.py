@@ -10,6 +10,13 @@ Decode steps run padded through the graph runner (``graphs.DecodeGraphs``): CUDA
 with the triton backend unless ``--enforce-eager``, piecewise when a step streams host blocks. On
 CUDA the device pool is sized after profiling the largest step (``kv_pool.num_profiled_kv_blocks``).
 
+Host synchronization on CUDA: once per step, when the sampled tokens are copied to the host (the
+sampler). The step's arrays are built with numpy and reach the device in one pinned, non-blocking
+copy (``AttentionMetadata.from_layout`` eagerly, ``DecodeGraphs.prepare`` under graphs), and the
+forward time comes from CUDA events (``ForwardTimer``). Two more remain where asked for: a step
+that writes into host blocks waits for its last write-back (``LayerStreamer.finish``, which keeps
+the step's copy timings final), and requested logprobs are copied after the tokens.
+
 Where this differs from DESIGN.md ("Executor on accelerators"), as built today: the scheduler does
 not yet plan step t+1 while step t runs.
 """
