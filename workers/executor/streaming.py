@@ -123,8 +123,8 @@ class LayerStreamer:
         self.page_lists: HostPageLists | None = host_kv.page_lists
         self.publish_lists: list[Work] = []
         if self.page_lists is not None:
-            written_positions = [slots[host_index] for host_index in written_indices]
-            self.publish_lists = [self.page_lists.fill(host_kv.pool, host_indices, written_positions)]
+            self.written_slots = [slots[host_index] for host_index in written_indices]
+            self.publish_lists = [self.page_lists.fill(host_kv.pool, host_indices, self.written_slots)]
         self.load_bytes = len(host_indices) * self.page_bytes
         self.write_bytes = len(written_indices) * self.page_bytes
         pages = host_kv.pages
@@ -168,7 +168,9 @@ class LayerStreamer:
     def _launch(self, layer: int, to_host: bool) -> Work:
         lists, pages, first_page = self.page_lists, self.host_kv.pages, self.ring.area_start(layer)
         assert lists is not None
-        return lambda: lists.launch(pages, first_page, layer, to_host)
+        # The counts are this step's, bound now: the launch may run after the next step's lists are written.
+        count = len(self.written_slots) if to_host else len(self.host_block_ids)
+        return lambda: lists.launch(pages, first_page, layer, count, to_host)
 
     def start(self) -> None:
         """Fill the first ``R`` areas, using what the previous step prefetched into them.

@@ -105,17 +105,17 @@ class HostPageLists:
     def __init__(self, area_size: int, device: torch.device) -> None:
         self.area_size = area_size
         self.host = torch.zeros((6, area_size), dtype=torch.int64, pin_memory=device.type == "cuda")
-        self.device_lists = self.host.to(device)
-        self.num_pages = 0
-        self.num_written = 0
+        # Its own buffer on CPU too: launches still queued read the lists they were queued with.
+        self.device_lists = torch.zeros((6, area_size), dtype=torch.int64, device=device)
 
     def fill(
         self, pool: HostPool, host_indices: list[int], written_positions: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the step's lists (``written_positions``: slots of the written pages among
         ``host_indices``); returns the (device, host) transfer that publishes them, to be queued on
-        the copy engine before the first launch. NOTE: the pinned host rows are rewritten only once
-        the previous step's transfer ran (it precedes that step's loads, which compute waited for)."""
+        the copy engine before the step's first launch (and after the previous step's last). NOTE:
+        the host rows are rewritten only once the previous step's transfer ran (it precedes that
+        step's loads, which compute waited for)."""
         if len(host_indices) > self.area_size:
             raise ValueError(f"{len(host_indices)} host pages do not fit lists of {self.area_size}.")
         lists = self.host.numpy()
@@ -127,12 +127,10 @@ class HostPageLists:
         lists[self.WRITTEN_SLOTS, :written] = written_positions
         lists[self.WRITTEN_ADDRESSES, :written] = addresses[written_positions]
         lists[self.WRITTEN_STRIDES, :written] = strides[written_positions]
-        self.num_pages, self.num_written = count, written
         return self.device_lists, self.host
 
-    def launch(self, pages: torch.Tensor, first_page: int, layer: int, to_host: bool) -> None:
-        """Load the step's pages of ``layer`` into the area at ``first_page`` (or write its written
-        pages back, ``to_host``): one kernel launch."""
-        count = self.num_written if to_host else self.num_pages
+    def launch(self, pages: torch.Tensor, first_page: int, layer: int, count: int, to_host: bool) -> None:
+        """Load the first ``count`` listed pages of ``layer`` into the area at ``first_page`` (or,
+        ``to_host``, write the first ``count`` written pages back): one kernel launch."""
         rows = self.device_lists[3:] if to_host else self.device_lists[:3]
         copy_host_pages(pages, first_page, rows[0, :count], rows[1, :count], rows[2, :count], layer, to_host)
