@@ -30,6 +30,9 @@ Capturing the loads inside the graph instead (event edges to a load stream, the 
 reading a static address list) would hide the per-layer stall from the host, which the expansion
 controller needs, and cannot prefetch across steps.
 
+The rows are copied whole (``max_blocks`` columns each, for the model length): one transfer of
+``batch * (5 + max_blocks)`` int64s per step, as vLLM copies its block table rows.
+
 The torch attention backend is never captured: padded to ``max_blocks`` it would gather every
 sequence's KV up to the model length, so on CUDA it runs eagerly.
 """
@@ -104,7 +107,8 @@ class DecodeGraphs:
         # synchronized on the previous step's sampled tokens, which the stream ordered after its copy.
         self.host_rows = torch.empty(shape, dtype=torch.int64, pin_memory=device.type == "cuda")
         self.host_view = self.host_rows.numpy()
-        self.host_view[:] = self._padding_row()
+        self.padding_row = self._padding_row()
+        self.host_view[:] = self.padding_row
         self.rows = self.host_rows.to(device)
         self.row_ids = torch.arange(num_rows + 1, device=device)
         self.zeros = torch.zeros(num_rows, dtype=torch.int64, device=device)
@@ -138,7 +142,7 @@ class DecodeGraphs:
         batch = padded_size(num_seqs, self.sizes)
         assert batch is not None and self.accepts(layout)
         rows = self.host_view[:batch]
-        rows[num_seqs:] = self._padding_row()
+        rows[num_seqs:] = self.padding_row
         real = rows[:num_seqs]
         real[:, TOKEN] = token_ids
         real[:, POSITION] = layout.positions
@@ -240,7 +244,7 @@ class DecodeGraphs:
         the whole forward pass, and with a staging ring its ``2L + 1`` pieces too. The rows hold
         padding only, so warm-up and capture write nothing but the scratch page."""
         assert self.pages.device.type == "cuda", "CUDA graphs need a CUDA device"
-        self.host_view[:] = self._padding_row()
+        self.host_view[:] = self.padding_row
         self.rows.copy_(self.host_rows)
         pool = torch.cuda.graph_pool_handle()
         for batch in reversed(self.sizes):
