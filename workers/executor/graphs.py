@@ -15,7 +15,7 @@ Three ways to run the same ``DecodeGraphs._forward``:
 
 - captured (CUDA, not ``--enforce-eager``, triton attention): one graph per size, captured
   largest first into one memory pool, replayed after the rows are copied;
-- padded (``capture=False``): the same function called eagerly. This is what the CPU tests run
+- padded (not captured): the same function called eagerly. This is what the CPU tests run
   (``EngineConfig.extra["decode_padding"]``), so the code a graph captures is the code they check;
 - eager (``ModelRunner`` without graphs): the plain path, for every other step.
 
@@ -32,6 +32,10 @@ controller needs, and cannot prefetch across steps.
 
 The rows are copied whole (``max_blocks`` columns each, for the model length): one transfer of
 ``batch * (5 + max_blocks)`` int64s per step, as vLLM copies its block table rows.
+
+Not yet run on a GPU (none has been lent): capture and replay are checked on CPU through the
+padded path and, for the piecewise order, stand-in graphs (tests/test_graphs.py); the first GPU
+run is ``perf/gpu_check.sh`` (``perf/decode_roofline.py`` captures and replays them).
 
 The torch attention backend is never captured: padded to ``max_blocks`` it would gather every
 sequence's KV up to the model length, so on CUDA it runs eagerly.
