@@ -50,6 +50,7 @@ E2E_MODULES = {
     "test_api_concurrency",
     "test_api_errors",
     "test_chat_cli",
+    "test_cli_vllm",
     "test_daemon",
     "test_default_model",
     "test_engine",

@@ -150,18 +150,20 @@ async def version(request: web.Request) -> web.Response:
     return json_response(VersionResponse(pied.__version__))
 
 
-def model_card(server: ServerState) -> ModelCard:
-    return ModelCard(server.model_name, server.created, server.model_root, server.max_model_len)
+def model_card(server: ServerState, name: str | None = None) -> ModelCard:
+    return ModelCard(name or server.model_name, server.created, server.model_root, server.max_model_len)
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response(ModelList([model_card(request.app[STATE])]))
+    server = request.app[STATE]
+    return json_response(ModelList([model_card(server, name) for name in server.served_model_names]))
 
 
 async def get_model(request: web.Request) -> web.Response:
     server = request.app[STATE]
-    server.check_model(request.match_info["model"])
-    return json_response(model_card(server))
+    name = request.match_info["model"]
+    server.check_model(name)
+    return json_response(model_card(server, name))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

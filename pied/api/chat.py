@@ -107,7 +107,7 @@ async def render_chat(
 
 
 async def create_chat_completion(request: web.Request, server: ServerState) -> web.StreamResponse:
-    body = await read_json(request, server, ChatCompletionRequest)
+    body = server.generation_defaults.apply(await read_json(request, server, ChatCompletionRequest))
     server.check_available()
     server.check_model(body.model)
     check_request_limits(body, server.limits)  # before the template renders anything
@@ -132,6 +132,7 @@ async def create_chat_completion(request: web.Request, server: ServerState) -> w
         raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
     num_top = body.top_logprobs or 0
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = server.generation_defaults.max_tokens(max_tokens, len(token_ids), server.max_model_len)
     params = sampling_params(
         body,
         max_tokens=max_tokens,

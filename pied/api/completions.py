@@ -62,8 +62,21 @@ async def prompt_inputs(server: ServerState, body: CompletionRequest) -> list[tu
     return result
 
 
+DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's, for a completion request that gives none
+
+
+def completion_defaults(server: ServerState, body: CompletionRequest) -> CompletionRequest:
+    """The request with the model's generation defaults (pied.generation_config) where it left a
+    field unset; an unset max_tokens is the model's max_new_tokens (per prompt), else 16."""
+    body = server.generation_defaults.apply(body)
+    if body.max_tokens is msgspec.UNSET:
+        has_default = "max_tokens" in server.generation_defaults.values
+        body = msgspec.structs.replace(body, max_tokens=None if has_default else DEFAULT_MAX_TOKENS)
+    return body
+
+
 async def create_completion(request: web.Request, server: ServerState) -> web.StreamResponse:
-    body = await read_json(request, server, CompletionRequest)
+    body = completion_defaults(server, await read_json(request, server, CompletionRequest))
     server.check_available()
     server.check_model(body.model)
     check_request_limits(body, server.limits)  # before anything is tokenized
@@ -85,7 +98,7 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
             token_ids = token_ids[-body.truncate_prompt_tokens :]
         params = sampling_params(
             body,
-            max_tokens=body.max_tokens,
+            max_tokens=server.generation_defaults.max_tokens(body.max_tokens, len(token_ids), server.max_model_len),
             logprobs=body.logprobs,
             num_prompt_tokens=len(token_ids),
             max_model_len=server.max_model_len,

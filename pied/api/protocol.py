@@ -115,7 +115,9 @@ class CompletionRequest(SamplingFields, kw_only=True):
     """``prompt`` is a string, a list of strings, a list of token ids, or a list of those lists."""
 
     prompt: Union[str, list[Union[str, int, list[int]]]]
-    max_tokens: Union[int, None] = 16
+    # Unset: OpenAI's 16, unless the model's generation config gives max_new_tokens; null: the rest
+    # of the context (or max_new_tokens).
+    max_tokens: Union[int, None, msgspec.UnsetType] = msgspec.UNSET
     logprobs: Union[int, None] = None
     echo: Union[bool, None] = False
     suffix: Union[str, None] = None
