@@ -60,6 +60,7 @@ E2E_MODULES = {
     "test_one_engine",
     "test_pooling",
     "test_processes",
+    "test_prompt_logprobs",
     "test_progress",
     "test_sdnotify",
 }

@@ -47,10 +47,14 @@ FULL_PARAMS = SamplingParams(
     grammar=proto.GrammarConstraint(proto.GrammarKind.JSON_SCHEMA, '{"type": "object"}'),
 )
 LOGPROBS = proto.TokenLogprobs(logprob=-0.25, top_ids=pack_i32([7, 3, 9]), top_logprobs=pack_f32([-0.25, -1.5, -3.0]))
+PROMPT_LOGPROBS = proto.PromptLogprobs(
+    "r1", 1, pack_f32([-2.5, -0.5]), pack_i32([7, 1]), 2, pack_i32([4, 9, 8, 4]), pack_f32([-1.0, -2.0, -0.5, -1.5])
+)
 
 # One or more examples per message: a minimal one (defaults) and one with every field set.
 EXAMPLES: dict[type, list[msgspec.Struct]] = {
-    SamplingParams: [SamplingParams(), GREEDY, FULL_PARAMS],
+    SamplingParams: [SamplingParams(), GREEDY, FULL_PARAMS, SamplingParams(max_tokens=1, prompt_logprobs=5)],
+    proto.PromptLogprobs: [proto.PromptLogprobs("r0", 3, pack_f32([-1.0]), pack_i32([2])), PROMPT_LOGPROBS],
     proto.GrammarConstraint: [
         proto.GrammarConstraint(proto.GrammarKind.REGEX, "[a-z]+"),
         proto.GrammarConstraint(proto.GrammarKind.EBNF, 'root ::= "yes" | "no"'),
@@ -74,6 +78,7 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
             trace_context="00-abc-def-01",
         ),
         proto.TokenDelta("r2", b"", finish_reason=FinishReason.ERROR, error="the model failed"),
+        proto.TokenDelta("r1", pack_i32([5]), num_prompt_tokens=3, prompt_logprobs=[PROMPT_LOGPROBS]),
     ],
     proto.TokenDeltas: [
         proto.TokenDeltas([]),
@@ -103,6 +108,7 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
         proto.StepResult(5, pack_i32([1]), num_host_blocks=12, bytes_to_device=1 << 33, bytes_to_host=4096,
                          stall_time=0.001, layer_compute_time=0.0004, copy_time=0.002, link_bandwidth=2.5e10),
         proto.StepResult(4, b"", error="CUDA error: out of memory"),
+        proto.StepResult(6, pack_i32([3]), prompt_logprobs=[PROMPT_LOGPROBS]),
     ],
     proto.HostSegmentInfo: [proto.HostSegmentInfo(segment_id=2, pid=4242, fd=17, first_block=128, num_blocks=64)],
     proto.HostLease: [

@@ -14,6 +14,7 @@ from pied.api.chat_output import ChatOutputFormat
 from pied.api.errors import bad_request
 from pied.api.generation import Choice, Generation, PromptInput
 from pied.api.params import check_request_limits, sampling_params
+from pied.api.prompt_logprobs import prompt_logprobs_of, requested_prompt_logprobs
 from pied.api.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -147,6 +148,9 @@ async def create_chat_completion(request: web.Request, server: ServerState) -> w
             "max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
         },
     )
+    num_prompt_top = requested_prompt_logprobs(body, server.max_logprobs)
+    if num_prompt_top is not None:
+        params = msgspec.structs.replace(params, prompt_logprobs=num_prompt_top)
     params = await constrain(server, body, params, grammar)
     if tool_choice == "auto" and server.tool_call_parser is not None:
         # Tool-call markers ([TOOL_CALLS], <|python_tag|>, sometimes <tool_call>) are special tokens
@@ -166,6 +170,8 @@ async def create_chat_completion(request: web.Request, server: ServerState) -> w
             return await stream_response(request, server, generation, body, created, num_top, output)
         await responses.run_to_completion(generation)
         answer = full_response(server, generation, created, num_top, output)
+        if num_prompt_top is not None:
+            answer.prompt_logprobs = prompt_logprobs_of(server, generation, generation.choices[0])
         return web.Response(body=msgspec.json.encode(answer), content_type="application/json")
 
 

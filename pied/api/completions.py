@@ -13,6 +13,7 @@ from pied.api.body import read_json
 from pied.api.errors import bad_request
 from pied.api.generation import Choice, Generation, PromptInput
 from pied.api.params import check_num_choices, check_request_limits, check_token_ids, sampling_params
+from pied.api.prompt_logprobs import prompt_logprobs_of, requested_prompt_logprobs
 from pied.api.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -88,6 +89,7 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
         raise bad_request("best_of is not supported (other than equal to n).", "best_of")
     if body.echo and body.logprobs is not None:
         raise bad_request("echo with logprobs needs prompt logprobs, which are not supported.", "echo")
+    num_prompt_top = requested_prompt_logprobs(body, server.max_logprobs)
     prompts = []
     inputs = await prompt_inputs(server, body)
     for index, (token_ids, text) in enumerate(inputs):
@@ -106,6 +108,8 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
             prompt_param="prompt" if len(inputs) == 1 else f"prompt[{index}]",
             limits=server.limits,
         )
+        if num_prompt_top is not None:
+            params = msgspec.structs.replace(params, prompt_logprobs=num_prompt_top)
         params = await constrain(server, body, params, grammar)
         prompts.append(PromptInput(token_ids, params, text))
     if body.echo:  # the prompts' texts, decoded here (on a thread when long) rather than per choice
@@ -126,9 +130,10 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
             if state.logprobs is not None:
                 logprobs = responses.completion_logprobs(server, state.token_ids, state.logprobs, num_top, 0)
             text = echo_text(server, generation, choice, bool(body.echo)) + state.text
-            choices.append(
-                CompletionChoice(state.index, text, logprobs, state.finish_reason, state.stop_reason)
-            )
+            answer_choice = CompletionChoice(state.index, text, logprobs, state.finish_reason, state.stop_reason)
+            if num_prompt_top is not None:
+                answer_choice.prompt_logprobs = prompt_logprobs_of(server, generation, choice)
+            choices.append(answer_choice)
         usage = responses.usage(generation)
         answer = CompletionResponse(generation.request_id, created, server.model_name, choices, usage)
         return web.Response(body=msgspec.json.encode(answer), content_type="application/json")

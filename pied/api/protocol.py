@@ -191,6 +191,18 @@ class ChatChoice(msgspec.Struct):
     stop_reason: Union[int, str, None] = None
 
 
+class PromptLogprob(msgspec.Struct):
+    """vLLM's ``Logprob`` of a prompt position's token (keyed by token id in a dict per position)."""
+
+    logprob: float
+    rank: Union[int, None] = None
+    decoded_token: Union[str, None] = None
+
+
+# Per prompt position (the first is null), token id -> its logprob; present only when asked for.
+PromptLogprobs = Union[list[Union[dict[str, PromptLogprob], None]], None, UnsetType]
+
+
 class ChatCompletionResponse(msgspec.Struct):
     id: str
     created: int
@@ -199,6 +211,7 @@ class ChatCompletionResponse(msgspec.Struct):
     usage: UsageInfo
     object: str = "chat.completion"
     system_fingerprint: Union[str, None] = None
+    prompt_logprobs: PromptLogprobs = UNSET
 
 
 class DeltaMessage(msgspec.Struct, omit_defaults=True):
@@ -243,6 +256,7 @@ class CompletionChoice(msgspec.Struct):
     logprobs: Union[CompletionLogprobs, None] = None
     finish_reason: Union[str, None] = None
     stop_reason: Union[int, str, None] = None
+    prompt_logprobs: PromptLogprobs = UNSET
 
 
 class CompletionResponse(msgspec.Struct):

@@ -51,6 +51,7 @@ def token_delta(
         num_cached_tokens=request.num_cached_tokens,
         trace_context=request.trace_context,
         error=error,
+        prompt_logprobs=request.take_prompt_logprobs() if request.pending_prompt_logprobs else [],
     )
 
 
