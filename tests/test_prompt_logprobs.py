@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 import torch
 from server import running_server
+from step_plans import Chunk, make_plan, new_request
 from tiny_models import load_hf_model
 
+import proto
 from pied import LLM, SamplingParams
+from proto.config import EngineConfig
+from workers.executor.runner import ModelRunner
 
 ATOL = 2e-4  # float32 model, two implementations
 PROMPT = [int(t) for t in np.random.default_rng(0).integers(5, 500, size=29)]
@@ -154,3 +158,32 @@ def test_bad_requests_name_the_field(server, fields, message) -> None:
         assert response.status == 400, response.text
         error = response.json()["error"]
         assert error["param"] == "prompt_logprobs" and message in error["message"]
+
+
+# ---------------------------------------------------------------- the executor, step by step
+
+
+def test_runner_sends_each_position_once_across_a_recomputation(model_dir, reference) -> None:
+    """Chunks of one prompt, with a recomputation from position 0 in between (what a preempted request
+    does): every position 1..P-1 is sent exactly once, in order, beside another request's sampled row."""
+    runner = ModelRunner(EngineConfig(model=str(model_dir), dtype="float32", device="cpu", block_size=4, device_kv_blocks=32))
+    prompt = PROMPT[:13]
+    blocks, other_blocks = [3, 9, 1, 20], [7, 8]
+    new = [new_request("r", prompt, temperature=0.0, prompt_logprobs=2), new_request("s", OTHER[:6], temperature=0.0)]
+    steps = [
+        make_plan([Chunk("s", OTHER[:6], 0, other_blocks), Chunk("r", prompt[:5], 0, blocks[:2], sample=False)], 0, new),
+        make_plan([Chunk("r", prompt[:9], 0, blocks[:3], sample=False)], 1),  # recomputed from 0
+        make_plan([Chunk("r", prompt[9:], 9, blocks)], 2),
+    ]
+    runs = []
+    for plan in steps:
+        result = runner.execute(plan)
+        runs += result.prompt_logprobs
+        assert len(proto.unpack_i32(result.sampled_token_ids)) == sum(plan.sample)
+    assert [(run.first_position, run.num_positions) for run in runs] == [(1, 5), (6, 4), (10, 3)]
+    expected = reference(prompt)
+    logprobs = np.concatenate([proto.unpack_f32(run.token_logprobs) for run in runs])
+    want = [expected[p - 1, prompt[p]].item() for p in range(1, len(prompt))]
+    np.testing.assert_allclose(logprobs, want, atol=ATOL)
+    top_ids = np.concatenate([proto.unpack_i32(run.top_ids).reshape(-1, 2) for run in runs])
+    assert top_ids.tolist() == expected[:-1].topk(2).indices.tolist()
