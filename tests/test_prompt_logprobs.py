@@ -187,3 +187,24 @@ def test_runner_sends_each_position_once_across_a_recomputation(model_dir, refer
     np.testing.assert_allclose(logprobs, want, atol=ATOL)
     top_ids = np.concatenate([proto.unpack_i32(run.top_ids).reshape(-1, 2) for run in runs])
     assert top_ids.tolist() == expected[:-1].topk(2).indices.tolist()
+
+
+def test_echo_with_logprobs_covers_the_prompt(server, reference) -> None:
+    """Completions' echo with logprobs (vLLM's use of prompt logprobs): the echoed prompt's tokens
+    get logprobs too, null for the first, then the generated tokens'."""
+    prompt = OTHER
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 2}
+    response = server.request("POST", "/v1/completions", body)
+    assert response.status == 200, response.text
+    choice = response.json()["choices"][0]
+    logprobs = choice["logprobs"]
+    assert "prompt_logprobs" not in choice  # not asked for
+    assert len(logprobs["tokens"]) == len(prompt) + 2
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    expected = reference(prompt)
+    want = [expected[p - 1, prompt[p]].item() for p in range(1, len(prompt))]
+    np.testing.assert_allclose(logprobs["token_logprobs"][1 : len(prompt)], want, atol=ATOL)
+    assert all(len(top) in (2, 3) for top in logprobs["top_logprobs"][1:])
+    assert logprobs["text_offset"] == sorted(logprobs["text_offset"])
+    streamed = server.request("POST", "/v1/completions", {**body, "stream": True})
+    assert streamed.status == 400 and streamed.json()["error"]["param"] == "echo"

@@ -171,7 +171,7 @@ async def create_chat_completion(request: web.Request, server: ServerState) -> w
         await responses.run_to_completion(generation)
         answer = full_response(server, generation, created, num_top, output)
         if num_prompt_top is not None:
-            answer.prompt_logprobs = prompt_logprobs_of(server, generation, generation.choices[0])
+            answer.prompt_logprobs = prompt_logprobs_of(server, generation, generation.choices[0], num_prompt_top)
         return web.Response(body=msgspec.json.encode(answer), content_type="application/json")
 
 
