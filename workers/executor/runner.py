@@ -322,35 +322,26 @@ class ModelRunner:
             meta.stream = stream
         last_rows = np.cumsum(query_lens, dtype=np.int64) - 1
         logits_indices = last_rows[sample]
-        starts = proto.unpack_i32(plan.start_positions)
-        prompt_runs = self._prompt_logprob_runs(plan.request_ids, query_lens, starts, len(logits_indices))
+        prompt_runs = self._prompt_logprob_runs(plan.request_ids, query_lens, proto.unpack_i32(plan.start_positions))
         if prompt_runs:
-            first_rows = last_rows + 1 - query_lens  # each request's first row in the step
-            index = {request_id: i for i, request_id in enumerate(plan.request_ids)}
-            extra = [
-                first_rows[index[run.request_id]] + run.first_position - starts[index[run.request_id]]
-                + np.arange(run.num_rows, dtype=np.int64)
-                for run in prompt_runs
-            ]
+            extra = [run.token_row + np.arange(run.num_rows, dtype=np.int64) for run in prompt_runs]
             logits_indices = np.concatenate([logits_indices, *extra])
         tensors = arrays_to_device(dict(input_ids=token_ids, logits_indices=logits_indices), self.device)
         return StepInputs(tensors["input_ids"], meta, tensors["logits_indices"], sample, prompt_runs)
 
     def _prompt_logprob_runs(
-        self, request_ids: list[str], query_lens: np.ndarray, start_positions: np.ndarray, first_row: int
+        self, request_ids: list[str], query_lens: np.ndarray, start_positions: np.ndarray
     ) -> list[PromptLogprobRun]:
-        """The prompt positions of this step whose logits rows are owed as prompt logprobs, as runs
-        whose output rows start at ``first_row`` (after the sampled rows)."""
+        """The prompt positions of this step whose logits are owed as prompt logprobs."""
         runs = []
-        row = first_row
+        token_row = 0  # the request's first token in the step
         for request_id, num_tokens, start in zip(request_ids, query_lens.tolist(), start_positions.tolist()):
             state = self.states.get(request_id)
-            if state is None or state.prompt_logprob_targets is None:
-                continue
-            first, end = state.prompt_logprob_rows(start, num_tokens)
-            if first < end:
-                runs.append(PromptLogprobRun(request_id, state, row, first, end - first))
-                row += end - first
+            if state is not None and state.prompt_logprob_targets is not None:
+                first, end = state.prompt_logprob_rows(start, num_tokens)
+                if first < end:
+                    runs.append(PromptLogprobRun(request_id, state, token_row + first - start, first, end - first))
+            token_row += num_tokens
         return runs
 
     def _host_block_owners(

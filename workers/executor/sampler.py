@@ -165,12 +165,12 @@ class SamplingState:
 
 @dataclass(frozen=True)
 class PromptLogprobRun:
-    """Logits rows ``[row, row + num_rows)`` of a step are one request's prompt positions
-    ``[first_position, first_position + num_rows)``; their targets are the prompt tokens after them."""
+    """One request's prompt positions ``[first_position, first_position + num_rows)``, the step's
+    tokens ``[token_row, token_row + num_rows)``; their targets are the prompt tokens after them."""
 
     request_id: str
     state: SamplingState
-    row: int
+    token_row: int
     first_position: int
     num_rows: int
 
