@@ -56,6 +56,7 @@ E2E_MODULES = {
     "test_faults",
     "test_fuzz",
     "test_load",
+    "test_metrics",
     "test_one_engine",
     "test_pooling",
     "test_processes",

@@ -214,7 +214,7 @@ async def detokenize(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     server = request.app[STATE]
-    text = server.metrics.render(server.engine.stats())
+    text = server.metrics.render(server.engine.stats(), server.engine.worker_pids)
     return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 

@@ -50,6 +50,9 @@ class Request:
         "block_hashes",
         "num_registered_blocks",
         "num_cached_tokens",
+        "queued_time",
+        "scheduled_time",
+        "first_token_time",
     )
 
     def __init__(
@@ -92,6 +95,10 @@ class Request:
         self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0
         self.num_cached_tokens = 0
+        # Phase timestamps on this process's monotonic clock (0: not yet), for the final delta.
+        self.queued_time = time.monotonic()
+        self.scheduled_time = 0.0  # first scheduled (kept across preemption, as vLLM's queue time)
+        self.first_token_time = 0.0
 
     @classmethod
     def from_message(
