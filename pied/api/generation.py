@@ -245,6 +245,8 @@ class Generation:
                 "gen_ai.response.finish_reasons": finish_reasons,
                 "gen_ai.usage.input_tokens": self.num_prompt_tokens,
                 "gen_ai.usage.output_tokens": self.num_completion_tokens,
+                # Prompt tokens found in the prefix cache (part of input_tokens, as the convention says).
+                "gen_ai.usage.cache_read.input_tokens": self.num_cached_tokens,
             }
         )
         if "error" in finish_reasons:
