@@ -174,8 +174,9 @@ async def create_response(request: web.Request, server: ServerState) -> web.Stre
         if body.stream:
             return await answer.stream(request, output.stream())
         await responses.run_to_completion(generation)
-        text, _ = output.message(generation.choices[0].state.text, generation.choices[0].state.finish_reason)
-        payload = answer.response(text.content or "", done=True)
+        state = generation.choices[0].state
+        message, _ = output.message(state.text, state.finish_reason)
+        payload = answer.response(message.content or "", done=True)
         return web.Response(body=msgspec.json.encode(payload), content_type="application/json")
 
 
