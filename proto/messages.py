@@ -176,12 +176,26 @@ class AbortRequests(msgspec.Struct, tag=True, **HOT):
     request_ids: list[str]
 
 
+class RequestPhases(msgspec.Struct, **HOT):
+    """How long a request spent in each phase, on the scheduler's clock (so without the IPC hops):
+    ``queue_seconds`` from its arrival at the scheduler to its first scheduling (kept across
+    preemptions), ``prefill_seconds`` from then to its first token, ``decode_seconds`` from its
+    first token to its end."""
+
+    queue_seconds: float
+    prefill_seconds: float
+    decode_seconds: float
+
+
 class TokenDelta(msgspec.Struct, **HOT):
     """New output of one request since its previous delta.
 
     ``token_ids`` are int32 packed. ``finish_reason`` is set on the last delta of a request
     and only there; ``stop_token_id`` is the eos/stop token that ended it (-1 if none; the token is
     included in ``token_ids``). ``logprobs`` (when asked) has one entry per token in ``token_ids``.
+
+    ``phases``: on the last delta of a request that produced a token (and only there), the
+    scheduler's timings of its phases (None otherwise: one byte on the wire).
     """
 
     request_id: str
@@ -195,6 +209,7 @@ class TokenDelta(msgspec.Struct, **HOT):
     error: str = ""
     # With the request's first output token (when it asked): the logprobs of its prompt tokens 1..P-1.
     prompt_logprobs: list[PromptLogprobs] = []
+    phases: Union[RequestPhases, None] = None
 
 
 class TokenDeltas(msgspec.Struct, tag=True, **HOT):

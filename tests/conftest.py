@@ -57,6 +57,8 @@ E2E_MODULES = {
     "test_faults",
     "test_fuzz",
     "test_load",
+    "test_metrics",
+    "test_responses_api",
     "test_one_engine",
     "test_pooling",
     "test_processes",

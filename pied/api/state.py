@@ -40,7 +40,7 @@ class ServerState:
     body_timeout: float = 30.0  # seconds a request body may take to arrive (408 past it)
     write_timeout: float = 30.0  # seconds a stream write may wait on a client that does not read
     limits: RequestLimits = DEFAULT_LIMITS
-    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    metrics: ServerMetrics = field(init=False)  # labelled with model_name, built in __post_init__
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None  # a name in pied.api.tool_parsers.TOOL_PARSERS
     reasoning_parser: str | None = None  # a name in pied.api.reasoning.REASONING_PARSERS
@@ -66,6 +66,7 @@ class ServerState:
         self.token_text = functools.lru_cache(maxsize=65536)(self._token_text)
         if not self.vocab_size:
             self.vocab_size = self.tokenizer.vocab_size
+        self.metrics = ServerMetrics(self.model_name, self.max_model_len)
 
     async def encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
         """Token ids of a prompt, checked against the model's vocabulary (an added token past the

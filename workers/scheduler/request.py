@@ -51,6 +51,9 @@ class Request:
         "num_registered_blocks",
         "num_cached_tokens",
         "pending_prompt_logprobs",
+        "queued_time",
+        "scheduled_time",
+        "first_token_time",
     )
 
     def __init__(
@@ -95,6 +98,10 @@ class Request:
         self.num_cached_tokens = 0
         # prompt_logprobs computed and not yet sent: they go out with the request's next delta.
         self.pending_prompt_logprobs: list[PromptLogprobs] = []
+        # Phase timestamps on this process's monotonic clock (0: not yet), for the final delta.
+        self.queued_time = time.monotonic()
+        self.scheduled_time = 0.0  # first scheduled (kept across preemption, as vLLM's queue time)
+        self.first_token_time = 0.0
 
     @classmethod
     def from_message(

@@ -16,6 +16,7 @@ are ``stopping.py``'s; keeping host blocks inside a shrinking lease is ``host_le
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -351,6 +352,8 @@ class Scheduler:
             if not samples:
                 continue
             request.token_ids.append(token_id)
+            if not request.first_token_time:
+                request.first_token_time = time.monotonic()
             delta = self._check_stop(request, token_id, token_logprobs)
             if delta.finish_reason is not None:
                 any_finished = True
@@ -423,6 +426,8 @@ class Scheduler:
             if num_new_blocks:
                 tiers.allocate(request.block_table, num_new_blocks, request.num_computed_tokens)
             request.status = _RUNNING
+            if not request.scheduled_time:
+                request.scheduled_time = time.monotonic()
             self.running.append(request)
             samples = end == request.num_tokens
             scheduled.append((request, num_new, samples))
