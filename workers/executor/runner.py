@@ -2,9 +2,11 @@
 
 It owns the model, the device KV pool, the sampler, the per-request sampling state and the
 executor's side of host KV (``host_kv.HostKV``). A step performs the plan's whole-block swaps,
-decodes the plan's packed arrays, builds the step's tensors in two small host-to-device copies,
+decodes the plan's packed arrays, builds the step's tensors in one small host-to-device copy,
 runs the forward pass (streaming the step's host blocks through the staging ring, if any) and
-samples the rows the plan asks for.
+samples the rows the plan asks for. A request that asked for prompt logprobs also gets the logits of
+its prompt positions computed in this step (after the sampled rows), whatever chunk of the prompt
+the step holds; each position is sent once, even when a preempted request recomputes its prompt.
 
 Decode steps run padded through the graph runner (``graphs.DecodeGraphs``): CUDA graphs on CUDA
 with the triton backend unless ``--enforce-eager``, piecewise when a step streams host blocks. On
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import compress
 
 import numpy as np
@@ -38,7 +40,7 @@ from workers.executor.graphs import DecodeGraphs
 from workers.executor.host_kv import HostKV
 from workers.executor.kv_pool import DeviceMemoryProfile, KVPool, StagingRing, num_profiled_kv_blocks
 from workers.executor.model import CausalLM
-from workers.executor.sampler import Sampler, SamplingState
+from workers.executor.sampler import PromptLogprobRun, Sampler, SamplingState
 from workers.executor.streaming import HostBlockOwners, LayerStreamer, StreamStats
 from workers.executor.weights import load_weights
 from workers.grammar import GrammarCompiler
@@ -61,10 +63,18 @@ class StepInputs:
 
     input_ids: torch.Tensor | None  # [T]
     meta: AttentionMetadata | None
-    logits_indices: torch.Tensor | None  # rows of [T] whose logits are sampled, in plan order
+    logits_indices: (
+        torch.Tensor | None
+    )  # rows of [T] whose logits are sampled, in plan order, then prompt rows
     sample: np.ndarray  # [num requests] bool: the plan's sample flags
     stream: LayerStreamer | None = None  # the step's host blocks, streamed through the ring
     graph_batch: int = 0  # the padded decode batch, 0: eager
+    # Prompt positions whose logits give prompt logprobs: their rows follow the sampled ones.
+    prompt_runs: list[PromptLogprobRun] = field(default_factory=list)
+
+    @property
+    def num_sampled_rows(self) -> int:
+        return int(self.sample.sum())
 
     @property
     def positions(self) -> torch.Tensor:
@@ -293,7 +303,8 @@ class ModelRunner:
         inputs = self.prepare(plan)
         states = [self.states[request_id] for request_id in compress(plan.request_ids, inputs.sample)]
         timer = ForwardTimer(self.device)
-        logits = self.forward(inputs)
+        all_logits = self.forward(inputs)
+        logits = all_logits[: len(states)]
         timer.stop()
         if states:
             # NOTE: the step's one host synchronization (on CUDA): the sampled tokens' copy to the host.
@@ -309,6 +320,7 @@ class ModelRunner:
         self.stream_stats = stats
         for state, token_id in zip(states, token_ids.tolist()):
             state.append(token_id)
+        prompt_logprobs = self.sampler.prompt_logprobs(all_logits[len(states) :], inputs.prompt_runs)
         return proto.StepResult(
             step_id=plan.step_id,
             sampled_token_ids=proto.pack_i32(token_ids),
@@ -322,6 +334,7 @@ class ModelRunner:
             layer_compute_time=max(0.0, forward_time - stats.stall_time) / self.model_config.num_layers,
             copy_time=stats.copy_time,
             link_bandwidth=self.link_bandwidth,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def swap(self, plan: proto.StepPlan) -> StreamStats:
@@ -352,7 +365,8 @@ class ModelRunner:
 
     def compute_logits(self, plan: proto.StepPlan) -> torch.Tensor:
         """Float32 logits ``[num sampled rows, vocab]`` for the rows with ``sample[i] == 1``."""
-        return self.forward(self.prepare(plan))
+        inputs = self.prepare(plan)
+        return self.forward(inputs)[: inputs.num_sampled_rows]
 
     def prepare(self, plan: proto.StepPlan) -> StepInputs:
         query_lens = proto.unpack_i32(plan.num_scheduled_tokens)
@@ -387,16 +401,40 @@ class ModelRunner:
             stream = self.host_kv.streamer(layout.host_block_ids, layout.written_host_block_ids, owners)
             # The next step reads mostly the same host blocks: whatever it keeps is loaded already.
             stream.prefetch_next = owners is not None
-        if self.graphs is not None and self.graphs.accepts(layout):
+        prompt_runs = self._prompt_logprob_runs(plan.request_ids, query_lens, layout.start_positions)
+        if self.graphs is not None and self.graphs.accepts(layout) and not prompt_runs:
             batch = self.graphs.prepare(layout, token_ids)
             return StepInputs(None, None, None, sample, stream, graph_batch=batch)
         last_rows = np.cumsum(query_lens, dtype=np.int64) - 1
-        # NOTE: the metadata, token ids and sampled rows reach the device in one copy.
+        logits_indices = last_rows[sample]
+        if prompt_runs:
+            extra = [run.token_row + np.arange(run.num_rows, dtype=np.int64) for run in prompt_runs]
+            logits_indices = np.concatenate([logits_indices, *extra])
+        # NOTE: the metadata, token ids and logits rows reach the device in one copy.
         meta, tensors = AttentionMetadata.from_layout(
-            layout, self.device, dict(input_ids=token_ids, logits_indices=last_rows[sample])
+            layout, self.device, dict(input_ids=token_ids, logits_indices=logits_indices)
         )
         meta.stream = stream
-        return StepInputs(tensors["input_ids"], meta, tensors["logits_indices"], sample, stream)
+        return StepInputs(
+            tensors["input_ids"], meta, tensors["logits_indices"], sample, stream, 0, prompt_runs
+        )
+
+    def _prompt_logprob_runs(
+        self, request_ids: list[str], query_lens: np.ndarray, start_positions: np.ndarray
+    ) -> list[PromptLogprobRun]:
+        """The prompt positions of this step whose logits are owed as prompt logprobs."""
+        runs = []
+        token_row = 0  # the request's first token in the step
+        for request_id, num_tokens, start in zip(request_ids, query_lens.tolist(), start_positions.tolist()):
+            state = self.states.get(request_id)
+            if state is not None and state.prompt_logprob_targets is not None:
+                first, end = state.prompt_logprob_rows(start, num_tokens)
+                if first < end:
+                    runs.append(
+                        PromptLogprobRun(request_id, state, token_row + first - start, first, end - first)
+                    )
+            token_row += num_tokens
+        return runs
 
     def _host_block_owners(
         self, request_ids: list[str], num_blocks: np.ndarray, block_ids: np.ndarray
