@@ -15,7 +15,6 @@ host-page kernel (``triton_host_pages``) exists and is tested but is not wired i
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from itertools import compress
@@ -26,6 +25,7 @@ import torch
 import proto
 from proto.config import ConfigError, EngineConfig
 from workers.executor.attention import AttentionMetadata, arrays_to_device, make_attention_backend
+from workers.executor.copy_throttle import CopyThrottle
 from workers.executor.host_kv import HostKV
 from workers.executor.kv_pool import GIB, KVPool, StagingRing, num_blocks_that_fit
 from workers.executor.model import CausalLM
@@ -36,9 +36,6 @@ from workers.grammar import GrammarCompiler
 from workers.memory.host_pool import KVLayout
 from workers.model_config import ModelConfig
 from workers.plan import num_staging_areas, plan_of
-
-# Test only: caps the CPU copy thread's bandwidth (bytes/s) to create stalls on purpose.
-COPY_THROTTLE_ENV = "PIED_COPY_THROTTLE_BYTES_PER_S"
 
 
 @dataclass
@@ -124,6 +121,7 @@ class ModelRunner:
             num_extra_pages=staging.num_pages if staging else 0,
         )
         self.staging = staging
+        self.copy_throttle = CopyThrottle.from_config(config)  # tests and benchmarks only
         self.host_kv = HostKV(
             self.kv_layout,
             self.kv_pool.pages,
@@ -131,7 +129,7 @@ class ModelRunner:
             staging,
             blocks_per_segment or host.blocks_per_segment,
             self.device,
-            self._copy_throttle(),
+            self.copy_throttle.bytes_per_s,
         )
         # Measured once, for the expansion controller's first decision (0 without a host tier).
         self.link_bandwidth = self.host_kv.measure_link_bandwidth() if config.kv_policy == "pie" else 0.0
@@ -143,22 +141,6 @@ class ModelRunner:
             config.resolved_model(), self.model_config.vocab_size, self.eos_token_ids
         )
         self.states: dict[str, SamplingState] = {}
-
-    def _copy_throttle(self) -> float | None:
-        """``config.extra["copy_throttle_bytes_per_s"]``, else ``$PIED_COPY_THROTTLE_BYTES_PER_S`` (read
-        once, here); CPU copy thread only."""
-        value = self.config.extra.get("copy_throttle_bytes_per_s", os.environ.get(COPY_THROTTLE_ENV))
-        if value in (None, ""):
-            return None
-        try:
-            throttle = float(value)
-        except ValueError:
-            throttle = -1.0
-        if throttle <= 0:
-            raise ConfigError(
-                f"the copy throttle must be a positive number of bytes per second, got {value!r}."
-            )
-        return throttle
 
     # ---------------------------------------------------------------- host memory
 
@@ -207,6 +189,8 @@ class ModelRunner:
 
     def execute(self, plan: proto.StepPlan) -> proto.StepResult:
         step_start = time.perf_counter()
+        if self.copy_throttle.poll():  # a test's or benchmark's change of the emulated link, if any
+            self.host_kv.set_throttle(self.copy_throttle.bytes_per_s)
         self.update_states(plan)
         swapped = self.swap(plan)
         inputs = self.prepare(plan)
