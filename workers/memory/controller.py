@@ -3,7 +3,10 @@
 The memory manager feeds :class:`ExpansionController` one :class:`StepSample` per executor step and
 the scheduler's :class:`DemandSample`; every ``decide_every`` samples (``first_window`` while demand
 meets an empty lease) the controller closes a window and returns a :class:`Decision`: the lease
-``H`` (``0 <= H <= max_host_blocks``) to grant.
+``H`` (``0 <= H <= max_host_blocks``) to grant. Through worker processes the step spans arrive in
+batches a step or more late, so the first grant does not wait for them: the scheduler's demand
+report carries the last step's time and the executor's link benchmark, and the memory manager feeds
+them as a prior sample the moment demand meets an empty lease (``HostMemory.on_demand``).
 
 The physical limit it steers toward (DESIGN.md "Device cost of expansion"): each step streams every
 host block it reads, all layers, host -> device, overlapped with compute. Expansion is transparent
