@@ -8,6 +8,7 @@ import statistics
 import pytest
 
 import proto
+from proto.config import EngineConfig
 from workers.memory.change import Change, ChangeDetector
 from workers.memory.controller import (
     ControllerTuning,
@@ -502,3 +503,34 @@ def test_configuration_is_validated() -> None:
         with pytest.raises(ValueError, match=next(iter(bad))):
             ControllerTuning(**bad)
     assert ExpansionController(10, initial_lease=50).lease == 10  # clamped to the budget
+
+
+def test_the_memory_manager_grants_from_the_demand_report_before_any_step_span(tmp_path) -> None:
+    """Through processes the step spans reach the memory manager a step or more late: the first
+    grant is sized from the report in which demand meets the empty lease (its last step's time and
+    the executor's link benchmark), and later reports leave the lease to the spans."""
+    from tiny_models import build_model_dir
+
+    from pied.preflight import preflight
+    from workers.memory.manager import HostMemory
+
+    model = build_model_dir(tmp_path / "model", "llama")
+    config = preflight(
+        EngineConfig(model=str(model), dtype="float32", device="cpu", block_size=4, kv_policy="pie", host_kv_gib=0.002)
+    )
+    memory = HostMemory(config)
+    try:
+        assert memory.start().lease == 0
+        assert memory.on_demand(proto.DemandReport(0, 0, 0, False, 0, idle=True, step_time=0.01)) is None
+        assert memory.on_demand(proto.DemandReport(3, 0, 0, True, 0)) is None  # no step yet: nothing to size from
+        bandwidth, step_time = 1e8, 0.01
+        report = proto.DemandReport(3, 0, 0, True, 0, step_time=step_time, link_bandwidth=bandwidth)
+        change = memory.on_demand(report)
+        assert change is not None and change.attach and memory.lease == change.lease
+        # Blind (no step has read a host block yet): that share of the modelled limit, at once.
+        limit = bandwidth * step_time / memory.layout.block_bytes
+        blind = ControllerTuning().blind_jump
+        assert 0.9 * blind * limit <= change.lease <= 1.1 * blind * limit + 1 < memory.max_host_blocks
+        assert memory.on_demand(report) is None  # the lease is not empty: the spans steer from here
+    finally:
+        memory.close()
