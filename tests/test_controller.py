@@ -378,6 +378,29 @@ def test_a_shrink_that_has_not_landed_is_not_shrunk_again() -> None:
     )
 
 
+def test_a_starved_engine_grows_whatever_the_stalls_and_is_not_shrunk_back() -> None:
+    # A long context arrives that the lease cannot hold: the scheduler idles with it waiting, so
+    # only idle ticks come, with demand and a lease far from full (the lease is fragmented, not
+    # unused). Waiting for it to fill, or shrinking on the stalls measured before, would deadlock.
+    tuning = ControllerTuning(decide_every=4, first_window=4)
+    controller = ExpansionController(1000, tuning=tuning, initial_lease=40)
+    for _ in range(8):  # stalls well above the band at 40
+        controller.observe(stalled_step(40, 0.05), demand_sample(40, waiting=0))
+    starved = controller.lease
+    for _ in range(4):
+        controller.observe(None, demand_sample(10))
+    grown = controller.lease
+    assert grown == 2 * starved and controller.decision.reason == "grow: starved, requests wait and no step runs"
+    for _ in range(16):  # it runs now, stalling hard: held, not shrunk back into starvation
+        controller.observe(stalled_step(grown, 0.3), demand_sample(grown, waiting=0))
+    assert controller.lease == grown and controller.decision.reason.startswith("hold: stalls")
+    for _ in range(4 * tuning.release_after):  # demand ends: the floor goes with it
+        controller.observe(None, DemandSample(num_host_blocks_in_use=grown, high_water=grown))
+    for _ in range(8):
+        controller.observe(stalled_step(grown, 0.3), demand_sample(grown, waiting=0))
+    assert controller.lease < grown
+
+
 def test_growth_needs_demand_and_a_filled_lease() -> None:
     controller = ExpansionController(1000, initial_lease=100, tuning=ControllerTuning(decide_every=4))
     for _ in range(4):
