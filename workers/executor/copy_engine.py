@@ -110,7 +110,8 @@ class ThreadCopyEngine(CopyEngine):
         self._stop = weakref.finalize(self, self._worker.queue.put, None)
 
     def set_throttle(self, bytes_per_s: float | None) -> None:
-        """Tests only: a new cap (None: none) from the next batch the copy thread starts."""
+        """Tests only: a new cap (None: none) from the next batch the copy thread starts (a prefetch
+        queued under the old cap keeps it)."""
         self._worker.throttle_bytes_per_s = bytes_per_s  # NOTE: one attribute, read once per batch
 
     def submit(self, transfers: list[Transfer], num_bytes: int) -> CopyTicket:
