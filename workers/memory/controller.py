@@ -36,6 +36,10 @@ Control law. Windows at the same lease are pooled (ratio of sums); ``f`` is thei
   up by a small fraction that doubles while grows keep finding room and halves on every reversal
   (bisection), passing the ceiling only by the smallest probe. With no bandwidth known yet, grow
   geometrically until the first stalls measure it.
+- **Starved**: a whole window of demand without a step (the scheduler idles with requests waiting:
+  a long context needs more host blocks than the lease has left, however "unfilled" it looks)
+  grows geometrically whatever the stalls said, and no shrink goes below that lease until nothing
+  waits and no step reads host blocks: a lease that stalls beats one that serves nothing.
 - No demand for ``release_after`` windows and a lease well above the blocks in use: **release**
   down to the peak usage plus headroom, never below the highest block in use (that would move
   blocks, or preempt, for nothing), so host memory goes back when the engine idles.
