@@ -1,26 +1,266 @@
-"""Adaptive expansion vs the best static lease, on the pooling workload. Sweeps ``fixed:N`` to find
-the best N, then runs ``adaptive`` (no tuning by hand, the sweep's largest N as its host budget) on
-the same request stream. Two scenarios: the machine's own link, and (CPU) a copy engine throttled
-so that the largest static lease stalls. Prints one JSON line: the first scenario's
-``throughput_ratio_adaptive_vs_best_fixed``, ``steps_to_converge``, ``stall_fraction`` at the top,
-``worst_ratio`` / ``worst_stall_fraction`` over both, every run under ``scenarios``; with --plot, a
-PNG of the lease and the stall fraction over time.
+"""Adaptive expansion vs the best static lease, on workloads whose best static lease stays put and
+on workloads where it changes mid-run. For each scenario: every ``fixed:N`` of a sweep on the same
+request stream, then ``adaptive`` with the sweep's largest N as its host budget (no tuning by hand,
+so it may choose anything a static run could), in ``--pairs`` adaptive / best-N pairs next to each
+other in time (the median ratio is reported, so a noisy moment of a shared machine does not decide
+it). Prints one JSON line; with --plot, a PNG of the lease and the stall fraction over time.
 
-    python perf/adaptive.py [--quick] [--workers processes|threads] [--plot docs/adaptive.png]
+    python perf/adaptive.py [--quick] [--pairs 5] [--scenarios link,throttled_link,short_long,throttle_cut]
+                            [--workers processes|threads] [--plot docs/adaptive.png]
+
+Scenarios (the CPU's copy thread throttled to emulate a slower link; ``--throttle`` sets it):
+
+- ``link``: the pooling workload on the machine's own link (steady: the best N is the largest);
+- ``throttled_link``: the same on a throttled link (steady: the best N is inside the sweep);
+- ``short_long``: many short requests, then a few long-context ones, then short ones again, on the
+  throttled link: the step's compute time and the host blocks a step reads change with the phase,
+  and with them the largest transparent lease. Each phase is a burst submitted once the previous
+  one has finished, so the phases do not blur into each other;
+- ``throttle_cut``: the pooling workload on the throttled link, cut to a quarter of it once half
+  of the requests have finished (another tenant taking three quarters of the link). The executor
+  re-reads a test-only throttle file between steps (``workers/executor/copy_throttle.py``).
 
 Through the engine as production runs it (worker processes; ``--workers threads`` as an option):
-the controller is fed by the executor's step spans over ZeroMQ, as in the daemon. A trace is
-sampled from the frontend's Stats snapshots, so ``steps_to_converge`` counts executor steps up to
-the first sample from which the lease stays settled.
+the controller is fed by the executor's step spans over ZeroMQ and the scheduler's demand reports,
+as in the daemon. A trace is sampled from the frontend's Stats snapshots every 20 ms, so steps are
+counted at that resolution. Per scenario: ``throughput_ratio_adaptive_vs_best_fixed``,
+``phases`` (per phase of the median adaptive run: its first step, ``stall_fraction``,
+``steps_to_converge`` after the change that began it, the lease it settled on) and, for every run,
+``phase_seconds`` (so the best N of each phase can be read off the sweep).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from common import add_workers_arg, emit, machine, one_torch_thread
-from pooling import run, workload_model
+from common import add_workers_arg, emit, machine, one_torch_thread, started_engine, warm_up
+from pooling import sample_stats, workload, workload_model
+
+import proto
+from proto.config import EngineConfig
+from workers.memory.manager import kv_layout_for
+
+# The throttled link: slow enough that the largest static lease stalls on it, so the best static N
+# is inside the sweep and adaptive has to find it rather than take everything.
+THROTTLED_LINK = 0.25e9
+CUT = 0.25  # throttle_cut: the share of the link left once the second tenant arrives
+BLOCK_SIZE = 16
+SCENARIOS = ("link", "throttled_link", "short_long", "throttle_cut")
+
+
+@dataclass
+class Scenario:
+    """``phases``: request bursts (pooling.workload's dicts, arrivals relative to the burst), each
+    submitted once the previous one has finished; ``throttle``: the link in bytes/s (None: the
+    machine's); ``cut_to``: the link once half of the requests have finished (None: no cut)."""
+
+    name: str
+    phases: list[list[dict]]
+    throttle: float | None = None
+    cut_to: float | None = None
+
+    @property
+    def num_requests(self) -> int:
+        return sum(len(phase) for phase in self.phases)
+
+
+@dataclass
+class Run:
+    """What one run measured; ``changes``: the step count at each change (phase start or cut)."""
+
+    result: dict
+    trace: list = field(default_factory=list)
+    changes: list[int] = field(default_factory=list)
+
+
+def scenarios_for(
+    quick: bool, throttle: float, names: list[str]
+) -> tuple[str, int, list[int], list[Scenario]]:
+    """The model folder, device budget, static-N sweep and the scenarios named."""
+    model_dir, requests, device_blocks, fixed_ns = workload_model(quick)
+    sweep = [*fixed_ns, 2 * max(fixed_ns)]  # up to where more host memory stops paying
+    vocab = 8192 if quick else 49152
+    scale = 1 if quick else 2
+    short = dict(rate=40.0, prompt_range=(32, 128), output_range=(16, 48), vocab=vocab)
+    # Long contexts that still fit the smallest static lease with the device blocks (so every
+    # static run can serve every request), a few at a time.
+    long_prompts = (480, 704) if quick else (960, 1400)
+    long = dict(rate=40.0, prompt_range=long_prompts, output_range=(32, 64), vocab=vocab)
+    built = {
+        "link": Scenario("link", [requests]),
+        "throttled_link": Scenario("throttled_link", [requests], throttle=throttle),
+        "short_long": Scenario(
+            "short_long",
+            [
+                workload(32 * scale, seed=1, **short),
+                workload(6 * scale, seed=2, **long),
+                workload(32 * scale, seed=3, **short),
+            ],
+            throttle=throttle,
+        ),
+        "throttle_cut": Scenario("throttle_cut", [requests], throttle=throttle, cut_to=CUT * throttle),
+    }
+    chosen = []
+    for name in names:
+        if name not in built:
+            raise SystemExit(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
+        chosen.append(built[name])
+    return model_dir, device_blocks, sweep, chosen
+
+
+def run_scenario(model_dir: str, scenario: Scenario, workers: str, keep_trace: bool, **overrides) -> Run:
+    return asyncio.run(_run(model_dir, scenario, workers, keep_trace, **overrides))
+
+
+async def _run(model_dir: str, scenario: Scenario, workers: str, keep_trace: bool, **overrides) -> Run:
+    with tempfile.TemporaryDirectory(prefix="pied-adaptive-") as scratch:
+        control = Path(scratch) / "copy-throttle"
+        write_throttle(control, scenario.throttle)
+        extra = {"copy_throttle_file": str(control)} if scenario.throttle else {}
+        config = EngineConfig(
+            model=model_dir, dtype="float32", block_size=BLOCK_SIZE, extra=extra, **overrides
+        )
+        async with started_engine(config, workers) as engine:
+            first = scenario.phases[0][0]
+            await warm_up(engine, first["prompt"][:8])
+            before = engine.stats()
+            run = Run({})
+            trace: list = []
+            start = time.perf_counter()
+            sampler = asyncio.ensure_future(sample_stats(engine, start, trace)) if keep_trace else None
+            counts: dict[str, int] = {}
+            finished = 0
+            half = scenario.num_requests // 2
+            phase_seconds = []
+
+            async def one(request: dict, phase_start: float) -> None:
+                nonlocal finished
+                await asyncio.sleep(max(0.0, phase_start + request["arrival"] - time.perf_counter()))
+                params = proto.SamplingParams(
+                    temperature=0, max_tokens=request["max_tokens"], ignore_eos=True
+                )
+                add = proto.AddRequest(request["id"], proto.pack_i32(request["prompt"]), params)
+                async for delta in engine.add_request(add):
+                    counts[request["id"]] = counts.get(request["id"], 0) + len(delta.token_ids) // 4
+                finished += 1
+                if scenario.cut_to and finished == half:
+                    # Another tenant takes most of the link: the executor sees it from its next step.
+                    write_throttle(control, scenario.cut_to)
+                    run.changes.append(engine.stats().num_steps - before.num_steps)
+
+            for index, phase in enumerate(scenario.phases):
+                phase_start = time.perf_counter()
+                if index:
+                    run.changes.append(engine.stats().num_steps - before.num_steps)
+                tagged = [dict(request, id=f"p{index}-{request['id']}") for request in phase]
+                await asyncio.gather(*(one(request, phase_start) for request in tagged))
+                phase_seconds.append(round(time.perf_counter() - phase_start, 3))
+            elapsed = time.perf_counter() - start
+            stats = await engine.wait_idle()
+            if sampler is not None:
+                sampler.cancel()
+                await asyncio.gather(sampler, return_exceptions=True)
+    step_seconds = stats.step_seconds_total - before.step_seconds_total
+    run.result = dict(
+        throughput=round(sum(counts.values()) / elapsed, 3),
+        seconds=round(elapsed, 3),
+        phase_seconds=phase_seconds,
+        steps=stats.num_steps - before.num_steps,
+        preemptions=stats.num_preemptions - before.num_preemptions,
+        stall_fraction=round(
+            (stats.stall_seconds_total - before.stall_seconds_total) / max(step_seconds, 1e-9), 4
+        ),
+        host_block_bytes=kv_layout_for(config).block_bytes,
+    )
+    # Steps counted from the first after the warm-up, as the changes are.
+    run.trace = [
+        (t, lease, stall, step, reason, steps - before.num_steps)
+        for t, lease, stall, step, reason, steps in trace
+    ]
+    return run
+
+
+def write_throttle(path: Path, bytes_per_s: float | None) -> None:
+    """Atomically, so the executor never reads half a number."""
+    staged = path.with_suffix(".next")
+    staged.write_text(f"{bytes_per_s}\n" if bytes_per_s else "")
+    os.replace(staged, path)
+
+
+def compare(
+    model_dir: str, scenario: Scenario, device_blocks: int, sweep: list[int], pairs: int, workers: str
+) -> dict:
+    """Every ``fixed:N`` of ``sweep``, then ``pairs`` adaptive runs, each next to a best-N run (the
+    sweep's own for the first)."""
+
+    def once(keep_trace: bool = False, **overrides) -> Run:
+        return run_scenario(
+            model_dir,
+            scenario,
+            workers,
+            keep_trace,
+            device_kv_blocks=device_blocks,
+            kv_policy="pie",
+            **overrides,
+        )
+
+    fixed = {n: once(expansion=f"fixed:{n}").result for n in sweep}
+    best_n = max(fixed, key=lambda n: fixed[n]["throughput"])
+    host_gib = max(sweep) * fixed[best_n]["host_block_bytes"] / (1 << 30)
+    adaptive_runs: list[Run] = []
+    ratios = []
+    for pair in range(pairs):
+        best = fixed[best_n] if pair == 0 else once(expansion=f"fixed:{best_n}").result
+        adaptive_runs.append(once(keep_trace=True, expansion="adaptive", host_kv_gib=host_gib))
+        ratios.append(adaptive_runs[-1].result["throughput"] / best["throughput"])
+    median = sorted(range(pairs), key=lambda pair: ratios[pair])[pairs // 2]
+    adaptive = adaptive_runs[median]
+    phases = phases_of(adaptive.trace, adaptive.changes)
+    converged = [phase["steps_to_converge"] for phase in phases if phase["steps_to_converge"] is not None]
+    return {
+        "copy_throttle_bytes_per_s": scenario.throttle,
+        "cut_to_bytes_per_s": scenario.cut_to,
+        "fixed": {str(n): fixed[n] for n in fixed},
+        "best_fixed_n": best_n,
+        "adaptive": adaptive.result,
+        "ratios": [round(ratio, 3) for ratio in ratios],
+        "throughput_ratio_adaptive_vs_best_fixed": round(ratios[median], 3),
+        "phases": phases,
+        "steps_to_converge": max(converged, default=None),  # the slowest phase
+        "final_lease": phases[-1]["settled_lease"],
+        "stall_fraction": adaptive.result["stall_fraction"],
+        "trace": adaptive.trace,
+    }
+
+
+def phases_of(trace: list, changes: list[int]) -> list[dict]:
+    """Per phase (from the start, then from each change): its first step, its stall fraction, the
+    steps from its start until the lease settled, and the lease it settled on."""
+    bounds = [0, *changes, None]
+    phases = []
+    for start, end in zip(bounds, bounds[1:]):
+        part = [row for row in trace if row[5] > start and (end is None or row[5] <= end)]
+        stall = sum(row[2] for row in part)
+        step = sum(row[3] for row in part)
+        settled_at, lease = steps_to_converge(part)
+        phases.append(
+            dict(
+                first_step=start,
+                stall_fraction=round(stall / step, 4) if step > 0 else 0.0,
+                steps_to_converge=max(0, settled_at - start) if part else None,
+                settled_lease=lease,
+            )
+        )
+    return phases
 
 
 def steps_to_converge(trace: list, tolerance: float = 0.1) -> tuple[int, int]:
@@ -39,52 +279,6 @@ def steps_to_converge(trace: list, tolerance: float = 0.1) -> tuple[int, int]:
     return trace[-1][5] if trace else 0, final
 
 
-def compare(
-    model_dir: str,
-    requests,
-    device_blocks: int,
-    sweep: list[int],
-    throttle: float | None,
-    pairs: int,
-    workers: str,
-) -> dict:
-    """Every ``fixed:N`` of ``sweep``, then ``adaptive`` with the largest N's host memory as its
-    budget (so it may choose anything a static run could), on the same request stream. The ratio
-    is the median over ``pairs`` adaptive runs, each against a best-N run next to it in time (the
-    sweep's own for the first), so a noisy moment of a shared machine does not decide it."""
-    common: dict = dict(device_kv_blocks=device_blocks, kv_policy="pie")
-    if throttle:
-        common["extra"] = {"copy_throttle_bytes_per_s": throttle}
-
-    def once(**overrides) -> dict:
-        return run(model_dir, requests, 16, workers, **common, **overrides)
-
-    fixed = {n: once(expansion=f"fixed:{n}") for n in sweep}
-    best_n = max(fixed, key=lambda n: fixed[n]["throughput"])
-    host_gib = max(sweep) * fixed[best_n]["host_block_bytes"] / (1 << 30)
-    adaptive_runs, ratios = [], []
-    for pair in range(pairs):
-        best = fixed[best_n] if pair == 0 else once(expansion=f"fixed:{best_n}")
-        adaptive_runs.append(once(keep_trace=True, expansion="adaptive", host_kv_gib=host_gib))
-        ratios.append(adaptive_runs[-1]["throughput"] / best["throughput"])
-    traces = [adaptive.pop("trace") for adaptive in adaptive_runs]
-    median = sorted(range(pairs), key=lambda pair: ratios[pair])[pairs // 2]
-    trace = traces[median]
-    converged_at, settled_lease = steps_to_converge(trace)
-    return {
-        "copy_throttle_bytes_per_s": throttle,
-        "fixed": {str(n): fixed[n] for n in fixed},
-        "best_fixed_n": best_n,
-        "adaptive": adaptive_runs[median],
-        "ratios": [round(ratio, 3) for ratio in ratios],
-        "throughput_ratio_adaptive_vs_best_fixed": round(ratios[median], 3),
-        "steps_to_converge": converged_at,
-        "final_lease": settled_lease,
-        "stall_fraction": adaptive_runs[median]["stall_fraction"],
-        "trace": trace,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -93,65 +287,78 @@ def main() -> None:
         "--throttle",
         type=float,
         default=THROTTLED_LINK,
-        help="bytes/s of the second scenario's copy engine (CPU copy thread only; 0: skip it)",
+        help="bytes/s of the throttled scenarios' copy engine (CPU copy thread only)",
     )
     parser.add_argument("--pairs", type=int, default=5, help="adaptive / best-N pairs per scenario (median)")
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="comma-separated, of " + ", ".join(SCENARIOS)
+    )
     add_workers_arg(parser)
     args = parser.parse_args()
     one_torch_thread()
-    model_dir, requests, device_blocks, fixed_ns = workload_model(args.quick)
-    sweep = [*fixed_ns, 2 * max(fixed_ns)]  # up to where more host memory stops paying
-    scenarios = {"link": compare(model_dir, requests, device_blocks, sweep, None, args.pairs, args.workers)}
-    if args.throttle and not torch.cuda.is_available():
-        scenarios["throttled_link"] = compare(
-            model_dir, requests, device_blocks, sweep, args.throttle, args.pairs, args.workers
-        )
-    traces = {name: scenario.pop("trace") for name, scenario in scenarios.items()}
-    headline = scenarios["link"]
-    result = {
-        "benchmark": "adaptive",
-        "quick": args.quick,
-        "workers": args.workers,
-        "device_kv_blocks": device_blocks,
-        **{key: headline[key] for key in HEADLINE},
-        "worst_ratio": min(s["throughput_ratio_adaptive_vs_best_fixed"] for s in scenarios.values()),
-        "worst_stall_fraction": max(s["stall_fraction"] for s in scenarios.values()),
-        "scenarios": scenarios,
-        "machine": machine(),
-    }
-    emit(result)
+    names = [name for name in args.scenarios.split(",") if name]
+    if torch.cuda.is_available():
+        names = [name for name in names if name == "link"]  # the throttle is the CPU copy thread's
+    model_dir, device_blocks, sweep, scenarios = scenarios_for(args.quick, args.throttle, names)
+    results = {}
+    for scenario in scenarios:
+        # On a throttled link more host memory stops paying well below the link scenario's largest N.
+        scenario_sweep = sweep if scenario.throttle is None else sweep[:-1]
+        result = compare(model_dir, scenario, device_blocks, scenario_sweep, args.pairs, args.workers)
+        results[scenario.name] = result
+        # Progress on stderr: a long run on a loaded machine keeps what it measured if cut short.
+        progress = {key: value for key, value in result.items() if key != "trace"}
+        print(json.dumps({scenario.name: progress}), file=sys.stderr, flush=True)
+    traces = {name: result.pop("trace") for name, result in results.items()}
+    ratios = {name: result["throughput_ratio_adaptive_vs_best_fixed"] for name, result in results.items()}
+    phases = [phase for result in results.values() for phase in result["phases"]]
+    converge = [phase["steps_to_converge"] for phase in phases if phase["steps_to_converge"] is not None]
+    emit(
+        {
+            "benchmark": "adaptive",
+            "quick": args.quick,
+            "workers": args.workers,
+            "device_kv_blocks": device_blocks,
+            "ratios": ratios,
+            "worst_ratio": min(ratios.values()),
+            "worst_phase_stall_fraction": max(phase["stall_fraction"] for phase in phases),
+            "most_steps_to_converge": max(converge, default=None),
+            "scenarios": results,
+            "load_average": os.getloadavg(),
+            "machine": machine(),
+        }
+    )
     if args.plot:
-        plot(traces, args.plot)
+        plot(traces, results, args.plot)
 
 
-HEADLINE = ("throughput_ratio_adaptive_vs_best_fixed", "steps_to_converge", "stall_fraction", "best_fixed_n")
-# The second scenario's link: slow enough that the largest static lease stalls on it, so the best
-# static N is inside the sweep and adaptive has to find it rather than take everything.
-THROTTLED_LINK = 0.25e9
-
-
-def plot(traces: dict, path: str) -> None:
+def plot(traces: dict, results: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    fig, axes = plt.subplots(2, len(traces), figsize=(5 * len(traces), 5), sharex="col", squeeze=False)
     window = 16
-    for name, trace in traces.items():
-        times = [t for t, *_ in trace]
-        top.plot(times, [lease for _, lease, *_ in trace], label=name)
+    for column, (name, trace) in enumerate(traces.items()):
+        top, bottom = axes[0][column], axes[1][column]
+        steps = [row[5] for row in trace]
+        top.plot(steps, [row[1] for row in trace], label="adaptive")
+        top.axhline(results[name]["best_fixed_n"], color="gray", linestyle=":", label="best static N")
         fractions = []
         for i in range(len(trace)):
             part = trace[max(0, i - window) : i + 1]
-            fractions.append(sum(step[2] for step in part) / max(sum(step[3] for step in part), 1e-9))
-        bottom.plot(times, fractions, label=name)
-    top.set_ylabel("host lease (blocks)")
-    top.legend()
-    bottom.axhline(0.02, color="gray", linestyle="--", label="target")
-    bottom.set_ylabel("stall fraction")
-    bottom.set_xlabel("seconds")
-    bottom.legend()
+            fractions.append(sum(row[2] for row in part) / max(sum(row[3] for row in part), 1e-9))
+        bottom.plot(steps, fractions)
+        for phase in results[name]["phases"][1:]:
+            for axis in (top, bottom):
+                axis.axvline(phase["first_step"], color="tab:red", alpha=0.5)
+        top.set_title(name)
+        top.set_ylabel("host lease (blocks)")
+        top.legend()
+        bottom.axhline(0.02, color="gray", linestyle="--")
+        bottom.set_ylabel("stall fraction")
+        bottom.set_xlabel("executor steps")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

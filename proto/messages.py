@@ -371,7 +371,13 @@ class DemandReport(msgspec.Struct, tag=True, **HOT):
     expansion controller reads, and whether host memory above the lease can be released
     (``release_safe``: no block above ``host_lease`` is held and no plan in flight touches one).
     ``host_blocks_high_water``: one past the highest host block index in use — a release to less
-    would have to move blocks (or preempt their requests), so the controller never asks for it."""
+    would have to move blocks (or preempt their requests), so the controller never asks for it.
+    ``idle``: no step is in flight and none can run (sent on going idle; the next report, sent when
+    a step starts again or completes, says False), so only an idle scheduler's silence means no
+    steps. ``step_time`` and ``link_bandwidth``: the executor's time for the last step completed
+    (0: none yet) and its copy benchmark (bytes/s, 0: none), from that step's result — what the
+    controller needs to size its first grant the moment demand meets an empty lease, before the
+    step's span reaches it."""
 
     num_waiting: int
     num_preemptions: int
@@ -380,3 +386,6 @@ class DemandReport(msgspec.Struct, tag=True, **HOT):
     host_lease: int
     release_safe: bool = False
     host_blocks_high_water: int = 0
+    idle: bool = False
+    step_time: float = 0.0
+    link_bandwidth: float = 0.0

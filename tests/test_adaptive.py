@@ -8,7 +8,16 @@ import asyncio
 
 import numpy as np
 import pytest
-from engine_driver import collect, generate, mapped_segments, open_memfds, running_engine
+from engine_driver import (
+    OPTIONS,
+    collect,
+    engine_config,
+    generate,
+    greedy,
+    mapped_segments,
+    open_memfds,
+    running_engine,
+)
 from tiny_models import build_model_dir
 
 import proto
@@ -149,3 +158,66 @@ async def test_adaptive_lease_grows_and_is_returned_through_worker_processes(tmp
         watcher.cancel()
         await client.shutdown()
     assert wait_gone(list(pids.values()), 10) == []
+
+
+async def test_the_lease_follows_a_link_cut_mid_run_through_worker_processes(model_dir, tmp_path):
+    """The daemon's path, with the link cut while the engine runs: on the machine's own link the
+    lease grows under demand; once a test-only throttle file gives the copy engine 8 MB/s (a few
+    dozen host blocks per step at most), the controller settles the lease far lower. Greedy
+    tokens equal device-only throughout. Driven wave by wave until each condition holds, so it
+    does not depend on how fast the machine is."""
+    from test_pooling import MAX_TOKENS
+
+    rng = np.random.default_rng(1)
+    requests = {f"r{i}": [1] + rng.integers(5, 500, size=40).tolist() for i in range(16)}
+    async with running_engine(model_dir, device_kv_blocks=512) as engine:
+        reference = await generate(engine, requests, MAX_TOKENS)
+    control = tmp_path / "copy-throttle"
+    config = engine_config(
+        model_dir,
+        device_kv_blocks=24,  # the batch overflows it about 8x
+        kv_policy="pie",
+        expansion="adaptive",
+        host_kv_gib=0.002,
+        extra={"copy_throttle_file": str(control)},
+    )
+    client = Engine(config, OPTIONS, workers="processes")
+    await client.start()
+    samples: list[tuple[int, str]] = []
+
+    async def watch() -> None:
+        while True:
+            stats = client.stats()
+            samples.append((stats.host_lease, stats.host_decision))
+            await asyncio.sleep(0.02)
+
+    async def wave(index: int) -> list[int]:
+        """One wave of the batch; the leases seen while it ran."""
+        first = len(samples)
+        streams = [
+            client.add_request(proto.AddRequest(f"{request_id}-{index}", proto.pack_i32(prompt), greedy(MAX_TOKENS)))
+            for request_id, prompt in requests.items()
+        ]
+        outputs = await asyncio.wait_for(asyncio.gather(*(collect(stream) for stream in streams)), 300)
+        assert {request_id: tokens for request_id, (tokens, _) in zip(requests, outputs)} == reference
+        return [lease for lease, _ in samples[first:]]
+
+    watcher = asyncio.create_task(watch())
+    try:
+        waves = 0
+        fast_peak = 0
+        while waves < 10 and fast_peak < 48:  # the fast link: the lease grows with demand
+            fast_peak = max([fast_peak, *await wave(waves)])
+            waves += 1
+        assert fast_peak >= 48, samples
+        control.write_text("8e6")  # another tenant takes nearly all of the link
+        slow_waves = 0
+        leases = [fast_peak]
+        while slow_waves < 15 and max(leases) > fast_peak // 2:
+            leases = await wave(waves)  # until a whole wave runs at half the fast lease or less
+            waves, slow_waves = waves + 1, slow_waves + 1
+        assert max(leases) <= fast_peak // 2, (fast_peak, leases)
+        assert any(decision.startswith("shrink") for _, decision in samples), samples
+    finally:
+        watcher.cancel()
+        await client.shutdown()

@@ -128,6 +128,7 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
     proto.DemandReport: [
         proto.DemandReport(0, 0, 0, False, 0),
         proto.DemandReport(3, 7, 40, True, 64, release_safe=True, host_blocks_high_water=52),
+        proto.DemandReport(2, 0, 8, True, 8, idle=True, step_time=0.025, link_bandwidth=8e9),
     ],
     proto.Ready: [
         proto.Ready("scheduler", 100),

@@ -19,7 +19,8 @@ from step_plans import BlockAllocator, Chunk, make_plan, new_request
 import proto
 from proto.config import ConfigError, EngineConfig
 from workers.executor.copy_engine import ThreadCopyEngine
-from workers.executor.runner import COPY_THROTTLE_ENV, ModelRunner
+from workers.executor.copy_throttle import COPY_THROTTLE_ENV
+from workers.executor.runner import ModelRunner
 from workers.executor.streaming import StreamStats
 from workers.memory.host_pool import HostSegment
 
@@ -417,6 +418,41 @@ def test_copy_throttle_from_environment(model_path, monkeypatch):
         make_runner(model_path)
     monkeypatch.delenv(COPY_THROTTLE_ENV)
     assert make_runner(model_path).host_kv.throttle_bytes_per_s is None
+
+
+def test_copy_throttle_file_changes_the_link_between_steps(host_runner, one_compute_thread, tmp_path):
+    """The benchmarks' second tenant: the throttle file is re-read between steps, so the same
+    decode stalls far more once it holds a slower link, and not at all once it is emptied."""
+    control = tmp_path / "throttle"
+    runner, segments = host_runner(extra={"copy_throttle_file": str(control)})
+    for segment in segments:
+        segment.tensor.normal_()
+    num_host_blocks = 8
+    tokens = [5] * (BLOCK_SIZE * num_host_blocks)
+    device_blocks = list(range(num_host_blocks))
+    runner.execute(make_plan([Chunk("a", tokens, 0, device_blocks)], 0, [new_request("a", tokens)]))
+    host = [NUM_DEVICE_BLOCKS + i for i in range(num_host_blocks)]
+
+    def decode(step: int) -> proto.StepResult:
+        return runner.execute(make_plan([Chunk("a", [6], len(tokens), host + [40])], step))  # the same position again
+
+    decode(1)  # warm-up
+    free = decode(2)
+    page_bytes = 2 * BLOCK_SIZE * 2 * 16 * 4
+    slow = 5 * NUM_LAYERS * page_bytes  # 8 host blocks take 1.6 s per step
+    control.write_text(f"{slow}\n")
+    decode(3)  # its first layers were prefetched by the step before, on the old link
+    throttled = decode(4)
+    assert runner.host_kv.throttle_bytes_per_s == slow
+    assert throttled.stall_time > 0.5 > free.stall_time  # most of 1.6 s is exposed
+    assert throttled.bytes_to_device / throttled.copy_time < 2 * slow  # and the link measures slow
+    control.write_text("")
+    decode(5)  # the same: its first layers were prefetched under the throttle
+    assert decode(6).stall_time < throttled.stall_time / 4
+    assert runner.host_kv.throttle_bytes_per_s is None
+    control.write_text("fast")
+    with pytest.raises(ConfigError, match="copy throttle"):
+        decode(7)
 
 
 def test_staging_ring_pages(host_runner, model_path):

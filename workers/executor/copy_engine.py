@@ -101,8 +101,9 @@ class _CopyWorker:
                         run_work(work, non_blocking=False)
                 except BaseException as error:  # noqa: BLE001 - reported to compute by wait/synchronize
                     self.error = error
-                if self.throttle_bytes_per_s:
-                    remaining = ticket.num_bytes / self.throttle_bytes_per_s - (time.perf_counter() - start)
+                throttle = self.throttle_bytes_per_s
+                if throttle:
+                    remaining = ticket.num_bytes / throttle - (time.perf_counter() - start)
                     time.sleep(max(0.0, remaining))
             ticket.busy = time.perf_counter() - start
             ticket.transfers = []  # drop the views: a detached segment must not stay mapped through them
@@ -120,6 +121,11 @@ class ThreadCopyEngine(CopyEngine):
         self._thread = threading.Thread(target=self._worker.run, name="pied-copy", daemon=True)
         self._thread.start()
         self._stop = weakref.finalize(self, self._worker.queue.put, None)
+
+    def set_throttle(self, bytes_per_s: float | None) -> None:
+        """Tests only: a new cap (None: none) from the next batch the copy thread starts (a prefetch
+        queued under the old cap keeps it)."""
+        self._worker.throttle_bytes_per_s = bytes_per_s  # NOTE: one attribute, read once per batch
 
     def submit(self, transfers: list[Work], num_bytes: int) -> CopyTicket:
         # NOTE: CPU compute is synchronous, so everything issued so far is already done: FIFO order

@@ -61,6 +61,12 @@ class HostKV:
                 self._engine = ThreadCopyEngine(self.throttle_bytes_per_s)
         return self._engine
 
+    def set_throttle(self, bytes_per_s: float | None) -> None:
+        """Tests and benchmarks only (``copy_throttle``): cap the CPU copy thread from the next batch."""
+        self.throttle_bytes_per_s = bytes_per_s
+        if isinstance(self._engine, ThreadCopyEngine):
+            self._engine.set_throttle(bytes_per_s)
+
     def attach(self, infos: list[proto.HostSegmentInfo]) -> None:
         for info in infos:
             segment = HostSegment.attach(info, self.layout)

@@ -25,7 +25,6 @@ not yet plan step t+1 while step t runs.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from itertools import compress
@@ -36,6 +35,7 @@ import torch
 import proto
 from proto.config import ConfigError, EngineConfig
 from workers.executor.attention import AttentionMetadata, StepLayout, make_attention_backend
+from workers.executor.copy_throttle import CopyThrottle
 from workers.executor.graphs import DecodeGraphs
 from workers.executor.host_kv import HostKV
 from workers.executor.kv_pool import DeviceMemoryProfile, KVPool, StagingRing, num_profiled_kv_blocks
@@ -47,9 +47,6 @@ from workers.grammar import GrammarCompiler
 from workers.memory.host_pool import KVLayout
 from workers.model_config import ModelConfig
 from workers.plan import num_staging_areas, plan_of
-
-# Test only: caps the CPU copy thread's bandwidth (bytes/s) to create stalls on purpose.
-COPY_THROTTLE_ENV = "PIED_COPY_THROTTLE_BYTES_PER_S"
 
 
 @dataclass
@@ -153,6 +150,7 @@ class ModelRunner:
             num_extra_pages=(staging.num_pages if staging else 0) + num_scratch_pages,
         )
         self.staging = staging
+        self.copy_throttle = CopyThrottle.from_config(config)  # tests and benchmarks only
         self.host_kv = HostKV(
             self.kv_layout,
             self.kv_pool.pages,
@@ -160,7 +158,7 @@ class ModelRunner:
             staging,
             blocks_per_segment or host.blocks_per_segment,
             self.device,
-            self._copy_throttle(),
+            self.copy_throttle.bytes_per_s,
             config.extra.get("host_page_kernel"),
         )
         # Measured once, for the expansion controller's first decision (0 without a host tier).
@@ -186,22 +184,6 @@ class ModelRunner:
             )
             if self.graph_mode == "capture":
                 self.graphs.capture()
-
-    def _copy_throttle(self) -> float | None:
-        """``config.extra["copy_throttle_bytes_per_s"]``, else ``$PIED_COPY_THROTTLE_BYTES_PER_S`` (read
-        once, here); CPU copy thread only."""
-        value = self.config.extra.get("copy_throttle_bytes_per_s", os.environ.get(COPY_THROTTLE_ENV))
-        if value in (None, ""):
-            return None
-        try:
-            throttle = float(value)
-        except ValueError:
-            throttle = -1.0
-        if throttle <= 0:
-            raise ConfigError(
-                f"the copy throttle must be a positive number of bytes per second, got {value!r}."
-            )
-        return throttle
 
     # ---------------------------------------------------------------- host memory
 
@@ -298,6 +280,8 @@ class ModelRunner:
 
     def execute(self, plan: proto.StepPlan) -> proto.StepResult:
         step_start = time.perf_counter()
+        if self.copy_throttle.poll():  # a test's or benchmark's change of the emulated link, if any
+            self.host_kv.set_throttle(self.copy_throttle.bytes_per_s)
         self.update_states(plan)
         swapped = self.swap(plan)
         inputs = self.prepare(plan)

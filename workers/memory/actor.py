@@ -1,6 +1,6 @@
 """The memory-manager actor: owns host memory and steers the lease (DESIGN.md "Adaptive expansion").
 
-Mailbox: DemandReport (from the scheduler, after each step and when idle), SpanBatch (the
+Mailbox: DemandReport (from the scheduler, after each step and on going idle and busy), SpanBatch (the
 executor's step spans, shipped over ZeroMQ), Shutdown. It creates the host segments (memfds, so
 nothing ever lands in /dev/shm), grants the scheduler a lease with ``HostLease`` (the scheduler
 forwards new segments to the executor before any plan can use them), feeds the expansion controller
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
 import zmq.asyncio
 
@@ -105,7 +106,11 @@ class MemoryActor(Actor):
     def handle_demand(self, report: proto.DemandReport) -> None:
         self.demand = report
         host = self.host
-        if host is None or not report.release_safe:
+        if host is None:
+            return
+        # Demand against an empty lease is answered now, not when the step's span arrives.
+        self._decided(lambda: host.on_demand(report))
+        if not report.release_safe:
             return
         released = host.release_ready(report.host_lease, 0)
         if released:
@@ -124,11 +129,17 @@ class MemoryActor(Actor):
 
     def _observe(self, step: StepSample | None) -> None:
         host = self.host
-        if host is None:
-            return
+        if host is not None:
+            self._decided(lambda: host.on_step(step, self.demand))
+
+    def _decided(self, feed: Callable[[], LeaseChange | None]) -> None:
+        """Run one input of the controller; record its decision, if it took one, on the lease
+        spans, and grant the lease it moved to."""
+        host = self.host
+        assert host is not None
         controller = host.controller
         last = controller.decision if controller is not None else None
-        change = host.on_step(step, self.demand)
+        change = feed()
         if self.lease_spans is not None and controller is not None and controller.decision is not last:
             self.lease_spans.decided(controller.decision, controller.stall_fraction, controller.bandwidth)
         if change is not None:
@@ -157,9 +168,11 @@ class MemoryActor(Actor):
 
     async def _idle_ticks(self) -> None:
         """Without steps there are no spans: tick the controller so it can return an unused lease
-        (and see demand the scheduler cannot serve with the lease it has)."""
+        (and see demand the scheduler cannot serve with the lease it has). Only while the scheduler
+        says it is idle: a long step (a big prefill) sends no span either, and its silence is not
+        an idle engine's (ticks then would read as windows without demand, and release)."""
         while True:
             await asyncio.sleep(IDLE_TICK_SECONDS)
-            if not self._saw_step:
+            if not self._saw_step and self.demand.idle:
                 self._observe(None)
             self._saw_step = False

@@ -3,7 +3,10 @@
 The memory manager feeds :class:`ExpansionController` one :class:`StepSample` per executor step and
 the scheduler's :class:`DemandSample`; every ``decide_every`` samples (``first_window`` while demand
 meets an empty lease) the controller closes a window and returns a :class:`Decision`: the lease
-``H`` (``0 <= H <= max_host_blocks``) to grant.
+``H`` (``0 <= H <= max_host_blocks``) to grant. Through worker processes the step spans arrive in
+batches a step or more late, so the first grant does not wait for them: the scheduler's demand
+report carries the last step's time and the executor's link benchmark, and the memory manager feeds
+them as a prior sample the moment demand meets an empty lease (``HostMemory.on_demand``).
 
 The physical limit it steers toward (DESIGN.md "Device cost of expansion"): each step streams every
 host block it reads, all layers, host -> device, overlapped with compute. Expansion is transparent
@@ -33,6 +36,10 @@ Control law. Windows at the same lease are pooled (ratio of sums); ``f`` is thei
   up by a small fraction that doubles while grows keep finding room and halves on every reversal
   (bisection), passing the ceiling only by the smallest probe. With no bandwidth known yet, grow
   geometrically until the first stalls measure it.
+- **Starved**: a whole window of demand without a step (the scheduler idles with requests waiting:
+  a long context needs more host blocks than the lease has left, however "unfilled" it looks)
+  grows geometrically whatever the stalls said, and no shrink goes below that lease until nothing
+  waits and no step reads host blocks: a lease that stalls beats one that serves nothing.
 - No demand for ``release_after`` windows and a lease well above the blocks in use: **release**
   down to the peak usage plus headroom, never below the highest block in use (that would move
   blocks, or preempt, for nothing), so host memory goes back when the engine idles.
@@ -354,6 +361,8 @@ class ExpansionController:
         # (blocks per step, stall ratio) of the last shrink, for the next one's secant.
         self._shrink_point: tuple[float, float] | None = None
         self._ceiling: int | None = None  # the lowest lease that stalled since demand began
+        # The lease a starved engine was grown to (see _starved): shrinks stop there until demand ends.
+        self._floor = 0
         self._measured_host_steps = False  # whether any window had steps that read host blocks
         self._window = _Window()
         self._decision = Decision(lease, lease, "hold: start")
@@ -442,6 +451,12 @@ class ExpansionController:
         # Leave the band only when the stall fraction is outside it by more than its noise.
         margin = tuning.evidence_z * pooled.stall_fraction_error
         self._quiet_windows = 0 if window.num_demand else self._quiet_windows + 1
+        if self._quiet_windows >= tuning.release_after and not window.num_host_steps:
+            # Nothing waits and no step reads host blocks: the requests that needed the floor are
+            # done, and the next ones may need less.
+            self._floor = 0
+        if window.num_steps == 0 and window.num_demand == window.num_samples and self.lease < self.max_host_blocks:
+            return self._starved()
         if window.stall_fraction > tuning.strong_factor * self.stall_target:
             return self._shrink(window, window.stall_fraction)  # far over: act on this window alone
         over = fraction > self.stall_target * (1 + tuning.deadband)
@@ -486,9 +501,9 @@ class ExpansionController:
         blocks = window.host_blocks / window.num_host_steps if window.num_host_steps else 0.0
         demand = 2 * window.num_demand >= window.num_samples or window.num_preemptions > 0
         filled = window.last_in_use >= math.floor(self.tuning.fill_fraction * lease)
-        if target is not None and target < lease and blocks > target:
+        if target is not None and max(target, self._floor) < lease and blocks > target:
             # The steps read more than the new limit: they stall until the lease is there.
-            decision = self._move(-1, max(0, math.floor(target)), f"shrink: {what}")
+            decision = self._move(-1, max(0, math.floor(target), self._floor), f"shrink: {what}")
         elif target is not None and target >= lease * (1 + self.tuning.far) and demand and filled:
             # From below, as any jump: the rest follows in the next window.
             new = min(math.ceil(lease + self.tuning.jump * (target - lease)), self.max_host_blocks)
@@ -514,10 +529,12 @@ class ExpansionController:
             self._gain = min(max(limit / model, self.tuning.gain_min), self.tuning.gain_max)
         # Stalls above target at this lease: later jumps stay below it until a probe shows room.
         self._ceiling = lease if self._ceiling is None else min(self._ceiling, lease)
+        if self._floor >= lease:
+            return self._hold("stalls, at the lease a starved engine needed")
         strong = fraction > self.tuning.strong_factor * self.stall_target
         if not strong and not self._enough_evidence(-1):
             return self._hold("confirming shrink")
-        floor = math.floor(self.tuning.min_shrink_factor * lease)
+        floor = max(math.floor(self.tuning.min_shrink_factor * lease), self._floor)
         new = lease - 1 if limit is None else min(lease - 1, max(math.floor(limit), floor))
         if new < 0 or (evidence.last_in_use > lease and (limit is None or limit >= lease)):
             # Blocks above the last lease are still held: that shrink has not landed yet and
@@ -593,6 +610,20 @@ class ExpansionController:
             self._ceiling = None  # a probe tries it again: the limit may have moved up
         reason = f"grow: demand, stalls {_percent(fraction)} < {_percent(self.stall_target)}"
         return self._move(+1, new, reason, probing=not far)
+
+    def _starved(self) -> Decision:
+        """A whole window of demand without a step: the scheduler is idle with requests waiting,
+        so nothing can run in this lease (a long context needs more host blocks than it has left).
+        Stalls are better than no step at all: grow geometrically, whatever the stalls measured
+        before, and do not shrink below the lease that let the engine run again until demand ends
+        (shrinking back would preempt the request and starve it again)."""
+        lease = self.lease
+        new = min(max(self.probe_blocks, math.ceil(lease * self.tuning.growth_factor)), self.max_host_blocks)
+        self._floor = new
+        self._ceiling = None  # stalls measured at a smaller lease do not bound a starved engine's
+        self._evidence = []
+        self._direction = +1
+        return Decision(new, self._target(), "grow: starved, requests wait and no step runs")
 
     def _release(self, window: _Window) -> Decision:
         lease = self.lease

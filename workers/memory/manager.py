@@ -17,7 +17,7 @@ from workers.memory.host_pool import HostSegment, KVLayout
 from workers.plan import plan_of
 
 if TYPE_CHECKING:
-    from workers.memory.controller import StepSample
+    from workers.memory.controller import DemandSample, StepSample
 
 
 class MemoryManager:
@@ -80,9 +80,10 @@ class HostMemory:
 
     def __init__(self, config: EngineConfig, layout: KVLayout | None = None) -> None:
         """``layout``: the KV layout of the plan (default: built from it)."""
-        from workers.memory.controller import DemandSample, ExpansionController
+        from workers.memory.controller import DemandSample, ExpansionController, StepSample
 
         self._demand_sample = DemandSample
+        self._step_sample = StepSample
         self.config = config
         self.layout = layout or kv_layout_for(config)
         # The host plan as the daemon checked it (memory available, memlock): not derived again.
@@ -130,19 +131,29 @@ class HostMemory:
         self.granted = lease
         return LeaseChange(lease, created)
 
+    def on_demand(self, demand: proto.DemandReport) -> LeaseChange | None:
+        """The scheduler's report, the moment it arrives: when its demand meets an empty lease, the
+        first grant is sized now from the last step's time and the executor's link benchmark that
+        the report carries. Step spans reach the manager in batches, a step or more after the step
+        (through processes, each of those steps preempts or queues what the lease could have held);
+        the step it carries is only a prior — its span is still counted when it comes."""
+        controller = self.controller
+        if controller is None or controller.lease != 0 or demand.step_time <= 0:
+            return None
+        if not self._demand_of(demand).wants_blocks:
+            return None
+        prior = self._step_sample(
+            step_time=demand.step_time, forward_time=demand.step_time, link_bandwidth=demand.link_bandwidth
+        )
+        return self.on_step(prior, demand)
+
     def on_step(self, step: StepSample | None, demand: proto.DemandReport) -> LeaseChange | None:
         """Feed one executor step's timings (or an idle tick, ``step=None``) and the scheduler's
         latest demand to the controller; a change when it moves the lease. Growing maps new
         segments at once; shrinking keeps them until released."""
         if self.controller is None:
             return None
-        sample = self._demand_sample(
-            num_waiting=demand.num_waiting,
-            num_preemptions=demand.num_preemptions - self._last_preemptions,
-            num_host_blocks_in_use=demand.num_host_blocks_in_use,
-            short_of_blocks=demand.short_of_blocks,
-            high_water=demand.host_blocks_high_water,
-        )
+        sample = self._demand_of(demand)
         self._last_preemptions = demand.num_preemptions
         decision = self.controller.observe(step, sample)
         if decision is None:
@@ -155,6 +166,16 @@ class HostMemory:
             attach, _ = self.manager.set_lease(decision.lease)
         self.granted = decision.lease
         return LeaseChange(decision.lease, attach)
+
+    def _demand_of(self, demand: proto.DemandReport) -> DemandSample:
+        """The controller's view of a report (preemptions counted since the last one observed)."""
+        return self._demand_sample(
+            num_waiting=demand.num_waiting,
+            num_preemptions=demand.num_preemptions - self._last_preemptions,
+            num_host_blocks_in_use=demand.num_host_blocks_in_use,
+            short_of_blocks=demand.short_of_blocks,
+            high_water=demand.host_blocks_high_water,
+        )
 
     def release_ready(self, scheduler_lease: int, num_host_blocks_above_lease: int) -> list[int]:
         """Segment ids to unmap now that the scheduler holds nothing above its (smaller) lease."""

@@ -67,6 +67,8 @@ class SchedulerActor(Actor):
         self._wake = asyncio.Event()
         self._result: asyncio.Future[proto.StepResult] | None = None
         self._step_id = -1
+        self._last_result: proto.StepResult | None = None  # the last step's, for DemandReport
+        self._reported_idle = False  # the last DemandReport said idle
         self._stats = proto.Stats()
         self._last_stats_time = 0.0
         span_ids = PresetSpanIds()
@@ -150,10 +152,13 @@ class SchedulerActor(Actor):
             if plan is None:
                 # Idle, or nothing can run until a request arrives, is aborted or the lease grows.
                 self._publish_stats(scheduler, force=True)
-                self._report_demand(scheduler, self._step_id)
+                self._report_demand(scheduler, self._step_id, idle=True)
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if self._reported_idle:
+                # Busy again: the memory manager must not read the silence of a long step as idle.
+                self._report_demand(scheduler, self._step_id)
             if spans is not None:
                 spans.scheduled(plan, scheduler.num_preemptions, time.time_ns())
             self._step_id = plan.step_id
@@ -181,6 +186,7 @@ class SchedulerActor(Actor):
             stats.stall_seconds_total += result.stall_time
             stats.cycle_seconds_total += time.perf_counter() - started
             self._publish_stats(scheduler)
+            self._last_result = result
             self._report_demand(scheduler, plan.step_id)
 
     def _apply_pending(self, scheduler: Scheduler) -> None:
@@ -231,10 +237,13 @@ class SchedulerActor(Actor):
         self._stats.host_decision = lease.reason
         self._stats.host_link_bandwidth = lease.link_bandwidth
 
-    def _report_demand(self, scheduler: Scheduler, completed_step_id: int) -> None:
-        """Tell the memory manager what the controller needs, after a step or when going idle."""
+    def _report_demand(self, scheduler: Scheduler, completed_step_id: int, idle: bool = False) -> None:
+        """Tell the memory manager what the controller needs: after a step, when going idle, and
+        when leaving idle."""
         if not self.has_memory_manager or not scheduler.num_host_blocks:
             return
+        self._reported_idle = idle
+        last = self._last_result
         demand = scheduler.demand
         release_safe = (
             scheduler.host_blocks_above_lease == 0 and completed_step_id >= scheduler.host_release_step_id
@@ -249,6 +258,9 @@ class SchedulerActor(Actor):
                 host_lease=scheduler.host_lease,
                 release_safe=release_safe,
                 host_blocks_high_water=scheduler.host_blocks_high_water,
+                idle=idle,
+                step_time=last.step_time if last is not None else 0.0,
+                link_bandwidth=last.link_bandwidth if last is not None else 0.0,
             ),
         )
 
