@@ -137,9 +137,19 @@ async def test_padded_decode_gives_eager_tokens(llama_dir, reference, policy):
     extra = {"decode_padding": True, "host_page_kernel": overrides.pop("host_page_kernel", False)}
     overrides |= dict(extra=extra, max_num_seqs=6)
     async with running_engine(llama_dir, **overrides) as engine:
-        tokens = await drive(engine, WORKLOAD)
         runner = engine.actor("executor").runner
         assert runner.graphs is not None
+        layouts: list = []  # each step's layout once (accepts is asked again inside prepare)
+        accepts = runner.graphs.accepts
+
+        def counting(layout) -> bool:
+            if not any(seen is layout for seen in layouts):
+                layouts.append(layout)
+            return accepts(layout)
+
+        runner.graphs.accepts = counting
+        tokens = await drive(engine, WORKLOAD)
+        decode_steps = sum(layout.is_decode for layout in layouts)
         num_runs = dict(runner.graphs.num_runs)
         assert_all_free(engine)
         if policy.startswith("pie"):
@@ -147,10 +157,11 @@ async def test_padded_decode_gives_eager_tokens(llama_dir, reference, policy):
             assert (runner.host_kv.page_lists is not None) == (policy == "pie-kernel")
     assert tokens == reference
     # Decode steps ran padded, at several captured sizes (padding included: 5 and 3 sequences pad
-    # to 6 and 4). With room for all, every step after the prefill is a decode step.
+    # to 6 and 4). With room for all, every decode step ran padded (how many steps are pure decode
+    # depends on when the requests arrive: one that arrives late shares a step with decodes).
     assert set(num_runs) <= {1, 2, 4, 6} and len(num_runs) >= 2, num_runs
     if policy == "device":
-        assert sum(num_runs.values()) == max(MAX_TOKENS.values()) - 1, num_runs
+        assert sum(num_runs.values()) == decode_steps > 0, (num_runs, decode_steps)
 
 
 class FakeGraph:
