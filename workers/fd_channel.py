@@ -176,6 +176,9 @@ class FdClient:
             raise FdChannelError(
                 f"the memory manager did not hand over host segment {info.segment_id} within {self.timeout:g} s."
             ) from None
+        except (BrokenPipeError, ConnectionResetError):
+            self.close()
+            raise FdChannelError("the memory manager closed the host segment channel.") from None
         except OSError as error:
             self.close()
             raise FdChannelError(f"the host segment channel to the memory manager failed: {error}") from None
