@@ -122,6 +122,27 @@ def test_a_mapper_refuses_an_unsealed_or_misfit_segment_and_closes_its_descripto
         other.close()
 
 
+def range_permissions(address: int) -> str | None:
+    """The permissions of this process's mapping starting at ``address`` (None: nothing there)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if int(line.split("-", 1)[0], 16) == address:
+                return line.split()[1]
+    return None
+
+
+def test_closing_a_segment_lets_its_pages_go_even_under_a_stale_view() -> None:
+    segment = HostSegment.create(0, 0, BLOCKS_PER_SEGMENT, LAYOUT)
+    address, before = segment.address, mapped_segments()
+    stale = segment.tensor[1, 2]  # a view someone forgot (a copy thread's last transfer, say)
+    segment.close()
+    # The memfd is no longer mapped (its pages are freed), and the range stays reserved and
+    # inaccessible while the view lives, so touching it faults instead of reading another allocation.
+    assert mapped_segments() == before - 1 and range_permissions(address) == "---p"
+    del stale
+    assert range_permissions(address) is None  # the last view gone, the range is given back
+
+
 # ---------------------------------------------------------------- the fd channel, in one process
 
 

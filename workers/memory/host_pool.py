@@ -16,46 +16,21 @@ the device as one transfer (DESIGN.md "Streaming").
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
-import mmap
 import os
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
 import proto
+from workers.memory.shared_mapping import map_shared
 
 # Sealed once sized: no shrink (a SIGBUS in every mapper), no grow, and no further change of seals.
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 # What gives a mapper a segment's descriptor: the fd channel's client in a worker, or
 # :func:`local_segment_fds` in one process. ``None``: the segment was released before it was mapped.
 SegmentFdSource = Callable[[proto.HostSegmentInfo], int | None]
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def map_shared(fd: int, size: int) -> memoryview:
-    """``size`` bytes of ``fd`` mapped shared and writable, as a buffer that unmaps itself when the
-    last view of it (a tensor, a slice of one) is gone.
-
-    Not ``mmap.mmap``: it keeps a duplicate of the descriptor for as long as the mapping lives, and
-    a mapper must hold no descriptor of a segment (one fewer way to reach it, one fewer fd per segment).
-    """
-    address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
-    if address is None or address == _MAP_FAILED:
-        error = ctypes.get_errno()
-        raise OSError(error, f"mmap of {size} bytes of host KV failed: {os.strerror(error)}")
-    pages = (ctypes.c_char * size).from_address(address)
-    weakref.finalize(pages, _libc.munmap, address, size)
-    return memoryview(pages).cast("B")
-
 
 @dataclass(frozen=True)
 class KVLayout:
@@ -88,7 +63,8 @@ class HostSegment:
         self.layout = layout
         self._fd = fd if owner else -1  # a mapper keeps no descriptor: the mapping holds the memory
         self._owner = owner
-        flat = torch.frombuffer(map_shared(fd, self.num_bytes), dtype=layout.dtype)
+        buffer, self._release = map_shared(fd, self.num_bytes)
+        flat = torch.frombuffer(buffer, dtype=layout.dtype)
         self.tensor = flat.view(layout.num_layers, info.num_blocks, *layout.page_shape)
 
     @property
@@ -145,8 +121,9 @@ class HostSegment:
     def close(self) -> None:
         """Unmap (and, memory manager side, close the memfd). On CUDA the executor unregisters the
         segment first (``workers.executor.host_registration``)."""
-        # Unmapped with the last view: at once unless a tensor view is still alive somewhere.
         del self.tensor
+        # Unmapped now if no view is left; else the pages go now and the range with the last view.
+        self._release()
         if self._owner and self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
