@@ -71,7 +71,7 @@ import proto  # noqa: E402
 from pied.engine import Engine  # noqa: E402
 from proto.config import EngineConfig  # noqa: E402
 from workers.executor.runner import ModelRunner  # noqa: E402
-from workers.memory.host_pool import HostSegment  # noqa: E402
+from workers.memory.host_pool import HostSegment, local_segment_fds  # noqa: E402
 from workers.memory.manager import kv_layout_for  # noqa: E402
 
 SEED = 0
@@ -113,13 +113,13 @@ def decode_plan(
 
 
 def attach_host_pool(runner: ModelRunner, num_blocks: int) -> list[HostSegment]:
-    """Host segments made here as the memory manager would, then mapped (and pinned) by the runner."""
+    """Host segments made here as the memory manager would, then mapped (and registered, on CUDA) by the runner."""
     per_segment = runner.host_kv.pool.blocks_per_segment
     segments = [
         HostSegment.create(i, first, min(per_segment, num_blocks - first), runner.kv_layout)
         for i, first in enumerate(range(0, num_blocks, per_segment))
     ]
-    runner.attach_host_segments([segment.info for segment in segments])
+    runner.attach_host_segments([segment.info for segment in segments], local_segment_fds(segments))
     return segments
 
 

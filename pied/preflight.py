@@ -4,9 +4,10 @@ worker starts (DESIGN.md "Processes").
 ``pied serve``, ``pied generate`` and ``pied.LLM`` call :func:`preflight` first. It checks every
 setting (``EngineConfig.validate``: types and ranges), the tracing settings, the model folder
 (:mod:`pied.model_folder`: config.json, weights, tokenizer; a model id ``org/name`` becomes its
-folder in the local Hugging Face cache, and the served model name when none is given), the device, the host plan (host KV
-against the memory available and, on CUDA, the memlock limit) and the device KV budget against the
-model (one sequence of the model length fits; ``--max-model-len`` not above the model's), and
+folder in the local Hugging Face cache, and the served model name when none is given), the device,
+the host plan (host KV against the memory available; the memlock limit is not refused here: on CUDA
+the executor probes it by registering the segments) and the device KV budget against the model (one
+sequence of the model length fits; ``--max-model-len`` not above the model's), and
 returns the config with the derived plan (``proto.plan.EnginePlan``), which the workers build from
 without deriving it again. A refusal is a ``ConfigError`` or ``ModelFolderError`` whose message
 names the flag, key or file and what to change: the CLI prints it on one line and exits 2.

@@ -400,6 +400,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import uvloop
 
+    from workers.process_security import make_non_dumpable
+
+    # Before the API key is read: no core dump or same-user ptrace of the daemon that holds it.
+    make_non_dumpable()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The configuration phase: every error here is a ConfigError or ModelFolderError (exit 2),
     # raised before any worker starts.

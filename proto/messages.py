@@ -329,8 +329,10 @@ class StepResult(msgspec.Struct, tag=True, **HOT):
 
 class HostSegmentInfo(msgspec.Struct, **HOT):
     """One host KV segment: ``num_blocks`` host blocks starting at host index ``first_block``
-    (block id ``D + first_block``), backed by memfd ``fd`` of process ``pid``; mappable through
-    ``/proc/<pid>/fd/<fd>`` while that process lives. ``first_block == segment_id * blocks_per_segment``."""
+    (block id ``D + first_block``), backed by memfd ``fd`` of process ``pid`` (the memory manager),
+    sealed at its size; a mapper asks the memory manager for the descriptor over the fd channel
+    (SCM_RIGHTS, ``workers/fd_channel.py``), never through ``/proc``. ``(segment_id, fd)`` names
+    one live segment. ``first_block == segment_id * blocks_per_segment``."""
 
     segment_id: int
     pid: int

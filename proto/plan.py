@@ -29,7 +29,7 @@ class HostPlan(msgspec.Struct, frozen=True, kw_only=True):
     block_bytes: int = 0  # one host block across all layers
     num_staging_blocks: int = 0  # distinct host blocks one step may stream (the staging ring's width)
     initial_lease: int = 0  # fixed:N and swap grant it at start; adaptive starts from 0
-    pinned: bool = False  # page-locked for the device's copy engine (CUDA), so memlock was checked
+    pinned: bool = False  # registered (page-locked, device-mapped) by the executor: CUDA, larger segments
 
 
 class EnginePlan(msgspec.Struct, frozen=True, kw_only=True):

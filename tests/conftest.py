@@ -14,7 +14,24 @@ import torch
 # run in the interpreter, so switch it on before any test module imports them.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-from tiny_models import build_model_dir
+
+
+def _can_inspect_non_dumpable_processes() -> bool:
+    """Root with CAP_SYS_PTRACE reads any process's /proc/<pid>/fd and maps, dumpable or not."""
+    try:
+        with open("/proc/self/status") as status:
+            effective = next(int(line.split()[1], 16) for line in status if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return False
+    return os.geteuid() == 0 and bool(effective & (1 << 19))  # CAP_SYS_PTRACE
+
+
+# Workers and the daemon make themselves non-dumpable (workers/process_security.py); tests that
+# count their memfds through /proc need CAP_SYS_PTRACE to read them, so without it, keep them
+# dumpable (test_host_memory_security checks the real thing in its own daemon either way).
+if not _can_inspect_non_dumpable_processes():
+    os.environ.setdefault("PIED_DUMPABLE", "1")
+from tiny_models import build_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +84,7 @@ E2E_MODULES = {
     "test_progress",
     "test_sdnotify",
 }
-MIXED_MODULES = {"test_prefix_cache", "test_preflight", "test_tracing", "test_graphs"}
+MIXED_MODULES = {"test_graphs", "test_host_memory_security", "test_prefix_cache", "test_preflight", "test_tracing"}
 E2E_FIXTURES = {"model_dir", "llama_dir", "tiny_model_dir", "otlp_receiver"}
 # Unit tests that take seconds each (whole-model logits over many parametrisations, long
 # hypothesis runs): `slow`, so that `-m "unit and not slow"` stays under a minute.

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,12 +112,15 @@ class Response:
         return json.loads(self.body)
 
 
-def start_server(model_dir: Path | str | None, *flags: str, timeout: float = 180) -> ServerProcess:
-    """``pied serve`` on a free port; ``model_dir=None`` serves the bundled default (no --model)."""
+def start_server(
+    model_dir: Path | str | None, *flags: str, timeout: float = 180, command_prefix: Sequence[str] = ()
+) -> ServerProcess:
+    """``pied serve`` on a free port; ``model_dir=None`` serves the bundled default (no --model).
+    ``command_prefix``: what runs the command (a wrapper that drops privileges, say)."""
     log = tempfile.NamedTemporaryFile("w+", prefix="pied-serve-", suffix=".log", delete=False)
     model = [] if model_dir is None else ["--model", str(model_dir)]
     command = [
-        sys.executable, "-m", "pied", "serve", *model,
+        *command_prefix, sys.executable, "-m", "pied", "serve", *model,
         "--host", "127.0.0.1", "--port", "0", *flags,
     ]  # fmt: skip
     process = subprocess.Popen(

@@ -372,9 +372,10 @@ def test_host_plan_segments_and_limits():
     assert plan_host(EngineConfig(), 1 << 20, pinned=True) == HostPlan()
     with pytest.raises(ConfigError, match="--expansion fixed:100: the host KV pool needs"):
         plan_host(config, 1 << 20, pinned=False, available=50 << 20)
-    with pytest.raises(ConfigError, match="memlock"):
-        plan_host(config, 1 << 20, pinned=True, available=1 << 40, memlock=8 << 20)
-    assert plan_host(config, 1 << 20, pinned=False, available=1 << 40, memlock=8 << 20).max_host_blocks == 100
+    # On CUDA: 512 MiB segments, and no memlock refusal (the executor probes by registering).
+    cuda = plan_host(EngineConfig(kv_policy="pie", host_kv_gib=2), 1 << 20, pinned=True, available=1 << 40)
+    assert (cuda.blocks_per_segment, cuda.num_segments, cuda.segment_bytes, cuda.pinned) == (512, 4, 512 << 20, True)
+    assert plan_host(config, 1 << 20, pinned=True, available=1 << 40).blocks_per_segment == 100
     with pytest.raises(ConfigError, match="--host-kv-gib 1e-06 holds no host KV block"):
         plan_host(EngineConfig(kv_policy="pie", host_kv_gib=1e-6), 1 << 20, pinned=False)
 
@@ -402,7 +403,7 @@ def test_plan_sizes_the_device_pool_and_the_model_length(tiny):
     with pytest.raises(ConfigError, match="--max-num-batched-tokens"):
         plan_engine(EngineConfig(**base, enable_chunked_prefill=False, max_num_batched_tokens=64), tiny, "cpu")
     # CUDA without a size: the executor decides after loading the weights.
-    assert plan_engine(EngineConfig(**base), tiny, "cuda", available=1 << 40, memlock=None).num_device_blocks is None
+    assert plan_engine(EngineConfig(**base), tiny, "cuda", available=1 << 40).num_device_blocks is None
     with pytest.raises(ConfigError, match="holds no KV block"):
         plan_engine(EngineConfig(**base, device_kv_gib=1e-9), tiny, "cpu")
 

@@ -137,7 +137,7 @@ def test_kv_layout_matches_the_pool(runner):
 
 
 def test_attach_rejects_segments_of_another_size(llama_path):
-    from workers.memory.host_pool import HostSegment
+    from workers.memory.host_pool import HostSegment, local_segment_fds
 
     runner = ModelRunner(
         EngineConfig(
@@ -149,7 +149,7 @@ def test_attach_rejects_segments_of_another_size(llama_path):
     segment = HostSegment.create(1, 8, 8, runner.kv_layout)  # segment 1 of 8 blocks each
     try:
         with pytest.raises(ValueError, match="disagree on blocks_per_segment"):
-            runner.attach_host_segments([segment.info])
+            runner.attach_host_segments([segment.info], local_segment_fds([segment]))
         assert runner.host_kv.pool.segments == {}
     finally:
         runner.close()

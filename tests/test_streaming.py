@@ -22,7 +22,7 @@ from workers.executor.copy_engine import ThreadCopyEngine
 from workers.executor.copy_throttle import COPY_THROTTLE_ENV
 from workers.executor.runner import ModelRunner
 from workers.executor.streaming import StreamStats
-from workers.memory.host_pool import HostSegment
+from workers.memory.host_pool import HostSegment, local_segment_fds
 
 BLOCK_SIZE = 4
 NUM_DEVICE_BLOCKS = 48
@@ -64,7 +64,7 @@ def create_segments(runner: ModelRunner, num_blocks: int = NUM_HOST_BLOCKS) -> l
     for segment_id, first in enumerate(range(0, num_blocks, BLOCKS_PER_SEGMENT)):
         count = min(BLOCKS_PER_SEGMENT, num_blocks - first)
         segments.append(HostSegment.create(segment_id, first, count, runner.kv_layout))
-    runner.attach_host_segments([segment.info for segment in segments])
+    runner.attach_host_segments([segment.info for segment in segments], local_segment_fds(segments))
     return segments
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 from workers.executor.host_kv import HostKV  # noqa: E402
 from workers.executor.kv_pool import StagingRing  # noqa: E402
 from workers.executor.triton_host_pages import copy_host_pages, host_page_addresses  # noqa: E402
-from workers.memory.host_pool import HostSegment, KVLayout  # noqa: E402
+from workers.memory.host_pool import HostSegment, KVLayout, local_segment_fds  # noqa: E402
 
 NUM_LAYERS, NUM_DEVICE_BLOCKS, BLOCKS_PER_SEGMENT = 3, 4, 5
 # On CUDA the segments are registered (mapped: the default on a UVA system) and the kernel reads
@@ -47,10 +47,8 @@ def test_kernel_moves_the_pages_the_copy_engine_moves(
     host_kv = HostKV(layout, pages, NUM_DEVICE_BLOCKS, ring, BLOCKS_PER_SEGMENT, torch.device(device))
     segments = [HostSegment.create(i, i * BLOCKS_PER_SEGMENT, BLOCKS_PER_SEGMENT, layout) for i in range(3)]
     try:
-        host_kv.attach([segment.info for segment in segments])
-        for segment in host_kv.pool.segments.values():
-            if device == "cuda":
-                segment.pin()
+        host_kv.attach([segment.info for segment in segments], local_segment_fds(segments))
+        for segment in host_kv.pool.segments.values():  # registered at attach, on CUDA
             segment.tensor.copy_(torch.randn(segment.tensor.shape, generator=generator).to(dtype))
         rng = np.random.default_rng(seed)
         written = [h for h in host_indices if rng.random() < written_fraction]

@@ -40,6 +40,7 @@ import zmq.asyncio
 
 import proto
 from proto.config import EngineConfig
+from workers.process_security import make_non_dumpable
 
 logger = logging.getLogger(__name__)
 
@@ -466,6 +467,7 @@ def worker_main(name: str, build: Callable[[WorkerArgs], Actor], argv: list[str]
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.parent_fd >= 0:
         watch_parent(args.parent_fd)
+    make_non_dumpable()  # before any model weight, host KV or prompt reaches this process
     exit_code = EXIT_FAILED
     try:
         args.config.validate()

@@ -51,18 +51,17 @@ def plan_engine(
     model: ModelConfig,
     device: str,
     available: int | None = None,
-    memlock: int | None = None,
     num_staging_blocks: int | None = None,
 ) -> EnginePlan:
     """The plan for ``config`` on ``device`` (resolved: cpu, cuda, cuda:N) with ``model``.
 
-    ``available`` and ``memlock`` (bytes) default to the machine's; tests pass their own.
+    ``available`` (bytes) defaults to the machine's; tests pass their own.
     ``num_staging_blocks`` overrides the staging ring's width (a ``ModelRunner`` built directly
     with its own ring: the device budget makes room for that one)."""
     device_type = device.split(":", 1)[0]
     dtype = dtype_name(config.dtype, model.dtype, device_type)
     block_bytes = kv_block_bytes(model, config.block_size, dtype)
-    host = plan_host(config, block_bytes, pinned=device_type == "cuda", available=available, memlock=memlock)
+    host = plan_host(config, block_bytes, pinned=device_type == "cuda", available=available)
     staging = host.num_staging_blocks if num_staging_blocks is None else num_staging_blocks
     num_device_blocks = device_blocks(config, model, device_type, block_bytes, staging)
     max_model_len = plan_max_model_len(config, model, num_device_blocks, host)

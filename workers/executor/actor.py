@@ -23,6 +23,7 @@ import proto
 from proto.config import EngineConfig
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
 from workers.executor.step_spans import StepSpans, StepTiming
+from workers.fd_channel import FdClient
 from workers.memory.spans import span_channel_tracer
 from workers.tracing import EXECUTOR_SERVICE, setup_tracing, shutdown_tracing, tracing_enabled
 
@@ -109,6 +110,8 @@ class ExecutorActor(Actor):
         if span_collector is not None:
             self.channel = span_channel_tracer(EXECUTOR_SERVICE, span_collector, self.context)
         self.step_spans: StepSpans | None = None
+        # Host segments' descriptors come from the memory manager over SCM_RIGHTS (not /proc).
+        self.segment_fds = FdClient(addresses.memory) if addresses.memory else None
         if tracing_enabled(self.tracer) or self.channel is not None:
             self.step_spans = StepSpans(self.tracer, self.channel, config.trace_layers_every)
         self.connect("scheduler", addresses.scheduler)
@@ -142,6 +145,8 @@ class ExecutorActor(Actor):
             # its weights and KV pool go with the last reference, not at the next cyclic GC.
             await self.run_blocking(runner.close)
             del runner
+        if self.segment_fds is not None:
+            self.segment_fds.close()
         # Off the loop: the exporter may take a while to give up on an unreachable collector.
         loop = asyncio.get_running_loop()
         for tracer in (self.tracer, self.channel):
@@ -157,7 +162,9 @@ class ExecutorActor(Actor):
         runner = self.runner
         assert runner is not None, "SegmentUpdate before the executor was ready"
         if update.attach:
-            runner.attach_host_segments(update.attach)  # type: ignore[attr-defined]
+            if self.segment_fds is None:
+                raise RuntimeError("host segments to map, but this engine has no memory manager to hand them over.")
+            runner.attach_host_segments(update.attach, self.segment_fds.open)  # type: ignore[attr-defined]
         if update.detach:
             runner.detach_host_segments(update.detach)  # type: ignore[attr-defined]
 

@@ -1,15 +1,22 @@
 """The executor's side of host memory (``HostKV``): the mapped host pool, the copy engine (started on
 first use, so a runner that never sees a host block never starts one), the staging ring, whole-block
 swaps (the ``swap`` baseline), the link bandwidth probe, and the prefetch one step hands the next.
+
+Segments arrive as descriptors (from the memory manager over the fd channel, SCM_RIGHTS), are
+mapped and the descriptors closed at once; on CUDA each is registered once, when mapped, and
+unregistered before it is unmapped (:mod:`workers.executor.host_registration`).
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
 
 import proto
 from workers.executor.copy_engine import CopyEngine, CudaCopyEngine, ThreadCopyEngine, Transfer
+from workers.executor.host_registration import HostRegistrar
 from workers.executor.kv_pool import StagingRing
 from workers.executor.streaming import (
     HostBlockOwners,
@@ -18,7 +25,9 @@ from workers.executor.streaming import (
     StreamStats,
     use_host_page_kernel,
 )
-from workers.memory.host_pool import HostPool, HostSegment, KVLayout
+from workers.memory.host_pool import HostPool, HostSegment, KVLayout, SegmentFdSource
+
+logger = logging.getLogger(__name__)
 
 
 class HostKV:
@@ -34,7 +43,9 @@ class HostKV:
         device: torch.device,
         throttle_bytes_per_s: float | None = None,
         host_page_kernel: bool | None = None,
+        registrar: HostRegistrar | None = None,
     ) -> None:
+        """``registrar``: registers segments with CUDA (default: one on a CUDA device, none elsewhere)."""
         self.layout = layout
         self.pages = pages
         self.num_device_blocks = num_device_blocks
@@ -50,6 +61,9 @@ class HostKV:
             from workers.executor.triton_host_pages import HostPageLists
 
             self.page_lists = HostPageLists(ring.area_size, device)
+        if registrar is None and device.type == "cuda":
+            registrar = HostRegistrar(device)
+        self.registrar = registrar
 
     @property
     def engine(self) -> CopyEngine:
@@ -67,15 +81,21 @@ class HostKV:
         if isinstance(self._engine, ThreadCopyEngine):
             self._engine.set_throttle(bytes_per_s)
 
-    def attach(self, infos: list[proto.HostSegmentInfo]) -> None:
+    def attach(self, infos: list[proto.HostSegmentInfo], open_fd: SegmentFdSource) -> None:
+        """Map segments ``infos``, each one's descriptor from ``open_fd`` (closed once mapped)."""
         for info in infos:
-            segment = HostSegment.attach(info, self.layout)
+            fd = open_fd(info)
+            if fd is None:
+                # Released before this executor got to it: no plan can use its blocks.
+                logger.info("host segment %d was released before it was mapped; skipped", info.segment_id)
+                continue
+            segment = HostSegment.attach(info, self.layout, fd)
             try:
-                if self.device.type == "cuda":
-                    segment.pin()
+                if self.registrar is not None:
+                    self.registrar.register(segment)
                 self.pool.add(segment)
             except BaseException:
-                segment.close()
+                self._unmap(segment)
                 raise
 
     def detach(self, segment_ids: list[int]) -> None:
@@ -83,7 +103,14 @@ class HostKV:
         # (a prefetch may be in flight) and forget the prefetch, whose views point into it.
         self.drain()
         for segment_id in segment_ids:
-            self.pool.remove(segment_id)
+            segment = self.pool.segments.pop(segment_id, None)
+            if segment is not None:
+                self._unmap(segment)
+
+    def _unmap(self, segment: HostSegment) -> None:
+        if self.registrar is not None:
+            self.registrar.unregister(segment)
+        segment.close()
 
     def drain(self) -> None:
         """Every submitted copy done, no prefetch kept."""
@@ -96,7 +123,7 @@ class HostKV:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
-        self.pool.close()
+        self.detach(list(self.pool.segments))
 
     def measure_link_bandwidth(self, max_bytes: int = 32 << 20, repeats: int = 3) -> float:
         """Host -> device bytes/s through this copy engine, from pinned host pages into the staging

@@ -44,7 +44,7 @@ from workers.executor.sampler import PromptLogprobRun, Sampler, SamplingState
 from workers.executor.streaming import HostBlockOwners, LayerStreamer, StreamStats
 from workers.executor.weights import load_weights
 from workers.grammar import GrammarCompiler
-from workers.memory.host_pool import KVLayout
+from workers.memory.host_pool import KVLayout, SegmentFdSource
 from workers.model_config import ModelConfig
 from workers.plan import num_staging_areas, plan_of
 
@@ -187,9 +187,10 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- host memory
 
-    def attach_host_segments(self, infos: list[proto.HostSegmentInfo]) -> None:
-        """Map the memory manager's host segments (and pin them, on CUDA)."""
-        self.host_kv.attach(infos)
+    def attach_host_segments(self, infos: list[proto.HostSegmentInfo], open_fd: SegmentFdSource) -> None:
+        """Map the memory manager's host segments, their descriptors from ``open_fd`` (and register
+        them, on CUDA)."""
+        self.host_kv.attach(infos, open_fd)
 
     def detach_host_segments(self, segment_ids: list[int]) -> None:
         """Unmap segments; the scheduler must hold no block in them any more."""

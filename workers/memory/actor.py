@@ -1,11 +1,12 @@
 """The memory-manager actor: owns host memory and steers the lease (DESIGN.md "Adaptive expansion").
 
-Mailbox: DemandReport (from the scheduler, after each step and on going idle and busy), SpanBatch (the
-executor's step spans, shipped over ZeroMQ), Shutdown. It creates the host segments (memfds, so
-nothing ever lands in /dev/shm), grants the scheduler a lease with ``HostLease`` (the scheduler
-forwards new segments to the executor before any plan can use them), feeds the expansion controller
-from the step spans' timings and the scheduler's demand, and releases segments once the scheduler
-holds nothing above a smaller lease. With an OTLP endpoint, the controller's decisions are events
+Mailbox: DemandReport (from the scheduler, after each step and on going idle and busy), SpanBatch
+(the executor's step spans, shipped over ZeroMQ), Shutdown. It creates the host segments (sealed
+memfds, so nothing ever lands in /dev/shm), hands their descriptors to the executor over the fd
+channel (:mod:`workers.fd_channel`, SCM_RIGHTS) when it asks, grants the scheduler a lease with
+``HostLease`` (the scheduler forwards new segments to the executor before any plan can use them),
+feeds the expansion controller from the step spans' timings and the scheduler's demand, and
+releases segments once the scheduler holds nothing above a smaller lease. With an OTLP endpoint, the controller's decisions are events
 on its ``lease`` spans (:mod:`workers.memory.lease_spans`).
 """
 
@@ -22,6 +23,7 @@ from proto import spans as span_names
 from proto.config import EngineConfig
 from proto.spans import SpanBatch, SpanRecord
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
+from workers.fd_channel import FdServer
 from workers.memory.controller import StepSample
 from workers.memory.lease_spans import LeaseSpans
 from workers.memory.manager import HostMemory, LeaseChange, kv_layout_for
@@ -70,6 +72,7 @@ class MemoryActor(Actor):
         self._saw_step = False
         self.tracer = setup_tracing(MEMORY_SERVICE, config)
         self.lease_spans: LeaseSpans | None = None
+        self.fd_server: FdServer | None = None
         self.connect("scheduler", addresses.scheduler)
         self.on(proto.DemandReport, self.handle_demand)
         self.on(SpanBatch, self.handle_spans)
@@ -83,6 +86,10 @@ class MemoryActor(Actor):
         # The host plan comes checked in the config (pied.preflight); only the layout is built here.
         layout = await self.run_blocking(kv_layout_for, self.config)
         self.host = HostMemory(self.config, layout)
+        # NOTE: listening before the first lease leaves: the executor asks for a segment's
+        # descriptor only once a SegmentUpdate names it, which follows that lease.
+        self.fd_server = FdServer(self.address, self._segment_fd)
+        self.fd_server.start(asyncio.get_running_loop())
         self._grant(self.host.start())
         if tracing_enabled(self.tracer) and self.host.controller is not None:
             self.lease_spans = LeaseSpans(self.tracer, self.host.lease)
@@ -94,12 +101,21 @@ class MemoryActor(Actor):
             self.spawn(self._idle_ticks(), "idle-ticks")
 
     async def on_stop(self) -> None:
+        if self.fd_server is not None:
+            self.fd_server.close()
         if self.host is not None:
             self.host.close()
         if self.lease_spans is not None:
             self.lease_spans.close()
         # Off the loop: the exporter may take a while to give up on an unreachable collector.
         await asyncio.get_running_loop().run_in_executor(None, shutdown_tracing, self.tracer)
+
+    def _segment_fd(self, segment_id: int, fd: int) -> tuple[int, int] | None:
+        """(descriptor, bytes) of live segment ``segment_id`` created as ``fd``; None once released."""
+        segment = self.host.manager.segments.get(segment_id) if self.host is not None else None
+        if segment is None or segment.info.fd != fd:
+            return None
+        return segment.fd, segment.num_bytes
 
     # ---------------------------------------------------------------- handlers
 

@@ -2,19 +2,25 @@
 
 Derived once, by the daemon's preflight (``pied.preflight``), from the configuration and the KV
 block size of the model; the memory manager and the executor read it from the ``EnginePlan`` they
-are given. It checks the budget against the memory available now and, when the pool will be
-pinned (CUDA), against the memlock limit. No torch here: the daemon must not load it.
+are given. It checks the budget against the memory available now. No torch here: the daemon must
+not load it.
+
+The memlock limit is not checked here: whether CUDA can page-lock the pool depends on more than the
+soft limit (the hard limit, which the executor raises the soft one to; root and CAP_IPC_LOCK ignore
+both), so the executor probes by registering, and warns and copies from pageable memory if that
+fails (:mod:`workers.executor.host_registration`).
 """
 
 from __future__ import annotations
-
-import resource
 
 from proto.config import ConfigError, EngineConfig, parse_expansion
 from proto.plan import HostPlan
 
 GIB = 1 << 30
 SEGMENT_BYTES = 64 << 20  # large enough to copy efficiently, small enough to grow in fine steps
+# On CUDA each segment is registered (page-locked and device-mapped) once: a call that pins every
+# page of it, so fewer, larger segments (the lease then grows in 512 MiB steps).
+CUDA_SEGMENT_BYTES = 512 << 20
 DEFAULT_HOST_KV_GIB = 1.0
 
 
@@ -30,23 +36,16 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def memlock_limit_bytes() -> int | None:
-    """The soft RLIMIT_MEMLOCK in bytes (None: unlimited)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    return None if soft == resource.RLIM_INFINITY else soft
-
-
 def plan_host(
     config: EngineConfig,
     block_bytes: int,
     pinned: bool,
     available: int | None = None,
-    memlock: int | None = None,
 ) -> HostPlan:
-    """The host plan for ``config`` with host blocks of ``block_bytes`` (all layers of one block).
+    """The host plan for ``config`` with host blocks of ``block_bytes`` (all layers of one block);
+    ``pinned``: the executor will register the segments with CUDA (larger segments).
 
-    ``available`` and ``memlock`` default to the machine's (MemAvailable, the soft memlock limit).
-    Raises ConfigError naming the flag to change."""
+    ``available`` defaults to the machine's MemAvailable. Raises ConfigError naming the flag to change."""
     if config.kv_policy == "none":
         return HostPlan()
     if block_bytes < 1:
@@ -69,15 +68,8 @@ def plan_host(
             f"{flag}: the host KV pool needs {budget / GIB:.2f} GiB but only {available / GIB:.2f} GiB of "
             "memory is available; lower it."
         )
-    if pinned:
-        memlock = memlock_limit_bytes() if memlock is None else memlock
-        if memlock is not None and budget > memlock:
-            raise ConfigError(
-                f"{flag}: pinning {budget / GIB:.2f} GiB of host KV needs a memlock limit at least that large "
-                f"(it is {memlock / GIB:.3f} GiB): set LimitMEMLOCK=infinity in the systemd unit or "
-                "`ulimit -l unlimited`, or lower it."
-            )
-    blocks_per_segment = max(1, min(max_host_blocks, SEGMENT_BYTES // block_bytes))
+    segment_bytes = CUDA_SEGMENT_BYTES if pinned else SEGMENT_BYTES
+    blocks_per_segment = max(1, min(max_host_blocks, segment_bytes // block_bytes))
     return HostPlan(
         max_host_blocks=max_host_blocks,
         blocks_per_segment=blocks_per_segment,

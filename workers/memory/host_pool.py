@@ -1,12 +1,13 @@
 """The host KV pool: anonymous shared-memory segments holding host-resident KV blocks.
 
 A segment is a ``memfd`` (no name in /dev/shm at all, so no crash can ever leak one) created by the
-memory manager and mapped by the executor through ``/proc/<pid>/fd/<fd>``; it lives exactly as long
-as some process maps it or holds its descriptor.
-
-NOTE: DESIGN.md's target is stricter than this: segments sealed against shrinking and handed to the
-executors over a Unix socket (SCM_RIGHTS), so the workers need not stay dumpable for ``/proc``
-access. That is issue 17's remaining work; until then the descriptor travels by path as above.
+memory manager at its exact size and then sealed (``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``):
+no process, not even one of the same user holding the descriptor, can shrink it under a mapping
+(which would SIGBUS every mapper) or grow it, and the seals cannot be lifted. Its descriptor reaches
+the executor over a Unix socket (SCM_RIGHTS, :mod:`workers.fd_channel`), never through
+``/proc/<pid>/fd``, so every worker can be non-dumpable; the executor refuses a segment that is not
+sealed or not of the expected size, maps it and closes the descriptor at once. A segment lives
+exactly as long as some process maps it or holds its descriptor.
 
 Layout of a segment of ``S`` blocks: ``[num_layers, S, 2, block_size, num_kv_heads, head_dim]``.
 Layer-major, so one layer's pages of a run of consecutive host blocks are contiguous and stream to
@@ -15,14 +16,21 @@ the device as one transfer (DESIGN.md "Streaming").
 
 from __future__ import annotations
 
-import mmap
+import fcntl
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
 import proto
+from workers.memory.shared_mapping import map_shared
 
+# Sealed once sized: no shrink (a SIGBUS in every mapper), no grow, and no further change of seals.
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+# What gives a mapper a segment's descriptor: the fd channel's client in a worker, or
+# :func:`local_segment_fds` in one process. ``None``: the segment was released before it was mapped.
+SegmentFdSource = Callable[[proto.HostSegmentInfo], int | None]
 
 @dataclass(frozen=True)
 class KVLayout:
@@ -53,72 +61,84 @@ class HostSegment:
     def __init__(self, info: proto.HostSegmentInfo, layout: KVLayout, fd: int, owner: bool) -> None:
         self.info = info
         self.layout = layout
-        self._fd = fd
+        self._fd = fd if owner else -1  # a mapper keeps no descriptor: the mapping holds the memory
         self._owner = owner
-        size = info.num_blocks * layout.block_bytes
-        self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        flat = torch.frombuffer(self._mmap, dtype=layout.dtype)
+        buffer, self._release = map_shared(fd, self.num_bytes)
+        flat = torch.frombuffer(buffer, dtype=layout.dtype)
         self.tensor = flat.view(layout.num_layers, info.num_blocks, *layout.page_shape)
-        self.pinned = False
+
+    @property
+    def num_bytes(self) -> int:
+        return self.info.num_blocks * self.layout.block_bytes
+
+    @property
+    def address(self) -> int:
+        """Where the mapping starts in this process (what CUDA registers)."""
+        return self.tensor.data_ptr()
+
+    @property
+    def fd(self) -> int:
+        """The memfd (memory manager side only: a mapper closed its copy once mapped)."""
+        if not self._owner or self._fd < 0:
+            raise ValueError(f"host segment {self.info.segment_id} holds no descriptor in this process.")
+        return self._fd
 
     @classmethod
     def create(cls, segment_id: int, first_block: int, num_blocks: int, layout: KVLayout) -> HostSegment:
-        """Memory manager side: allocate exactly ``num_blocks * block_bytes`` bytes."""
-        fd = os.memfd_create(f"pied-kv-{segment_id}", os.MFD_CLOEXEC)
+        """Memory manager side: allocate exactly ``num_blocks * block_bytes`` bytes, sealed at that size."""
+        fd = os.memfd_create(f"pied-kv-{segment_id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, num_blocks * layout.block_bytes)
-        except OSError:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+            info = proto.HostSegmentInfo(segment_id, os.getpid(), fd, first_block, num_blocks)
+            return cls(info, layout, fd, owner=True)
+        except BaseException:
             os.close(fd)
             raise
-        info = proto.HostSegmentInfo(segment_id, os.getpid(), fd, first_block, num_blocks)
-        return cls(info, layout, fd, owner=True)
 
     @classmethod
-    def attach(cls, info: proto.HostSegmentInfo, layout: KVLayout) -> HostSegment:
-        """Executor side: map a segment another process (or this one) created."""
-        fd = os.open(f"/proc/{info.pid}/fd/{info.fd}", os.O_RDWR | os.O_CLOEXEC)
+    def attach(cls, info: proto.HostSegmentInfo, layout: KVLayout, fd: int) -> HostSegment:
+        """Mapper side: map ``fd`` (received for ``info``) and close it, whatever happens."""
         try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            if seals & SEALS != SEALS:
+                raise ValueError(
+                    f"host segment {info.segment_id} is not sealed against resizing (seals {seals:#x}): "
+                    "refusing to map memory another process could shrink under this one."
+                )
+            size = os.fstat(fd).st_size
+            expected = info.num_blocks * layout.block_bytes
+            if size != expected:
+                raise ValueError(
+                    f"host segment {info.segment_id} is {size} bytes, not the {expected} its "
+                    f"{info.num_blocks} blocks need: the executor and the memory manager disagree on the KV layout."
+                )
             return cls(info, layout, fd, owner=False)
         finally:
             # The mapping keeps the memory alive; the descriptor is not needed any more.
             os.close(fd)
 
-    def pin(self) -> None:
-        """Page-lock in place for asynchronous DMA (CUDA only), in chunks: a single huge
-        ``cudaHostRegister`` can fail where several smaller ones succeed."""
-        if self.pinned or not torch.cuda.is_available():
-            return
-        cudart = torch.cuda.cudart()
-        base = self.tensor.data_ptr()
-        size = self.tensor.numel() * self.tensor.element_size()
-        chunk = 1 << 30
-        self._pinned_chunks = []
-        for offset in range(0, size, chunk):
-            length = min(chunk, size - offset)
-            status = cudart.cudaHostRegister(base + offset, length, 0)
-            if int(status) != 0:
-                raise RuntimeError(
-                    f"cudaHostRegister failed ({int(status)}) for {length} bytes of host KV: raise the "
-                    "memlock limit (LimitMEMLOCK=infinity in the unit, or ulimit -l) or lower --host-kv-gib."
-                )
-            self._pinned_chunks.append(base + offset)
-        self.pinned = True
-
     def close(self) -> None:
-        if self.pinned:
-            cudart = torch.cuda.cudart()
-            for pointer in self._pinned_chunks:
-                cudart.cudaHostUnregister(pointer)
-            self.pinned = False
+        """Unmap (and, memory manager side, close the memfd). On CUDA the executor unregisters the
+        segment first (``workers.executor.host_registration``)."""
         del self.tensor
-        try:
-            self._mmap.close()
-        except BufferError:
-            # A tensor view is still alive somewhere; the mapping goes when it does.
-            pass
+        # Unmapped now if no view is left; else the pages go now and the range with the last view.
+        self._release()
         if self._owner and self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def local_segment_fds(segments: Iterable[HostSegment]) -> SegmentFdSource:
+    """A :data:`SegmentFdSource` for segments created in this process (tests, benchmarks that
+    drive a runner without the memory manager): a duplicate of each one's descriptor."""
+    by_key = {(segment.info.segment_id, segment.info.fd): segment for segment in segments}
+
+    def open_fd(info: proto.HostSegmentInfo) -> int | None:
+        segment = by_key.get((info.segment_id, info.fd))
+        return None if segment is None else os.dup(segment.fd)
+
+    return open_fd
 
 
 class HostPool:

@@ -86,7 +86,7 @@ class HostMemory:
         self._step_sample = StepSample
         self.config = config
         self.layout = layout or kv_layout_for(config)
-        # The host plan as the daemon checked it (memory available, memlock): not derived again.
+        # The host plan as the daemon checked it (memory available): not derived again.
         self.plan = plan_of(config).host
         if self.plan.max_host_blocks and self.plan.block_bytes != self.layout.block_bytes:
             raise ValueError(
