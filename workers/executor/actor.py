@@ -4,6 +4,12 @@ Mailbox: StepPlan (from the scheduler), Shutdown. It loads the model on its comp
 sends Ready (with the model's shape) to the scheduler and the supervisor. Each forward pass runs on
 the compute thread too, so aborts, heartbeats and shutdown are handled while it runs.
 
+Step deadline (DESIGN.md "Processes"): heartbeats come from the loop, so they go on while a forward
+pass never returns. The loop therefore arms a timer for each step it hands the compute thread
+(:class:`StepDeadline`: ``--step-timeout``, or derived from the measured step times); if the step
+has not returned when it fires, the executor fails (Dead to the supervisor: the engine dies, every
+request fails, the daemon exits non-zero) and does not wait for the stuck thread as it stops.
+
 Tracing (DESIGN.md "Tracing"): with an OTLP endpoint or a span collector (the memory manager), each
 step is timed on the compute thread and its spans are built after its result has been sent
 (:mod:`workers.executor.step_spans`); with neither, a plan goes straight to ``runner.execute``.
@@ -12,6 +18,7 @@ step is timed on the compute thread and its spans are built after its result has
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -22,9 +29,13 @@ import zmq.asyncio
 import proto
 from proto.config import EngineConfig
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
+from workers.executor.step_deadline import StepDeadline
+from workers.executor.step_hang import StepHang
 from workers.executor.step_spans import StepSpans, StepTiming
 from workers.memory.spans import span_channel_tracer
 from workers.tracing import EXECUTOR_SERVICE, setup_tracing, shutdown_tracing, tracing_enabled
+
+logger = logging.getLogger(__name__)
 
 
 class ModelShape(Protocol):
@@ -111,6 +122,9 @@ class ExecutorActor(Actor):
         self.step_spans: StepSpans | None = None
         if tracing_enabled(self.tracer) or self.channel is not None:
             self.step_spans = StepSpans(self.tracer, self.channel, config.trace_layers_every)
+        self.step_deadline = StepDeadline(config.step_timeout)
+        self.overdue_step_id: int | None = None  # the step that ran past its deadline, if one did
+        self._hang = StepHang.from_environment()  # None unless a test asks for a hang
         self.connect("scheduler", addresses.scheduler)
         self.on(proto.StepPlan, self.handle_step_plan)
         self.on(proto.SegmentUpdate, self.handle_segment_update)
@@ -136,7 +150,17 @@ class ExecutorActor(Actor):
 
     async def on_stop(self) -> None:
         runner, self.runner = self.runner, None
-        if runner is not None:
+        stuck = self.overdue_step_id is not None
+        if self._hang is not None:
+            self._hang.release()  # test only: the "stuck" pass returns, so the runner closes as usual
+            stuck = False
+        if stuck:
+            # NOTE: close would queue behind the stuck pass on the compute thread and never run; the
+            # process is about to exit, which frees the device and unmaps host memory anyway.
+            logger.error(
+                "not closing the model runner: step %s is stuck on the compute thread", self.overdue_step_id
+            )
+        elif runner is not None:
             # On the compute thread, after any forward pass still running there: as a thread of a
             # library's process, the executor must leave no copy thread or mapping behind, and
             # its weights and KV pool go with the last reference, not at the next cyclic GC.
@@ -172,14 +196,37 @@ class ExecutorActor(Actor):
         # A forward pass that raises fails the executor (and with it the engine), as in vLLM v1: the
         # device state after a failed kernel cannot be trusted.
         spans = self.step_spans
-        if spans is None:
-            result = await self.run_blocking(runner.execute, plan)
-            self.send("scheduler", result)
-            return
-        spans.begin(plan)
-        result, timing = await self.run_blocking(timed_execute, runner, plan, spans.samples_layers(plan))
+        if spans is not None:
+            spans.begin(plan)
+        deadline = self.step_deadline.seconds()
+        loop = asyncio.get_running_loop()
+        # NOTE: timed from the hand-over to the compute thread, so a segment update stuck ahead of
+        # the step counts too; a TimerHandle costs microseconds, a wait_for task per step more.
+        started = loop.time()
+        timer = loop.call_later(deadline, self._step_overdue, plan.step_id, deadline)
+        try:
+            if self._hang is not None:
+                await self.run_blocking(self._hang.before_step, plan)
+            if spans is None:
+                result = await self.run_blocking(runner.execute, plan)
+            else:
+                result, timing = await self.run_blocking(
+                    timed_execute, runner, plan, spans.samples_layers(plan)
+                )
+        finally:
+            timer.cancel()
+        self.step_deadline.record(loop.time() - started)
         self.send("scheduler", result)
-        spans.end(plan, result, timing)  # while the scheduler plans the next step
+        if spans is not None:
+            spans.end(plan, result, timing)  # while the scheduler plans the next step
+
+    def _step_overdue(self, step_id: int, deadline: float) -> None:
+        self.overdue_step_id = step_id
+        flag = "--step-timeout" if self.step_deadline.fixed is not None else "derived from the step times"
+        self.fail(
+            f"step {step_id} did not return within its deadline of {deadline:g} s ({flag}): "
+            "the forward pass is stuck"
+        )
 
 
 def timed_execute(

@@ -1,0 +1,220 @@
+"""The step deadline: a forward pass that never returns kills the engine (issue 17, "Hardening").
+
+Heartbeats come from the actors' loops, so they go on while the executor's compute thread is stuck.
+The test-only fault hook ``PIED_TEST_HANG_STEP=N`` (``workers.executor.step_hang``) blocks step N on
+the compute thread; with ``--step-timeout`` the executor's loop notices, and every request in flight
+fails with a clear error: through ``pied.LLM`` (threads), ``Engine(workers="processes")`` and a real
+``pied serve``, which exits non-zero leaving no worker and no host memory segment behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from daemon import NotifySocket, is_gone, processes_mentioning, wait_gone, worker_pids
+from engine_driver import collect, greedy, running_engine
+from server import EventStream, start_server
+
+import proto
+from pied import LLM, SamplingParams
+from pied.engine_client import EngineDeadError
+from proto.config import ConfigError, EngineConfig
+from workers.executor.step_deadline import StepDeadline
+from workers.executor.step_hang import ENVIRONMENT_VARIABLE, StepHang
+
+STEP_TIMEOUT = 2.0  # a tiny model's step takes milliseconds; the hung one never returns
+HANG_STEP = 3  # a few steps run (and are measured) before the stuck one
+WAIT = 120.0  # how long any poll below may take before the test fails (a loaded machine)
+PROMPTS = [[1, 17, 99, 3, 250], [1, *range(40, 77)], [1, 300, 301, 302]]
+
+# ---------------------------------------------------------------- the deadline itself (unit)
+
+
+def test_a_fixed_step_timeout_is_the_deadline_of_every_step() -> None:
+    deadline = StepDeadline(2.5)
+    assert deadline.seconds() == 2.5  # the first step too: the operator said so
+    for elapsed in (0.1, 40.0, 0.2):
+        deadline.record(elapsed)
+        assert deadline.seconds() == 2.5
+
+
+def test_the_derived_deadline_is_generous_first_then_follows_the_slowest_recent_step() -> None:
+    deadline = StepDeadline(floor=10.0, factor=4.0, window=3, num_warmup_steps=2, warmup_seconds=100.0)
+    assert deadline.seconds() == 100.0  # kernels compile on their first use
+    deadline.record(30.0)
+    assert deadline.seconds() == 100.0
+    deadline.record(0.5)
+    assert deadline.seconds() == 4.0 * 30.0  # the slowest recent step, times the factor
+    deadline.record(1.0)
+    deadline.record(2.0)  # the 30 s step leaves the window of 3
+    assert deadline.seconds() == 10.0  # the floor: 4 x 2 s is less
+    deadline.record(5.0)
+    assert deadline.seconds() == 20.0
+    for _ in range(3):
+        deadline.record(0.01)
+    assert deadline.seconds() == 10.0
+
+
+@pytest.mark.parametrize("value", [0, -1.0, math.inf, math.nan])
+def test_a_step_timeout_must_be_a_positive_number_of_seconds(value: float) -> None:
+    with pytest.raises(ConfigError, match="--step-timeout"):
+        EngineConfig(step_timeout=value).validate()
+    with pytest.raises(ValueError):
+        StepDeadline(value)
+
+
+def test_the_fault_hook_is_off_unless_a_test_sets_it() -> None:
+    assert StepHang.from_environment({}) is None
+    assert StepHang.from_environment({ENVIRONMENT_VARIABLE: "4"}).step_id == 4
+    with pytest.raises(ValueError, match=ENVIRONMENT_VARIABLE):
+        StepHang.from_environment({ENVIRONMENT_VARIABLE: "soon"})
+
+
+# ---------------------------------------------------------------- the engine, threads and processes
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir("llama", max_position_embeddings=1024)
+
+
+def compute_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("executor-compute")]
+
+
+def test_llm_with_a_stuck_step_raises_engine_dead(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, str(HANG_STEP))
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    llm = LLM(
+        model=str(model_dir), dtype="float32", block_size=4, device_kv_blocks=256, step_timeout=STEP_TIMEOUT
+    )
+    try:
+        with pytest.raises(EngineDeadError, match=f"step {HANG_STEP} did not return within its deadline"):
+            llm.generate([{"prompt_token_ids": prompt} for prompt in PROMPTS], params)
+        assert llm.engine.dead and not llm.engine.healthy
+        assert "--step-timeout" in llm.engine.dead_reason
+    finally:
+        llm.shutdown()
+    # The stuck pass was let go as the executor stopped (the hook's doing: a real one stays stuck).
+    deadline = time.monotonic() + WAIT
+    while compute_threads():
+        assert time.monotonic() < deadline, compute_threads()
+        time.sleep(0.05)
+
+
+async def test_engine_processes_with_a_stuck_step_fail_every_request(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, str(HANG_STEP))
+    async with running_engine(model_dir, workers="processes", step_timeout=STEP_TIMEOUT) as engine:
+        pids = engine.worker_pids
+        streams = [
+            engine.add_request(proto.AddRequest(f"r{i}", proto.pack_i32(prompt), greedy(200)))
+            for i, prompt in enumerate(PROMPTS)
+        ]
+        for stream in streams:
+            with pytest.raises(EngineDeadError, match=f"step {HANG_STEP} did not return"):
+                await asyncio.wait_for(collect(stream), WAIT)
+        reason = await asyncio.wait_for(engine.wait_dead(), WAIT)
+        assert "executor" in reason and "--step-timeout" in reason
+        assert not engine.healthy
+        with pytest.raises(EngineDeadError):
+            engine.add_request(proto.AddRequest("late", proto.pack_i32([1]), greedy(2)))
+    assert wait_gone(list(pids.values()), WAIT) == []
+
+
+# ---------------------------------------------------------------- pied serve
+
+
+def host_segments_of(pids: list[int]) -> int:
+    """Host KV segments (memfds) any of ``pids`` holds open or mapped."""
+    count = 0
+    for pid in pids:
+        try:
+            count += Path(f"/proc/{pid}/maps").read_text().count("/memfd:pied-kv")
+            fds = Path(f"/proc/{pid}/fd")
+            count += sum(1 for fd in fds.iterdir() if "memfd:pied-kv" in str(fd.readlink()))
+        except OSError:
+            continue  # gone
+    return count
+
+
+def read_outcome(stream: EventStream) -> str:
+    """``complete`` ([DONE] without an error) or ``error`` (a 503, an error event, or the connection
+    cut)."""
+    if stream.status != 200:
+        assert stream.status == 503, stream.response.read()
+        stream.close()
+        return "error"
+    try:
+        for event in stream.rest():
+            if isinstance(event, dict) and "error" in event:
+                return "error"
+        return "complete" if stream.response.isclosed() else "error"
+    except OSError:
+        return "error"
+    finally:
+        stream.close()
+
+
+def test_serve_with_a_stuck_step_fails_its_requests_and_exits_non_zero(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime_parent = tmp_path / "run"
+    runtime_parent.mkdir()
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(runtime_parent))
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, str(HANG_STEP))
+    notify = NotifySocket(tmp_path)
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.address)
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # a ping every 0.2 s while healthy
+    server = start_server(
+        model_dir, "--step-timeout", str(STEP_TIMEOUT), "--block-size", "4", "--device-kv-blocks", "24",
+        "--kv-policy", "pie", "--expansion", "fixed:96",
+    )  # fmt: skip
+    try:
+        pids = worker_pids(server.process.pid)
+        assert host_segments_of(list(pids.values())) > 0  # the host tier exists: it must go too
+        notify.wait_for("WATCHDOG", "1", WAIT)
+        body = {
+            "prompt": "The stuck step",
+            "max_tokens": 200,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": True,
+        }
+        streams = [EventStream(server, "/v1/completions", body, timeout=WAIT) for _ in range(3)]
+        outcomes = [read_outcome(stream) for stream in streams]
+        assert outcomes == ["error"] * 3, outcomes
+        # Answered after the requests failed, so after the engine died: never 200 again.
+        try:
+            assert server.request("GET", "/health", timeout=10).status == 503
+        except OSError:
+            pass  # already gone
+        status = server.process.wait(WAIT)
+        log = server.log()
+        assert status == 1, log[-3000:]
+        assert f"step {HANG_STEP} did not return within its deadline of 2 s (--step-timeout)" in log, log[
+            -3000:
+        ]
+        assert wait_gone(list(pids.values()), WAIT) == [], "a worker outlived the daemon"
+        assert all(is_gone(pid) for pid in pids.values())
+        assert host_segments_of(list(pids.values())) == 0
+        assert processes_mentioning(str(runtime_parent)) == []
+        assert list(runtime_parent.iterdir()) == []
+        # The watchdog pings stopped with the engine: none after STOPPING (the engine died).
+        messages = [fields for _, fields in notify.messages]
+        stopping = next(i for i, fields in enumerate(messages) if "STOPPING" in fields)
+        assert not any("WATCHDOG" in fields for fields in messages[stopping:]), messages
+        assert "died" in notify.values("STATUS")[-1]
+    finally:
+        if server.process.poll() is None:
+            server.stop(signal.SIGKILL)
+        else:
+            server.stop()
+        notify.close()
