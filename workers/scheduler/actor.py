@@ -184,10 +184,16 @@ class SchedulerActor(Actor):
         pending, self._pending = self._pending, []
         deltas: list[proto.TokenDelta] = []
         spans = self.request_spans
+        # Consecutive aborts (clients disconnecting together, one message each) are applied as one:
+        # the running batch is then filtered once, not once per message.
+        abort_ids: list[str] = []
         for message in pending:
             if isinstance(message, proto.AbortRequests):
-                deltas += scheduler.abort_requests(message.request_ids)
+                abort_ids += message.request_ids
                 continue
+            if abort_ids:
+                deltas += scheduler.abort_requests(abort_ids)
+                abort_ids = []
             if isinstance(message, proto.HostLease):
                 self._apply_lease(scheduler, message)
                 continue
@@ -207,6 +213,8 @@ class SchedulerActor(Actor):
                         error=str(error),
                     )
                 )
+        if abort_ids:
+            deltas += scheduler.abort_requests(abort_ids)
         if deltas:
             finished_ns = time.time_ns()  # before the deltas leave, as in the step loop
             self.send("frontend", proto.TokenDeltas(deltas))
