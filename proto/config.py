@@ -135,7 +135,9 @@ class EngineConfig:
         if self.trace_layers_every < 0:
             raise ConfigError("--trace-layers-every must be non-negative (0 traces no layer).")
         if self.step_timeout is not None and not (math.isfinite(self.step_timeout) and self.step_timeout > 0):
-            raise ConfigError(f"--step-timeout must be a positive number of seconds, got {self.step_timeout}.")
+            raise ConfigError(
+                f"--step-timeout must be a positive number of seconds, got {self.step_timeout}."
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("--max-model-len must be at least 1.")
         if not self.enable_chunked_prefill and self.max_model_len and self.max_num_batched_tokens < self.max_model_len:

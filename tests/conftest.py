@@ -54,6 +54,7 @@ E2E_MODULES = {
     "test_default_model",
     "test_engine",
     "test_faults",
+    "test_hardening",
     "test_fuzz",
     "test_load",
     "test_one_engine",

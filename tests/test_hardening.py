@@ -563,3 +563,62 @@ def test_thousands_of_queued_clients_disconnecting_newest_first(model_dir: Path)
         for sock in clients:
             sock.close()
         server.stop()
+
+
+# ---------------------------------------------------------------- choices share their request
+
+
+async def test_n_choices_cross_to_the_scheduler_as_one_message(model_dir: Path, monkeypatch) -> None:
+    """stop_token_ids and allowed_token_ids (duplicates removed) with n choices: the frontend sends
+    the scheduler one message per prompt whose size does not grow with n, and every choice of a
+    greedy request still gets the text of n = 1. The real API and engine, in this process."""
+    import msgspec
+    from aiohttp.test_utils import TestClient, TestServer
+    from engine_driver import running_engine
+
+    import proto
+    from pied.api.app import create_app
+    from pied.api.state import ServerState
+
+    stop_token_ids = [*range(300, 428)] * 2  # 256 ids, 128 distinct: none is produced below
+    allowed_token_ids = [*range(1, 300)] * 3
+    body = {
+        **VICTIM,
+        "max_tokens": 8,
+        "stop_token_ids": stop_token_ids,
+        "allowed_token_ids": allowed_token_ids,
+    }
+    async with running_engine(model_dir, device_kv_blocks=1024) as engine:
+        sent: list[proto.AddRequest] = []
+        send = engine._supervisor.send
+
+        def record(message: proto.AddRequest | proto.AbortRequests) -> None:
+            if isinstance(message, proto.AddRequest):
+                sent.append(message)
+            send(message)
+
+        monkeypatch.setattr(engine._supervisor, "send", record)
+        server = ServerState(
+            engine=engine,
+            tokenizer=Tokenizer(model_dir),
+            model_name=MODEL,
+            model_root=str(model_dir),
+            max_model_len=engine.max_model_len,
+            vocab_size=engine.vocab_size,
+        )
+        async with TestClient(TestServer(create_app(server))) as client:
+            sizes, texts = {}, {}
+            for n in (1, 64):
+                sent.clear()
+                response = await client.post("/v1/completions", json={**body, "n": n})
+                assert response.status == 200, await response.text()
+                texts[n] = [choice["text"] for choice in (await response.json())["choices"]]
+                assert len(sent) == 1, [message.request_id for message in sent]
+                (message,) = sent
+                assert message.params.n == n
+                assert message.params.stop_token_ids == list(dict.fromkeys(stop_token_ids))
+                assert message.params.allowed_token_ids == list(dict.fromkeys(allowed_token_ids))
+                sizes[n] = len(msgspec.msgpack.encode(message))
+    print(f"bytes to the scheduler: n=1 {sizes[1]}, n=64 {sizes[64]} (one copy per choice: {64 * sizes[1]})")
+    assert sizes[64] <= sizes[1] + 16  # the n field and the id differ, nothing else
+    assert len(texts[64]) == 64 and set(texts[64]) == set(texts[1])

@@ -207,6 +207,10 @@ class Scheduler:
         prompt, one over ``max_model_len``, or one larger than the whole pool); else []."""
         if msg.request_id in self.requests:
             raise ValueError(f"request id {msg.request_id!r} is already in use.")
+        if msg.params.n != 1:
+            raise ValueError(
+                f"request {msg.request_id!r} has n={msg.params.n}: add its choices() one by one."
+            )
         request = Request.from_message(msg, self.eos_token_ids, self.max_model_len)
         error = ""
         if request.num_prompt_tokens == 0:
