@@ -15,8 +15,11 @@ import signal
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import msgspec
 import pytest
+import zmq.asyncio
 from daemon import NotifySocket, is_gone, processes_mentioning, wait_gone, worker_pids
 from engine_driver import collect, greedy, running_engine
 from server import EventStream, start_server
@@ -25,6 +28,7 @@ import proto
 from pied import LLM, SamplingParams
 from pied.engine_client import EngineDeadError
 from proto.config import ConfigError, EngineConfig
+from workers.actor import EXIT_FAILED, Actor, ActorThread, Addresses
 from workers.executor.step_deadline import StepDeadline
 from workers.executor.step_hang import ENVIRONMENT_VARIABLE, StepHang
 
@@ -74,6 +78,94 @@ def test_the_fault_hook_is_off_unless_a_test_sets_it() -> None:
     assert StepHang.from_environment({ENVIRONMENT_VARIABLE: "4"}).step_id == 4
     with pytest.raises(ValueError, match=ENVIRONMENT_VARIABLE):
         StepHang.from_environment({ENVIRONMENT_VARIABLE: "soon"})
+
+
+# ---------------------------------------------------------------- the executor's watch (unit)
+
+
+class SlowRunner:
+    """No model: a step takes 10 ms, except ``block_step``, which waits for ``release``; unmapping a
+    host segment takes ``detach_seconds``."""
+
+    num_device_blocks = 16
+    block_size = 4
+    model_config = SimpleNamespace(eos_token_ids=frozenset({2}), max_position_embeddings=64, vocab_size=32)
+
+    def __init__(self, block_step: int, detach_seconds: float) -> None:
+        self.block_step = block_step
+        self.detach_seconds = detach_seconds
+        self.release = threading.Event()
+
+    def execute(self, plan: proto.StepPlan) -> proto.StepResult:
+        if plan.step_id == self.block_step:
+            self.release.wait(WAIT)
+        time.sleep(0.01)
+        return proto.StepResult(plan.step_id, b"")
+
+    def detach_host_segments(self, segment_ids: list[int]) -> None:
+        time.sleep(self.detach_seconds)
+
+    def close(self) -> None:
+        pass
+
+
+def empty_plan(step_id: int) -> proto.StepPlan:
+    return proto.StepPlan(step_id, [], b"", b"", b"", b"", b"", b"")
+
+
+async def test_the_executor_times_a_step_from_its_own_start_and_fails_on_a_stuck_one() -> None:
+    from workers.executor.actor import ExecutorActor
+
+    step_timeout = 0.5
+    runner = SlowRunner(block_step=1, detach_seconds=3 * step_timeout)
+    addresses = Addresses.inproc()
+    context = zmq.asyncio.Context()
+    received: asyncio.Queue[msgspec.Struct] = asyncio.Queue()
+    peers = []
+    for name, address in (("scheduler", addresses.scheduler), ("supervisor", addresses.frontend)):
+        peer = Actor(name, address, context=context)
+        for message_type in (proto.Ready, proto.StepResult, proto.Heartbeat, proto.Dead):
+            peer.on(message_type, received.put_nowait)
+        peer.connect("executor", addresses.executor)
+        peer.bind()
+        peers.append((peer, asyncio.ensure_future(peer.run())))
+    config = EngineConfig(block_size=4, step_timeout=step_timeout)
+    executor = ActorThread(
+        ExecutorActor(
+            config, addresses, context=context, heartbeat_interval=0.05, runner_factory=lambda _: runner
+        )
+    ).start()
+
+    async def next_message(*types: type) -> msgspec.Struct:
+        while True:
+            message = await asyncio.wait_for(received.get(), WAIT)
+            if isinstance(message, types):
+                return message
+
+    try:
+        await next_message(proto.Ready)
+        scheduler = peers[0][0]
+        # A step queued behind a segment update longer than the step deadline is not blamed for it.
+        scheduler.send("executor", proto.SegmentUpdate(detach=[1]))
+        scheduler.send("executor", empty_plan(0))
+        assert (await next_message(proto.StepResult, proto.Dead)) == proto.StepResult(0, b"")
+        # A step that never returns: Dead, and the executor stops without waiting for it.
+        scheduler.send("executor", empty_plan(1))
+        dead = await next_message(proto.StepResult, proto.Dead)
+        assert isinstance(dead, proto.Dead) and dead.worker == "executor", dead
+        assert dead.reason == (
+            f"step 1 did not return within its deadline of {step_timeout:g} s (--step-timeout): "
+            "the compute thread is stuck"
+        )
+        assert await asyncio.to_thread(executor.join, WAIT) and executor.exit_code == EXIT_FAILED
+        assert not runner.release.is_set()  # still stuck: nobody waited for it
+    finally:
+        runner.release.set()
+        executor.stop()
+        for peer, task in peers:
+            peer.stop()
+            await task
+        context.term()
 
 
 # ---------------------------------------------------------------- the engine, threads and processes

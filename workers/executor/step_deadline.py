@@ -1,9 +1,9 @@
 """How long the executor's next forward pass may take before the engine counts as hung.
 
 Heartbeats come from the actors' event loops, so a forward pass that never returns (a CUDA or copy
-deadlock on the compute thread) leaves every heartbeat fresh. The executor's loop arms a timer
-with this deadline for each step it hands its compute thread; past it the executor fails, and with
-it the engine (``workers.executor.actor``).
+deadlock on the compute thread) leaves every heartbeat fresh. The executor's loop watches each step
+on its compute thread against this deadline, timed from the step's own start; past it the executor
+fails, and with it the engine (``workers.executor.actor``).
 
 With ``--step-timeout`` the deadline is that, for every step (the first ones included). Without it,
 the deadline follows the measured step times: ``max(floor, factor x the slowest of the last
