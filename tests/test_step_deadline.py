@@ -32,7 +32,8 @@ from workers.actor import EXIT_FAILED, Actor, ActorThread, Addresses
 from workers.executor.step_deadline import StepDeadline
 from workers.executor.step_hang import ENVIRONMENT_VARIABLE, StepHang
 
-STEP_TIMEOUT = 2.0  # a tiny model's step takes milliseconds; the hung one never returns
+# A tiny model's step takes milliseconds (seconds would be an extreme stall); the hung one never returns.
+STEP_TIMEOUT = 5.0
 HANG_STEP = 3  # a few steps run (and are measured) before the stuck one
 WAIT = 120.0  # how long any poll below may take before the test fails (a loaded machine)
 PROMPTS = [[1, 17, 99, 3, 250], [1, *range(40, 77)], [1, 300, 301, 302]]
@@ -116,8 +117,8 @@ def empty_plan(step_id: int) -> proto.StepPlan:
 async def test_the_executor_times_a_step_from_its_own_start_and_fails_on_a_stuck_one() -> None:
     from workers.executor.actor import ExecutorActor
 
-    step_timeout = 0.5
-    runner = SlowRunner(block_step=1, detach_seconds=3 * step_timeout)
+    step_timeout = 1.0  # a 10 ms step is far inside it, the 2.5 s segment update not
+    runner = SlowRunner(block_step=1, detach_seconds=2.5 * step_timeout)
     addresses = Addresses.inproc()
     context = zmq.asyncio.Context()
     received: asyncio.Queue[msgspec.Struct] = asyncio.Queue()
@@ -291,9 +292,10 @@ def test_serve_with_a_stuck_step_fails_its_requests_and_exits_non_zero(
         status = server.process.wait(WAIT)
         log = server.log()
         assert status == 1, log[-3000:]
-        assert f"step {HANG_STEP} did not return within its deadline of 2 s (--step-timeout)" in log, log[
-            -3000:
-        ]
+        assert (
+            f"step {HANG_STEP} did not return within its deadline of {STEP_TIMEOUT:g} s (--step-timeout)"
+            in log
+        ), log[-3000:]
         assert wait_gone(list(pids.values()), WAIT) == [], "a worker outlived the daemon"
         assert all(is_gone(pid) for pid in pids.values())
         assert host_segments_of(list(pids.values())) == 0
