@@ -65,6 +65,7 @@ def engine_requests(
     """Expand a request with ``n`` choices into ``n`` engine requests ``{request_id}-{i}``.
 
     Choice ``i`` of a seeded request uses ``seed + i`` so the choices differ but stay reproducible.
+    Only choice 0 computes ``prompt_logprobs`` (the same for every choice of a prompt).
     """
     return prompt_request(request_id, prompt_token_ids, params, trace_context, arrival_time).choices()
 
@@ -171,6 +172,8 @@ class LLM:
         for _, choice in choices:
             output = by_request[choice.request_id.rsplit("-", 1)[0]]
             output.num_cached_tokens = choice.num_cached_tokens
+            if choice.prompt_logprobs is not None:  # the prompt's first choice computes them
+                output.prompt_logprobs = choice.prompt_logprobs
             output.outputs.append(
                 CompletionOutput(
                     index=choice.index,
