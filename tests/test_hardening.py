@@ -601,7 +601,7 @@ async def test_n_choices_cross_to_the_scheduler_as_one_message(model_dir: Path, 
         server = ServerState(
             engine=engine,
             tokenizer=Tokenizer(model_dir),
-            model_name=MODEL,
+            served_model_names=(MODEL,),
             model_root=str(model_dir),
             max_model_len=engine.max_model_len,
             vocab_size=engine.vocab_size,
