@@ -75,19 +75,29 @@ class Engine:
         self._started = True
 
     def add_request(self, request: proto.AddRequest) -> RequestStream:
+        if request.params.n != 1:
+            raise ValueError("a request with n > 1 has a stream per choice: submit it with add_choices().")
+        return self.add_choices(request)[0]
+
+    def add_choices(self, request: proto.AddRequest) -> list[RequestStream]:
+        """Submit a request and its ``params.n`` choices as one message (its prompt and parameter
+        lists cross to the scheduler once); one stream per choice of ``request.choices()``, in order."""
         if self.dead:
             raise EngineDeadError(f"engine is dead: {self.dead_reason}")
         if self._shut_down:
             raise EngineDeadError("engine shut down")
         if not self._started:
             raise RuntimeError("Engine.add_request() before start()")
-        if request.request_id in self._streams:
-            raise ValueError(f"request id {request.request_id!r} is already in use.")
-        stream = RequestStream(request.request_id)
-        self._streams[request.request_id] = stream
+        choice_ids = [choice.request_id for choice in request.choices()]
+        for request_id in choice_ids:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use.")
+        streams = [RequestStream(request_id) for request_id in choice_ids]
+        for stream in streams:
+            self._streams[stream.request_id] = stream
         self._idle.clear()
         self._supervisor.send(request)
-        return stream
+        return streams
 
     async def abort(self, request_ids: list[str]) -> None:
         # Only requests still open: the scheduler ignores unknown ids anyway, this saves a message.

@@ -58,7 +58,11 @@ class EngineClient(Protocol):
         """Start the engine; returns once it is ready to take requests (or raises)."""
 
     def add_request(self, request: proto.AddRequest) -> RequestStream:
-        """Submit a request; its deltas arrive on the returned stream."""
+        """Submit a request with ``params.n == 1``; its deltas arrive on the returned stream."""
+
+    def add_choices(self, request: proto.AddRequest) -> list[RequestStream]:
+        """Submit a request and its ``params.n`` choices as one message; one stream per choice
+        (``request.choices()``, in order)."""
 
     async def abort(self, request_ids: list[str]) -> None:
         """Abort requests; each one's stream ends with a FinishReason.ABORT delta."""

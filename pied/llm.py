@@ -9,8 +9,6 @@ import weakref
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar, Union
 
-import msgspec
-
 import proto
 from pied.default_model import with_default_model
 from pied.engine import Engine, SupervisorOptions, WorkerKind
@@ -44,6 +42,19 @@ def check_prompt_length(num_prompt_tokens: int, max_tokens: int | None, max_mode
         )
 
 
+def prompt_request(
+    request_id: str,
+    prompt_token_ids: list[int],
+    params: proto.SamplingParams,
+    trace_context: str = "",
+    arrival_time: float = 0.0,
+) -> proto.AddRequest:
+    """One engine message for a prompt and its ``n`` choices, whose ids are ``{request_id}-{i}``
+    whatever ``n`` (``AddRequest.choices``; with ``n == 1`` the message is the choice itself)."""
+    message_id = request_id if params.n > 1 else f"{request_id}-0"
+    return proto.AddRequest(message_id, proto.pack_i32(prompt_token_ids), params, arrival_time, trace_context)
+
+
 def engine_requests(
     request_id: str,
     prompt_token_ids: list[int],
@@ -56,19 +67,7 @@ def engine_requests(
     Choice ``i`` of a seeded request uses ``seed + i`` so the choices differ but stay reproducible.
     Only choice 0 computes ``prompt_logprobs`` (the same for every choice of a prompt).
     """
-    packed = proto.pack_i32(prompt_token_ids)
-    requests = []
-    for index in range(params.n):
-        choice_params = msgspec.structs.replace(
-            params,
-            n=1,
-            seed=None if params.seed is None else params.seed + index,
-            prompt_logprobs=params.prompt_logprobs if index == 0 else None,
-        )
-        requests.append(
-            proto.AddRequest(f"{request_id}-{index}", packed, choice_params, arrival_time, trace_context)
-        )
-    return requests
+    return prompt_request(request_id, prompt_token_ids, params, trace_context, arrival_time).choices()
 
 
 class LLM:

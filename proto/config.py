@@ -74,6 +74,10 @@ class EngineConfig:
     # each layer (0: never).
     otlp_endpoint: str | None = None
     trace_layers_every: int = 0
+    # Seconds one forward pass may take before the engine counts as hung and dies (a device or copy
+    # deadlock never returns). None: derived from the measured step times with a generous floor
+    # (workers.executor.step_deadline).
+    step_timeout: float | None = None
     extra: dict = field(default_factory=dict)
     # What the daemon's preflight derived (pied.preflight): set by it only, never a flag. A config
     # that carries a plan has been checked; the workers build from the plan.
@@ -133,6 +137,10 @@ class EngineConfig:
             )
         if self.trace_layers_every < 0:
             raise ConfigError("--trace-layers-every must be non-negative (0 traces no layer).")
+        if self.step_timeout is not None and not (math.isfinite(self.step_timeout) and self.step_timeout > 0):
+            raise ConfigError(
+                f"--step-timeout must be a positive number of seconds, got {self.step_timeout}."
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("--max-model-len must be at least 1.")
         if not self.enable_chunked_prefill and self.max_model_len and self.max_num_batched_tokens < self.max_model_len:

@@ -159,7 +159,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
 class AddRequest(msgspec.Struct, tag=True, **HOT):
     """A new request. ``prompt_token_ids`` is non-empty int32, already checked to fit the context.
 
-    ``n > 1`` is expanded by the frontend into n requests; the scheduler sees ``n == 1`` only.
+    ``params.n > 1`` stands for n choices (:meth:`choices`), sent as one message so that the prompt
+    and the parameter lists (stop_token_ids, allowed_token_ids, bad words) cross the wire once; the
+    scheduler's actor expands it, and the scheduler itself sees ``n == 1`` only.
     """
 
     request_id: str
@@ -167,6 +169,31 @@ class AddRequest(msgspec.Struct, tag=True, **HOT):
     params: SamplingParams
     arrival_time: float = 0.0
     trace_context: str = ""
+
+    def choices(self) -> list[AddRequest]:
+        """The ``n == 1`` requests this one stands for: itself when ``params.n == 1``, else
+        ``{request_id}-{i}`` for ``i < n``, choice ``i`` seeded ``seed + i`` (reproducible, yet
+        distinct), only choice 0 computing ``prompt_logprobs``. They share this request's prompt bytes
+        and parameter lists: nothing is copied."""
+        params = self.params
+        if params.n == 1:
+            return [self]
+        return [
+            AddRequest(
+                f"{self.request_id}-{index}",
+                self.prompt_token_ids,
+                msgspec.structs.replace(
+                    params,
+                    n=1,
+                    seed=None if params.seed is None else params.seed + index,
+                    # The same for every choice of a prompt: computed once.
+                    prompt_logprobs=params.prompt_logprobs if index == 0 else None,
+                ),
+                self.arrival_time,
+                self.trace_context,
+            )
+            for index in range(params.n)
+        ]
 
 
 class AbortRequests(msgspec.Struct, tag=True, **HOT):

@@ -73,6 +73,7 @@ E2E_MODULES = {
     "test_engine",
     "test_faults",
     "test_gpu_check",
+    "test_hardening",
     "test_fuzz",
     "test_load",
     "test_metrics",
@@ -84,7 +85,14 @@ E2E_MODULES = {
     "test_progress",
     "test_sdnotify",
 }
-MIXED_MODULES = {"test_graphs", "test_host_memory_security", "test_prefix_cache", "test_preflight", "test_tracing"}
+MIXED_MODULES = {
+    "test_graphs",
+    "test_host_memory_security",
+    "test_prefix_cache",
+    "test_preflight",
+    "test_step_deadline",
+    "test_tracing",
+}
 E2E_FIXTURES = {"model_dir", "llama_dir", "tiny_model_dir", "otlp_receiver"}
 # Unit tests that take seconds each (whole-model logits over many parametrisations, long
 # hypothesis runs): `slow`, so that `-m "unit and not slow"` stays under a minute.

@@ -11,6 +11,7 @@ import contextlib
 import json
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -502,3 +503,122 @@ def test_out_of_vocabulary_ids_are_400(server: ServerProcess, reference: str) ->
     # Past the context: refused on its length before its ids are read.
     assert_error(post(server, "/v1/completions", {**VICTIM, "prompt": [5] * 100_000}), 400, "prompt")
     assert_recovered(server, pid, reference)
+
+
+# ---------------------------------------------------------------- mass disconnects
+
+
+NUM_QUEUED = 2000
+
+
+def samples_total(samples: dict[str, float], name: str) -> float:
+    return sum(value for key, value in samples.items() if key.split("{")[0] == name)
+
+
+def test_thousands_of_queued_clients_disconnecting_newest_first(model_dir: Path) -> None:
+    """One seat (--max-num-seqs 1) and 2,000 long requests: all but one wait in the scheduler's
+    queue. They disconnect newest first (each disconnect aborts its queued request): the scheduler
+    keeps heartbeating, the daemon keeps its pid and the KV cache empties."""
+    num_clients = NUM_QUEUED + 1
+    server = start_server(
+        model_dir, "--served-model-name", MODEL, "--api-key", API_KEY, "--max-num-seqs", "1",
+        "--max-admitted-requests", str(2 * num_clients), "--max-connections", str(2 * num_clients),
+    )  # fmt: skip
+    clients: list[socket.socket] = []
+    try:
+        pid = server.process.pid
+        reference = victim_text(server)
+        # No max_tokens: each runs to the end of the context, so the queue drains far slower than
+        # the test runs (and the test does not depend on how much slower).
+        body = json.dumps({"model": MODEL, "prompt": "Wait your turn", "ignore_eos": True}).encode()
+        request = request_head("/v1/completions", len(body)) + body
+        for _ in range(num_clients):
+            sock = raw_connect(server)
+            sock.sendall(request)
+            clients.append(sock)
+
+        def all_in() -> bool:
+            samples = server.metrics()
+            running, waiting = samples["pied:num_requests_running"], samples["pied:num_requests_waiting"]
+            finished = samples_total(samples, "pied:request_success_total") - 1  # the reference's
+            return running + waiting + finished >= num_clients and waiting >= NUM_QUEUED - finished
+
+        poll(all_in, "every client's request to be queued", timeout=300)
+        with Bystander(server, reference, victims=False) as bystander:
+            started = time.monotonic()
+            for sock in reversed(clients):  # newest first; a reset, as a client that gave up
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            poll(
+                lambda: server.metrics()["pied:num_requests_waiting"] == 0, "the queue to empty", timeout=300
+            )
+        bystander.check()
+        emptied = time.monotonic() - started
+        aborted = samples_total(server.metrics(), "pied:request_success_total")
+        print(f"{num_clients} clients gone, queue empty after {emptied:.2f} s; {aborted:g} requests ended")
+        assert_recovered(server, pid, reference)
+        log = server.log()
+        assert "no heartbeat" not in log and "engine dead" not in log, log[-3000:]
+    finally:
+        for sock in clients:
+            sock.close()
+        server.stop()
+
+
+# ---------------------------------------------------------------- choices share their request
+
+
+async def test_n_choices_cross_to_the_scheduler_as_one_message(model_dir: Path, monkeypatch) -> None:
+    """stop_token_ids and allowed_token_ids (duplicates removed) with n choices: the frontend sends
+    the scheduler one message per prompt whose size does not grow with n, and every choice of a
+    greedy request still gets the text of n = 1. The real API and engine, in this process."""
+    import msgspec
+    from aiohttp.test_utils import TestClient, TestServer
+    from engine_driver import running_engine
+
+    import proto
+    from pied.api.app import create_app
+    from pied.api.state import ServerState
+
+    stop_token_ids = [*range(300, 428)] * 2  # 256 ids, 128 distinct: none is produced below
+    allowed_token_ids = [*range(1, 300)] * 3
+    body = {
+        **VICTIM,
+        "max_tokens": 8,
+        "stop_token_ids": stop_token_ids,
+        "allowed_token_ids": allowed_token_ids,
+    }
+    async with running_engine(model_dir, device_kv_blocks=1024) as engine:
+        sent: list[proto.AddRequest] = []
+        send = engine._supervisor.send
+
+        def record(message: proto.AddRequest | proto.AbortRequests) -> None:
+            if isinstance(message, proto.AddRequest):
+                sent.append(message)
+            send(message)
+
+        monkeypatch.setattr(engine._supervisor, "send", record)
+        server = ServerState(
+            engine=engine,
+            tokenizer=Tokenizer(model_dir),
+            served_model_names=(MODEL,),
+            model_root=str(model_dir),
+            max_model_len=engine.max_model_len,
+            vocab_size=engine.vocab_size,
+        )
+        async with TestClient(TestServer(create_app(server))) as client:
+            sizes, texts = {}, {}
+            for n in (1, 64):
+                sent.clear()
+                response = await client.post("/v1/completions", json={**body, "n": n})
+                assert response.status == 200, await response.text()
+                texts[n] = [choice["text"] for choice in (await response.json())["choices"]]
+                assert len(sent) == 1, [message.request_id for message in sent]
+                (message,) = sent
+                assert message.params.n == n
+                assert message.params.stop_token_ids == list(dict.fromkeys(stop_token_ids))
+                assert message.params.allowed_token_ids == list(dict.fromkeys(allowed_token_ids))
+                sizes[n] = len(msgspec.msgpack.encode(message))
+    print(f"bytes to the scheduler: n=1 {sizes[1]}, n=64 {sizes[64]} (one copy per choice: {64 * sizes[1]})")
+    assert sizes[64] <= sizes[1] + 16  # the n field and the id differ, nothing else
+    assert len(texts[64]) == 64 and set(texts[64]) == set(texts[1])

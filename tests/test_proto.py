@@ -322,3 +322,21 @@ def test_golden_bytes_catch_a_reordered_field():
     golden = json.loads(GOLDEN_FILE.read_text())
     assert msgspec.msgpack.encode(original).hex() == golden["proto.messages.TokenDelta[0]"]
     assert msgspec.msgpack.encode(reordered).hex() != golden["proto.messages.TokenDelta[0]"]
+
+
+def test_choices_of_a_request_share_its_prompt_and_lists():
+    params = SamplingParams(n=3, seed=7, stop_token_ids=[5, 6], allowed_token_ids=[1, 2, 5, 6])
+    request = proto.AddRequest("r", pack_i32([1, 2, 3]), params, 1.5, "00-trace")
+    choices = request.choices()
+    assert [choice.request_id for choice in choices] == ["r-0", "r-1", "r-2"]
+    assert [choice.params.seed for choice in choices] == [7, 8, 9]  # distinct, reproducible
+    assert all(choice.params.n == 1 for choice in choices)
+    for choice in choices:  # shared, not copied
+        assert choice.prompt_token_ids is request.prompt_token_ids
+        assert choice.params.stop_token_ids is params.stop_token_ids
+        assert choice.params.allowed_token_ids is params.allowed_token_ids
+        assert (choice.arrival_time, choice.trace_context) == (1.5, "00-trace")
+    unseeded = proto.AddRequest("u", pack_i32([1]), SamplingParams(n=2))
+    assert [choice.params.seed for choice in unseeded.choices()] == [None, None]
+    single = proto.AddRequest("s-0", pack_i32([1]), SamplingParams())
+    assert single.choices() == [single] and single.choices()[0] is single

@@ -26,7 +26,7 @@ import proto
 from pied.api.errors import APIError
 from pied.api.state import ServerState
 from pied.engine_client import EngineDeadError, RequestStream
-from pied.llm import engine_requests
+from pied.llm import prompt_request
 from pied.metrics import RequestTiming
 from pied.output_processor import ChoiceState, ChoiceUpdate
 from workers.tracing import traceparent
@@ -68,7 +68,8 @@ class Generation:
 
     def __post_init__(self) -> None:
         self._closed = False
-        self._requests: list[proto.AddRequest] = []
+        # One engine message per prompt, for all its choices: its lists cross the wire once.
+        self._messages: list[proto.AddRequest] = []
         span = trace.get_current_span()  # the request's server span, when tracing is on
         self._span = span if span.is_recording() else None
         trace_context = ""
@@ -78,19 +79,20 @@ class Generation:
                 self._span.set_attributes(self._request_attributes())
         for prompt_index, prompt in enumerate(self.prompts):
             # Engine ids are ``{request_id}-{prompt}-{choice}``; choice indexes run over all prompts.
-            for request in engine_requests(
+            message = prompt_request(
                 f"{self.request_id}-{prompt_index}",
                 prompt.token_ids,
                 prompt.params,
                 trace_context=trace_context,
                 arrival_time=self.arrival_time,
-            ):
+            )
+            self._messages.append(message)
+            for request in message.choices():
                 index = len(self.choices)
                 state = ChoiceState(
                     request.request_id, index, prompt.token_ids, request.params, self.server.tokenizer
                 )
                 self.choices.append(Choice(state, prompt_index, RequestTiming(self.arrival)))
-                self._requests.append(request)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -136,10 +138,13 @@ class Generation:
         full or the engine is dead (nothing is left submitted then)."""
         server = self.server
         server.admit()
+        choices = iter(self.choices)
         try:
-            for choice, request in zip(self.choices, self._requests):
-                choice.stream = server.engine.add_request(request)
-                server.num_waiting += 1
+            for message in self._messages:
+                # NOTE: the streams first: zip stops at their end without taking one more choice.
+                for stream, choice in zip(server.engine.add_choices(message), choices):
+                    choice.stream = stream
+                    server.num_waiting += 1
         except EngineDeadError as error:
             self._release_waiting()
             self._abort_later([c.state.request_id for c in self.choices if c.stream is not None])

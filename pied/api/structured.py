@@ -234,7 +234,7 @@ async def constrain(
         if not body.allowed_token_ids:
             raise bad_request("allowed_token_ids must not be empty.", "allowed_token_ids")
         check_token_ids(body.allowed_token_ids, server.vocab_size, "allowed_token_ids")
-        changes["allowed_token_ids"] = list(body.allowed_token_ids)
+        changes["allowed_token_ids"] = list(dict.fromkeys(body.allowed_token_ids))  # each id once
     if body.bad_words:
         changes["bad_words_token_ids"] = await bad_words_token_ids(server, body.bad_words)
     if grammar is not None:

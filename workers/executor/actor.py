@@ -4,6 +4,14 @@ Mailbox: StepPlan (from the scheduler), Shutdown. It loads the model on its comp
 sends Ready (with the model's shape) to the scheduler and the supervisor. Each forward pass runs on
 the compute thread too, so aborts, heartbeats and shutdown are handled while it runs.
 
+Step deadline (DESIGN.md "Processes"): heartbeats come from the loop, so they go on while a forward
+pass never returns. The compute thread therefore notes each job it starts (a step, with the
+:class:`StepDeadline` of ``--step-timeout`` or one derived from the measured step times; a host
+segment update, with a generous fixed one) and the loop looks at it a few times a second: a job past
+its deadline fails the executor (Dead to the supervisor: the engine dies, every request fails, the
+daemon exits non-zero), which then stops without waiting for the stuck thread. A job is timed from
+its own start, so a step queued behind a long segment update is not blamed for it.
+
 Tracing (DESIGN.md "Tracing"): with an OTLP endpoint or a span collector (the memory manager), each
 step is timed on the compute thread and its spans are built after its result has been sent
 (:mod:`workers.executor.step_spans`); with neither, a plan goes straight to ``runner.execute``.
@@ -12,6 +20,7 @@ step is timed on the compute thread and its spans are built after its result has
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -22,10 +31,18 @@ import zmq.asyncio
 import proto
 from proto.config import EngineConfig
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
+from workers.executor.step_deadline import WARMUP_SECONDS, StepDeadline
+from workers.executor.step_hang import StepHang
 from workers.executor.step_spans import StepSpans, StepTiming
 from workers.fd_channel import FdClient
 from workers.memory.spans import span_channel_tracer
 from workers.tracing import EXECUTOR_SERVICE, setup_tracing, shutdown_tracing, tracing_enabled
+
+logger = logging.getLogger(__name__)
+
+COMPUTE_WATCH_INTERVAL = 0.25  # seconds between looks at the compute thread's job
+# (what, time.monotonic() at its start, deadline in seconds, where the deadline comes from)
+ComputeJob = tuple[str, float, float, str]
 
 
 class ModelShape(Protocol):
@@ -114,6 +131,14 @@ class ExecutorActor(Actor):
         self.segment_fds = FdClient(addresses.memory) if addresses.memory else None
         if tracing_enabled(self.tracer) or self.channel is not None:
             self.step_spans = StepSpans(self.tracer, self.channel, config.trace_layers_every)
+        self.step_deadline = StepDeadline(config.step_timeout)
+        self._step_deadline_source = (
+            "--step-timeout" if config.step_timeout else "derived from the step times"
+        )
+        # NOTE: written by the compute thread, read by the loop's watch (a tuple swap: atomic).
+        self._compute_job: ComputeJob | None = None
+        self.stuck_job: str | None = None  # the compute job that ran past its deadline, if one did
+        self._hang = StepHang.from_environment()  # None unless a test asks for a hang
         self.connect("scheduler", addresses.scheduler)
         self.on(proto.StepPlan, self.handle_step_plan)
         self.on(proto.SegmentUpdate, self.handle_segment_update)
@@ -136,10 +161,19 @@ class ExecutorActor(Actor):
         ready = ready_message(self.name, self.config, self.runner)
         self.send("scheduler", ready)
         self.send(SUPERVISOR, ready)
+        self.spawn(self._watch_compute(), "compute-watch")
 
     async def on_stop(self) -> None:
         runner, self.runner = self.runner, None
-        if runner is not None:
+        stuck = self.stuck_job is not None
+        if self._hang is not None:
+            self._hang.release()  # test only: the "stuck" pass returns, so the runner closes as usual
+            stuck = False
+        if stuck:
+            # NOTE: close would queue behind the stuck pass on the compute thread and never run; the
+            # process is about to exit, which frees the device and unmaps host memory anyway.
+            logger.error("not closing the model runner: %s is stuck on the compute thread", self.stuck_job)
+        elif runner is not None:
             # On the compute thread, after any forward pass still running there: as a thread of a
             # library's process, the executor must leave no copy thread or mapping behind, and
             # its weights and KV pool go with the last reference, not at the next cyclic GC.
@@ -161,12 +195,20 @@ class ExecutorActor(Actor):
     def _update_segments(self, update: proto.SegmentUpdate) -> None:
         runner = self.runner
         assert runner is not None, "SegmentUpdate before the executor was ready"
-        if update.attach:
-            if self.segment_fds is None:
-                raise RuntimeError("host segments to map, but this engine has no memory manager to hand them over.")
-            runner.attach_host_segments(update.attach, self.segment_fds.open)  # type: ignore[attr-defined]
-        if update.detach:
-            runner.detach_host_segments(update.detach)  # type: ignore[attr-defined]
+        # Mapping (and on CUDA registering) segments takes seconds at most; a copy deadlock, forever.
+        deadline = max(self.step_deadline.seconds(), WARMUP_SECONDS)
+        self._compute_job = ("a host segment update", time.monotonic(), deadline, "host segment updates")
+        try:
+            if update.attach:
+                if self.segment_fds is None:
+                    raise RuntimeError(
+                        "host segments to map, but this engine has no memory manager to hand them over."
+                    )
+                runner.attach_host_segments(update.attach, self.segment_fds.open)  # type: ignore[attr-defined]
+            if update.detach:
+                runner.detach_host_segments(update.detach)  # type: ignore[attr-defined]
+        finally:
+            self._compute_job = None
 
     def handle_step_plan(self, plan: proto.StepPlan) -> None:
         # NOTE: the scheduler sends the next plan only after this one's result, and run_blocking
@@ -179,14 +221,53 @@ class ExecutorActor(Actor):
         # A forward pass that raises fails the executor (and with it the engine), as in vLLM v1: the
         # device state after a failed kernel cannot be trusted.
         spans = self.step_spans
-        if spans is None:
-            result = await self.run_blocking(runner.execute, plan)
-            self.send("scheduler", result)
-            return
-        spans.begin(plan)
-        result, timing = await self.run_blocking(timed_execute, runner, plan, spans.samples_layers(plan))
+        time_layers = None
+        if spans is not None:
+            spans.begin(plan)
+            time_layers = spans.samples_layers(plan)
+        deadline = self.step_deadline.seconds()
+        result, timing, elapsed = await self.run_blocking(
+            self._compute_step, runner, plan, time_layers, deadline
+        )
+        self.step_deadline.record(elapsed)
         self.send("scheduler", result)
-        spans.end(plan, result, timing)  # while the scheduler plans the next step
+        if spans is not None:
+            assert timing is not None
+            spans.end(plan, result, timing)  # while the scheduler plans the next step
+
+    def _compute_step(
+        self, runner: Runner, plan: proto.StepPlan, time_layers: bool | None, deadline: float
+    ) -> tuple[proto.StepResult, StepTiming | None, float]:
+        """On the compute thread: the forward pass (timed for spans unless ``time_layers`` is None),
+        watched by :meth:`_watch_compute`; also returns how long it took."""
+        started = time.monotonic()
+        self._compute_job = (f"step {plan.step_id}", started, deadline, self._step_deadline_source)
+        try:
+            if self._hang is not None:
+                self._hang.before_step(plan)
+            if time_layers is None:
+                result, timing = runner.execute(plan), None
+            else:
+                result, timing = timed_execute(runner, plan, time_layers)
+        finally:
+            self._compute_job = None
+        return result, timing, time.monotonic() - started
+
+    async def _watch_compute(self) -> None:
+        """Fail the executor once the compute thread's job has run past its deadline."""
+        while True:
+            await asyncio.sleep(COMPUTE_WATCH_INTERVAL)
+            job = self._compute_job
+            if job is None:
+                continue
+            what, started, deadline, source = job
+            if time.monotonic() - started > deadline:
+                self.stuck_job = what
+                self.fail(
+                    f"{what} did not return within its deadline of {deadline:g} s ({source}): "
+                    "the compute thread is stuck"
+                )
+                return
 
 
 def timed_execute(

@@ -195,29 +195,39 @@ class SchedulerActor(Actor):
         pending, self._pending = self._pending, []
         deltas: list[proto.TokenDelta] = []
         spans = self.request_spans
+        # Consecutive aborts (clients disconnecting together, one message each) are applied as one:
+        # the running batch is then filtered once, not once per message.
+        abort_ids: list[str] = []
         for message in pending:
             if isinstance(message, proto.AbortRequests):
-                deltas += scheduler.abort_requests(message.request_ids)
+                abort_ids += message.request_ids
                 continue
+            if abort_ids:
+                deltas += scheduler.abort_requests(abort_ids)
+                abort_ids = []
             if isinstance(message, proto.HostLease):
                 self._apply_lease(scheduler, message)
                 continue
-            try:
-                deltas += scheduler.add_request(message)
-                if spans is not None:
-                    spans.arrived(message, scheduler.requests.get(message.request_id))
-            except ValueError as error:
-                # A bad request (a duplicate id, say) fails alone; the engine stays up.
-                logger.warning("rejected request %s: %s", message.request_id, error)
-                deltas.append(
-                    proto.TokenDelta(
-                        request_id=message.request_id,
-                        token_ids=b"",
-                        finish_reason=proto.FinishReason.ERROR,
-                        trace_context=message.trace_context,
-                        error=str(error),
+            # n choices came as one message (their lists crossed the wire once); they share them.
+            for choice in message.choices():
+                try:
+                    deltas += scheduler.add_request(choice)
+                    if spans is not None:
+                        spans.arrived(choice, scheduler.requests.get(choice.request_id))
+                except ValueError as error:
+                    # A bad request (a duplicate id, say) fails alone; the engine stays up.
+                    logger.warning("rejected request %s: %s", choice.request_id, error)
+                    deltas.append(
+                        proto.TokenDelta(
+                            request_id=choice.request_id,
+                            token_ids=b"",
+                            finish_reason=proto.FinishReason.ERROR,
+                            trace_context=choice.trace_context,
+                            error=str(error),
+                        )
                     )
-                )
+        if abort_ids:
+            deltas += scheduler.abort_requests(abort_ids)
         if deltas:
             finished_ns = time.time_ns()  # before the deltas leave, as in the step loop
             self.send("frontend", proto.TokenDeltas(deltas))

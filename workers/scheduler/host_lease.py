@@ -7,10 +7,10 @@ and the result of step ``release_step_id`` is back: plans made until then may st
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 
 from workers.scheduler.request import Request
+from workers.scheduler.request_queue import RequestQueue
 from workers.scheduler.tiers import BlockTiers
 
 
@@ -37,7 +37,7 @@ class HostLeaseKeeper:
     def settle(
         self,
         running: list[Request],
-        swapped: deque[Request],
+        swapped: RequestQueue,
         preempt: Callable[[Request], None],
         recompute: Callable[[Request], None],
     ) -> None:

@@ -17,7 +17,6 @@ are ``stopping.py``'s; keeping host blocks inside a shrinking lease is ``host_le
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from workers.scheduler.host_lease import HostLeaseKeeper
 from workers.scheduler.plan_builder import Scheduled, build_step_plan
 from workers.scheduler.prefix_cache import PrefixCache, PrefixCacheStats, block_key, extend_block_hashes
 from workers.scheduler.request import Request, RequestStatus
+from workers.scheduler.request_queue import RequestQueue
 from workers.scheduler.stopping import final_delta, finish_reason, pack_token_id, pool_too_small, token_delta
 from workers.scheduler.tiers import BlockTiers
 
@@ -111,8 +111,9 @@ class Scheduler:
         num_pool_blocks = num_device_blocks + (num_host_blocks if self.tiers.pooling else 0)
         self.max_pool_tokens = num_pool_blocks * config.block_size
         self.requests: dict[str, Request] = {}  # every unfinished request
-        self.waiting: deque[Request] = deque()
-        self.swapped: deque[Request] = deque()  # resumed before any waiting request
+        # O(1) removal anywhere: aborting a queued request must not scan the queue.
+        self.waiting = RequestQueue()
+        self.swapped = RequestQueue()  # resumed before any waiting request
         self.running: list[Request] = []  # in admission order: preemption takes from the end
         self.num_preemptions = 0  # running requests that lost their place, by recompute or swap
         self.num_recomputes = 0  # requests whose cache was dropped (preempted, or swapped above a lease)
@@ -209,6 +210,10 @@ class Scheduler:
         prompt, one over ``max_model_len``, or one larger than the whole pool); else []."""
         if msg.request_id in self.requests:
             raise ValueError(f"request id {msg.request_id!r} is already in use.")
+        if msg.params.n != 1:
+            raise ValueError(
+                f"request {msg.request_id!r} has n={msg.params.n}: add its choices() one by one."
+            )
         request = Request.from_message(msg, self.eos_token_ids, self.max_model_len)
         error = ""
         if request.num_prompt_tokens == 0:
@@ -383,7 +388,7 @@ class Scheduler:
 
     def _admit(
         self,
-        queue: deque[Request],
+        queue: RequestQueue,
         scheduled: list[Scheduled],
         budget: int,
         num_reserved_blocks: int,
@@ -393,7 +398,7 @@ class Scheduler:
         tiers = self.tiers
         block_size = self.block_size
         while queue and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = queue[0]
+            request = queue.head()
             is_swapped = request.status == _SWAPPED
             # A waiting request holds no block; with prefix caching it may start after cached ones.
             look_up = self.prefix_cache is not None and not is_swapped and request.reads_prefix_cache
