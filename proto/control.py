@@ -106,6 +106,8 @@ class Stats(msgspec.Struct, **CONTROL):
     num_computed_tokens_total: int = 0  # tokens the model ran (prefill, recompute and decode)
     prefix_cache_demotions_total: int = 0  # evicted device blocks kept on the host tier instead
     prefix_cache_promotions_total: int = 0  # host hits copied back to the device rather than streamed
+    num_staging_blocks: int = 0  # the executor's staging ring: host blocks per step it serves (0: none)
+    prefetch_depth: int = 0  # and how many layers ahead it loads them
 
 
 ControlMessage = Union[Ready, Heartbeat, Shutdown, Dead, Stats]

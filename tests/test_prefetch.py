@@ -1,0 +1,66 @@
+"""The staging ring's sizing from the controller's measurements (workers/memory/prefetch.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.memory.controller import StepSample
+from workers.memory.prefetch import HEADROOM, PrefetchPlan, PrefetchPlanner, plan_prefetch
+
+MB = 1 << 20
+
+
+def test_ring_is_what_one_steps_compute_can_stream_not_the_largest_lease():
+    # 100 MB/s, 20 ms of compute: 2 MB per step, blocks of 64 KiB -> 32 blocks transparent.
+    plan = plan_prefetch(100 * MB, 0.02, num_layers=8, block_bytes=64 << 10, capacity=4096)
+    assert plan.num_staging_blocks == pytest.approx(HEADROOM * 32, abs=1)
+    assert plan.depth == 1  # one layer's load at that lease takes one layer's compute
+    assert plan.num_areas(8) == 2
+
+
+def test_ring_scales_with_bandwidth_and_compute_and_is_capped():
+    base = plan_prefetch(100 * MB, 0.02, 8, 64 << 10, 4096).num_staging_blocks
+    assert plan_prefetch(25 * MB, 0.02, 8, 64 << 10, 4096).num_staging_blocks == pytest.approx(base / 4, abs=1)
+    assert plan_prefetch(100 * MB, 0.04, 8, 64 << 10, 4096).num_staging_blocks == pytest.approx(base * 2, abs=1)
+    assert plan_prefetch(100 * MB, 10.0, 8, 64 << 10, 100).num_staging_blocks == 100
+    assert plan_prefetch(1.0, 1e-3, 8, 64 << 10, 100).num_staging_blocks == 1  # never empty
+
+
+def test_controller_target_above_the_model_widens_the_ring_and_deepens_the_prefetch():
+    model = plan_prefetch(100 * MB, 0.02, 8, 64 << 10, 4096)
+    calibrated = plan_prefetch(100 * MB, 0.02, 8, 64 << 10, 4096, target_blocks=96)
+    assert calibrated.num_staging_blocks == 144 > model.num_staging_blocks
+    assert calibrated.depth == 3  # 96 blocks' layer load takes three layers of compute
+    assert plan_prefetch(100 * MB, 0.02, 8, 64 << 10, 4096, target_blocks=10_000).depth == 7  # at most L - 1
+    assert plan_prefetch(100 * MB, 0.02, 8, 64 << 10, 4096, min_depth=4).depth == 4
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(0.0, 0.02, 8, 1, 10), (1.0, 0.0, 8, 1, 10), (1.0, 1.0, 0, 1, 10), (1.0, 1.0, 8, 1, 0), (1.0, 1.0, 8, 0, 10)],
+)
+def test_bad_measurements_are_refused(args):
+    with pytest.raises(ValueError):
+        plan_prefetch(*args)
+
+
+def _steps(planner: PrefetchPlanner, compute_time: float, count: int = 8) -> None:
+    for _ in range(count):
+        planner.observe(StepSample(step_time=compute_time, forward_time=compute_time, num_host_blocks=1))
+
+
+def test_planner_commands_only_real_changes_and_never_below_the_lease():
+    planner = PrefetchPlanner(num_layers=8, block_bytes=64 << 10, capacity=1024)
+    assert planner.current == PrefetchPlan(1, 1024)
+    assert planner.decide(100 * MB, 0, 0) is None  # no step measured yet
+    _steps(planner, 0.02)
+    assert planner.decide(None, 0, 0) is None  # no bandwidth known yet
+    _steps(planner, 0.02)
+    first = planner.decide(100 * MB, 0, 0)
+    assert first is not None and first.num_staging_blocks == 48
+    _steps(planner, 0.021)  # within the hysteresis: the ring stays
+    assert planner.decide(100 * MB, 0, 0) is None
+    _steps(planner, 0.01)  # half the compute: worth a reallocation
+    assert planner.decide(100 * MB, 0, 0).num_staging_blocks == 24
+    _steps(planner, 0.01)
+    assert planner.decide(100 * MB, 0, 40).num_staging_blocks >= 40  # the lease in force is served
