@@ -1,8 +1,9 @@
 """The executor actor: owns the model runner and answers each StepPlan with a StepResult.
 
-Mailbox: StepPlan (from the scheduler), Shutdown. It loads the model on its compute thread, then
-sends Ready (with the model's shape) to the scheduler and the supervisor. Each forward pass runs on
-the compute thread too, so aborts, heartbeats and shutdown are handled while it runs.
+Mailbox: StepPlan, SegmentUpdate and PrefetchCommand (from the scheduler, in plan order), Shutdown.
+It loads the model on its compute thread, then sends Ready (with the model's shape) to the
+scheduler and the supervisor. Each forward pass runs on the compute thread too, so aborts,
+heartbeats and shutdown are handled while it runs.
 
 Tracing (DESIGN.md "Tracing"): with an OTLP endpoint or a span collector (the memory manager), each
 step is timed on the compute thread and its spans are built after its result has been sent
@@ -114,6 +115,7 @@ class ExecutorActor(Actor):
         self.connect("scheduler", addresses.scheduler)
         self.on(proto.StepPlan, self.handle_step_plan)
         self.on(proto.SegmentUpdate, self.handle_segment_update)
+        self.on(proto.PrefetchCommand, self.handle_prefetch_command)
 
     @classmethod
     def from_args(cls, args: WorkerArgs, context: zmq.asyncio.Context | None = None) -> ExecutorActor:
@@ -160,6 +162,16 @@ class ExecutorActor(Actor):
             runner.attach_host_segments(update.attach)  # type: ignore[attr-defined]
         if update.detach:
             runner.detach_host_segments(update.detach)  # type: ignore[attr-defined]
+
+    def handle_prefetch_command(self, command: proto.PrefetchCommand) -> None:
+        # NOTE: through the compute thread like the plans, so the ring is reshaped between the
+        # plans the command came between, never during a step.
+        self.spawn(self.run_blocking(self._resize_staging, command), "prefetch")
+
+    def _resize_staging(self, command: proto.PrefetchCommand) -> None:
+        runner = self.runner
+        assert runner is not None, "PrefetchCommand before the executor was ready"
+        runner.resize_staging(command.prefetch_depth, command.num_staging_blocks)  # type: ignore[attr-defined]
 
     def handle_step_plan(self, plan: proto.StepPlan) -> None:
         # NOTE: the scheduler sends the next plan only after this one's result, and run_blocking

@@ -174,6 +174,29 @@ class ModelRunner:
         """Stop the copy engine and unmap every host segment."""
         self.host_kv.close()
 
+    def resize_staging(self, prefetch_depth: int, num_staging_blocks: int) -> None:
+        """Reshape the staging ring as the memory manager commands (``proto.PrefetchCommand``):
+        ``num_staging_blocks`` host blocks per step, loaded ``prefetch_depth`` layers ahead. At most
+        the plan's ring (the device budget reserved that much); a narrower ring's pages are freed.
+
+        NOTE: between steps only (the actor runs it on the compute thread, between plans): every
+        copy is drained and the prefetch of the next step dropped first, since both point into the
+        old ring; the next step loads its first layers itself."""
+        if self.staging is None:
+            raise ValueError("this executor has no staging ring (kv_policy pie only): no prefetch to command.")
+        if not 1 <= num_staging_blocks <= self.num_staging_blocks or prefetch_depth < 1:
+            raise ValueError(
+                f"a staging ring of {num_staging_blocks} blocks, {prefetch_depth} layers ahead: the ring holds "
+                f"1 to {self.num_staging_blocks} blocks (the plan's) and loads at least one layer ahead."
+            )
+        num_areas = min(prefetch_depth + 1, self.model_config.num_layers)
+        if (num_areas, num_staging_blocks) == (self.staging.num_areas, self.staging.area_size):
+            return
+        self.host_kv.drain()
+        self.staging = StagingRing(self.staging.first_page, num_areas, num_staging_blocks)
+        self.kv_pool.resize_extra_pages(self.staging.num_pages)
+        self.host_kv.set_ring(self.kv_pool.pages, self.staging)
+
     def _num_cuda_kv_blocks(self, reserved_bytes: int) -> int:
         """The device KV pool the plan left to the executor (CUDA without --device-kv-blocks or
         --device-kv-gib): ``gpu_memory_utilization`` of the memory free after loading the weights,
@@ -242,6 +265,8 @@ class ModelRunner:
             layer_compute_time=max(0.0, forward_time - stats.stall_time) / self.model_config.num_layers,
             copy_time=stats.copy_time,
             link_bandwidth=self.link_bandwidth,
+            num_staging_blocks=self.staging.area_size if self.staging else 0,
+            prefetch_depth=self.staging.num_areas - 1 if self.staging else 0,
         )
 
     def swap(self, plan: proto.StepPlan) -> StreamStats:
