@@ -64,3 +64,20 @@ def test_planner_commands_only_real_changes_and_never_below_the_lease():
     assert planner.decide(100 * MB, 0, 0).num_staging_blocks == 24
     _steps(planner, 0.01)
     assert planner.decide(100 * MB, 0, 40).num_staging_blocks >= 40  # the lease in force is served
+
+
+def test_pool_reshaped_for_a_new_ring_keeps_every_device_page_and_frees_the_rest():
+    import torch
+
+    from workers.executor.kv_pool import KVPool
+
+    pool = KVPool(2, 3, 4, 1, 2, torch.float32, "cpu", num_extra_pages=12)
+    pool.pages.copy_(torch.randn_like(pool.pages))
+    device_pages = pool.pages[: pool.num_device_pages].clone()
+    pool.resize_extra_pages(4)
+    assert pool.pages.shape[0] == 6 + 4 and pool.num_extra_pages == 4
+    assert torch.equal(pool.pages[:6], device_pages) and not pool.extra_pages.any()
+    pool.resize_extra_pages(20)
+    assert pool.pages.shape[0] == 26 and torch.equal(pool.pages[:6], device_pages)
+    with pytest.raises(ValueError):
+        pool.resize_extra_pages(-1)

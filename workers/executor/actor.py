@@ -50,11 +50,12 @@ class Runner(Protocol):
 @runtime_checkable
 class LayerTimedRunner(Runner, Protocol):
     """A runner that can time each layer of a step (for ``--trace-layers-every``): while
-    ``record_layer_times`` is True, ``execute`` leaves in ``layer_times`` one ``(start, end, stall)``
-    per layer, start and end on ``time.perf_counter_ns()``'s clock and stall in seconds."""
+    ``record_layer_times`` is True, ``execute`` leaves in ``layer_times`` one ``LayerTime`` (or its
+    leading ``(start, end, stall)``) per layer, times on ``time.perf_counter_ns()``'s clock and
+    stall in seconds (``ModelRunner`` records them with ``workers.executor.layer_timer``)."""
 
     record_layer_times: bool
-    layer_times: list[tuple[int, int, float]]
+    layer_times: list[tuple]
 
 
 def load_model_runner(config: EngineConfig) -> Runner:

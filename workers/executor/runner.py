@@ -28,8 +28,10 @@ from proto.config import ConfigError, EngineConfig
 from workers.executor.attention import AttentionMetadata, arrays_to_device, make_attention_backend
 from workers.executor.host_kv import HostKV
 from workers.executor.kv_pool import GIB, KVPool, StagingRing, num_blocks_that_fit
+from workers.executor.layer_timer import LayerTimer
 from workers.executor.model import CausalLM
 from workers.executor.sampler import Sampler, SamplingState
+from workers.executor.step_spans import LayerTime
 from workers.executor.streaming import HostBlockOwners, LayerStreamer, StreamStats
 from workers.executor.weights import load_weights
 from workers.grammar import GrammarCompiler
@@ -137,6 +139,10 @@ class ModelRunner:
         self.link_bandwidth = self.host_kv.measure_link_bandwidth() if config.kv_policy == "pie" else 0.0
         self.prefetch_next_step = prefetch_next_step
         self.stream_stats = StreamStats()  # the last step's (for benchmarks)
+        # --trace-layers-every: while set (by the executor actor, on sampled steps), ``execute``
+        # leaves each layer's times in ``layer_times`` (workers.executor.layer_timer).
+        self.record_layer_times = False
+        self.layer_times: list[LayerTime] = []
         self.sampler = Sampler(self.model_config.vocab_size, self.device, config.max_logprobs)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         self.grammar_compiler = GrammarCompiler(
@@ -234,13 +240,20 @@ class ModelRunner:
         swapped = self.swap(plan)
         inputs = self.prepare(plan)
         states = [self.states[request_id] for request_id in compress(plan.request_ids, inputs.sample)]
+        timer = self._layer_timer(inputs) if self.record_layer_times else None
         forward_start = time.perf_counter()
-        logits = self.forward(inputs)
+        try:
+            logits = self.forward(inputs)
+        finally:
+            if timer is not None:
+                timer.detach()
         if self.device.type == "cuda":
             # So forward_time is the forward pass, not its launch. NOTE: the compute stream only: a
             # prefetch of the next step may still be running on the copy stream, and should.
             torch.cuda.current_stream(self.device).synchronize()
         forward_time = time.perf_counter() - forward_start
+        if timer is not None:
+            self.layer_times = timer.finish()  # after the step's one sync: its events are done
         stats = inputs.meta.stream.stats() if isinstance(inputs.meta.stream, LayerStreamer) else StreamStats()
         stats.bytes_to_device += swapped.bytes_to_device
         stats.bytes_to_host += swapped.bytes_to_host
@@ -268,6 +281,14 @@ class ModelRunner:
             num_staging_blocks=self.staging.area_size if self.staging else 0,
             prefetch_depth=self.staging.num_areas - 1 if self.staging else 0,
         )
+
+    def _layer_timer(self, inputs: StepInputs) -> LayerTimer:
+        """Times this step's layers (hooks for this step only) and its streamer's waits and copies."""
+        timer = LayerTimer.create(self.model.layers, self.device)
+        timer.attach()
+        if isinstance(inputs.meta.stream, LayerStreamer):
+            inputs.meta.stream.timer = timer
+        return timer
 
     def swap(self, plan: proto.StepPlan) -> StreamStats:
         """The plan's whole-block copies across tiers, swap_out first; done when this returns."""
