@@ -12,7 +12,9 @@ Fields: per run throughput (generated tokens/s), TTFT/TPOT p50/p99, mean end-to-
 ``throughput_ratio_pie_vs_none`` (best N), ``latency_ratio_none_vs_pie`` (mean e2e latency, none over
 pie) and ``device_memory_ratio_at_equal_throughput`` (the device budget ``none`` needs to match
 pie's throughput, over pie's device budget including its staging pages) — the paper's three
-headline figures.
+headline figures — and ``throughput_ratio_pie_vs_none_at_equal_device_memory``: pie with its device
+blocks plus staging ring equal to ``none``'s device blocks (``pie_equal_*`` runs; the ring the
+memory manager commanded in the ``pie_adaptive`` run).
 """
 
 from __future__ import annotations
@@ -102,10 +104,12 @@ async def run_stream(
     ttft = np.array([first_token[i] - arrival[i] for i in finished])
     tpot = np.array([(finished[i] - first_token[i]) / (counts[i] - 1) for i in finished if counts[i] > 1])
     e2e = np.array([finished[i] - arrival[i] for i in finished])
-    # The staging ring: (prefetch_depth + 1) areas (at most L) of the largest lease's blocks, pie only.
+    # The staging ring, pie only: (depth + 1) areas (at most L) of M blocks, as the executor last ran
+    # it (adaptive: what the memory manager commanded; fixed:N: N, the plan's).
     layers = ModelConfig.from_folder(model_dir).num_layers
-    staging_blocks = info.max_host_blocks if config.kv_policy == "pie" else 0
-    staging_pages = staging_blocks * min(config.prefetch_depth + 1, layers)
+    staging_blocks = stats.num_staging_blocks if config.kv_policy == "pie" else 0
+    depth = stats.prefetch_depth or config.prefetch_depth
+    staging_pages = staging_blocks * min(depth + 1, layers)
     step_seconds = stats.step_seconds_total - before.step_seconds_total
     result = dict(
         throughput=sum(counts.values()) / elapsed,
@@ -120,6 +124,11 @@ async def run_stream(
         bytes_to_device=stats.bytes_to_device_total - before.bytes_to_device_total,
         # Device KV budget in blocks-equivalent: device blocks plus staging pages / layers.
         device_budget_blocks=info.num_device_blocks + staging_pages / layers,
+        num_device_blocks=info.num_device_blocks,
+        staging_blocks=staging_blocks,
+        prefetch_depth=depth if staging_blocks else 0,
+        link_bandwidth=stats.host_link_bandwidth,
+        final_lease=stats.host_lease,
         host_block_bytes=kv_layout_for(config).block_bytes,
     )
     result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
@@ -151,6 +160,39 @@ async def sample_stats(engine: Engine, start: float, trace: list) -> None:
                 )
             )
         last = stats
+
+
+ADAPTIVE_HOST_GIB = 0.25  # the adaptive run's host budget: its ring starts as wide, then narrows
+
+
+def equal_memory_runs(
+    model_dir: str, requests, block_size: int, workers: str, device_blocks: int, adaptive: dict
+) -> dict[str, dict]:
+    """Pie at equal *total* device memory: its device blocks plus its staging pages (in blocks,
+    ``R * M / L``) equal ``none``'s ``device_blocks``. The ring is the one the memory manager
+    commanded in the adaptive run (what one step's compute can stream), so pie spends on staging
+    only what it can stream transparently; fixed at that lease, and adaptive within it."""
+    layers = ModelConfig.from_folder(model_dir).num_layers
+    ring, depth = adaptive["staging_blocks"], max(1, adaptive["prefetch_depth"])
+    areas = min(depth + 1, layers)
+    pie_blocks = device_blocks - -(-areas * ring // layers)
+    if ring < 1 or pie_blocks < 1:
+        return {}
+    common = dict(device_kv_blocks=pie_blocks, kv_policy="pie", prefetch_depth=depth)
+    block_bytes = kv_layout_for(EngineConfig(model=model_dir, dtype="float32", block_size=block_size)).block_bytes
+    return {
+        "pie_equal_fixed": run(model_dir, requests, block_size, workers, expansion=f"fixed:{ring}", **common),
+        # A host budget of exactly the ring: the plan's ring is that wide, and the lease stays in it.
+        "pie_equal_adaptive": run(
+            model_dir,
+            requests,
+            block_size,
+            workers,
+            expansion="adaptive",
+            host_kv_gib=(ring + 0.5) * block_bytes / (1 << 30),
+            **common,
+        ),
+    }
 
 
 def workload_model(quick: bool) -> tuple[str, list[dict], int, list[int]]:
@@ -199,7 +241,22 @@ def main() -> None:
             kv_policy="pie",
             expansion=f"fixed:{n}",
         )
-    best_pie = max((k for k in runs if k.startswith("pie")), key=lambda k: runs[k]["throughput"])
+    # Adaptive expansion: the controller sizes the lease and the memory manager the staging ring
+    # (workers/memory/prefetch.py); its ring is what the equal-memory rows below spend on staging.
+    runs["pie_adaptive"] = run(
+        model_dir,
+        requests,
+        block_size,
+        workers,
+        device_kv_blocks=device_blocks,
+        kv_policy="pie",
+        expansion="adaptive",
+        host_kv_gib=ADAPTIVE_HOST_GIB,
+    )
+    runs.update(equal_memory_runs(model_dir, requests, block_size, workers, device_blocks, runs["pie_adaptive"]))
+    best_pie = max(
+        (k for k in runs if k.startswith("pie") and not k.startswith("pie_equal")), key=lambda k: runs[k]["throughput"]
+    )
     pie = runs[best_pie]
     # The device budget `none` needs to match pie: grow it until its throughput catches up.
     none_curve = [(device_blocks, runs["none"]["throughput"])]
@@ -229,6 +286,10 @@ def main() -> None:
         "latency_ratio_none_vs_pie": round(runs["none"]["e2e_mean"] / pie["e2e_mean"], 3),
         "device_memory_ratio_at_equal_throughput": (
             round(matched / pie["device_budget_blocks"], 3) if matched is not None else None
+        ),
+        # Pie's device blocks plus its staging ring equal none's device blocks.
+        "throughput_ratio_pie_vs_none_at_equal_device_memory": round(
+            max(runs[k]["throughput"] for k in runs if k.startswith("pie_equal")) / runs["none"]["throughput"], 3
         ),
         "machine": machine(),
     }

@@ -81,3 +81,64 @@ def test_pool_reshaped_for_a_new_ring_keeps_every_device_page_and_frees_the_rest
     assert pool.pages.shape[0] == 26 and torch.equal(pool.pages[:6], device_pages)
     with pytest.raises(ValueError):
         pool.resize_extra_pages(-1)
+
+
+def test_scheduler_plans_no_step_reading_more_host_blocks_than_the_ring():
+    from test_scheduler import assert_pool_empty, make
+    from test_scheduler_host import assert_matches_reference, plan_tables
+
+    driver = make(num_blocks=2, block_size=4, kv_policy="pie", num_host_blocks=16)
+    scheduler = driver.scheduler
+    prompts = {f"r{i}": [i + 1] * 6 for i in range(4)}
+    for request_id, prompt in prompts.items():
+        driver.add(request_id, prompt, max_tokens=8, ignore_eos=True)
+    for _ in range(3):
+        driver.step()
+    scheduler.set_host_step_limit(5)  # a narrower ring, commanded mid-run
+    assert scheduler.host_lease == 5
+    scheduler.set_host_lease(12)  # a lease granted before the command arrived is held to the ring
+    assert scheduler.host_lease == 5
+    narrowed = len(driver.plans)
+    driver.run()
+    for plan in driver.plans[narrowed:]:
+        host_blocks = {block for table in plan_tables(plan).values() for block in table if block >= 2}
+        assert len(host_blocks) <= 5
+    assert_matches_reference(driver, prompts, 8)
+    assert_pool_empty(driver)
+    with pytest.raises(ValueError):
+        scheduler.set_host_step_limit(-1)
+
+
+def test_memory_manager_commands_a_ring_the_lease_fits_in(tiny_model_dir):
+    import proto
+    from proto.config import EngineConfig
+    from workers.memory.manager import HostMemory
+
+    config = EngineConfig(
+        model=str(tiny_model_dir("llama")), dtype="float32", block_size=4, kv_policy="pie", host_kv_gib=0.002
+    )
+    memory = HostMemory(config.validate())
+    capacity = memory.num_staging_blocks
+    assert capacity == memory.max_host_blocks  # the plan's ring until a command
+    num_layers = memory.layout.num_layers
+    # A 4 MB/s link and 10 ms of compute: some 40 KB per step, far below the host budget.
+    step = StepSample(step_time=0.01, forward_time=0.01, num_layers=num_layers, link_bandwidth=4e6)
+    commands = []
+    for _ in range(64):
+        lease = memory.granted
+        in_use = lease  # the scheduler fills what it gets
+        demand = proto.DemandReport(3, 0, in_use, True, lease, host_blocks_high_water=in_use)
+        change = memory.on_step(step, demand)
+        if change is None:
+            continue
+        # The lease granted never exceeds the ring in force once both messages are applied.
+        assert change.lease <= memory.num_staging_blocks
+        if change.prefetch is not None:
+            commands.append(change.prefetch)
+            ring = change.prefetch.num_staging_blocks
+            assert change.ring_first == (ring > (commands[-2].num_staging_blocks if len(commands) > 1 else capacity))
+    assert commands, "no prefetch command"
+    expected = plan_prefetch(4e6, 0.01, num_layers, memory.layout.block_bytes, capacity)
+    assert commands[0].num_staging_blocks <= max(expected.num_staging_blocks, memory.granted) < capacity
+    assert all(command.prefetch_depth >= 1 for command in commands)
+    memory.close()
