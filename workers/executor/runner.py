@@ -64,7 +64,9 @@ class ModelRunner:
     host plan), as the daemon's preflight checked it. ``num_staging_blocks`` (M): the most distinct
     host blocks a step may use (default: the plan's, the largest lease under pie; 0: none). The pool
     then gets ``R * M`` staging pages after the ``L * D`` device pages, ``R = prefetch_depth + 1``
-    (at most L); when D comes from a memory budget, the staging pages are part of it.
+    (at most L); when D comes from a memory budget, the staging pages are part of it. Under adaptive
+    expansion the memory manager then commands a ring of what the link can stream under one step's
+    compute (``resize_staging``, between steps), and the pages of a narrower ring are freed.
     ``blocks_per_segment``: the host pool's segment size (default: the plan's).
     ``prefetch_next_step``: during a step's last layers, load the next step's first layers (used
     when its host blocks are the same).
