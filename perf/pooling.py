@@ -92,23 +92,27 @@ async def run_stream(
 
         trace: list[tuple] = []
         sampler = asyncio.ensure_future(sample_stats(engine, start, trace)) if keep_trace else None
+        rings: list[tuple[int, int]] = []  # the widest ring the executor ran with, and its depth
+        watcher = asyncio.ensure_future(widest_ring(engine, rings))
         await asyncio.gather(*(one(request) for request in requests))
         elapsed = time.perf_counter() - start
         stats = await engine.wait_idle()
-        if sampler is not None:
-            sampler.cancel()
-            await asyncio.gather(sampler, return_exceptions=True)
+        for task in (sampler, watcher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         info = engine.model_info
         assert info is not None
     arrival = {r["id"]: r["arrival"] for r in requests}
     ttft = np.array([first_token[i] - arrival[i] for i in finished])
     tpot = np.array([(finished[i] - first_token[i]) / (counts[i] - 1) for i in finished if counts[i] > 1])
     e2e = np.array([finished[i] - arrival[i] for i in finished])
-    # The staging ring, pie only: (depth + 1) areas (at most L) of M blocks, as the executor last ran
-    # it (adaptive: what the memory manager commanded; fixed:N: N, the plan's).
+    # The staging ring, pie only: (depth + 1) areas (at most L) of M blocks, the widest the executor
+    # ran with during the stream (adaptive: what the memory manager commanded; fixed:N: N).
     layers = ModelConfig.from_folder(model_dir).num_layers
-    staging_blocks = stats.num_staging_blocks if config.kv_policy == "pie" else 0
-    depth = stats.prefetch_depth or config.prefetch_depth
+    widest = max(rings, default=(stats.num_staging_blocks, stats.prefetch_depth))
+    staging_blocks = widest[0] if config.kv_policy == "pie" else 0
+    depth = widest[1] or config.prefetch_depth
     staging_pages = staging_blocks * min(depth + 1, layers)
     step_seconds = stats.step_seconds_total - before.step_seconds_total
     result = dict(
@@ -138,6 +142,16 @@ async def run_stream(
 
 
 TRACE_INTERVAL = 0.02  # seconds between Stats samples of a trace
+
+
+async def widest_ring(engine: Engine, rings: list[tuple[int, int]]) -> None:
+    """Keep in ``rings[0]`` the widest (staging blocks, prefetch depth) the executor has run with
+    (adaptive: it follows the memory manager's commands, and narrows again once the engine idles)."""
+    while True:
+        stats = engine.stats()
+        if stats.num_staging_blocks and (not rings or stats.num_staging_blocks > rings[0][0]):
+            rings[:] = [(stats.num_staging_blocks, stats.prefetch_depth)]
+        await asyncio.sleep(TRACE_INTERVAL)
 
 
 async def sample_stats(engine: Engine, start: float, trace: list) -> None:

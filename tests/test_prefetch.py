@@ -35,6 +35,15 @@ def test_controller_target_above_the_model_widens_the_ring_and_deepens_the_prefe
     assert plan_prefetch(100 * MB, 0.02, 8, 64 << 10, 4096, min_depth=4).depth == 4
 
 
+def test_ring_follows_the_lease_below_the_transparent_limit_and_not_above_it():
+    # A fast link: 3200 blocks could stream under the compute; demand needs 40.
+    fast = plan_prefetch(100 * MB, 2.0, 8, 64 << 10, 4096, lease_blocks=40)
+    assert fast == PrefetchPlan(1, 60)
+    # A lease above the transparent limit gets no wider ring than the limit allows.
+    assert plan_prefetch(100 * MB, 0.02, 8, 64 << 10, 4096, lease_blocks=400).num_staging_blocks == 48
+    assert plan_prefetch(100 * MB, 0.02, 8, 64 << 10, 4096, lease_blocks=0).num_staging_blocks == 2
+
+
 @pytest.mark.parametrize(
     "args",
     [(0.0, 0.02, 8, 1, 10), (1.0, 0.0, 8, 1, 10), (1.0, 1.0, 0, 1, 10), (1.0, 1.0, 8, 1, 0), (1.0, 1.0, 8, 0, 10)],
@@ -49,21 +58,23 @@ def _steps(planner: PrefetchPlanner, compute_time: float, count: int = 8) -> Non
         planner.observe(StepSample(step_time=compute_time, forward_time=compute_time, num_host_blocks=1))
 
 
-def test_planner_commands_only_real_changes_and_never_below_the_lease():
+def test_planner_commands_only_real_changes_and_widens_for_a_full_ring():
     planner = PrefetchPlanner(num_layers=8, block_bytes=64 << 10, capacity=1024)
     assert planner.current == PrefetchPlan(1, 1024)
-    assert planner.decide(100 * MB, 0, 0) is None  # no step measured yet
+    assert planner.decide(100 * MB, 0, 20) is None  # no step measured yet
     _steps(planner, 0.02)
-    assert planner.decide(None, 0, 0) is None  # no bandwidth known yet
+    assert planner.decide(None, 0, 20) is None  # no bandwidth known yet
     _steps(planner, 0.02)
-    first = planner.decide(100 * MB, 0, 0)
-    assert first is not None and first.num_staging_blocks == 48
-    _steps(planner, 0.021)  # within the hysteresis: the ring stays
-    assert planner.decide(100 * MB, 0, 0) is None
-    _steps(planner, 0.01)  # half the compute: worth a reallocation
-    assert planner.decide(100 * MB, 0, 0).num_staging_blocks == 24
+    first = planner.decide(100 * MB, 0, 20)  # 32 transparent, 20 wanted: 30
+    assert first == PrefetchPlan(1, 30)
+    _steps(planner, 0.02)
+    assert planner.decide(100 * MB, 0, 22) is None  # within the hysteresis: the ring stays
+    _steps(planner, 0.02)
+    assert planner.decide(100 * MB, 0, 30).num_staging_blocks == 45  # the lease fills the ring: wider
+    _steps(planner, 0.01)  # half the compute: the limit halves, and the ring with it
+    assert planner.decide(100 * MB, 0, 30).num_staging_blocks == 24
     _steps(planner, 0.01)
-    assert planner.decide(100 * MB, 0, 40).num_staging_blocks >= 40  # the lease in force is served
+    assert planner.decide(100 * MB, 0, 0).num_staging_blocks == 2  # released: the ring goes too
 
 
 def test_pool_reshaped_for_a_new_ring_keeps_every_device_page_and_frees_the_rest():

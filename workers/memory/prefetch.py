@@ -3,17 +3,19 @@
 
 A ring of ``R = depth + 1`` areas of ``M`` pages costs ``R * M`` device pages. Sized for the largest
 lease (the plan's capacity), most of it is device memory that can never be streamed into
-transparently: a step can only hide ``bandwidth * compute_time`` bytes under its compute. So the
-ring is sized from the controller's measurements instead:
+transparently: a step can only hide ``bandwidth * compute_time`` bytes under its compute, and it
+only reads the blocks its requests hold. So the ring is sized from the controller's measurements:
 
-    M = headroom * max(bandwidth * compute_time / block_bytes, controller target)
+    transparent = max(bandwidth * compute_time / block_bytes, controller target)
+    M = headroom * min(lease, transparent)
 
-(``headroom`` leaves the controller room to probe above its model; the controller's target already
-carries its calibration gain), at most the plan's capacity. The depth is how many layers one
-layer's load takes at the lease the controller steers to, ``ceil(load / layer compute)``, at least
-``--prefetch-depth``. The lease is then capped at ``M`` (a step reads every host block its running
-requests hold, so a lease above the ring could not be served). The per-step loads stay derived
-from the plan by the executor; only the ring's shape is commanded, between steps.
+(the controller's target carries its calibration gain; the lease it decided is what demand needs;
+``headroom`` leaves it room to grow before the ring must widen), at most the plan's capacity. The
+depth is how many layers one layer's load takes at that lease, ``ceil(load / layer compute)``, at
+least ``--prefetch-depth``. The lease is then capped at ``M`` (a step reads every host block its
+running requests hold, so a lease above the ring could not be served); a decided lease at or above
+the ring widens it at the next decision. The per-step loads stay derived from the plan by the
+executor; only the ring's shape is commanded, between steps.
 
 :class:`PrefetchPlanner` accumulates the step compute times between decisions and re-commands
 only on a real change (hysteresis), so the ring is not reallocated every window.
@@ -49,23 +51,25 @@ def plan_prefetch(
     capacity: int,
     *,
     target_blocks: int = 0,
+    lease_blocks: int | None = None,
     min_depth: int = 1,
     headroom: float = HEADROOM,
 ) -> PrefetchPlan:
     """The ring for a link of ``bandwidth`` bytes/s and steps of ``compute_time`` seconds of compute
     over ``num_layers`` layers, host blocks of ``block_bytes`` (all layers), at most ``capacity``
-    blocks (the plan's ring); ``target_blocks``: the controller's estimate of the transparent lease."""
+    blocks (the plan's ring). ``target_blocks``: the controller's estimate of the transparent lease;
+    ``lease_blocks``: the lease it decided (None: size for the transparent limit itself)."""
     if bandwidth <= 0 or compute_time <= 0 or block_bytes <= 0:
         raise ValueError(
             f"bandwidth, compute_time and block_bytes must be positive, got {bandwidth}, {compute_time}, {block_bytes}."
         )
     if num_layers < 1 or capacity < 1 or min_depth < 1 or headroom < 1:
         raise ValueError("num_layers, capacity and min_depth must be at least 1, and headroom at least 1.")
-    transparent = bandwidth * compute_time / block_bytes
-    blocks = min(capacity, max(1, math.ceil(headroom * max(transparent, target_blocks))))
-    # At the lease the controller steers to, one layer's pages take this many layers' compute to load.
-    steered = min(blocks, max(1.0, target_blocks or transparent))
-    load_seconds = steered * (block_bytes / num_layers) / bandwidth
+    transparent = max(bandwidth * compute_time / block_bytes, target_blocks)
+    steered = transparent if lease_blocks is None else min(max(1, lease_blocks), transparent)
+    blocks = min(capacity, max(1, math.ceil(headroom * steered)))
+    # At that lease, one layer's pages take this many layers' compute to load.
+    load_seconds = max(1.0, min(blocks, steered)) * (block_bytes / num_layers) / bandwidth
     layer_seconds = compute_time / num_layers
     depth = min(max(min_depth, math.ceil(load_seconds / layer_seconds - 1e-9)), max(1, num_layers - 1))
     return PrefetchPlan(depth, blocks)
@@ -91,8 +95,9 @@ class PrefetchPlanner:
             self._num_steps += 1
 
     def decide(self, bandwidth: float | None, target_blocks: int, lease: int) -> PrefetchPlan | None:
-        """The new plan when it differs enough from the current one (None: keep it). Never below
-        ``lease``: a ring narrower than the lease in force could not serve its steps."""
+        """The new plan for the controller's decided ``lease`` and ``target_blocks``, when it
+        differs enough from the current one (None: keep it). The memory manager caps the lease it
+        grants at the ring."""
         if not bandwidth or not self._num_steps:
             return None
         compute_time = self._compute_time / self._num_steps
@@ -103,13 +108,14 @@ class PrefetchPlanner:
             self.num_layers,
             self.block_bytes,
             self.capacity,
-            target_blocks=max(target_blocks, lease),
+            target_blocks=target_blocks,
+            lease_blocks=lease,
             min_depth=self.min_depth,
         )
         current = self.current
         # A resize reallocates the ring: only for a real change, or when the lease the controller
         # steers to no longer fits (it is capped at the ring, so a full ring is what holds it back).
-        needed = max(target_blocks, lease) >= current.num_staging_blocks
+        needed = lease >= current.num_staging_blocks
         grow = plan.num_staging_blocks > current.num_staging_blocks and (
             needed or plan.num_staging_blocks >= current.num_staging_blocks * RESIZE_HYSTERESIS
         )
