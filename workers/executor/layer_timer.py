@@ -168,6 +168,9 @@ class CudaLayerTimer(LayerTimer):
 
     def finish(self) -> list[LayerTime]:
         self.detach()
+        last = self.layers[-1].end if self.layers else None
+        if isinstance(last, torch.cuda.Event):
+            last.synchronize()  # done already after the step's host sync; a step that sampled nothing has none
         times = []
         for record in self.layers:
             stall, wait_start, wait_end = 0.0, 0, 0

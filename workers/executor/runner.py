@@ -254,8 +254,6 @@ class ModelRunner:
             # prefetch of the next step may still be running on the copy stream, and should.
             torch.cuda.current_stream(self.device).synchronize()
         forward_time = time.perf_counter() - forward_start
-        if timer is not None:
-            self.layer_times = timer.finish()  # after the step's one sync: its events are done
         stats = inputs.meta.stream.stats() if isinstance(inputs.meta.stream, LayerStreamer) else StreamStats()
         stats.bytes_to_device += swapped.bytes_to_device
         stats.bytes_to_host += swapped.bytes_to_host
@@ -267,6 +265,8 @@ class ModelRunner:
             token_ids, logprobs = np.empty(0, dtype=np.int32), []
         for state, token_id in zip(states, token_ids.tolist()):
             state.append(token_id)
+        if timer is not None:
+            self.layer_times = timer.finish()  # after the step's host sync: its events are done
         return proto.StepResult(
             step_id=plan.step_id,
             sampled_token_ids=proto.pack_i32(token_ids),
