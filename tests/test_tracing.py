@@ -743,7 +743,9 @@ async def test_real_runner_exports_each_sampled_steps_layers_with_a_stall_on_a_t
 
     from workers.executor.step_spans import COMPUTE_SPAN, LOAD_SPAN, WAIT_SPAN, WRITE_BACK_SPAN
 
-    model = tiny_model_dir("llama")
+    # Six layers and a ring of two areas: layers 2.. load during the step itself (a two-layer
+    # model's whole step is prefetched during the previous one), each far slower than its compute.
+    model = tiny_model_dir("llama", num_hidden_layers=6)
     async with running_engine(
         model,
         device_kv_blocks=24,  # the batch overflows it: decode steps stream host blocks
@@ -751,7 +753,7 @@ async def test_real_runner_exports_each_sampled_steps_layers_with_a_stall_on_a_t
         expansion="fixed:160",
         trace_layers_every=2,
         otlp_endpoint=f"http://127.0.0.1:{otlp_receiver.port}",
-        extra={"copy_throttle_bytes_per_s": 2e6},
+        extra={"copy_throttle_bytes_per_s": 2e5},  # 5 ms per 1 KiB page: far slower than a layer
     ) as engine:
         num_layers = engine.actor("executor").runner.model_config.num_layers
         await generate(engine, REQUESTS, 8, timeout=300)
