@@ -286,6 +286,7 @@ def main() -> None:
         (b0, t0), (b1, t1) = none_curve[-2], none_curve[-1]
         matched = b0 + (b1 - b0) * (pie["throughput"] - t0) / max(t1 - t0, 1e-9)
 
+    equal = [runs[k]["throughput"] for k in runs if k.startswith("pie_equal")]  # none: its ring left no device block
     result = {
         "benchmark": "pooling",
         "quick": args.quick,
@@ -302,8 +303,8 @@ def main() -> None:
             round(matched / pie["device_budget_blocks"], 3) if matched is not None else None
         ),
         # Pie's device blocks plus its staging ring equal none's device blocks.
-        "throughput_ratio_pie_vs_none_at_equal_device_memory": round(
-            max(runs[k]["throughput"] for k in runs if k.startswith("pie_equal")) / runs["none"]["throughput"], 3
+        "throughput_ratio_pie_vs_none_at_equal_device_memory": (
+            round(max(equal) / runs["none"]["throughput"], 3) if equal else None
         ),
         "machine": machine(),
     }
