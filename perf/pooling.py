@@ -93,7 +93,7 @@ async def run_stream(
         trace: list[tuple] = []
         sampler = asyncio.ensure_future(sample_stats(engine, start, trace)) if keep_trace else None
         rings: list[tuple[int, int]] = []  # the widest ring the executor ran with, and its depth
-        watcher = asyncio.ensure_future(widest_ring(engine, rings))
+        watcher = asyncio.ensure_future(widest_ring(engine, rings, config.expansion == "adaptive"))
         await asyncio.gather(*(one(request) for request in requests))
         elapsed = time.perf_counter() - start
         stats = await engine.wait_idle()
@@ -110,7 +110,7 @@ async def run_stream(
     # The staging ring, pie only: (depth + 1) areas (at most L) of M blocks, the widest the executor
     # ran with during the stream (adaptive: what the memory manager commanded; fixed:N: N).
     layers = ModelConfig.from_folder(model_dir).num_layers
-    widest = max(rings, default=(stats.num_staging_blocks, stats.prefetch_depth))
+    widest = rings[0] if rings else (stats.num_staging_blocks, stats.prefetch_depth)
     staging_blocks = widest[0] if config.kv_policy == "pie" else 0
     depth = widest[1] or config.prefetch_depth
     staging_pages = staging_blocks * min(depth + 1, layers)
@@ -144,13 +144,19 @@ async def run_stream(
 TRACE_INTERVAL = 0.02  # seconds between Stats samples of a trace
 
 
-async def widest_ring(engine: Engine, rings: list[tuple[int, int]]) -> None:
+async def widest_ring(engine: Engine, rings: list[tuple[int, int]], adaptive: bool) -> None:
     """Keep in ``rings[0]`` the widest (staging blocks, prefetch depth) the executor has run with
-    (adaptive: it follows the memory manager's commands, and narrows again once the engine idles)."""
+    once the memory manager commanded one (adaptive: until then it runs the plan's, the largest
+    lease; it narrows again once the engine idles). fixed:N: N."""
+    first: int | None = None  # the plan's ring, before any command
     while True:
         stats = engine.stats()
-        if stats.num_staging_blocks and (not rings or stats.num_staging_blocks > rings[0][0]):
-            rings[:] = [(stats.num_staging_blocks, stats.prefetch_depth)]
+        ring = stats.num_staging_blocks
+        if ring and first is None:
+            first = ring
+        commanded = ring and (ring != first or not adaptive)
+        if commanded and (not rings or ring > rings[0][0]):
+            rings[:] = [(ring, stats.prefetch_depth)]
         await asyncio.sleep(TRACE_INTERVAL)
 
 
@@ -180,33 +186,43 @@ ADAPTIVE_HOST_GIB = 0.25  # the adaptive run's host budget: its ring starts as w
 
 
 def equal_memory_runs(
-    model_dir: str, requests, block_size: int, workers: str, device_blocks: int, adaptive: dict
+    model_dir: str, requests, block_size: int, workers: str, device_blocks: int
 ) -> dict[str, dict]:
     """Pie at equal *total* device memory: its device blocks plus its staging pages (in blocks,
-    ``R * M / L``) equal ``none``'s ``device_blocks``. The ring is the one the memory manager
-    commanded in the adaptive run (what one step's compute can stream), so pie spends on staging
-    only what it can stream transparently; fixed at that lease, and adaptive within it."""
+    ``R * M / L``, R = 2) equal ``none``'s ``device_blocks``. A ring of M host blocks per step costs
+    ``R / L`` of a device block each, so a third to two thirds of the budget spent on the ring buys
+    far more host blocks than it takes device blocks; fixed at a lease of M (the ring the memory
+    manager would command when M is what the link can stream), and adaptive within the best one."""
     layers = ModelConfig.from_folder(model_dir).num_layers
-    ring, depth = adaptive["staging_blocks"], max(1, adaptive["prefetch_depth"])
-    areas = min(depth + 1, layers)
-    pie_blocks = device_blocks - -(-areas * ring // layers)
-    if ring < 1 or pie_blocks < 1:
-        return {}
-    common = dict(device_kv_blocks=pie_blocks, kv_policy="pie", prefetch_depth=depth)
+    areas = min(2, layers)
+    runs: dict[str, dict] = {}
+    rings = {}
+    for share in (1 / 3, 1 / 2, 2 / 3):
+        ring = int(share * device_blocks * layers // areas)
+        pie_blocks = device_blocks - -(-areas * ring // layers)
+        if ring < 1 or pie_blocks < 1:
+            continue
+        rings[f"pie_equal_fixed_{ring}"] = (ring, pie_blocks)
+        runs[f"pie_equal_fixed_{ring}"] = run(
+            model_dir, requests, block_size, workers, device_kv_blocks=pie_blocks, kv_policy="pie", expansion=f"fixed:{ring}"
+        )
+    if not runs:
+        return runs
+    ring, pie_blocks = rings[max(runs, key=lambda name: runs[name]["throughput"])]
     block_bytes = kv_layout_for(EngineConfig(model=model_dir, dtype="float32", block_size=block_size)).block_bytes
-    return {
-        "pie_equal_fixed": run(model_dir, requests, block_size, workers, expansion=f"fixed:{ring}", **common),
-        # A host budget of exactly the ring: the plan's ring is that wide, and the lease stays in it.
-        "pie_equal_adaptive": run(
-            model_dir,
-            requests,
-            block_size,
-            workers,
-            expansion="adaptive",
-            host_kv_gib=(ring + 0.5) * block_bytes / (1 << 30),
-            **common,
-        ),
-    }
+    # A host budget of exactly the ring: the plan's ring is that wide, and the lease and the
+    # commanded ring stay within it.
+    runs["pie_equal_adaptive"] = run(
+        model_dir,
+        requests,
+        block_size,
+        workers,
+        device_kv_blocks=pie_blocks,
+        kv_policy="pie",
+        expansion="adaptive",
+        host_kv_gib=(ring + 0.5) * block_bytes / (1 << 30),
+    )
+    return runs
 
 
 def workload_model(quick: bool) -> tuple[str, list[dict], int, list[int]]:
@@ -233,6 +249,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smaller model and workload (~2 min)")
     parser.add_argument("--plot", default=None, help="write a PNG plot here")
+    parser.add_argument(
+        "--only-equal-memory", action="store_true", help="only none and pie at equal total device memory"
+    )
     add_workers_arg(parser)
     args = parser.parse_args()
     workers = args.workers
@@ -242,6 +261,23 @@ def main() -> None:
 
     runs: dict[str, dict] = {}
     runs["none"] = run(model_dir, requests, block_size, workers, device_kv_blocks=device_blocks)
+    if args.only_equal_memory:
+        runs.update(equal_memory_runs(model_dir, requests, block_size, workers, device_blocks))
+        equal = [runs[k]["throughput"] for k in runs if k.startswith("pie_equal")]
+        emit(
+            {
+                "benchmark": "pooling_equal_memory",
+                "quick": args.quick,
+                "workers": workers,
+                "device_kv_blocks": device_blocks,
+                "runs": runs,
+                "throughput_ratio_pie_vs_none_at_equal_device_memory": (
+                    round(max(equal) / runs["none"]["throughput"], 3) if equal else None
+                ),
+                "machine": machine(),
+            }
+        )
+        return
     runs["swap"] = run(
         model_dir, requests, block_size, workers, device_kv_blocks=device_blocks, kv_policy="swap", host_kv_gib=1.0
     )
@@ -267,7 +303,7 @@ def main() -> None:
         expansion="adaptive",
         host_kv_gib=ADAPTIVE_HOST_GIB,
     )
-    runs.update(equal_memory_runs(model_dir, requests, block_size, workers, device_blocks, runs["pie_adaptive"]))
+    runs.update(equal_memory_runs(model_dir, requests, block_size, workers, device_blocks))
     best_pie = max(
         (k for k in runs if k.startswith("pie") and not k.startswith("pie_equal")), key=lambda k: runs[k]["throughput"]
     )
