@@ -149,13 +149,14 @@ async def widest_ring(engine: Engine, rings: list[tuple[int, int]], adaptive: bo
     once the memory manager commanded one (adaptive: until then it runs the plan's, the largest
     lease; it narrows again once the engine idles). fixed:N: N."""
     first: int | None = None  # the plan's ring, before any command
+    commanded = not adaptive
     while True:
         stats = engine.stats()
         ring = stats.num_staging_blocks
         if ring and first is None:
             first = ring
-        commanded = ring and (ring != first or not adaptive)
-        if commanded and (not rings or ring > rings[0][0]):
+        commanded = commanded or bool(ring and ring != first)  # the first command changed it
+        if ring and commanded and (not rings or ring > rings[0][0]):
             rings[:] = [(ring, stats.prefetch_depth)]
         await asyncio.sleep(TRACE_INTERVAL)
 
