@@ -4,7 +4,9 @@ It owns the model, the device KV pool, the sampler, the per-request sampling sta
 executor's side of host KV (``host_kv.HostKV``). A step performs the plan's whole-block swaps,
 decodes the plan's packed arrays, builds the step's tensors in two small host-to-device copies,
 runs the forward pass (streaming the step's host blocks through the staging ring, if any) and
-samples the rows the plan asks for.
+samples the rows the plan asks for. A request that asked for prompt logprobs also gets the logits of
+its prompt positions computed in this step (after the sampled rows), whatever chunk of the prompt
+the step holds; each position is sent once, even when a preempted request recomputes its prompt.
 
 Where this differs from DESIGN.md ("Executor on accelerators"), as built today: decode runs eagerly
 (no CUDA graphs yet), the scheduler does not yet plan step t+1 while step t runs, the device pool is
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import compress
 
 import numpy as np
@@ -30,7 +32,7 @@ from workers.executor.host_kv import HostKV
 from workers.executor.kv_pool import GIB, KVPool, StagingRing, num_blocks_that_fit
 from workers.executor.layer_timer import LayerTimer
 from workers.executor.model import CausalLM
-from workers.executor.sampler import Sampler, SamplingState
+from workers.executor.sampler import PromptLogprobRun, Sampler, SamplingState
 from workers.executor.step_spans import LayerTime
 from workers.executor.streaming import HostBlockOwners, LayerStreamer, StreamStats
 from workers.executor.weights import load_weights
@@ -49,8 +51,14 @@ class StepInputs:
 
     input_ids: torch.Tensor  # [T]
     meta: AttentionMetadata
-    logits_indices: torch.Tensor  # rows of [T] whose logits are sampled, in plan order
+    logits_indices: torch.Tensor  # rows of [T] whose logits are sampled, in plan order, then prompt rows
     sample: np.ndarray  # [num requests] bool: the plan's sample flags
+    # Prompt positions whose logits give prompt logprobs: their rows follow the sampled ones.
+    prompt_runs: list[PromptLogprobRun] = field(default_factory=list)
+
+    @property
+    def num_sampled_rows(self) -> int:
+        return int(self.sample.sum())
 
     @property
     def positions(self) -> torch.Tensor:
@@ -245,10 +253,11 @@ class ModelRunner:
         timer = self._layer_timer(inputs) if self.record_layer_times else None
         forward_start = time.perf_counter()
         try:
-            logits = self.forward(inputs)
+            all_logits = self.forward(inputs)
         finally:
             if timer is not None:
                 timer.detach()
+        logits = all_logits[: len(states)]
         if self.device.type == "cuda":
             # So forward_time is the forward pass, not its launch. NOTE: the compute stream only: a
             # prefetch of the next step may still be running on the copy stream, and should.
@@ -265,6 +274,7 @@ class ModelRunner:
             token_ids, logprobs = np.empty(0, dtype=np.int32), []
         for state, token_id in zip(states, token_ids.tolist()):
             state.append(token_id)
+        prompt_logprobs = self.sampler.prompt_logprobs(all_logits[len(states) :], inputs.prompt_runs)
         if timer is not None:
             self.layer_times = timer.finish()  # after the step's host sync: its events are done
         return proto.StepResult(
@@ -280,6 +290,7 @@ class ModelRunner:
             layer_compute_time=max(0.0, forward_time - stats.stall_time) / self.model_config.num_layers,
             copy_time=stats.copy_time,
             link_bandwidth=self.link_bandwidth,
+            prompt_logprobs=prompt_logprobs,
             num_staging_blocks=self.staging.area_size if self.staging else 0,
             prefetch_depth=self.staging.num_areas - 1 if self.staging else 0,
         )
@@ -320,7 +331,8 @@ class ModelRunner:
 
     def compute_logits(self, plan: proto.StepPlan) -> torch.Tensor:
         """Float32 logits ``[num sampled rows, vocab]`` for the rows with ``sample[i] == 1``."""
-        return self.forward(self.prepare(plan))
+        inputs = self.prepare(plan)
+        return self.forward(inputs)[: inputs.num_sampled_rows]
 
     def prepare(self, plan: proto.StepPlan) -> StepInputs:
         query_lens = proto.unpack_i32(plan.num_scheduled_tokens)
@@ -357,8 +369,28 @@ class ModelRunner:
             stream.prefetch_next = owners is not None
             meta.stream = stream
         last_rows = np.cumsum(query_lens, dtype=np.int64) - 1
-        tensors = arrays_to_device(dict(input_ids=token_ids, logits_indices=last_rows[sample]), self.device)
-        return StepInputs(tensors["input_ids"], meta, tensors["logits_indices"], sample)
+        logits_indices = last_rows[sample]
+        prompt_runs = self._prompt_logprob_runs(plan.request_ids, query_lens, proto.unpack_i32(plan.start_positions))
+        if prompt_runs:
+            extra = [run.token_row + np.arange(run.num_rows, dtype=np.int64) for run in prompt_runs]
+            logits_indices = np.concatenate([logits_indices, *extra])
+        tensors = arrays_to_device(dict(input_ids=token_ids, logits_indices=logits_indices), self.device)
+        return StepInputs(tensors["input_ids"], meta, tensors["logits_indices"], sample, prompt_runs)
+
+    def _prompt_logprob_runs(
+        self, request_ids: list[str], query_lens: np.ndarray, start_positions: np.ndarray
+    ) -> list[PromptLogprobRun]:
+        """The prompt positions of this step whose logits are owed as prompt logprobs."""
+        runs = []
+        token_row = 0  # the request's first token in the step
+        for request_id, num_tokens, start in zip(request_ids, query_lens.tolist(), start_positions.tolist()):
+            state = self.states.get(request_id)
+            if state is not None and state.prompt_logprob_targets is not None:
+                first, end = state.prompt_logprob_rows(start, num_tokens)
+                if first < end:
+                    runs.append(PromptLogprobRun(request_id, state, token_row + first - start, first, end - first))
+            token_row += num_tokens
+        return runs
 
     def _host_block_owners(
         self, request_ids: list[str], num_blocks: np.ndarray, block_ids: np.ndarray
