@@ -12,7 +12,9 @@ Fields: per run throughput (generated tokens/s), TTFT/TPOT p50/p99, mean end-to-
 ``throughput_ratio_pie_vs_none`` (best N), ``latency_ratio_none_vs_pie`` (mean e2e latency, none over
 pie) and ``device_memory_ratio_at_equal_throughput`` (the device budget ``none`` needs to match
 pie's throughput, over pie's device budget including its staging pages) — the paper's three
-headline figures.
+headline figures — and ``throughput_ratio_pie_vs_none_at_equal_device_memory``: pie with its device
+blocks plus staging ring equal to ``none``'s device blocks (``pie_equal_*`` runs; the ring the
+memory manager commanded in the ``pie_adaptive`` run).
 """
 
 from __future__ import annotations
@@ -90,22 +92,28 @@ async def run_stream(
 
         trace: list[tuple] = []
         sampler = asyncio.ensure_future(sample_stats(engine, start, trace)) if keep_trace else None
+        rings: list[tuple[int, int]] = []  # the widest ring the executor ran with, and its depth
+        watcher = asyncio.ensure_future(widest_ring(engine, rings, config.expansion == "adaptive"))
         await asyncio.gather(*(one(request) for request in requests))
         elapsed = time.perf_counter() - start
         stats = await engine.wait_idle()
-        if sampler is not None:
-            sampler.cancel()
-            await asyncio.gather(sampler, return_exceptions=True)
+        for task in (sampler, watcher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         info = engine.model_info
         assert info is not None
     arrival = {r["id"]: r["arrival"] for r in requests}
     ttft = np.array([first_token[i] - arrival[i] for i in finished])
     tpot = np.array([(finished[i] - first_token[i]) / (counts[i] - 1) for i in finished if counts[i] > 1])
     e2e = np.array([finished[i] - arrival[i] for i in finished])
-    # The staging ring: (prefetch_depth + 1) areas (at most L) of the largest lease's blocks, pie only.
+    # The staging ring, pie only: (depth + 1) areas (at most L) of M blocks, the widest the executor
+    # ran with during the stream (adaptive: what the memory manager commanded; fixed:N: N).
     layers = ModelConfig.from_folder(model_dir).num_layers
-    staging_blocks = info.max_host_blocks if config.kv_policy == "pie" else 0
-    staging_pages = staging_blocks * min(config.prefetch_depth + 1, layers)
+    widest = rings[0] if rings else (stats.num_staging_blocks, stats.prefetch_depth)
+    staging_blocks = widest[0] if config.kv_policy == "pie" else 0
+    depth = widest[1] or config.prefetch_depth
+    staging_pages = staging_blocks * min(depth + 1, layers)
     step_seconds = stats.step_seconds_total - before.step_seconds_total
     result = dict(
         throughput=sum(counts.values()) / elapsed,
@@ -120,6 +128,11 @@ async def run_stream(
         bytes_to_device=stats.bytes_to_device_total - before.bytes_to_device_total,
         # Device KV budget in blocks-equivalent: device blocks plus staging pages / layers.
         device_budget_blocks=info.num_device_blocks + staging_pages / layers,
+        num_device_blocks=info.num_device_blocks,
+        staging_blocks=staging_blocks,
+        prefetch_depth=depth if staging_blocks else 0,
+        link_bandwidth=stats.host_link_bandwidth,
+        final_lease=stats.host_lease,
         host_block_bytes=kv_layout_for(config).block_bytes,
     )
     result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
@@ -129,6 +142,23 @@ async def run_stream(
 
 
 TRACE_INTERVAL = 0.02  # seconds between Stats samples of a trace
+
+
+async def widest_ring(engine: Engine, rings: list[tuple[int, int]], adaptive: bool) -> None:
+    """Keep in ``rings[0]`` the widest (staging blocks, prefetch depth) the executor has run with
+    once the memory manager commanded one (adaptive: until then it runs the plan's, the largest
+    lease; it narrows again once the engine idles). fixed:N: N."""
+    first: int | None = None  # the plan's ring, before any command
+    commanded = not adaptive
+    while True:
+        stats = engine.stats()
+        ring = stats.num_staging_blocks
+        if ring and first is None:
+            first = ring
+        commanded = commanded or bool(ring and ring != first)  # the first command changed it
+        if ring and commanded and (not rings or ring > rings[0][0]):
+            rings[:] = [(ring, stats.prefetch_depth)]
+        await asyncio.sleep(TRACE_INTERVAL)
 
 
 async def sample_stats(engine: Engine, start: float, trace: list) -> None:
@@ -151,6 +181,49 @@ async def sample_stats(engine: Engine, start: float, trace: list) -> None:
                 )
             )
         last = stats
+
+
+ADAPTIVE_HOST_GIB = 0.25  # the adaptive run's host budget: its ring starts as wide, then narrows
+
+
+def equal_memory_runs(
+    model_dir: str, requests, block_size: int, workers: str, device_blocks: int
+) -> dict[str, dict]:
+    """Pie at equal *total* device memory: its device blocks plus its staging pages (in blocks,
+    ``R * M / L``, R = 2) equal ``none``'s ``device_blocks``. A ring of M host blocks per step costs
+    ``R / L`` of a device block each, so a third to two thirds of the budget spent on the ring buys
+    far more host blocks than it takes device blocks; fixed at a lease of M (the ring the memory
+    manager would command when M is what the link can stream), and adaptive within the best one."""
+    layers = ModelConfig.from_folder(model_dir).num_layers
+    areas = min(2, layers)
+    runs: dict[str, dict] = {}
+    rings = {}
+    for share in (1 / 3, 1 / 2, 2 / 3):
+        ring = int(share * device_blocks * layers // areas)
+        pie_blocks = device_blocks - -(-areas * ring // layers)
+        if ring < 1 or pie_blocks < 1:
+            continue
+        rings[f"pie_equal_fixed_{ring}"] = (ring, pie_blocks)
+        runs[f"pie_equal_fixed_{ring}"] = run(
+            model_dir, requests, block_size, workers, device_kv_blocks=pie_blocks, kv_policy="pie", expansion=f"fixed:{ring}"
+        )
+    if not runs:
+        return runs
+    ring, pie_blocks = rings[max(runs, key=lambda name: runs[name]["throughput"])]
+    block_bytes = kv_layout_for(EngineConfig(model=model_dir, dtype="float32", block_size=block_size)).block_bytes
+    # A host budget of exactly the ring: the plan's ring is that wide, and the lease and the
+    # commanded ring stay within it.
+    runs["pie_equal_adaptive"] = run(
+        model_dir,
+        requests,
+        block_size,
+        workers,
+        device_kv_blocks=pie_blocks,
+        kv_policy="pie",
+        expansion="adaptive",
+        host_kv_gib=(ring + 0.5) * block_bytes / (1 << 30),
+    )
+    return runs
 
 
 def workload_model(quick: bool) -> tuple[str, list[dict], int, list[int]]:
@@ -177,6 +250,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smaller model and workload (~2 min)")
     parser.add_argument("--plot", default=None, help="write a PNG plot here")
+    parser.add_argument(
+        "--only-equal-memory", action="store_true", help="only none and pie at equal total device memory"
+    )
     add_workers_arg(parser)
     args = parser.parse_args()
     workers = args.workers
@@ -186,6 +262,23 @@ def main() -> None:
 
     runs: dict[str, dict] = {}
     runs["none"] = run(model_dir, requests, block_size, workers, device_kv_blocks=device_blocks)
+    if args.only_equal_memory:
+        runs.update(equal_memory_runs(model_dir, requests, block_size, workers, device_blocks))
+        equal = [runs[k]["throughput"] for k in runs if k.startswith("pie_equal")]
+        emit(
+            {
+                "benchmark": "pooling_equal_memory",
+                "quick": args.quick,
+                "workers": workers,
+                "device_kv_blocks": device_blocks,
+                "runs": runs,
+                "throughput_ratio_pie_vs_none_at_equal_device_memory": (
+                    round(max(equal) / runs["none"]["throughput"], 3) if equal else None
+                ),
+                "machine": machine(),
+            }
+        )
+        return
     runs["swap"] = run(
         model_dir, requests, block_size, workers, device_kv_blocks=device_blocks, kv_policy="swap", host_kv_gib=1.0
     )
@@ -199,7 +292,22 @@ def main() -> None:
             kv_policy="pie",
             expansion=f"fixed:{n}",
         )
-    best_pie = max((k for k in runs if k.startswith("pie")), key=lambda k: runs[k]["throughput"])
+    # Adaptive expansion: the controller sizes the lease and the memory manager the staging ring
+    # (workers/memory/prefetch.py); its ring is what the equal-memory rows below spend on staging.
+    runs["pie_adaptive"] = run(
+        model_dir,
+        requests,
+        block_size,
+        workers,
+        device_kv_blocks=device_blocks,
+        kv_policy="pie",
+        expansion="adaptive",
+        host_kv_gib=ADAPTIVE_HOST_GIB,
+    )
+    runs.update(equal_memory_runs(model_dir, requests, block_size, workers, device_blocks))
+    best_pie = max(
+        (k for k in runs if k.startswith("pie") and not k.startswith("pie_equal")), key=lambda k: runs[k]["throughput"]
+    )
     pie = runs[best_pie]
     # The device budget `none` needs to match pie: grow it until its throughput catches up.
     none_curve = [(device_blocks, runs["none"]["throughput"])]
@@ -215,6 +323,7 @@ def main() -> None:
         (b0, t0), (b1, t1) = none_curve[-2], none_curve[-1]
         matched = b0 + (b1 - b0) * (pie["throughput"] - t0) / max(t1 - t0, 1e-9)
 
+    equal = [runs[k]["throughput"] for k in runs if k.startswith("pie_equal")]  # none: its ring left no device block
     result = {
         "benchmark": "pooling",
         "quick": args.quick,
@@ -229,6 +338,10 @@ def main() -> None:
         "latency_ratio_none_vs_pie": round(runs["none"]["e2e_mean"] / pie["e2e_mean"], 3),
         "device_memory_ratio_at_equal_throughput": (
             round(matched / pie["device_budget_blocks"], 3) if matched is not None else None
+        ),
+        # Pie's device blocks plus its staging ring equal none's device blocks.
+        "throughput_ratio_pie_vs_none_at_equal_device_memory": (
+            round(max(equal) / runs["none"]["throughput"], 3) if equal else None
         ),
         "machine": machine(),
     }

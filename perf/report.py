@@ -64,7 +64,7 @@ TABLES = (
     Table("pooling", "Pooling (`perf/pooling.py --quick`)", "run", ("runs",), (
         ("tok/s", "throughput"), ("TTFT p50 s", "ttft_p50"), ("TTFT p99 s", "ttft_p99"),
         ("TPOT p50 s", "tpot_p50"), ("e2e mean s", "e2e_mean"), ("preemptions", "preemptions"),
-        ("device budget (blocks)", "device_budget_blocks"),
+        ("device budget (blocks)", "device_budget_blocks"), ("staging ring (blocks)", "staging_blocks"),
     )),
     Table("adaptive", "Adaptive expansion (`perf/adaptive.py --quick`)", "link", ("scenarios",), (
         ("best fixed N", "best_fixed_n"), ("adaptive / best fixed", "throughput_ratio_adaptive_vs_best_fixed"),
@@ -103,6 +103,8 @@ TARGETS = [
     Target("pooling", ("throughput_ratio_pie_vs_none",), ">=", 1.1, "pooling raises throughput at one device budget"),
     Target("pooling", ("latency_ratio_none_vs_pie",), ">=", 1.1, "pooling lowers mean latency"),
     Target("pooling", ("device_memory_ratio_at_equal_throughput",), ">=", 1.1, "pooling saves device memory"),
+    Target("pooling", ("throughput_ratio_pie_vs_none_at_equal_device_memory",), ">=", 1.5,
+           "pooling raises throughput at equal total device memory (device blocks + staging ring)"),
     Target("adaptive", ("scenarios", "*", "throughput_ratio_adaptive_vs_best_fixed"), ">=", 0.95,
            "adaptive expansion within 5% of the best fixed lease"),
     Target("adaptive", ("scenarios", "*", "stall_fraction"), "<=", 0.02, "stalls within the controller's 2%"),

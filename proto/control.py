@@ -114,6 +114,8 @@ class Stats(msgspec.Struct, **CONTROL):
     # Steps by the tokens they ran, per ITERATION_TOKENS_BUCKETS bound (not cumulative; empty until
     # the first step), and the tokens of all steps (num_computed_tokens_total is the same sum).
     iteration_tokens_bucket_counts: list[int] = []
+    num_staging_blocks: int = 0  # the executor's staging ring: host blocks per step it serves (0: none)
+    prefetch_depth: int = 0  # and how many layers ahead it loads them
 
 
 ControlMessage = Union[Ready, Heartbeat, Shutdown, Dead, Stats]

@@ -349,6 +349,10 @@ class StepResult(msgspec.Struct, tag=True, **HOT):
     link_bandwidth: float = 0.0
     # Requests that asked for prompt_logprobs and computed prompt tokens in this step: one run each.
     prompt_logprobs: list[PromptLogprobs] = []
+    # The staging ring the step ran with (``PrefetchCommand``): host blocks per step it serves and
+    # layers loaded ahead (0: no ring).
+    num_staging_blocks: int = 0
+    prefetch_depth: int = 0
 
 
 # ---------------------------------------------------------------- host memory (memory manager)
@@ -393,6 +397,22 @@ class SegmentUpdate(msgspec.Struct, tag=True, **HOT):
 
     attach: list[HostSegmentInfo] = []
     detach: list[int] = []
+
+
+class PrefetchCommand(msgspec.Struct, tag=True, **HOT):
+    """Memory manager -> scheduler -> executor: reshape the staging ring to ``num_staging_blocks``
+    (M) host blocks per step, loaded ``prefetch_depth`` layers ahead of compute (``depth + 1`` areas,
+    at most L), sized from the measured link bandwidth and step compute time
+    (``workers.memory.prefetch``). The scheduler forwards it on the plan channel, so the executor
+    resizes between steps, never during one, and plans no step that reads more than M distinct host
+    blocks once it has sent it (the memory manager caps the lease at M, shrinking the lease before
+    the ring and growing the ring before the lease). Invariants: ``1 <= num_staging_blocks <=`` the
+    plan's ring capacity, ``prefetch_depth >= 1``. The per-step loads stay derived from each plan.
+    ``reason``: why, for logs and /metrics."""
+
+    prefetch_depth: int
+    num_staging_blocks: int
+    reason: str = ""
 
 
 class DemandReport(msgspec.Struct, tag=True, **HOT):

@@ -109,6 +109,7 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
         proto.StepResult(3, pack_i32([11, 12]), [None, LOGPROBS], forward_time=0.012, step_time=0.015),
         proto.StepResult(5, pack_i32([1]), num_host_blocks=12, bytes_to_device=1 << 33, bytes_to_host=4096,
                          stall_time=0.001, layer_compute_time=0.0004, copy_time=0.002, link_bandwidth=2.5e10),
+        proto.StepResult(6, b"", num_host_blocks=3, num_staging_blocks=48, prefetch_depth=2),
         proto.StepResult(4, b"", error="CUDA error: out of memory"),
         proto.StepResult(6, pack_i32([3]), prompt_logprobs=[PROMPT_LOGPROBS]),
     ],
@@ -124,6 +125,7 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
             link_bandwidth=2.4e10,
         ),
     ],
+    proto.PrefetchCommand: [proto.PrefetchCommand(1, 48), proto.PrefetchCommand(3, 200, reason="link 512 MB/s, compute 4 ms")],
     proto.SegmentUpdate: [proto.SegmentUpdate(), proto.SegmentUpdate([proto.HostSegmentInfo(0, 1, 9, 0, 64)], [2])],
     proto.DemandReport: [
         proto.DemandReport(0, 0, 0, False, 0),
@@ -147,7 +149,7 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
                     host_link_bandwidth=2.4e10, prefix_cache_queries_total=640, prefix_cache_device_hits_total=256,
                     prefix_cache_host_hits_total=64, num_computed_tokens_total=4096, prefix_cache_demotions_total=8,
                     prefix_cache_promotions_total=2, num_host_blocks_used=12,
-                    iteration_tokens_bucket_counts=[0, 5, 3] + [0] * 11),
+                    iteration_tokens_bucket_counts=[0, 5, 3] + [0] * 11, num_staging_blocks=48, prefetch_depth=1),
     ],
     proto.plan.HostPlan: [
         proto.plan.HostPlan(),

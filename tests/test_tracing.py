@@ -726,3 +726,77 @@ def test_span_receiver_survives_garbage_and_the_wire_format_round_trips() -> Non
     assert msgspec.msgpack.decode(old, type=proto.NewRequestData).trace_context == ""
     new = proto.NewRequestData("r", b"", proto.SamplingParams(), TRACEPARENT)
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(new), type=proto.NewRequestData) == new
+
+
+# ---------------------------------------------------------------- per-layer spans from the real runner
+
+
+@pytest.mark.e2e
+async def test_real_runner_exports_each_sampled_steps_layers_with_a_stall_on_a_throttled_link(
+    tiny_model_dir, otlp_receiver, clean_otel_environment
+):
+    """The model runner itself times a sampled step's layers (hooks at layer boundaries, the copy
+    thread's stamps, the streamer's waits): its ``step`` span reaches an OTLP receiver with one
+    ``layer`` child per layer, in layer order, each with its ``compute`` and, for the host blocks
+    the step streams over a throttled link, its ``host load``, ``wait`` (the stall) and
+    ``write-back`` children."""
+    from engine_driver import generate, running_engine
+    from test_pooling import REQUESTS
+
+    from workers.executor.step_spans import COMPUTE_SPAN, LOAD_SPAN, WAIT_SPAN, WRITE_BACK_SPAN
+
+    # Six layers and a ring of two areas: layers 2.. load during the step itself (a two-layer
+    # model's whole step is prefetched during the previous one), each far slower than its compute.
+    model = tiny_model_dir("llama", num_hidden_layers=6)
+    async with running_engine(
+        model,
+        device_kv_blocks=24,  # the batch overflows it: decode steps stream host blocks
+        kv_policy="pie",
+        expansion="fixed:160",
+        trace_layers_every=2,
+        otlp_endpoint=f"http://127.0.0.1:{otlp_receiver.port}",
+        extra={"copy_throttle_bytes_per_s": 2e5},  # 5 ms per 1 KiB page: far slower than a layer
+    ) as engine:
+        num_layers = engine.actor("executor").runner.model_config.num_layers
+        await generate(engine, REQUESTS, 8, timeout=300)
+    # Shut down: the exporters flushed.
+    spans = [span for span in otlp_receiver.spans if span.service == "pied-executor"]
+    steps = [span for span in spans if span.name == span_names.STEP_SPAN]
+    assert steps and all(span.attributes[span_names.STEP_ID] % 2 == 0 for span in steps)  # sampled only
+    by_parent: dict[str, list[ReceivedSpan]] = {}
+    for span in spans:
+        by_parent.setdefault(span.parent_span_id, []).append(span)
+    stalled = 0
+    for step in steps:
+        layers = [span for span in by_parent.get(step.span_id, []) if span.name == span_names.LAYER_SPAN]
+        assert sorted(span.attributes[span_names.LAYER_INDEX] for span in layers) == list(range(num_layers))
+        layers.sort(key=lambda span: span.attributes[span_names.LAYER_INDEX])
+        # In layer order, inside the step, one after the other.
+        assert step.start_time_ns <= layers[0].start_time_ns and layers[-1].end_time_ns <= step.end_time_ns
+        for before, after in zip(layers, layers[1:]):
+            assert before.end_time_ns <= after.start_time_ns
+        streams = step.attributes[span_names.STEP_NUM_HOST_BLOCKS] > 0
+        for layer in layers:
+            children = by_parent.get(layer.span_id, [])
+            names = [span.name for span in children]
+            assert all(span.trace_id == step.trace_id for span in children)
+            if not streams:
+                continue
+            assert names.count(LOAD_SPAN) == 1 and (COMPUTE_SPAN in names or WAIT_SPAN in names), names
+            computes = [span for span in children if span.name in (COMPUTE_SPAN, WAIT_SPAN)]
+            assert min(span.start_time_ns for span in computes) == layer.start_time_ns
+            assert max(span.end_time_ns for span in computes) == layer.end_time_ns
+            (load,) = [span for span in children if span.name == LOAD_SPAN]
+            waits = [span for span in children if span.name == WAIT_SPAN]
+            if waits:
+                (wait,) = waits
+                stalled += 1
+                assert layer.attributes[span_names.LAYER_STALL_TIME] > 0
+                assert wait.end_time_ns >= load.end_time_ns - 1_000_000  # it ended when the load did
+            for write_back in (span for span in children if span.name == WRITE_BACK_SPAN):
+                assert write_back.start_time_ns >= load.end_time_ns  # the FIFO: after its own load
+    # The throttled link shows: some sampled streaming step waited for its host pages.
+    streaming = sum(step.attributes[span_names.STEP_NUM_HOST_BLOCKS] > 0 for step in steps)
+    print(f"{len(steps)} sampled steps, {streaming} streaming, {stalled} layers stalled")
+    assert stalled > 0
+    assert any(span.name == WRITE_BACK_SPAN for span in spans)  # decode steps write K/V into host blocks

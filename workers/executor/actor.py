@@ -1,8 +1,9 @@
 """The executor actor: owns the model runner and answers each StepPlan with a StepResult.
 
-Mailbox: StepPlan (from the scheduler), Shutdown. It loads the model on its compute thread, then
-sends Ready (with the model's shape) to the scheduler and the supervisor. Each forward pass runs on
-the compute thread too, so aborts, heartbeats and shutdown are handled while it runs.
+Mailbox: StepPlan, SegmentUpdate and PrefetchCommand (from the scheduler, in plan order), Shutdown.
+It loads the model on its compute thread, then sends Ready (with the model's shape) to the
+scheduler and the supervisor. Each forward pass runs on the compute thread too, so aborts,
+heartbeats and shutdown are handled while it runs.
 
 Step deadline (DESIGN.md "Processes"): heartbeats come from the loop, so they go on while a forward
 pass never returns. The compute thread therefore notes each job it starts (a step, with the
@@ -67,11 +68,12 @@ class Runner(Protocol):
 @runtime_checkable
 class LayerTimedRunner(Runner, Protocol):
     """A runner that can time each layer of a step (for ``--trace-layers-every``): while
-    ``record_layer_times`` is True, ``execute`` leaves in ``layer_times`` one ``(start, end, stall)``
-    per layer, start and end on ``time.perf_counter_ns()``'s clock and stall in seconds."""
+    ``record_layer_times`` is True, ``execute`` leaves in ``layer_times`` one ``LayerTime`` (or its
+    leading ``(start, end, stall)``) per layer, times on ``time.perf_counter_ns()``'s clock and
+    stall in seconds (``ModelRunner`` records them with ``workers.executor.layer_timer``)."""
 
     record_layer_times: bool
-    layer_times: list[tuple[int, int, float]]
+    layer_times: list[tuple]
 
 
 def load_model_runner(config: EngineConfig) -> Runner:
@@ -142,6 +144,7 @@ class ExecutorActor(Actor):
         self.connect("scheduler", addresses.scheduler)
         self.on(proto.StepPlan, self.handle_step_plan)
         self.on(proto.SegmentUpdate, self.handle_segment_update)
+        self.on(proto.PrefetchCommand, self.handle_prefetch_command)
 
     @classmethod
     def from_args(cls, args: WorkerArgs, context: zmq.asyncio.Context | None = None) -> ExecutorActor:
@@ -209,6 +212,16 @@ class ExecutorActor(Actor):
                 runner.detach_host_segments(update.detach)  # type: ignore[attr-defined]
         finally:
             self._compute_job = None
+
+    def handle_prefetch_command(self, command: proto.PrefetchCommand) -> None:
+        # NOTE: through the compute thread like the plans, so the ring is reshaped between the
+        # plans the command came between, never during a step.
+        self.spawn(self.run_blocking(self._resize_staging, command), "prefetch")
+
+    def _resize_staging(self, command: proto.PrefetchCommand) -> None:
+        runner = self.runner
+        assert runner is not None, "PrefetchCommand before the executor was ready"
+        runner.resize_staging(command.prefetch_depth, command.num_staging_blocks)  # type: ignore[attr-defined]
 
     def handle_step_plan(self, plan: proto.StepPlan) -> None:
         # NOTE: the scheduler sends the next plan only after this one's result, and run_blocking

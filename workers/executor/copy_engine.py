@@ -74,6 +74,9 @@ class _ThreadTicket(CopyTicket):
         self.transfers = transfers
         self.done = threading.Event()
         self.busy = 0.0  # written by the copy thread before ``done`` is set
+        # perf_counter_ns when the copy thread began and finished the batch (for layer spans).
+        self.started_ns = 0
+        self.finished_ns = 0
         self.waited = 0.0
 
     def copy_time(self) -> float:
@@ -95,6 +98,7 @@ class _CopyWorker:
     def run(self) -> None:
         while (ticket := self.queue.get()) is not None:
             start = time.perf_counter()
+            ticket.started_ns = time.perf_counter_ns()
             if self.error is None:  # after a failure, batches are only marked done
                 try:
                     for work in ticket.transfers:
@@ -106,6 +110,7 @@ class _CopyWorker:
                     remaining = ticket.num_bytes / throttle - (time.perf_counter() - start)
                     time.sleep(max(0.0, remaining))
             ticket.busy = time.perf_counter() - start
+            ticket.finished_ns = time.perf_counter_ns()
             ticket.transfers = []  # drop the views: a detached segment must not stay mapped through them
             # NOTE: set after the copies: a waiter that sees ``done`` sees the copied pages.
             ticket.done.set()

@@ -118,6 +118,13 @@ class HostKV:
         if self._engine is not None:
             self._engine.synchronize()
 
+    def set_ring(self, pages: torch.Tensor, ring: StagingRing | None) -> None:
+        """The pool was reallocated with a new staging ring (``ModelRunner.resize_staging``, after
+        ``drain``): device pages and host blocks are unchanged, staging areas start empty."""
+        assert self.prefetched is None, "drain before reshaping the ring: a prefetch points into it"
+        self.pages = pages
+        self.ring = ring
+
     def close(self) -> None:
         self.drain()
         if self._engine is not None:

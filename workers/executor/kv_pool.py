@@ -89,6 +89,26 @@ class KVPool:
         """The pages after the device pages (a view), where staging areas live."""
         return self.pages[self.num_device_pages :]
 
+    def resize_extra_pages(self, num_extra_pages: int) -> None:
+        """Reallocate the pool with ``num_extra_pages`` pages after the device pages (a staging
+        ring of a new shape), keeping every device page's content; the old pool's memory goes back
+        (on CUDA to the caching allocator, for the next allocation).
+
+        NOTE: only between steps, with no copy in flight and nothing holding a view of the old
+        pages (the caller re-derives its views from ``pages``). On CUDA the device pages exist
+        twice while they are copied: a resize is rare (``workers.memory.prefetch`` hysteresis).
+        """
+        if num_extra_pages < 0:
+            raise ValueError(f"num_extra_pages must be non-negative, got {num_extra_pages}.")
+        if num_extra_pages == self.num_extra_pages:
+            return
+        old, count = self.pages, self.num_device_pages
+        pages = torch.zeros((count + num_extra_pages, *old.shape[1:]), dtype=old.dtype, device=old.device)
+        pages[:count].copy_(old[:count])
+        self.pages = pages
+        self.num_extra_pages = num_extra_pages
+        del old
+
     @property
     def nbytes(self) -> int:
         return self.pages.numel() * self.pages.element_size()

@@ -39,8 +39,10 @@ from workers.executor.copy_throttle import CopyThrottle
 from workers.executor.graphs import DecodeGraphs
 from workers.executor.host_kv import HostKV
 from workers.executor.kv_pool import DeviceMemoryProfile, KVPool, StagingRing, num_profiled_kv_blocks
+from workers.executor.layer_timer import LayerTimer
 from workers.executor.model import CausalLM
 from workers.executor.sampler import PromptLogprobRun, Sampler, SamplingState
+from workers.executor.step_spans import LayerTime
 from workers.executor.streaming import HostBlockOwners, LayerStreamer, StreamStats
 from workers.executor.weights import load_weights
 from workers.grammar import GrammarCompiler
@@ -86,7 +88,9 @@ class ModelRunner:
     host plan), as the daemon's preflight checked it. ``num_staging_blocks`` (M): the most distinct
     host blocks a step may use (default: the plan's, the largest lease under pie; 0: none). The pool
     then gets ``R * M`` staging pages after the ``L * D`` device pages, ``R = prefetch_depth + 1``
-    (at most L); when D comes from a memory budget, the staging pages are part of it.
+    (at most L); when D comes from a memory budget, the staging pages are part of it. Under adaptive
+    expansion the memory manager then commands a ring of what the link can stream under one step's
+    compute (``resize_staging``, between steps), and the pages of a narrower ring are freed.
     ``blocks_per_segment``: the host pool's segment size (default: the plan's).
     ``prefetch_next_step``: during a step's last layers, load the next step's first layers (used
     when its host blocks are the same).
@@ -165,6 +169,10 @@ class ModelRunner:
         self.link_bandwidth = self.host_kv.measure_link_bandwidth() if config.kv_policy == "pie" else 0.0
         self.prefetch_next_step = prefetch_next_step
         self.stream_stats = StreamStats()  # the last step's (for benchmarks)
+        # --trace-layers-every: while set (by the executor actor, on sampled steps), ``execute``
+        # leaves each layer's times in ``layer_times`` (workers.executor.layer_timer).
+        self.record_layer_times = False
+        self.layer_times: list[LayerTime] = []
         self.sampler = Sampler(self.model_config.vocab_size, self.device, config.max_logprobs)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         self.grammar_compiler = GrammarCompiler(
@@ -199,6 +207,29 @@ class ModelRunner:
     def close(self) -> None:
         """Stop the copy engine and unmap every host segment."""
         self.host_kv.close()
+
+    def resize_staging(self, prefetch_depth: int, num_staging_blocks: int) -> None:
+        """Reshape the staging ring as the memory manager commands (``proto.PrefetchCommand``):
+        ``num_staging_blocks`` host blocks per step, loaded ``prefetch_depth`` layers ahead. At most
+        the plan's ring (the device budget reserved that much); a narrower ring's pages are freed.
+
+        NOTE: between steps only (the actor runs it on the compute thread, between plans): every
+        copy is drained and the prefetch of the next step dropped first, since both point into the
+        old ring; the next step loads its first layers itself."""
+        if self.staging is None:
+            raise ValueError("this executor has no staging ring (kv_policy pie only): no prefetch to command.")
+        if not 1 <= num_staging_blocks <= self.num_staging_blocks or prefetch_depth < 1:
+            raise ValueError(
+                f"a staging ring of {num_staging_blocks} blocks, {prefetch_depth} layers ahead: the ring holds "
+                f"1 to {self.num_staging_blocks} blocks (the plan's) and loads at least one layer ahead."
+            )
+        num_areas = min(prefetch_depth + 1, self.model_config.num_layers)
+        if (num_areas, num_staging_blocks) == (self.staging.num_areas, self.staging.area_size):
+            return
+        self.host_kv.drain()
+        self.staging = StagingRing(self.staging.first_page, num_areas, num_staging_blocks)
+        self.kv_pool.resize_extra_pages(self.staging.num_pages)
+        self.host_kv.set_ring(self.kv_pool.pages, self.staging)
 
     def _num_cuda_kv_blocks(self, reserved_bytes: int) -> int:
         """The device KV pool the plan left to the executor (CUDA without --device-kv-blocks or
@@ -287,8 +318,13 @@ class ModelRunner:
         swapped = self.swap(plan)
         inputs = self.prepare(plan)
         states = [self.states[request_id] for request_id in compress(plan.request_ids, inputs.sample)]
+        layers = self._layer_timer(inputs) if self.record_layer_times else None
         timer = ForwardTimer(self.device)
-        all_logits = self.forward(inputs)
+        try:
+            all_logits = self.forward(inputs)
+        finally:
+            if layers is not None:
+                layers.detach()
         logits = all_logits[: len(states)]
         timer.stop()
         if states:
@@ -306,6 +342,8 @@ class ModelRunner:
         for state, token_id in zip(states, token_ids.tolist()):
             state.append(token_id)
         prompt_logprobs = self.sampler.prompt_logprobs(all_logits[len(states) :], inputs.prompt_runs)
+        if layers is not None:
+            self.layer_times = layers.finish()  # after the step's host sync: its events are done
         return proto.StepResult(
             step_id=plan.step_id,
             sampled_token_ids=proto.pack_i32(token_ids),
@@ -320,7 +358,17 @@ class ModelRunner:
             copy_time=stats.copy_time,
             link_bandwidth=self.link_bandwidth,
             prompt_logprobs=prompt_logprobs,
+            num_staging_blocks=self.staging.area_size if self.staging else 0,
+            prefetch_depth=self.staging.num_areas - 1 if self.staging else 0,
         )
+
+    def _layer_timer(self, inputs: StepInputs) -> LayerTimer:
+        """Times this step's layers (hooks for this step only) and its streamer's waits and copies."""
+        timer = LayerTimer.create(self.model.layers, self.device)
+        timer.attach()
+        if isinstance(inputs.stream, LayerStreamer):
+            inputs.stream.timer = timer
+        return timer
 
     def swap(self, plan: proto.StepPlan) -> StreamStats:
         """The plan's whole-block copies across tiers, swap_out first; done when this returns."""
@@ -387,7 +435,9 @@ class ModelRunner:
             # The next step reads mostly the same host blocks: whatever it keeps is loaded already.
             stream.prefetch_next = owners is not None
         prompt_runs = self._prompt_logprob_runs(plan.request_ids, query_lens, layout.start_positions)
-        if self.graphs is not None and self.graphs.accepts(layout) and not prompt_runs:
+        # A step timed layer by layer runs eagerly: a replayed graph would skip the layers' hooks.
+        graphed = self.graphs is not None and not prompt_runs and not self.record_layer_times
+        if graphed and self.graphs.accepts(layout):
             batch = self.graphs.prepare(layout, token_ids)
             return StepInputs(None, None, None, sample, stream, graph_batch=batch)
         last_rows = np.cumsum(query_lens, dtype=np.int64) - 1

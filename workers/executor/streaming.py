@@ -34,6 +34,7 @@ from workers.executor.copy_engine import CopyTicket, Work
 
 if TYPE_CHECKING:
     from workers.executor.host_kv import HostKV
+    from workers.executor.layer_timer import LayerTimer
     from workers.executor.triton_host_pages import HostPageLists
 
 
@@ -108,6 +109,7 @@ class LayerStreamer:
         self.num_layers = host_kv.layout.num_layers
         self.page_bytes = host_kv.layout.page_bytes
         self.prefetch_next = False  # set by the runner when the next plan is predictable (needs owners)
+        self.timer: LayerTimer | None = None  # set by the runner on a step whose layers are traced
         first = host_kv.num_device_blocks
         host_indices = (host_block_ids - first).tolist()
         written_indices = (written_host_block_ids - first).tolist()
@@ -242,7 +244,10 @@ class LayerStreamer:
     def before_attention(self, layer: int) -> None:
         ticket = self.loaded[layer]
         assert ticket is not None, f"layer {layer}'s host blocks were never loaded"
-        self.engine.wait(ticket)
+        if self.timer is not None:
+            self.timer.wait(layer, ticket, self.engine)
+        else:
+            self.engine.wait(ticket)
 
     def after_attention(self, layer: int) -> None:
         # NOTE: write-back and refill are one batch, write-back first: the area's new K/V reaches
@@ -250,13 +255,21 @@ class LayerStreamer:
         transfers = self.write_backs(layer)
         next_layer = layer + self.ring.num_areas
         refill = next_layer < self.num_layers
+        if self.timer is not None and transfers:
+            # A traced step writes back in a batch of its own, so its span is its own time (the
+            # copy engine's FIFO keeps it before the refill all the same).
+            ticket = self._submit(transfers, 0, self.write_bytes)
+            self.last_write_back = ticket
+            self.timer.wrote_back(layer, ticket)
+            transfers = []
         if refill:
             transfers += self.loads(next_layer)
         if transfers:
-            ticket = self._submit(transfers, self.load_bytes if refill else 0, self.write_bytes)
+            written = self.write_bytes if self.timer is None else 0
+            ticket = self._submit(transfers, self.load_bytes if refill else 0, written)
             if refill:
                 self.loaded[next_layer] = ticket
-            if self.write_runs:
+            if self.write_runs and self.timer is None:
                 self.last_write_back = ticket
         if not refill and self.prefetch_next and self.owners is not None:
             # This was the area's last use in the step: load the next step's layer that maps to it.

@@ -5,7 +5,9 @@ Mailbox: DemandReport (from the scheduler, after each step and on going idle and
 memfds, so nothing ever lands in /dev/shm), hands their descriptors to the executor over the fd
 channel (:mod:`workers.fd_channel`, SCM_RIGHTS) when it asks, grants the scheduler a lease with
 ``HostLease`` (the scheduler forwards new segments to the executor before any plan can use them),
-feeds the expansion controller from the step spans' timings and the scheduler's demand, and
+commands the staging ring's shape with ``PrefetchCommand`` (adaptive pie:
+:mod:`workers.memory.prefetch`, forwarded the same way), feeds the expansion controller from the
+step spans' timings and the scheduler's demand, and
 releases segments once the scheduler holds nothing above a smaller lease. With an OTLP endpoint, the controller's decisions are events
 on its ``lease`` spans (:mod:`workers.memory.lease_spans`).
 """
@@ -162,7 +164,13 @@ class MemoryActor(Actor):
             self._grant(change)
 
     def _grant(self, change: LeaseChange) -> None:
+        # NOTE: the scheduler applies both in arrival order and caps the lease at the ring it
+        # knows: a wider ring goes first, a narrower one after the lease that fits it.
+        if change.prefetch is not None and change.ring_first:
+            self.send("scheduler", change.prefetch)
         self._send_lease(change.lease, attach=change.attach)
+        if change.prefetch is not None and not change.ring_first:
+            self.send("scheduler", change.prefetch)
 
     def _send_lease(
         self, lease: int, attach: list[proto.HostSegmentInfo] | None = None, detach: list[int] | None = None

@@ -72,6 +72,10 @@ class LeaseChange:
 
     lease: int
     attach: list[proto.HostSegmentInfo]
+    # A new staging ring (adaptive pie), sent before the lease when it widens (so the lease always
+    # fits the ring the scheduler knows) and after it when it narrows.
+    prefetch: proto.PrefetchCommand | None = None
+    ring_first: bool = False
 
 
 class HostMemory:
@@ -81,6 +85,7 @@ class HostMemory:
     def __init__(self, config: EngineConfig, layout: KVLayout | None = None) -> None:
         """``layout``: the KV layout of the plan (default: built from it)."""
         from workers.memory.controller import DemandSample, ExpansionController, StepSample
+        from workers.memory.prefetch import PrefetchPlanner
 
         self._demand_sample = DemandSample
         self._step_sample = StepSample
@@ -101,6 +106,18 @@ class HostMemory:
             if self.adaptive
             else None
         )
+        # The staging ring follows the controller's measurements (adaptive only: fixed:N needs a
+        # ring of N); it starts as the plan's, the largest lease, which the budget reserved.
+        self.prefetch = (
+            PrefetchPlanner(
+                self.layout.num_layers,
+                self.layout.block_bytes,
+                self.plan.num_staging_blocks,
+                min_depth=config.prefetch_depth,
+            )
+            if self.adaptive and self.plan.num_staging_blocks
+            else None
+        )
         self.decision_reason = "fixed" if not self.adaptive else "start"
         self.target = self.plan.initial_lease if not self.adaptive else 0
         self._last_preemptions = 0
@@ -112,7 +129,10 @@ class HostMemory:
 
     @property
     def num_staging_blocks(self) -> int:
-        """Staging capacity per step (pie only): the largest lease."""
+        """The staging ring's width, host blocks per step (pie only): the plan's (the largest
+        lease) until the memory manager commands another."""
+        if self.prefetch is not None:
+            return self.prefetch.current.num_staging_blocks
         return self.plan.num_staging_blocks
 
     @property
@@ -155,17 +175,35 @@ class HostMemory:
             return None
         sample = self._demand_of(demand)
         self._last_preemptions = demand.num_preemptions
+        if step is not None and self.prefetch is not None:
+            self.prefetch.observe(step)
         decision = self.controller.observe(step, sample)
         if decision is None:
             return None
         self.decision_reason, self.target = decision.reason, decision.target
-        if decision.lease == self.manager.lease:
+        command, ring_first = self._reshape_ring(decision.lease, decision.target)
+        # A step reads every host block its requests hold: the lease never exceeds the ring.
+        lease = min(decision.lease, self.num_staging_blocks) if self.prefetch is not None else decision.lease
+        if lease == self.granted and command is None:
             return None
         attach: list[proto.HostSegmentInfo] = []
-        if decision.lease > self.manager.lease:
-            attach, _ = self.manager.set_lease(decision.lease)
-        self.granted = decision.lease
-        return LeaseChange(decision.lease, attach)
+        if lease > self.manager.lease:
+            attach, _ = self.manager.set_lease(lease)
+        self.granted = lease
+        return LeaseChange(lease, attach, command, ring_first)
+
+    def _reshape_ring(self, lease: int, target: int) -> tuple[proto.PrefetchCommand | None, bool]:
+        """The prefetch command for the controller's new measurements (None: keep the ring), and
+        whether it goes before the lease (it widens the ring)."""
+        if self.prefetch is None or self.controller is None:
+            return None, False
+        before = self.prefetch.current.num_staging_blocks
+        plan = self.prefetch.decide(self.controller.bandwidth, target, lease)
+        if plan is None:
+            return None, False
+        bandwidth = self.controller.bandwidth or 0.0
+        reason = f"link {bandwidth / 1e6:.0f} MB/s, lease target {target}"
+        return proto.PrefetchCommand(plan.depth, plan.num_staging_blocks, reason), plan.num_staging_blocks > before
 
     def _demand_of(self, demand: proto.DemandReport) -> DemandSample:
         """The controller's view of a report (preemptions counted since the last one observed)."""

@@ -37,7 +37,7 @@ from workers.tracing import SCHEDULER_SERVICE, PresetSpanIds, setup_tracing, shu
 logger = logging.getLogger(__name__)
 
 SchedulerFactory = Callable[[EngineConfig, int, set[int], int, int], Scheduler]
-Pending = Union[proto.AddRequest, proto.AbortRequests, proto.HostLease]
+Pending = Union[proto.AddRequest, proto.AbortRequests, proto.HostLease, proto.PrefetchCommand]
 
 
 class SchedulerActor(Actor):
@@ -83,6 +83,7 @@ class SchedulerActor(Actor):
         self.on(proto.AddRequest, self._enqueue)
         self.on(proto.AbortRequests, self._enqueue)
         self.on(proto.HostLease, self._enqueue)
+        self.on(proto.PrefetchCommand, self._enqueue)
         self.on(proto.Ready, self.handle_executor_ready)
         self.on(proto.StepResult, self.handle_step_result)
 
@@ -184,6 +185,8 @@ class SchedulerActor(Actor):
             stats.bytes_to_device_total += result.bytes_to_device
             stats.bytes_to_host_total += result.bytes_to_host
             stats.stall_seconds_total += result.stall_time
+            stats.num_staging_blocks = result.num_staging_blocks
+            stats.prefetch_depth = result.prefetch_depth
             stats.cycle_seconds_total += time.perf_counter() - started
             self._publish_stats(scheduler)
             self._last_result = result
@@ -207,6 +210,9 @@ class SchedulerActor(Actor):
                 abort_ids = []
             if isinstance(message, proto.HostLease):
                 self._apply_lease(scheduler, message)
+                continue
+            if isinstance(message, proto.PrefetchCommand):
+                self._apply_prefetch(scheduler, message)
                 continue
             # n choices came as one message (their lists crossed the wire once); they share them.
             for choice in message.choices():
@@ -246,6 +252,12 @@ class SchedulerActor(Actor):
         self._stats.host_lease_target = lease.target
         self._stats.host_decision = lease.reason
         self._stats.host_link_bandwidth = lease.link_bandwidth
+
+    def _apply_prefetch(self, scheduler: Scheduler, command: proto.PrefetchCommand) -> None:
+        # NOTE: no plan is in flight here; the executor reshapes its ring before the next plan
+        # (same channel, in order), and that plan reads at most the new ring's host blocks.
+        self.send("executor", command)
+        scheduler.set_host_step_limit(command.num_staging_blocks)
 
     def _report_demand(self, scheduler: Scheduler, completed_step_id: int, idle: bool = False) -> None:
         """Tell the memory manager what the controller needs: after a step, when going idle, and

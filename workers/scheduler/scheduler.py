@@ -121,6 +121,10 @@ class Scheduler:
         self.num_swap_ins = 0
         self.num_tail_promotions = 0
         self._lease = HostLeaseKeeper(self.tiers)
+        # Distinct host blocks one step may read: the executor's staging ring (None: the largest
+        # lease, the plan's ring). Every running request's host blocks are read by each step it is
+        # scheduled in, so the lease itself is held at or below it.
+        self._host_step_limit: int | None = None
         self._num_blocks_short = 0
         self._next_step_id = 0
         self._finished_request_ids: list[str] = []  # executor state to drop, sent with the next plan
@@ -199,8 +203,26 @@ class Scheduler:
         """The memory manager grants host block ids ``[D, D + num_blocks)``. Shrinking below blocks in
         use is allowed: the next ``schedule()`` moves them to the device or preempts their requests.
         Host memory above the new lease may be unmapped once ``host_blocks_above_lease`` is 0 and the
-        result of step ``host_release_step_id`` is back (plans made until then may still touch it)."""
+        result of step ``host_release_step_id`` is back (plans made until then may still touch it).
+        Never above the host step limit (``set_host_step_limit``)."""
+        if self._host_step_limit is not None:
+            num_blocks = min(num_blocks, self._host_step_limit)
         self._lease.set(num_blocks, self._next_step_id - 1)
+
+    @property
+    def host_step_limit(self) -> int | None:
+        return self._host_step_limit
+
+    def set_host_step_limit(self, num_blocks: int) -> None:
+        """The executor's staging ring now serves ``num_blocks`` distinct host blocks per step
+        (``proto.PrefetchCommand``): no plan from the next ``schedule()`` on reads more. The lease
+        is lowered to it if above (the memory manager caps it there already; this keeps the
+        scheduler safe on its own)."""
+        if num_blocks < 0:
+            raise ValueError(f"a host step limit must be non-negative, got {num_blocks}.")
+        self._host_step_limit = num_blocks
+        if self.host_lease > num_blocks:
+            self._lease.set(num_blocks, self._next_step_id - 1)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
