@@ -7,6 +7,11 @@ the compute thread too, so aborts, heartbeats and shutdown are handled while it 
 Tracing (DESIGN.md "Tracing"): with an OTLP endpoint or a span collector (the memory manager), each
 step is timed on the compute thread and its spans are built after its result has been sent
 (:mod:`workers.executor.step_spans`); with neither, a plan goes straight to ``runner.execute``.
+
+Tensor parallelism (DESIGN.md "Parallelism"): one executor per rank, each its own worker. Every rank
+gets every StepPlan and SegmentUpdate from the scheduler and joins the same collectives; rank 0
+alone samples, sends StepResults and Ready to the scheduler (the others report Ready to the
+supervisor only).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from proto.config import EngineConfig
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
 from workers.executor.step_spans import StepSpans, StepTiming
 from workers.memory.spans import span_channel_tracer
+from workers.roster import executor_address, executor_name
 from workers.tracing import EXECUTOR_SERVICE, setup_tracing, shutdown_tracing, tracing_enabled
 
 
@@ -58,10 +64,15 @@ class LayerTimedRunner(Runner, Protocol):
 
 def load_model_runner(config: EngineConfig) -> Runner:
     # Imported here: torch and the model code load in the worker process only.
+    from workers.executor.parallel import init_tensor_parallel
     from workers.executor.runner import ModelRunner
+    from workers.plan import local_device, plan_of
 
+    # The rendezvous with the other ranks (a no-op for one), from the supervisor's torchrun variables.
+    device_type = local_device(plan_of(config).device).split(":")[0]
+    tensor_parallel = init_tensor_parallel(config.tensor_parallel_size, config.distributed_init_method, device_type)
     # Device, dtype, KV pool and staging ring from the config's plan (the daemon checked it).
-    return ModelRunner(config)
+    return ModelRunner(config, tensor_parallel=tensor_parallel)
 
 
 def ready_message(worker: str, config: EngineConfig, runner: Runner) -> proto.Ready:
@@ -92,16 +103,19 @@ class ExecutorActor(Actor):
         heartbeat_interval: float = 0.5,
         runner_factory: Callable[[EngineConfig], Runner] = load_model_runner,
         span_collector: str | None = None,
+        rank: int = 0,
     ) -> None:
-        """``span_collector``: where the step spans go over ZeroMQ (the memory manager's address)."""
+        """``span_collector``: where the step spans go over ZeroMQ (the memory manager's address).
+        ``rank``: this executor's tensor-parallel rank."""
         super().__init__(
-            "executor",
-            addresses.executor,
+            executor_name(rank),
+            executor_address(addresses, rank),
             context=context,
             supervisor=addresses.frontend,
             heartbeat_interval=heartbeat_interval,
         )
         self.config = config
+        self.rank = rank
         self.runner: Runner | None = None
         self._runner_factory = runner_factory
         self.tracer = setup_tracing(EXECUTOR_SERVICE, config)
@@ -118,20 +132,23 @@ class ExecutorActor(Actor):
     @classmethod
     def from_args(cls, args: WorkerArgs, context: zmq.asyncio.Context | None = None) -> ExecutorActor:
         """As a worker starts it; ``context``: the engine's shared one when actors run as threads."""
-        collector = args.addresses.memory or None
+        # NOTE: rank 0's step spans only, for now: the controller counts one span per step.
+        collector = (args.addresses.memory or None) if args.rank == 0 else None
         return cls(
             args.config,
             args.addresses,
             context=context,
             heartbeat_interval=args.heartbeat_interval,
             span_collector=collector,
+            rank=args.rank,
         )
 
     async def on_start(self) -> None:
         # A load error raises here and fails the actor: the supervisor gets Dead with the reason.
         self.runner = await self.run_blocking(self._runner_factory, self.config)
         ready = ready_message(self.name, self.config, self.runner)
-        self.send("scheduler", ready)
+        if self.rank == 0:
+            self.send("scheduler", ready)
         self.send(SUPERVISOR, ready)
 
     async def on_stop(self) -> None:
@@ -174,11 +191,13 @@ class ExecutorActor(Actor):
         spans = self.step_spans
         if spans is None:
             result = await self.run_blocking(runner.execute, plan)
-            self.send("scheduler", result)
+            if self.rank == 0:  # the other ranks' results carry no tokens
+                self.send("scheduler", result)
             return
         spans.begin(plan)
         result, timing = await self.run_blocking(timed_execute, runner, plan, spans.samples_layers(plan))
-        self.send("scheduler", result)
+        if self.rank == 0:
+            self.send("scheduler", result)
         spans.end(plan, result, timing)  # while the scheduler plans the next step
 
 

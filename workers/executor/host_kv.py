@@ -27,8 +27,11 @@ class HostKV:
         blocks_per_segment: int,
         device: torch.device,
         throttle_bytes_per_s: float | None = None,
+        part: tuple[int, int] = (0, 1),
     ) -> None:
+        """``part``: (rank, ranks) under tensor parallelism: which part of each segment is this rank's."""
         self.layout = layout
+        self.part = part
         self.pages = pages
         self.num_device_blocks = num_device_blocks
         self.ring = ring
@@ -50,7 +53,7 @@ class HostKV:
 
     def attach(self, infos: list[proto.HostSegmentInfo]) -> None:
         for info in infos:
-            segment = HostSegment.attach(info, self.layout)
+            segment = HostSegment.attach(info, self.layout, *self.part)
             try:
                 if self.device.type == "cuda":
                     segment.pin()

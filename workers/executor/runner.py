@@ -11,6 +11,10 @@ Where this differs from DESIGN.md ("Executor on accelerators"), as built today: 
 sized from ``--gpu-memory-utilization`` after the weights load rather than after profiling the
 largest step, and on CUDA host pages still reach the staging ring through the copy engine: the
 host-page kernel (``triton_host_pages``) exists and is tested but is not wired in.
+
+Tensor parallelism (:mod:`workers.executor.parallel`): every rank runs every plan on its shard and its
+slice of the KV pool (same block ids, its KV heads); only rank 0 keeps sampling state and samples,
+the others return a result without tokens (which their actor does not send).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from workers.executor.attention import AttentionMetadata, arrays_to_device, make
 from workers.executor.host_kv import HostKV
 from workers.executor.kv_pool import GIB, KVPool, StagingRing, num_blocks_that_fit
 from workers.executor.model import CausalLM
+from workers.executor.parallel import SINGLE, TensorParallel
 from workers.executor.sampler import Sampler, SamplingState
 from workers.executor.streaming import HostBlockOwners, LayerStreamer, StreamStats
 from workers.executor.weights import load_weights
@@ -74,12 +79,17 @@ class ModelRunner:
         num_staging_blocks: int | None = None,
         blocks_per_segment: int | None = None,
         prefetch_next_step: bool = True,
+        tensor_parallel: TensorParallel = SINGLE,
     ) -> None:
+        """``tensor_parallel``: this rank's place (its process group joined already)."""
         if num_staging_blocks is not None and num_staging_blocks < 0:
             raise ValueError(f"num_staging_blocks must be non-negative, got {num_staging_blocks}.")
         self.config = config
         self.plan = plan_of(config, num_staging_blocks)
+        self.tp = tensor_parallel
         self.device = torch.device(self.plan.device)
+        if self.tp.size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.tp.local_rank)  # rank r on cuda:r
         torch.manual_seed(config.seed)
         self.model_config = ModelConfig.from_folder(self.plan.model_path)
         self.dtype = getattr(torch, self.plan.dtype)
@@ -87,18 +97,16 @@ class ModelRunner:
         self.attention_backend = config.resolved_attention_backend(self.device.type)
         backend = make_attention_backend(self.attention_backend, self.device)
         with torch.device(self.device):
-            self.model = CausalLM(self.model_config, self.dtype, backend)
+            self.model = CausalLM(self.model_config, self.dtype, backend, self.tp)
         model_config = self.model_config
-        load_weights(self.model.checkpoint_targets(), model_config.path, model_config.fp8_block_size)
+        self.weight_bytes_read = load_weights(
+            self.model.checkpoint_targets(), model_config.path, model_config.fp8_block_size
+        )
         self.model.eval()
         num_layers = self.model_config.num_layers
-        self.kv_layout = KVLayout(
-            num_layers,
-            self.block_size,
-            self.model_config.num_kv_heads,
-            self.model_config.head_dim,
-            self.dtype,
-        )
+        # This rank's KV heads (all of them without tensor parallelism).
+        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads
+        self.kv_layout = KVLayout(num_layers, self.block_size, self.num_kv_heads, self.model_config.head_dim, self.dtype)
         host = self.plan.host
         if num_staging_blocks is None:
             num_staging_blocks = host.num_staging_blocks
@@ -106,8 +114,8 @@ class ModelRunner:
         self.max_host_blocks = host.max_host_blocks
         num_areas = num_staging_areas(config, self.model_config)
         num_staging_pages = num_areas * num_staging_blocks
-        self.num_device_blocks = self.plan.num_device_blocks or self._num_cuda_kv_blocks(
-            num_staging_pages * self.kv_layout.page_bytes
+        self.num_device_blocks = self.plan.num_device_blocks or self.tp.min_over_ranks(
+            self._num_cuda_kv_blocks(num_staging_pages * self.kv_layout.page_bytes), self.device
         )
         self.max_model_len = self._max_model_len()
         staging = None
@@ -117,7 +125,7 @@ class ModelRunner:
             num_layers,
             self.num_device_blocks,
             self.block_size,
-            self.model_config.num_kv_heads,
+            self.num_kv_heads,
             self.model_config.head_dim,
             self.dtype,
             self.device,
@@ -132,6 +140,7 @@ class ModelRunner:
             blocks_per_segment or host.blocks_per_segment,
             self.device,
             self._copy_throttle(),
+            part=(self.tp.rank, self.tp.size),
         )
         # Measured once, for the expansion controller's first decision (0 without a host tier).
         self.link_bandwidth = self.host_kv.measure_link_bandwidth() if config.kv_policy == "pie" else 0.0
@@ -210,7 +219,8 @@ class ModelRunner:
         self.update_states(plan)
         swapped = self.swap(plan)
         inputs = self.prepare(plan)
-        states = [self.states[request_id] for request_id in compress(plan.request_ids, inputs.sample)]
+        sampled_ids = compress(plan.request_ids, inputs.sample) if self.tp.is_first else ()
+        states = [self.states[request_id] for request_id in sampled_ids]
         forward_start = time.perf_counter()
         logits = self.forward(inputs)
         if self.device.type == "cuda":
@@ -254,7 +264,10 @@ class ModelRunner:
         return self.host_kv.swap(swap_out.reshape(-1, 2), swap_in.reshape(-1, 2))
 
     def update_states(self, plan: proto.StepPlan) -> None:
-        """Drop finished requests' sampling state, then create it for the plan's new requests."""
+        """Drop finished requests' sampling state, then create it for the plan's new requests
+        (rank 0 only: the other tensor-parallel ranks do not sample)."""
+        if not self.tp.is_first:
+            return
         for request_id in plan.finished_request_ids:
             self.states.pop(request_id, None)
         for new in plan.new_requests:

@@ -11,6 +11,10 @@ access. That is issue 17's remaining work; until then the descriptor travels by 
 Layout of a segment of ``S`` blocks: ``[num_layers, S, 2, block_size, num_kv_heads, head_dim]``.
 Layer-major, so one layer's pages of a run of consecutive host blocks are contiguous and stream to
 the device as one transfer (DESIGN.md "Streaming").
+
+Under tensor parallelism (DESIGN.md "Parallelism") the memory manager sizes each segment for every
+rank's KV heads, and rank ``r`` of ``N`` maps part ``r`` of it: ``[L, S, 2, block_size,
+num_kv_heads / N, head_dim]`` at byte ``r * S * rank_block_bytes``, its own heads' slice, contiguous.
 """
 
 from __future__ import annotations
@@ -50,14 +54,17 @@ class KVLayout:
 class HostSegment:
     """``num_blocks`` host blocks backed by one memfd, as a tensor ``[L, S, *page_shape]``."""
 
-    def __init__(self, info: proto.HostSegmentInfo, layout: KVLayout, fd: int, owner: bool) -> None:
+    def __init__(
+        self, info: proto.HostSegmentInfo, layout: KVLayout, fd: int, owner: bool, part: int = 0, num_parts: int = 1
+    ) -> None:
         self.info = info
         self.layout = layout
         self._fd = fd
         self._owner = owner
-        size = info.num_blocks * layout.block_bytes
-        self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        flat = torch.frombuffer(self._mmap, dtype=layout.dtype)
+        part_size = info.num_blocks * layout.block_bytes
+        self._mmap = mmap.mmap(fd, num_parts * part_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        count = part_size // layout.dtype.itemsize
+        flat = torch.frombuffer(self._mmap, dtype=layout.dtype, count=count, offset=part * part_size)
         self.tensor = flat.view(layout.num_layers, info.num_blocks, *layout.page_shape)
         self.pinned = False
 
@@ -74,11 +81,14 @@ class HostSegment:
         return cls(info, layout, fd, owner=True)
 
     @classmethod
-    def attach(cls, info: proto.HostSegmentInfo, layout: KVLayout) -> HostSegment:
-        """Executor side: map a segment another process (or this one) created."""
+    def attach(
+        cls, info: proto.HostSegmentInfo, layout: KVLayout, part: int = 0, num_parts: int = 1
+    ) -> HostSegment:
+        """Executor side: map a segment another process (or this one) created; with ``num_parts``
+        tensor-parallel ranks, part ``part`` of it (``layout``: one rank's)."""
         fd = os.open(f"/proc/{info.pid}/fd/{info.fd}", os.O_RDWR | os.O_CLOEXEC)
         try:
-            return cls(info, layout, fd, owner=False)
+            return cls(info, layout, fd, owner=False, part=part, num_parts=num_parts)
         finally:
             # The mapping keeps the memory alive; the descriptor is not needed any more.
             os.close(fd)
