@@ -29,6 +29,8 @@ from pied.llm import LLM
 from workers.executor.model import CausalLM
 from workers.executor.parallel import ShardedTarget, TensorParallel
 from workers.executor.weights import load_weights
+from workers.memory.controller import StepSample
+from workers.memory.rank_steps import SlowestRank
 from workers.model_config import ModelConfig
 
 PROMPTS = [[1, 17, 99, 3, 250], [1] + list(range(40, 77)), [1] + [(i * 11) % 400 + 20 for i in range(23)]]
@@ -60,6 +62,17 @@ def test_kv_heads_split_or_replicated():
     assert TensorParallel(1, 2).split(128) == (64, 128)
     with pytest.raises(ValueError):
         TensorParallel(0, 3).split(4)
+
+
+def test_the_controller_sees_the_slowest_rank_once_per_step():
+    ranks = SlowestRank(2)
+    fast = StepSample(step_time=0.010, forward_time=0.009, stall_time=0.0, num_host_blocks=4, bytes_to_device=1, num_layers=2)
+    slow = StepSample(step_time=0.012, forward_time=0.009, stall_time=0.003, num_host_blocks=4, bytes_to_device=1, num_layers=2)
+    assert ranks.add(7, slow) is None  # rank 1's span came first: wait for rank 0's
+    assert ranks.add(8, fast) is None
+    assert ranks.add(7, fast) is slow  # the step is as transparent as its slowest rank
+    assert ranks.add(8, fast) is fast
+    assert SlowestRank(1).add(9, fast) is fast
 
 
 def rank_shard(folder, rank: int) -> tuple[CausalLM, int]:

@@ -124,7 +124,8 @@ class ExecutorActor(Actor):
             self.channel = span_channel_tracer(EXECUTOR_SERVICE, span_collector, self.context)
         self.step_spans: StepSpans | None = None
         if tracing_enabled(self.tracer) or self.channel is not None:
-            self.step_spans = StepSpans(self.tracer, self.channel, config.trace_layers_every)
+            rank_label = rank if config.tensor_parallel_size > 1 else None
+            self.step_spans = StepSpans(self.tracer, self.channel, config.trace_layers_every, rank_label)
         self.connect("scheduler", addresses.scheduler)
         self.on(proto.StepPlan, self.handle_step_plan)
         self.on(proto.SegmentUpdate, self.handle_segment_update)
@@ -132,8 +133,8 @@ class ExecutorActor(Actor):
     @classmethod
     def from_args(cls, args: WorkerArgs, context: zmq.asyncio.Context | None = None) -> ExecutorActor:
         """As a worker starts it; ``context``: the engine's shared one when actors run as threads."""
-        # NOTE: rank 0's step spans only, for now: the controller counts one span per step.
-        collector = (args.addresses.memory or None) if args.rank == 0 else None
+        # Every rank's step spans: the controller steers by the slowest rank's.
+        collector = args.addresses.memory or None
         return cls(
             args.config,
             args.addresses,
