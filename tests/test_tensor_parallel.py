@@ -121,8 +121,10 @@ def test_heads_that_do_not_divide_exit_2(tiny_model_dir, command):
 
 
 def test_threads_cannot_hold_two_ranks(tiny_model_dir):
+    folder = tiny_model_dir("llama")
     with pytest.raises(ValueError, match="worker processes"):
-        LLM(str(tiny_model_dir("llama")), tensor_parallel_size=2, workers="threads")
+        LLM(str(folder), tensor_parallel_size=2, workers="threads")
+    assert_refused("serve", ["--model", str(folder), "--tensor-parallel-size", "2", "--inproc"], "--inproc")
 
 
 # ---------------------------------------------------------------- TP=2 == TP=1 == transformers
