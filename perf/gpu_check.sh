@@ -3,7 +3,7 @@
 # so a test-only package missing on the GPU machine cannot abort collection), the paged attention
 # kernels at an 8B shape against the roofline, then the transparency, pooling and adaptive
 # benchmarks (quick variants; adaptive's throttled scenario is CPU-only), each writing its JSON into
-# the folder given as $1. Budget: the timeouts sum to 530 s.
+# the folder given as $1. Budget: the timeouts sum to 530 s (680 s with perf/tp.py, on two GPUs or more).
 #
 #   perf/gpu_check.sh OUT_DIR
 #
@@ -28,5 +28,8 @@ timeout 60 $py perf/attention_kernels.py > "$out/attention_kernels.json" 2> "$ou
 timeout 90 $py perf/transparency.py --quick > "$out/transparency.json" 2> "$out/transparency.err" || status=1
 timeout 90 $py perf/pooling.py --quick > "$out/pooling.json" 2> "$out/pooling.err" || status=1
 timeout 110 $py perf/adaptive.py --quick --pairs 3 > "$out/adaptive.json" 2> "$out/adaptive.err" || status=1
+if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then  # tensor parallelism needs a GPU per rank
+  timeout 150 $py perf/tp.py --quick > "$out/tp.json" 2> "$out/tp.err" || status=1
+fi
 tail -n 3 "$out"/*.json
 exit $status

@@ -6,8 +6,9 @@ and the all-reduce time of one decode step at TP=2. Prints one JSON line.
 Decode throughput: ``pied.LLM(tensor_parallel_size=N)`` (one executor process per rank, gloo on
 CPU, nccl on CUDA), a batch of short prompts generating ``--max-tokens`` each; TP=1 and TP=2 runs are
 interleaved ``--repeats`` times and reported as median and spread. On a CPU the ranks share the same
-cores, so TP=2 shows the communication cost, not a speed-up; on a multi-GPU machine (each rank on
-``cuda:r``) it shows the speed-up.
+cores, so TP=2 shows the communication cost, not a speed-up (set ``OMP_NUM_THREADS=1`` to give
+every rank one thread; unset, TP=1 uses every core and each rank its share); on a multi-GPU machine
+(each rank on ``cuda:r``, run by ``perf/gpu_check.sh`` when it sees two GPUs) it shows the speed-up.
 
 All-reduce time: the collectives one decode step of this model makes at TP=2 (the embedding's and
 each layer's two all-reduces of ``[batch, hidden]``, and the logits gather to rank 0), timed in two
@@ -152,6 +153,8 @@ def main() -> None:
             "tok_per_s_tp2_runs": [round(value, 1) for value in throughput[2]],
             "tp2_over_tp1": round(medians[2] / medians[1], 3),
             "collectives_device": device_type,
+            # Threads per executor: unset, TP=1 uses every core and each TP=2 rank half of them.
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "allreduce_ms_per_step_tp2": round(collective_seconds * 1e3, 3),
             "num_allreduces_per_step": 1 + 2 * shape["num_hidden_layers"],
             "machine": machine(),

@@ -112,7 +112,7 @@ def init_tensor_parallel(size: int, init_method: str, device_type: str) -> Tenso
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=INIT_TIMEOUT)
-    if device_type == "cpu":
+    if device_type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
         # The ranks share the machine's cores: without this each would start a thread per core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     return TensorParallel(rank, size, local_rank)
