@@ -62,7 +62,7 @@ E2E_MODULES = {
     "test_progress",
     "test_sdnotify",
 }
-MIXED_MODULES = {"test_prefix_cache", "test_preflight", "test_tracing"}
+MIXED_MODULES = {"test_prefix_cache", "test_preflight", "test_tracing", "test_tensor_parallel"}
 E2E_FIXTURES = {"model_dir", "llama_dir", "tiny_model_dir", "otlp_receiver"}
 # Unit tests that take seconds each (whole-model logits over many parametrisations, long
 # hypothesis runs): `slow`, so that `-m "unit and not slow"` stays under a minute.

@@ -130,9 +130,14 @@ def test_threads_cannot_hold_two_ranks(tiny_model_dir):
 # ---------------------------------------------------------------- TP=2 == TP=1 == transformers
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])  # qwen3: GQA, q/k norms, head_dim 24
+# qwen3: GQA, q/k norms, head_dim 24; mqa: one KV head, replicated on both ranks.
+ARCHES = {"llama": ("llama", {}), "qwen3": ("qwen3", {}), "mqa": ("llama", {"num_key_value_heads": 1})}
+
+
+@pytest.fixture(scope="module", params=list(ARCHES))
 def arch_reference(request, tiny_model_dir):
-    folder = tiny_model_dir(request.param)
+    arch, build = ARCHES[request.param]
+    folder = tiny_model_dir(arch, **build)
     with LLM(str(folder), dtype="float32", device_kv_blocks=256) as llm:
         reference = greedy_tokens(llm)
     hf = load_hf_model(folder)
@@ -146,7 +151,7 @@ def arch_reference(request, tiny_model_dir):
 def test_two_ranks_give_the_same_greedy_tokens(arch_reference, policy):
     arch, folder, reference = arch_reference
     if arch != "llama" and policy != "none":
-        pytest.skip("the policies are covered on llama; the other architecture checks the sharding")
+        pytest.skip("the policies are covered on llama; the other architectures check the sharding")
     with LLM(str(folder), dtype="float32", tensor_parallel_size=2, **POLICIES[policy]) as llm:
         assert llm.engine.workers == "processes"
         assert {"executor", "executor-1"} <= set(llm.engine.worker_pids)
