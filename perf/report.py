@@ -43,6 +43,7 @@ JOBS = (
     Job("adaptive", "adaptive.py", ("--quick",)),
     Job("prefix", "prefix.py", ("--quick",)),
     Job("transparency", "transparency.py", ("--quick",)),
+    Job("serving", "serving.py", ("--quick",)),
     Job("engine_throughput", "engine_throughput.py", ("--num-prompts", "8", "--max-tokens", "32")),
 )
 
@@ -78,6 +79,20 @@ TABLES = (
         ("step ms", "step_ms"), ("step-time ratio", "step_time_ratio"), ("stall fraction", "stall_fraction"),
         ("copy efficiency", "copy_efficiency"),
     )),
+    Table("serving", "Through `pied serve`, measured by `pied bench serve` (`perf/serving.py --quick`): pooling",
+          "config", ("workloads", "pooling", "runs"), (
+        ("output tok/s", "output_throughput"), ("TTFT p50 ms", "median_ttft_ms"), ("TTFT p99 ms", "p99_ttft_ms"),
+        ("TPOT p50 ms", "median_tpot_ms"), ("e2e mean ms", "mean_e2el_ms"), ("preemptions", "preemptions"),
+    )),
+    Table("serving", "Through `pied serve`: adaptive expansion on a throttled link", "config",
+          ("workloads", "adaptive", "runs"), (
+        ("output tok/s", "output_throughput"), ("TTFT p50 ms", "median_ttft_ms"), ("TPOT p50 ms", "median_tpot_ms"),
+        ("preemptions", "preemptions"),
+    )),
+    Table("serving", "Through `pied serve`: prefix caching", "cache", ("workloads", "prefix", "runs"), (
+        ("output tok/s", "output_throughput"), ("TTFT p50 ms", "median_ttft_ms"), ("TTFT p99 ms", "p99_ttft_ms"),
+        ("prefix hit tokens", "prefix_hit_tokens"),
+    )),
     Table("engine_throughput", "Against transformers (`perf/engine_throughput.py`)", "", (), (
         ("pied tok/s", "pied_tokens_per_s"), ("transformers tok/s", "transformers_tokens_per_s"),
         ("pied / transformers", "ratio_pied_vs_transformers"),
@@ -94,6 +109,12 @@ TARGETS = [
     Target("transparency", ("results", "*", "step_time_ratio"), "<=", 1.05,
            "host-resident KV costs under 5% step time"),
     Target("prefix", ("ttft_p50_ratio_off_vs_host",), ">=", 1.1, "the two-tier prefix cache lowers TTFT"),
+    Target("serving", ("workloads", "pooling", "throughput_ratio_pie_fixed_vs_none"), ">=", 1.1,
+           "through the daemon, pooling raises throughput at one device budget"),
+    Target("serving", ("workloads", "adaptive", "throughput_ratio_adaptive_vs_best_fixed"), ">=", 0.95,
+           "through the daemon, adaptive expansion within 5% of the best fixed lease"),
+    Target("serving", ("workloads", "prefix", "ttft_p50_ratio_off_vs_host"), ">=", 1.1,
+           "through the daemon, the two-tier prefix cache lowers TTFT"),
     Target("engine_throughput", ("ratio_pied_vs_transformers",), ">=", 0.95, "pied at least on par with transformers"),
 ]  # fmt: skip
 
