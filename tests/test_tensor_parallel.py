@@ -130,8 +130,14 @@ def test_threads_cannot_hold_two_ranks(tiny_model_dir):
 # ---------------------------------------------------------------- TP=2 == TP=1 == transformers
 
 
-# qwen3: GQA, q/k norms, head_dim 24; mqa: one KV head, replicated on both ranks.
-ARCHES = {"llama": ("llama", {}), "qwen3": ("qwen3", {}), "mqa": ("llama", {"num_key_value_heads": 1})}
+# qwen3: GQA, q/k norms, head_dim 24; phi3: fused qkv_proj and gate_up_proj checkpoints; mqa: one
+# KV head, replicated on both ranks.
+ARCHES = {
+    "llama": ("llama", {}),
+    "qwen3": ("qwen3", {}),
+    "phi3": ("phi3", {}),
+    "mqa": ("llama", {"num_key_value_heads": 1}),
+}
 
 
 @pytest.fixture(scope="module", params=list(ARCHES))
