@@ -80,7 +80,18 @@ def _type_name(value: Any) -> str:
 
 
 def convert(action: argparse.Action, key: str, value: Any, path: str | Path) -> Any:
-    """``value`` as the option would have parsed it, or a ConfigError saying what was expected."""
+    """``value`` as the option would have parsed it, or a ConfigError saying what was expected.
+    An option of several values (``--served-model-name A B``) takes an array, or one value."""
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        if not items and action.nargs == "+":
+            raise ConfigError(f"{path}: {key} must be a non-empty array.")
+        return [convert_one(action, key, item, path) for item in items]
+    return convert_one(action, key, value, path)
+
+
+def convert_one(action: argparse.Action, key: str, value: Any, path: str | Path) -> Any:
+    """One value as the option would have parsed it."""
 
     def wrong(expected: str) -> ConfigError:
         return ConfigError(f"{path}: {key} must be {expected}, not {_type_name(value)} ({value!r}).")

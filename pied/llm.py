@@ -54,12 +54,16 @@ def engine_requests(
     """Expand a request with ``n`` choices into ``n`` engine requests ``{request_id}-{i}``.
 
     Choice ``i`` of a seeded request uses ``seed + i`` so the choices differ but stay reproducible.
+    Only choice 0 computes ``prompt_logprobs`` (the same for every choice of a prompt).
     """
     packed = proto.pack_i32(prompt_token_ids)
     requests = []
     for index in range(params.n):
         choice_params = msgspec.structs.replace(
-            params, n=1, seed=None if params.seed is None else params.seed + index
+            params,
+            n=1,
+            seed=None if params.seed is None else params.seed + index,
+            prompt_logprobs=params.prompt_logprobs if index == 0 else None,
         )
         requests.append(
             proto.AddRequest(f"{request_id}-{index}", packed, choice_params, arrival_time, trace_context)
@@ -172,6 +176,8 @@ class LLM:
         for _, choice in choices:
             output = by_request[choice.request_id.rsplit("-", 1)[0]]
             output.num_cached_tokens = choice.num_cached_tokens
+            if choice.prompt_logprobs is not None:  # the prompt's first choice computes them
+                output.prompt_logprobs = choice.prompt_logprobs
             output.outputs.append(
                 CompletionOutput(
                     index=choice.index,

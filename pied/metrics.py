@@ -1,133 +1,76 @@
-"""Prometheus metrics for the API server, in the text exposition format (version 0.0.4), by hand.
+"""Prometheus metrics for the API server, through ``prometheus_client`` (the library vLLM uses).
 
-Names follow vLLM's ``vllm:*`` metrics with a ``pied:`` prefix. Gauges and totals of engine state
-are read from ``EngineClient.stats()`` (the scheduler's ``proto.Stats``, whose ``*_total`` fields
-carry the names exported here) when scraped; request timings are observed by the API as each
-engine request (one choice) streams its deltas, so ``n`` choices count as ``n`` requests, as in vLLM.
+Names are vLLM's ``vllm:*`` metrics with a ``pied:`` prefix, and every series carries a
+``model_name`` label (the served model name), so vLLM's dashboards and alerts read pied as they
+read vLLM. Each server has its own ``CollectorRegistry`` (never the process-global one): tests run
+several servers in one process.
 
-What the latency histograms measure (the frontend's clock, so they include the IPC hop):
+Three sources:
 
-- ``time_to_first_token``: from the request's arrival at the API to its first token.
-- ``inter_token_latency``: time between consecutive deltas, divided evenly among the tokens of the
-  later delta (one token per step while decoding).
-- ``e2e_request_latency``: from arrival to the delta that finished the request.
-- ``request_queue_time``: an estimate, since the frontend never sees when the scheduler first
-  scheduled a request: time to first token minus the step time (the running average of
-  inter-token latency), clamped at 0. It overestimates by the part of the prefill that is slower
-  than a decode step.
+- **Per request**, observed by the API as each engine request (one choice) streams its deltas, so
+  ``n`` choices count as ``n`` requests, as in vLLM: token counters, finish reasons, and the
+  latency histograms on the frontend's clock (they include the IPC hop): time to first token
+  (arrival at the API to first token), inter-token latency (time between deltas, divided among the
+  later delta's tokens), end-to-end latency (arrival to the finishing delta).
+- **Per request, measured by the scheduler** (``proto.TokenDelta``'s phase timings on its final
+  delta): queue time (arrival at the scheduler to first scheduling), prefill time (first scheduling
+  to first token), decode time (first token to finish), and their sum as inference time.
+- **Engine state**, read from the scheduler's ``proto.Stats`` snapshot at scrape time: the running
+  and waiting counts, device KV usage, preemptions, prefix cache totals, tokens per step.
+
+Host memory pooling (DESIGN.md "KV memory", "Adaptive expansion") has series of its own, all named
+``pied:host_kv_*`` or ``pied:host_prefix_cache_*`` (plus the streamed bytes and stall seconds, which
+only the host tier has): ``pied:kv_cache_usage_perc`` is the device tier alone, as in vLLM, so no
+``sum()`` ever adds a host fraction to a device one. ``pied:prefix_cache_hits_total`` counts hits on
+both tiers (vLLM's hit rate is hits over queries); ``pied:host_prefix_cache_hits_total`` is the part
+found on the host.
+
+Process metrics (``process_*``) are ``prometheus_client``'s, for the API process and each worker
+process, labelled ``worker`` (``api`` for this process; with threaded workers there is only it).
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-import time
-from collections.abc import Iterable, Iterator, Sequence
+import os
+from collections.abc import Iterable, Iterator, Mapping
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 import proto
 
+# vLLM turns these off too: a ``*_created`` series per counter and histogram doubles the scrape for
+# nothing a dashboard reads. (A process-wide switch; pied's process has no other registry.)
+prometheus_client.disable_created_metrics()
+
+# The 0.0.4 text format: what generate_latest writes for names like ours, and what every
+# Prometheus version scrapes.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+# vLLM's buckets, with finer ones below 10 ms (a decode step of a small model is a few ms).
 ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                    50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
-FINISH_REASONS = ("stop", "length", "abort", "error")
-
-Labels = tuple[tuple[str, str], ...]
-
-
-def format_value(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    return repr(float(value))
+FINISH_REASONS = ("stop", "length", "abort", "error")  # the engine's (proto.FinishReason)
+MODEL_NAME = "model_name"
 
 
-def escape_label_value(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def format_labels(labels: Labels) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{name}="{escape_label_value(value)}"' for name, value in labels) + "}"
-
-
-class Metric:
-    """One metric family: a name, its HELP text, its TYPE and samples keyed by label values."""
-
-    kind = "untyped"
-
-    def __init__(self, name: str, help_text: str) -> None:
-        self.name = name
-        self.help_text = help_text
-
-    def samples(self) -> Iterator[tuple[str, Labels, float]]:
-        raise NotImplementedError
-
-    def render(self) -> str:
-        lines = [f"# HELP {self.name} {escape_help(self.help_text)}", f"# TYPE {self.name} {self.kind}"]
-        lines.extend(
-            f"{name}{format_labels(labels)} {format_value(value)}" for name, labels, value in self.samples()
-        )
-        return "\n".join(lines) + "\n"
-
-
-class Gauge(Metric):
-    kind = "gauge"
-
-    def __init__(self, name: str, help_text: str) -> None:
-        super().__init__(name, help_text)
-        self.values: dict[Labels, float] = {}
-
-    def set(self, value: float, **labels: str) -> None:
-        self.values[tuple(sorted(labels.items()))] = float(value)
-
-    def samples(self) -> Iterator[tuple[str, Labels, float]]:
-        for labels, value in self.values.items():
-            yield self.name, labels, value
-
-
-class Counter(Gauge):
-    """A monotonic count. The name carries the ``_total`` suffix, as prometheus_client writes it in
-    the 0.0.4 text format (TYPE line and samples both use the full name)."""
-
-    kind = "counter"
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        self.values[key] = self.values.get(key, 0.0) + amount
-
-
-class Histogram(Metric):
-    kind = "histogram"
-
-    def __init__(self, name: str, help_text: str, buckets: Sequence[float]) -> None:
-        super().__init__(name, help_text)
-        self.bounds = tuple(sorted(buckets))
-        self.bucket_counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
-        self.count = 0
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        # bisect_left: a value equal to a bound belongs to that bound's bucket (le = "less or equal").
-        self.bucket_counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.count += 1
-        self.sum += value
-
-    def samples(self) -> Iterator[tuple[str, Labels, float]]:
-        cumulative = 0
-        for bound, count in zip((*self.bounds, math.inf), self.bucket_counts):
-            cumulative += count
-            yield f"{self.name}_bucket", (("le", format_value(bound)),), float(cumulative)
-        yield f"{self.name}_sum", (), self.sum
-        yield f"{self.name}_count", (), float(self.count)
+def token_buckets(max_model_len: int) -> list[float]:
+    """vLLM's 1-2-5 buckets up to the context length, for the per-request token histograms."""
+    buckets: list[float] = []
+    exponent = 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > max_model_len:
+                return buckets
+            buckets.append(value)
+        exponent += 1
 
 
 class RequestTiming:
@@ -142,163 +85,297 @@ class RequestTiming:
 
 
 class ServerMetrics:
-    """The API server's metrics; ``render(stats)`` produces the ``/metrics`` body."""
+    """One server's metrics: a registry of its own; ``render(stats, worker_pids)`` is ``/metrics``."""
 
-    def __init__(self) -> None:
-        self.num_requests_running = Gauge(
-            "pied:num_requests_running", "Number of requests in the running batch."
+    def __init__(self, model_name: str, max_model_len: int = 8192) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        labels = [MODEL_NAME]
+
+        def counter(name: str, help_text: str, extra: Iterable[str] = ()) -> Counter:
+            return Counter(name, help_text, [*labels, *extra], registry=registry)
+
+        def histogram(name: str, help_text: str, buckets: Iterable[float]) -> Histogram:
+            return Histogram(name, help_text, labels, buckets=tuple(buckets), registry=registry)
+
+        # Children bound once: every series has its model_name from the first scrape (at 0).
+        self.prompt_tokens = counter("pied:prompt_tokens", "Number of prefill tokens processed.").labels(
+            model_name
         )
-        self.num_requests_waiting = Gauge(
-            "pied:num_requests_waiting", "Number of requests waiting to be scheduled."
+        self.generation_tokens = counter(
+            "pied:generation_tokens", "Number of generation tokens processed."
+        ).labels(model_name)
+        self.prompt_tokens_cached = counter(
+            "pied:prompt_tokens_cached", "Number of prompt tokens found in the prefix cache (either tier)."
+        ).labels(model_name)
+        success = counter(
+            "pied:request_success", "Count of finished engine requests by finish reason.", ["finished_reason"]
         )
-        self.kv_cache_usage = Gauge(
-            "pied:kv_cache_usage_perc",
-            "KV cache usage per tier as a fraction of its blocks (1 means 100 percent); "
-            "host is relative to the blocks currently leased.",
-        )
-        self.num_preemptions = Counter("pied:num_preemptions_total", "Cumulative number of preemptions.")
-        self.prefix_cache_queries = Counter(
-            "pied:prefix_cache_queries_total",
-            "Prefix cache lookups, in tokens: the tokens of each request admitted with prefix caching on.",
-        )
-        self.prefix_cache_hits = Counter(
-            "pied:prefix_cache_hits_total",
-            "Prefix cache hits, in tokens (prefill skipped), by the tier that held the cached blocks.",
-        )
-        # Host memory pooling (DESIGN.md "KV memory", "Adaptive expansion").
-        self.host_lease = Gauge("pied:host_kv_lease_blocks", "Host KV blocks the scheduler may hold (the lease).")
-        self.host_lease_target = Gauge(
-            "pied:host_kv_lease_target_blocks",
-            "The expansion controller's estimate of the largest lease whose streaming stays transparent.",
-        )
-        self.host_link_bandwidth = Gauge(
-            "pied:host_kv_link_bandwidth_bytes_per_second",
-            "The expansion controller's host -> device bandwidth estimate (0 while unknown).",
-        )
-        self.host_decision = Gauge(
-            "pied:host_kv_controller_decision",
-            "The expansion controller's last decision (value 1, labelled with its action and reason).",
-        )
-        self.bytes_streamed = Counter(
-            "pied:kv_bytes_transferred_total", "KV bytes moved between host and device, by direction."
-        )
-        self.stall_seconds = Counter(
-            "pied:stall_seconds_total", "Seconds compute waited for host KV copies (the stalls)."
-        )
-        self.step_seconds = Counter(
-            "pied:step_seconds_total",
-            "Seconds the executor spent on steps (inputs, forward pass, sampling).",
-        )
-        self.prompt_tokens = Counter("pied:prompt_tokens_total", "Number of prefill tokens processed.")
-        self.generation_tokens = Counter(
-            "pied:generation_tokens_total", "Number of generation tokens processed."
-        )
-        self.request_success = Counter(
-            "pied:request_success_total", "Count of finished engine requests by finish reason."
-        )
+        self.request_success = success
         for reason in FINISH_REASONS:
-            self.request_success.inc(0, finished_reason=reason)
-        self.prompt_tokens.inc(0)
-        self.generation_tokens.inc(0)
-        self.time_to_first_token = Histogram(
+            success.labels(model_name, reason)
+        self.time_to_first_token = histogram(
             "pied:time_to_first_token_seconds",
             "Time from arrival at the API to the first token.",
             TTFT_BUCKETS,
-        )
-        self.inter_token_latency = Histogram(
+        ).labels(model_name)
+        self.inter_token_latency = histogram(
             "pied:inter_token_latency_seconds", "Time between consecutive output tokens.", ITL_BUCKETS
-        )
-        self.e2e_request_latency = Histogram(
+        ).labels(model_name)
+        self.time_per_output_token = histogram(
+            "pied:request_time_per_output_token_seconds",
+            "Decode time of a request divided by its output tokens after the first.",
+            ITL_BUCKETS,
+        ).labels(model_name)
+        self.e2e_request_latency = histogram(
             "pied:e2e_request_latency_seconds",
             "Time from arrival at the API to the last token.",
             REQUEST_BUCKETS,
-        )
-        self.request_queue_time = Histogram(
+        ).labels(model_name)
+        self.request_queue_time = histogram(
             "pied:request_queue_time_seconds",
-            "Estimated time waiting before the first step: time to first token minus the average step time.",
+            "Time from arrival at the scheduler to the first scheduling (the scheduler's clock).",
             REQUEST_BUCKETS,
-        )
-        self._step_time_average = 0.0  # running average of inter-token latency, for the queue estimate
-
-    def metrics(self) -> Iterable[Metric]:
-        return (
-            self.num_requests_running,
-            self.num_requests_waiting,
-            self.kv_cache_usage,
-            self.num_preemptions,
-            self.prefix_cache_queries,
-            self.prefix_cache_hits,
-            self.host_lease,
-            self.host_lease_target,
-            self.host_link_bandwidth,
-            self.host_decision,
-            self.bytes_streamed,
-            self.stall_seconds,
-            self.step_seconds,
-            self.prompt_tokens,
-            self.generation_tokens,
-            self.request_success,
-            self.time_to_first_token,
-            self.inter_token_latency,
-            self.e2e_request_latency,
-            self.request_queue_time,
-        )
+        ).labels(model_name)
+        self.request_prefill_time = histogram(
+            "pied:request_prefill_time_seconds",
+            "Time from the first scheduling to the first token (the scheduler's clock).",
+            REQUEST_BUCKETS,
+        ).labels(model_name)
+        self.request_decode_time = histogram(
+            "pied:request_decode_time_seconds",
+            "Time from the first token to the last (the scheduler's clock).",
+            REQUEST_BUCKETS,
+        ).labels(model_name)
+        self.request_inference_time = histogram(
+            "pied:request_inference_time_seconds",
+            "Time from the first scheduling to the last token: prefill plus decode.",
+            REQUEST_BUCKETS,
+        ).labels(model_name)
+        self.request_prompt_tokens = histogram(
+            "pied:request_prompt_tokens",
+            "Number of prompt tokens per finished request.",
+            token_buckets(max_model_len),
+        ).labels(model_name)
+        self.request_generation_tokens = histogram(
+            "pied:request_generation_tokens",
+            "Number of generated tokens per finished request.",
+            token_buckets(max_model_len),
+        ).labels(model_name)
+        self.engine = EngineCollector(model_name)
+        registry.register(self.engine)
+        registry.register(WorkerProcessCollector(model_name, self.engine))
 
     # ---------------------------------------------------------------- per engine request
 
     def observe_tokens(
-        self, timing: RequestTiming, num_tokens: int, num_prompt_tokens: int, now: float | None = None
+        self,
+        timing: RequestTiming,
+        num_tokens: int,
+        num_prompt_tokens: int,
+        now: float,
+        num_cached_tokens: int = 0,
     ) -> None:
         """A delta with ``num_tokens`` new tokens arrived for the request timed by ``timing``."""
         if num_tokens <= 0:
             return
-        now = time.monotonic() if now is None else now
         self.generation_tokens.inc(num_tokens)
         if timing.first_token is None:
             timing.first_token = now
-            ttft = now - timing.arrival
-            self.time_to_first_token.observe(ttft)
-            self.request_queue_time.observe(max(0.0, ttft - self._step_time_average))
+            self.time_to_first_token.observe(now - timing.arrival)
             self.prompt_tokens.inc(num_prompt_tokens)
+            self.prompt_tokens_cached.inc(num_cached_tokens)
             # The first delta's tokens beyond the first were produced by the same steps; no ITL for them.
         else:
             assert timing.last_token is not None
             per_token = (now - timing.last_token) / num_tokens
             for _ in range(num_tokens):
                 self.inter_token_latency.observe(per_token)
-            # An exponential average follows the batch's current step time without keeping history.
-            self._step_time_average += 0.05 * (per_token - self._step_time_average)
         timing.last_token = now
 
-    def observe_finish(self, timing: RequestTiming, finish_reason: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        self.request_success.inc(finished_reason=finish_reason)
+    def observe_finish(
+        self,
+        timing: RequestTiming,
+        finish_reason: str,
+        now: float,
+        num_prompt_tokens: int,
+        num_generation_tokens: int,
+    ) -> None:
+        """The request timed by ``timing`` ended (as the client sees it) with ``finish_reason``."""
+        self.request_success.labels(self.model_name, finish_reason).inc()
         self.e2e_request_latency.observe(now - timing.arrival)
+        self.request_prompt_tokens.observe(num_prompt_tokens)
+        self.request_generation_tokens.observe(num_generation_tokens)
+
+    def observe_phases(self, phases: proto.RequestPhases, num_generation_tokens: int) -> None:
+        """The scheduler's phase timings of a finished request (from its final delta)."""
+        self.request_queue_time.observe(phases.queue_seconds)
+        self.request_prefill_time.observe(phases.prefill_seconds)
+        self.request_decode_time.observe(phases.decode_seconds)
+        self.request_inference_time.observe(phases.prefill_seconds + phases.decode_seconds)
+        if num_generation_tokens > 1:
+            self.time_per_output_token.observe(phases.decode_seconds / (num_generation_tokens - 1))
 
     # ---------------------------------------------------------------- exposition
 
-    def render(self, stats: proto.Stats) -> str:
-        self.num_requests_running.set(stats.num_running)
-        self.num_requests_waiting.set(stats.num_waiting)
-        self.kv_cache_usage.set(stats.device_usage, tier="device")
-        self.kv_cache_usage.set(stats.host_usage, tier="host")
-        self.num_preemptions.values[()] = float(stats.num_preemptions)
-        # Engine totals: set, not incremented (the snapshot already holds the running sum).
-        self.prefix_cache_queries.values[()] = float(stats.prefix_cache_queries_total)
-        self.prefix_cache_hits.set(stats.prefix_cache_device_hits_total, tier="device")
-        self.prefix_cache_hits.set(stats.prefix_cache_host_hits_total, tier="host")
-        self.host_lease.set(stats.host_lease)
-        self.host_lease_target.set(stats.host_lease_target)
-        self.host_link_bandwidth.set(stats.host_link_bandwidth)
+    def render(self, stats: proto.Stats, worker_pids: Mapping[str, int] | None = None) -> str:
+        """The exposition text, with the engine's series read from ``stats``."""
+        self.engine.stats = stats
+        self.engine.worker_pids = dict(worker_pids or {})
+        return generate_latest(self.registry).decode()
+
+
+class EngineCollector(Collector):
+    """The engine's state as of its last ``proto.Stats`` snapshot, collected at scrape time."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.stats = proto.Stats()
+        self.worker_pids: dict[str, int] = {}
+
+    def describe(self) -> list[Metric]:
+        # Unchecked by the registry (the names are collected fresh on each scrape).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats
+        name = self.model_name
+
+        def gauge(metric: str, help_text: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(metric, help_text, labels=[MODEL_NAME])
+            family.add_metric([name], value)
+            return family
+
+        def counter(metric: str, help_text: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(metric, help_text, labels=[MODEL_NAME])
+            family.add_metric([name], value)
+            return family
+
+        yield gauge(
+            "pied:num_requests_running", "Number of requests in the running batch.", stats.num_running
+        )
+        yield gauge(
+            "pied:num_requests_waiting", "Number of requests waiting to be scheduled.", stats.num_waiting
+        )
+        yield gauge(
+            "pied:kv_cache_usage_perc",
+            "Device KV cache usage as a fraction of its blocks (1 means 100 percent).",
+            stats.device_usage,
+        )
+        yield counter("pied:num_preemptions", "Cumulative number of preemptions.", stats.num_preemptions)
+        yield counter(
+            "pied:prefix_cache_queries",
+            "Prefix cache lookups, in tokens: the tokens of each request admitted with prefix caching on.",
+            stats.prefix_cache_queries_total,
+        )
+        yield counter(
+            "pied:prefix_cache_hits",
+            "Prefix cache hits, in tokens (prefill skipped), on either tier.",
+            stats.prefix_cache_device_hits_total + stats.prefix_cache_host_hits_total,
+        )
+        yield counter(
+            "pied:step_seconds",
+            "Seconds the executor spent on steps (inputs, forward pass, sampling).",
+            stats.step_seconds_total,
+        )
+        yield self._iteration_tokens(stats)
+        # Host memory pooling: series of their own, never a label of a device series.
+        yield gauge(
+            "pied:host_kv_cache_usage_perc",
+            "Host KV cache usage as a fraction of the leased host blocks (1 means 100 percent).",
+            stats.host_usage,
+        )
+        yield gauge("pied:host_kv_blocks_in_use", "Host KV blocks referenced.", stats.num_host_blocks_used)
+        yield gauge(
+            "pied:host_kv_lease_blocks",
+            "Host KV blocks the scheduler may hold (the lease).",
+            stats.host_lease,
+        )
+        yield gauge(
+            "pied:host_kv_lease_target_blocks",
+            "The expansion controller's estimate of the largest lease whose streaming stays transparent.",
+            stats.host_lease_target,
+        )
+        yield gauge(
+            "pied:host_kv_link_bandwidth_bytes_per_second",
+            "The expansion controller's host -> device bandwidth estimate (0 while unknown).",
+            stats.host_link_bandwidth,
+        )
+        decision = GaugeMetricFamily(
+            "pied:host_kv_controller_decision",
+            "The expansion controller's last decision (value 1, labelled with its action and reason).",
+            labels=[MODEL_NAME, "action", "reason"],
+        )
         if stats.host_decision:
             action, _, reason = stats.host_decision.partition(":")
-            self.host_decision.values.clear()
-            self.host_decision.set(1, action=action.strip(), reason=reason.strip())
-        self.bytes_streamed.set(stats.bytes_to_device_total, direction="host_to_device")
-        self.bytes_streamed.set(stats.bytes_to_host_total, direction="device_to_host")
-        self.stall_seconds.values[()] = float(stats.stall_seconds_total)
-        self.step_seconds.values[()] = float(stats.step_seconds_total)
-        return "".join(metric.render() for metric in self.metrics())
+            decision.add_metric([name, action.strip(), reason.strip()], 1)
+        yield decision
+        transferred = CounterMetricFamily(
+            "pied:kv_bytes_transferred",
+            "KV bytes moved between host and device, by direction.",
+            labels=[MODEL_NAME, "direction"],
+        )
+        transferred.add_metric([name, "host_to_device"], stats.bytes_to_device_total)
+        transferred.add_metric([name, "device_to_host"], stats.bytes_to_host_total)
+        yield transferred
+        yield counter(
+            "pied:stall_seconds",
+            "Seconds compute waited for host KV copies (the stalls).",
+            stats.stall_seconds_total,
+        )
+        yield counter(
+            "pied:host_prefix_cache_hits",
+            "Prefix cache hits, in tokens, found on the host tier (part of pied:prefix_cache_hits_total).",
+            stats.prefix_cache_host_hits_total,
+        )
+        yield counter(
+            "pied:host_prefix_cache_demotions",
+            "Cached device blocks kept on the host tier when evicted from the device.",
+            stats.prefix_cache_demotions_total,
+        )
+        yield counter(
+            "pied:host_prefix_cache_promotions",
+            "Host prefix cache hits copied back to the device rather than streamed.",
+            stats.prefix_cache_promotions_total,
+        )
+
+    def _iteration_tokens(self, stats: proto.Stats) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(
+            "pied:iteration_tokens_total", "Number of tokens per engine step.", labels=[MODEL_NAME]
+        )
+        counts = stats.iteration_tokens_bucket_counts or [0] * (len(proto.ITERATION_TOKENS_BUCKETS) + 1)
+        cumulative, buckets = 0, []
+        for bound, count in zip((*proto.ITERATION_TOKENS_BUCKETS, float("inf")), counts):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else str(float(bound)), cumulative))
+        family.add_metric([self.model_name], buckets, stats.num_computed_tokens_total)
+        return family
 
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+class WorkerProcessCollector(Collector):
+    """``prometheus_client``'s process metrics for this process and each worker process (read from
+    ``/proc`` at scrape time), labelled with the model and the ``worker``."""
+
+    def __init__(self, model_name: str, engine: EngineCollector) -> None:
+        self.model_name = model_name
+        self.engine = engine
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        processes = {os.getpid(): "api"}
+        for worker, pid in sorted(self.engine.worker_pids.items()):
+            processes.setdefault(pid, worker)  # threaded workers share this process's pid
+        families: dict[str, Metric] = {}
+        for pid, worker in processes.items():
+            # registry=None: a collector used once, never registered anywhere.
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+                merged = families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                for sample in family.samples:
+                    labels = {MODEL_NAME: self.model_name, "worker": worker, **sample.labels}
+                    merged.add_sample(sample.name, labels, sample.value)
+        yield from families.values()

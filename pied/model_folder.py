@@ -8,6 +8,10 @@ and a dtype pied runs); safetensors weights present, and every shard that
 out of it), existing, with a readable safetensors header; a tokenizer whose largest token id is
 below the model's ``vocab_size``. Every refusal is a ``ModelFolderError`` naming the file.
 
+A model id (``org/name``) that is not a folder is looked up in the local Hugging Face cache, as
+``huggingface_hub`` lays it out and finds it (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, ...): its
+``refs/main`` snapshot is the folder. Nothing is ever downloaded (:func:`resolve_model_folder`).
+
 Symlinks: a Hugging Face cache snapshot (``.../snapshots/<rev>/``) links each file to
 ``../../blobs/<hash>``; targets in that repository's ``blobs`` folder count as inside.
 """
@@ -15,6 +19,8 @@ Symlinks: a Hugging Face cache snapshot (``.../snapshots/<rev>/``) links each fi
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -43,6 +49,44 @@ OPTIONAL_NUMBERS = ("rms_norm_eps", "rope_theta")
 OPTIONAL_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
 OPTIONAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
+
+
+# What the Hub accepts as a repository id: ``name`` or ``org/name`` (letters, digits, ``-_.``).
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face cache by huggingface_hub's own rules, read now (not at its import):
+    ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else
+    ``~/.cache/huggingface/hub``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return Path(cache_home).expanduser() / "huggingface" / "hub"
+
+
+def resolve_model_folder(model: str) -> Path:
+    """``model`` as a folder: itself when it exists (or cannot be a model id), else the snapshot
+    of the model id ``org/name`` in the local Hugging Face cache (``refs/main``). Never downloads
+    (``local_files_only``); an id not in the cache is a ModelFolderError naming the cache searched."""
+    path = Path(model).expanduser()
+    if path.exists() or not HUB_REPO_ID.fullmatch(model) or model.endswith((".", "..")):
+        return path
+    cache = hub_cache_dir()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, cache_dir=cache, local_files_only=True))
+    except (OSError, ValueError) as error:  # LocalEntryNotFoundError (an OSError), a bad id
+        incomplete = "incomplete" in str(error)
+        what = "an incomplete snapshot of it" if incomplete else f"no snapshot of {model}"
+        raise ModelFolderError(
+            f"--model {model}: no such folder, and {what} in the Hugging Face cache {cache} "
+            "(HF_HUB_CACHE / HF_HOME); pied never downloads: fetch it first "
+            f"(`hf download {model}`) or give the model's folder."
+        ) from None
 
 
 def check_model_folder(path: str | Path) -> ModelConfig:

@@ -36,6 +36,28 @@ def logprobs_dicts(entries: list[proto.TokenLogprobs], token_ids: list[int]) -> 
     return result
 
 
+# One prompt position's logprobs: token id -> (logprob, rank), the prompt token first; None for the
+# first position, which has nothing before it (vLLM's shape).
+PromptPositionLogprobs = dict[int, tuple[float, int]]
+
+
+def prompt_logprobs_dicts(run: proto.PromptLogprobs, prompt_token_ids: list[int]) -> list[PromptPositionLogprobs]:
+    """The positions of one run: the prompt token's logprob and rank, then the top alternatives
+    (ranks 1..k; one that is the prompt token itself is listed once, as the prompt token)."""
+    token_logprobs = proto.unpack_f32(run.token_logprobs).tolist()
+    ranks = proto.unpack_i32(run.ranks).tolist()
+    k = run.num_top
+    top_ids = proto.unpack_i32(run.top_ids).reshape(-1, k).tolist() if k else [[]] * len(ranks)
+    top_logprobs = proto.unpack_f32(run.top_logprobs).reshape(-1, k).tolist() if k else [[]] * len(ranks)
+    positions = []
+    for j, (logprob, rank) in enumerate(zip(token_logprobs, ranks)):
+        entry = {prompt_token_ids[run.first_position + j]: (logprob, rank)}
+        for r, (token_id, top_logprob) in enumerate(zip(top_ids[j], top_logprobs[j])):
+            entry.setdefault(token_id, (top_logprob, r + 1))
+        positions.append(entry)
+    return positions
+
+
 @dataclass
 class ChoiceState:
     """The frontend's state for one engine request."""
@@ -51,11 +73,27 @@ class ChoiceState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # With prompt_logprobs: one entry per prompt token (None for the first), filled as runs arrive.
+    prompt_logprobs: list[PromptPositionLogprobs | None] | None = None
 
     def __post_init__(self) -> None:
         self.detokenizer = IncrementalDetokenizer(self.tokenizer, self.prompt_token_ids, self.params)
         if self.params.logprobs is not None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    def add_prompt_logprobs(self, runs: list[proto.PromptLogprobs]) -> None:
+        """Append the engine's runs of prompt logprobs (in order, without gaps)."""
+        if self.prompt_logprobs is None:
+            return
+        for run in runs:
+            if run.first_position != len(self.prompt_logprobs):
+                raise ValueError(
+                    f"prompt logprobs of {self.request_id} jump to position {run.first_position}, "
+                    f"expected {len(self.prompt_logprobs)}."
+                )
+            self.prompt_logprobs.extend(prompt_logprobs_dicts(run, self.prompt_token_ids))
 
     @property
     def text(self) -> str:
@@ -70,6 +108,8 @@ class ChoiceState:
         if self.finished:
             return ChoiceUpdate("", [])
         new_ids = proto.unpack_i32(delta.token_ids).tolist()
+        if delta.prompt_logprobs:
+            self.add_prompt_logprobs(delta.prompt_logprobs)
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
         # The eos / stop token that ended the request is kept in token_ids but not in the text.
         text_ids = new_ids

@@ -31,3 +31,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: per prompt token, None for the first, then
+    # {token_id: (logprob, rank)}, the prompt token first, then the top alternatives (ranks 1..k).
+    prompt_logprobs: list[dict[int, tuple[float, int]] | None] | None = None

@@ -3,7 +3,8 @@ worker starts (DESIGN.md "Processes").
 
 ``pied serve``, ``pied generate`` and ``pied.LLM`` call :func:`preflight` first. It checks every
 setting (``EngineConfig.validate``: types and ranges), the tracing settings, the model folder
-(:mod:`pied.model_folder`: config.json, weights, tokenizer), the device, the host plan (host KV
+(:mod:`pied.model_folder`: config.json, weights, tokenizer; a model id ``org/name`` becomes its
+folder in the local Hugging Face cache, and the served model name when none is given), the device, the host plan (host KV
 against the memory available and, on CUDA, the memlock limit) and the device KV budget against the
 model (one sequence of the model length fits; ``--max-model-len`` not above the model's), and
 returns the config with the derived plan (``proto.plan.EnginePlan``), which the workers build from
@@ -14,9 +15,10 @@ names the flag, key or file and what to change: the CLI prints it on one line an
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from pied.devices import num_cuda_devices, resolve_device
-from pied.model_folder import check_model_folder, check_tokenizer_vocabulary
+from pied.model_folder import check_model_folder, check_tokenizer_vocabulary, resolve_model_folder
 from proto.config import EngineConfig
 from workers.model_config import ModelFolderError
 from workers.plan import check_cuda_ranks, plan_engine
@@ -33,7 +35,10 @@ def preflight(config: EngineConfig) -> EngineConfig:
     config.validate()
     otlp_target(config.otlp_endpoint)  # an endpoint or protocol that cannot work
     root_sampler()
-    folder = config.resolved_model()
+    folder = resolve_model_folder(str(config.resolved_model()))
+    if folder != Path(config.model).expanduser():  # a model id, found in the Hugging Face cache
+        # vLLM serves a model id under that id; the workers get the folder.
+        config = config.replace(model=str(folder), served_model_name=config.served_model_name or config.model)
     model = check_model_folder(folder)
     try:
         tokenizer = Tokenizer.from_folder(folder)

@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pied import config_file
-from pied.args import add_engine_args, engine_config_from_args
+from pied.args import add_engine_args, check_vllm_args, engine_config_from_args
 from pied.engine_client import EngineClient
 from pied.exit_status import run_time
+from pied.generation_config import GenerationDefaults, load_generation_defaults
 from pied.preflight import preflight
 from pied.sdnotify import Notifier
 from proto.config import ConfigError, EngineConfig
@@ -95,6 +96,10 @@ class ServeOptions:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # vLLM's serving habits: the names the model answers to (the first is the one responses
+    # carry), and where request defaults come from (pied.generation_config).
+    served_model_name: list[str] | None = None
+    generation_config: str = "auto"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeOptions:
@@ -132,6 +137,11 @@ class ServeOptions:
             raise ConfigError("--startup-timeout must be positive.")
         if self.heartbeat_timeout < 1:
             raise ConfigError("--heartbeat-timeout must be at least 1 second.")
+        if self.served_model_name is not None:
+            if not self.served_model_name or not all(name.strip() for name in self.served_model_name):
+                raise ConfigError("--served-model-name needs non-empty names.")
+        if not self.generation_config:
+            raise ConfigError("--generation-config must be auto, vllm or a folder.")
         if self.api_key is not None and self.api_key_file is not None:
             raise ConfigError("give --api-key or --api-key-file, not both.")
         self.request_limits().validate()
@@ -228,6 +238,20 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         "--api-key-file",
         metavar="FILE",
         help="read the API key from FILE (keeps it out of ps and the config)",
+    )
+    server.add_argument(
+        "--served-model-name",
+        nargs="+",
+        metavar="NAME",
+        help="the names the model answers to in requests' model field and /v1/models; responses carry "
+        "the first (default: the model id, or --model)",
+    )
+    server.add_argument(
+        "--generation-config",
+        metavar="auto|vllm|FOLDER",
+        help="request defaults (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) "
+        "from the model folder's generation_config.json (auto), none (vllm), or FOLDER's "
+        f"(default: {defaults.generation_config})",
     )
     server.add_argument(
         "--chat-template",
@@ -379,6 +403,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The configuration phase: every error here is a ConfigError or ModelFolderError (exit 2),
     # raised before any worker starts.
+    check_vllm_args(args)  # before the file: the positional MODEL counts as given on the command line
     from_file = config_file.apply(parser, args, args.config) if args.config is not None else set()
     try:
         options = ServeOptions.from_args(args).validate()
@@ -387,6 +412,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             raise ConfigError(
                 f"--tensor-parallel-size {config.tensor_parallel_size} runs one process per rank; drop --inproc."
             )
+        generation_defaults = load_generation_defaults(options.generation_config, config.resolved_model())
     except ConfigError as error:  # a value the file set: name the file and its key
         raise config_file.blame(error, args.config, from_file) if from_file else error from None
     check_chat_template_option(options.chat_template)
@@ -405,7 +431,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         plan.host.max_host_blocks,
     )
     with run_time():  # from here on a failure is exit 1, whatever its type
-        return uvloop.run(serve(config, options, api_key))
+        return uvloop.run(serve(config, options, api_key, generation_defaults))
 
 
 def check_chat_template_option(chat_template: str | None) -> None:
@@ -486,7 +512,12 @@ async def start_engine(
     return None
 
 
-async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None = None) -> int:
+async def serve(
+    config: EngineConfig,
+    options: ServeOptions,
+    api_key: str | None = None,
+    generation_defaults: GenerationDefaults | None = None,
+) -> int:
     from aiohttp import web
 
     from pied.api.app import create_app
@@ -504,6 +535,11 @@ async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None
         loop.add_signal_handler(signum, signals.put_nowait, signum)
 
     model_dir = config.resolved_model()
+    if generation_defaults is None:
+        generation_defaults = load_generation_defaults(options.generation_config, model_dir)
+    if generation_defaults.values:
+        # vLLM says so too: a request's defaults are not pied's own but the model's.
+        logger.info("request defaults from %s: %s", generation_defaults.source, generation_defaults.values)
     # Before any worker starts: an unsupported or quantized model folder is a configuration error (exit 2).
     ModelConfig.from_folder(model_dir)
     tracer = setup_tracing(FRONTEND_SERVICE, config)  # before the workers: a bad --otlp-endpoint stops here
@@ -523,7 +559,10 @@ async def serve(config: EngineConfig, options: ServeOptions, api_key: str | None
     server = ServerState(
         engine=engine,
         tokenizer=tokenizer,
-        model_name=config.served_model_name or config.model or "default",
+        served_model_names=tuple(
+            options.served_model_name or [config.served_model_name or config.model or "default"]
+        ),
+        generation_defaults=generation_defaults,
         model_root=str(model_dir),
         max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size,

@@ -12,9 +12,13 @@ from typing import Union
 
 import msgspec
 
-__all__ = ["Ready", "Heartbeat", "Shutdown", "Dead", "Stats", "ControlMessage"]
+__all__ = ["Ready", "Heartbeat", "Shutdown", "Dead", "Stats", "ControlMessage", "ITERATION_TOKENS_BUCKETS"]
 
 CONTROL = dict(tag=True, array_like=True, omit_defaults=True, gc=False)
+
+# Upper bounds of Stats.iteration_tokens_bucket_counts (vLLM's iteration_tokens_total buckets): the
+# scheduler counts each step's tokens into the first bound at or above it, the last count is +Inf.
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 class Ready(msgspec.Struct, **CONTROL):
@@ -106,6 +110,10 @@ class Stats(msgspec.Struct, **CONTROL):
     num_computed_tokens_total: int = 0  # tokens the model ran (prefill, recompute and decode)
     prefix_cache_demotions_total: int = 0  # evicted device blocks kept on the host tier instead
     prefix_cache_promotions_total: int = 0  # host hits copied back to the device rather than streamed
+    num_host_blocks_used: int = 0  # host KV blocks referenced (inside the lease)
+    # Steps by the tokens they ran, per ITERATION_TOKENS_BUCKETS bound (not cumulative; empty until
+    # the first step), and the tokens of all steps (num_computed_tokens_total is the same sum).
+    iteration_tokens_bucket_counts: list[int] = []
 
 
 ControlMessage = Union[Ready, Heartbeat, Shutdown, Dead, Stats]

@@ -79,7 +79,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     alternatives (0 returns only the sampled token's logprob). ``allowed_token_ids`` empty means
     every token; ``bad_words_token_ids`` are token sequences whose last token is masked when the
     output ends with the rest (the frontend tokenizes vLLM's ``bad_words``); ``grammar`` None means
-    unconstrained.
+    unconstrained. ``prompt_logprobs`` None means none, otherwise the number of top alternatives
+    returned with each prompt token's own logprob (:class:`PromptLogprobs`).
     """
 
     n: int = 1
@@ -102,6 +103,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     allowed_token_ids: list[int] = []
     bad_words_token_ids: list[list[int]] = []
     grammar: Union[GrammarConstraint, None] = None
+    prompt_logprobs: Union[int, None] = None
 
     def validate(self, max_logprobs: int = 20) -> None:
         """Raise ``ValueError(message)`` naming the offending parameter; ``.param`` is set on it."""
@@ -135,6 +137,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             bad("min_tokens", f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens}).")
         if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
             bad("logprobs", f"logprobs must be in [0, {max_logprobs}], got {self.logprobs}.")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= max_logprobs:
+            bad("prompt_logprobs", f"prompt_logprobs must be in [0, {max_logprobs}], got {self.prompt_logprobs}.")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             bad("stop", "stop strings must be non-empty strings.")
         if any(t < 0 for t in self.stop_token_ids):
@@ -172,12 +176,26 @@ class AbortRequests(msgspec.Struct, tag=True, **HOT):
     request_ids: list[str]
 
 
+class RequestPhases(msgspec.Struct, **HOT):
+    """How long a request spent in each phase, on the scheduler's clock (so without the IPC hops):
+    ``queue_seconds`` from its arrival at the scheduler to its first scheduling (kept across
+    preemptions), ``prefill_seconds`` from then to its first token, ``decode_seconds`` from its
+    first token to its end."""
+
+    queue_seconds: float
+    prefill_seconds: float
+    decode_seconds: float
+
+
 class TokenDelta(msgspec.Struct, **HOT):
     """New output of one request since its previous delta.
 
     ``token_ids`` are int32 packed. ``finish_reason`` is set on the last delta of a request
     and only there; ``stop_token_id`` is the eos/stop token that ended it (-1 if none; the token is
     included in ``token_ids``). ``logprobs`` (when asked) has one entry per token in ``token_ids``.
+
+    ``phases``: on the last delta of a request that produced a token (and only there), the
+    scheduler's timings of its phases (None otherwise: one byte on the wire).
     """
 
     request_id: str
@@ -189,6 +207,9 @@ class TokenDelta(msgspec.Struct, **HOT):
     num_cached_tokens: int = 0
     trace_context: str = ""
     error: str = ""
+    # With the request's first output token (when it asked): the logprobs of its prompt tokens 1..P-1.
+    prompt_logprobs: list[PromptLogprobs] = []
+    phases: Union[RequestPhases, None] = None
 
 
 class TokenDeltas(msgspec.Struct, tag=True, **HOT):
@@ -204,6 +225,30 @@ class TokenLogprobs(msgspec.Struct, **HOT):
     logprob: float
     top_ids: bytes = b""
     top_logprobs: bytes = b""
+
+
+class PromptLogprobs(msgspec.Struct, **HOT):
+    """Logprobs of a run of one request's prompt tokens, at prompt positions ``first_position ..
+    first_position + n - 1`` (``first_position >= 1``: the first prompt token has no logprob), each
+    the logprob of the prompt token there given the tokens before it, of the raw logits.
+
+    ``token_logprobs`` (float32, n) and ``ranks`` (int32, n; 1 is the most likely token) are the
+    prompt tokens'; ``top_ids`` (int32) and ``top_logprobs`` (float32) hold ``num_top`` alternatives
+    per position, best first, position by position (``n * num_top`` each). A long prompt computed
+    over several steps (chunked prefill) sends one run per step, in order, without gaps.
+    """
+
+    request_id: str
+    first_position: int
+    token_logprobs: bytes
+    ranks: bytes
+    num_top: int = 0
+    top_ids: bytes = b""
+    top_logprobs: bytes = b""
+
+    @property
+    def num_positions(self) -> int:
+        return len(self.token_logprobs) // 4
 
 
 # ---------------------------------------------------------------- scheduler <-> executor
@@ -275,6 +320,8 @@ class StepResult(msgspec.Struct, tag=True, **HOT):
     # and the host -> device bandwidth (bytes/s) the executor measured at start (0: no host tier).
     copy_time: float = 0.0
     link_bandwidth: float = 0.0
+    # Requests that asked for prompt_logprobs and computed prompt tokens in this step: one run each.
+    prompt_logprobs: list[PromptLogprobs] = []
 
 
 # ---------------------------------------------------------------- host memory (memory manager)

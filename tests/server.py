@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 REPO = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"pied: listening on http://(?P<host>[^:]+):(?P<port>\d+)")
 
@@ -67,14 +69,17 @@ class ServerProcess:
             connection.close()
 
     def metrics(self) -> dict[str, float]:
-        """``/metrics`` samples as ``{'name{labels}': value}``."""
+        """``/metrics`` samples as ``{'name{labels}': value}``, parsed by prometheus_client's own
+        parser, without the ``model_name`` label every series carries (the served model's)."""
         response = self.request("GET", "/metrics")
         assert response.status == 200, response.body
         samples = {}
-        for line in response.text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                samples[name] = float(value)
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                labels = ",".join(
+                    f'{name}="{value}"' for name, value in sample.labels.items() if name != "model_name"
+                )
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
         return samples
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:

@@ -18,7 +18,7 @@ MAX_TOKENS = 6
 WORDS = ["class", "def", "return", "import", "while", "lambda", "yield", "with", "try", "raise"]
 COMPLETION_PROMPTS = [f"The {word} statement" for word in WORDS]
 CHAT_MESSAGES = [[{"role": "user", "content": f"Explain {word} briefly."}] for word in WORDS]
-DEVICE_USAGE = 'pied:kv_cache_usage_perc{tier="device"}'
+DEVICE_USAGE = "pied:kv_cache_usage_perc"
 ABORTED = 'pied:request_success_total{finished_reason="abort"}'
 
 

@@ -119,7 +119,7 @@ OUT_OF_RANGE = [
     ("/v1/completions", {"prompt": [999999]}, "prompt"),
     ("/v1/completions", {"prompt": [[1, 2], [3, -4]]}, "prompt[1]"),
     ("/v1/completions", {"prompt": []}, "prompt"),
-    ("/v1/completions", {"echo": True, "logprobs": 1}, "echo"),
+    ("/v1/completions", {"echo": True, "logprobs": 1, "stream": True}, "echo"),
     ("/v1/completions", {"suffix": "x"}, "suffix"),
     ("/detokenize", {"tokens": [10**9]}, "tokens"),
 ]  # fmt: skip

@@ -36,7 +36,7 @@ MAX_CHOICES = 8
 MAX_PROMPT_TOKENS = 64
 MAX_STOP_STRINGS = 4
 MAX_STOP_STRING_CHARS = 16
-DEVICE_USAGE = 'pied:kv_cache_usage_perc{tier="device"}'
+DEVICE_USAGE = "pied:kv_cache_usage_perc"
 
 FUZZ_SETTINGS = settings(
     deadline=None,

@@ -29,7 +29,7 @@ MAX_ADMITTED = 8
 MAX_CONNECTIONS = 24
 MAX_STOP_TOKEN_IDS = 64
 VICTIM = {"model": MODEL, "prompt": "The class statement defines", "max_tokens": 16, "temperature": 0}
-DEVICE_USAGE = 'pied:kv_cache_usage_perc{tier="device"}'
+DEVICE_USAGE = "pied:kv_cache_usage_perc"
 ABORTED = 'pied:request_success_total{finished_reason="abort"}'
 HEALTH_TIMEOUT = 10.0  # per /health request: generous, these machines are loaded
 WAIT = 60.0  # how long any poll below may take before the test fails

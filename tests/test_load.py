@@ -21,7 +21,7 @@ TOPICS = [
     "sorting a list", "reading a file", "a binary search", "recursion", "dictionaries", "a for loop",
     "exceptions", "classes", "generators", "string formatting", "sets", "list comprehensions",
 ]  # fmt: skip
-DEVICE_USAGE = 'pied:kv_cache_usage_perc{tier="device"}'
+DEVICE_USAGE = "pied:kv_cache_usage_perc"
 
 
 def request_body(index: int) -> tuple[str, dict]:

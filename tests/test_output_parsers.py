@@ -88,27 +88,79 @@ def test_reasoning_stream_adds_up(parser, text):
             assert (reasoning or None, content) == (whole_reasoning or None, whole_content), (pieces, reasoning, content)
 
 
+def merged_calls(deltas: list[dict]) -> list[dict]:
+    """Streamed tool call deltas put together as a client does, checking vLLM's order: a call's
+    first delta has its index, id, type and name; later ones add argument fragments."""
+    calls: dict[int, dict] = {}
+    for delta in deltas:
+        if delta["index"] not in calls:
+            assert delta["id"] and delta["type"] == "function" and delta["function"]["name"], delta
+            assert delta["index"] == len(calls), delta  # calls begin in order
+            calls[delta["index"]] = {"name": delta["function"]["name"], "arguments": ""}
+        else:
+            assert set(delta) == {"index", "function"} and set(delta["function"]) == {"arguments"}, delta
+        calls[delta["index"]]["arguments"] += delta["function"].get("arguments", "")
+    return [calls[index] for index in sorted(calls)]
+
+
+TWO_CALLS = '{"name": "f", "arguments": {"s": "a } ] \\" b", "n": [1, {"x": 2.5}]}}'
+ARGUMENTS_FIRST = '{"arguments": {"city": "Paris"}, "name": "get_weather"}'
+STRING_ARGUMENTS = '{"name": "g", "arguments": "{\\"q\\": 1}"}'
+
+
 @pytest.mark.parametrize("parser", ["hermes", "llama3_json", "mistral"])
 def test_tool_call_stream_adds_up(parser):
     texts = {
-        "hermes": [f"I will call.<tool_call>\n{json.dumps(CALL)}\n</tool_call>", "no call <tool_ at all", "plain"],
-        "llama3_json": ['{"name": "get_weather", "parameters": {"city": "Paris"}}', "  plain text", "<|python"],
-        "mistral": [f"ok [TOOL_CALLS][{json.dumps(CALL)}]", "[TOOL_CALLS] broken", "plain"],
+        "hermes": [
+            f"I will call.<tool_call>\n{json.dumps(CALL)}\n</tool_call>",
+            f"<tool_call>{TWO_CALLS}</tool_call>\n<tool_call>{ARGUMENTS_FIRST}</tool_call>",
+            f"<tool_call>{STRING_ARGUMENTS}</tool_call>",
+            '<tool_call>{"name": "n", "arguments": 42}</tool_call>',
+            "no call <tool_ at all",
+            "<tool_call>{not json</tool_call>",
+            "plain",
+        ],
+        "llama3_json": [
+            '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+            f'<|python_tag|>{TWO_CALLS}; {ARGUMENTS_FIRST.replace("arguments", "parameters")}',
+            "  plain text",
+            "<|python",
+        ],
+        "mistral": [f"ok [TOOL_CALLS][{json.dumps(CALL)}, {TWO_CALLS}]", "[TOOL_CALLS] broken", "plain"],
     }[parser]
-    output = ChatOutputFormat(tool_call_parser=parser, tool_choice="auto")
-    for text in texts:
-        whole, finish = output.message(text, "stop")
-        for seed in range(20):
-            stream = output.stream()
-            pieces = random_splits(text, seed)
-            content, calls, last_finish = "", [], None
-            for i, piece in enumerate(pieces):
-                delta, last_finish = stream.feed(piece, "stop" if i == len(pieces) - 1 else None)
-                content += delta.content or ""
-                calls += delta.tool_calls or []
-            assert content == (whole.content or ""), (pieces, content)
-            assert [c["function"] for c in calls] == [c["function"] for c in whole.tool_calls]
-            assert last_finish == finish
+    for parallel in (True, False):
+        output = ChatOutputFormat(tool_call_parser=parser, tool_choice="auto", parallel_tool_calls=parallel)
+        for text in texts:
+            whole, finish = output.message(text, "stop")
+            for seed in range(20):
+                stream = output.stream()
+                pieces = random_splits(text, seed)
+                content, deltas, last_finish = "", [], None
+                for i, piece in enumerate(pieces):
+                    delta, last_finish = stream.feed(piece, "stop" if i == len(pieces) - 1 else None)
+                    content += delta.content or ""
+                    deltas += delta.tool_calls or []
+                assert content == (whole.content or ""), (pieces, content)
+                assert merged_calls(deltas) == [c["function"] for c in whole.tool_calls], pieces
+                assert last_finish == finish
+
+
+def test_tool_calls_stream_while_written():
+    """The name goes out as soon as it is complete, the arguments as they are written: not one
+    chunk at the end."""
+    stream = ChatOutputFormat(tool_call_parser="hermes", tool_choice="auto").stream()
+    text = f"<tool_call>\n{json.dumps(CALL)}\n</tool_call>"
+    sent = []
+    for char in text:
+        delta, _ = stream.feed(char, None)
+        sent.append(delta.tool_calls or [])
+    _, finish = stream.feed("", "stop")
+    name_at = next(i for i, deltas in enumerate(sent) if deltas)
+    assert text[: name_at + 1].endswith('"get_weather"')
+    assert sent[name_at][0]["function"] == {"name": "get_weather"}
+    fragments = [d["function"]["arguments"] for deltas in sent[name_at + 1 :] for d in deltas]
+    assert len(fragments) == len('{"city": "Paris"}') and "".join(fragments) == '{"city": "Paris"}'
+    assert finish == "tool_calls"
 
 
 def test_parser_flags_are_checked_before_start():

@@ -420,16 +420,17 @@ def test_prefix_caching_is_on_by_default_and_has_a_flag_pair():
 
 
 def test_metrics_expose_queries_and_hits_per_tier():
-    text = ServerMetrics().render(
+    text = ServerMetrics("m").render(
         proto.Stats(
             prefix_cache_queries_total=40, prefix_cache_device_hits_total=16, prefix_cache_host_hits_total=8
         )
     )
     assert "# TYPE pied:prefix_cache_queries_total counter" in text
-    assert "pied:prefix_cache_queries_total 40.0" in text
+    assert 'pied:prefix_cache_queries_total{model_name="m"} 40.0' in text
     assert "# TYPE pied:prefix_cache_hits_total counter" in text
-    assert 'pied:prefix_cache_hits_total{tier="device"} 16.0' in text
-    assert 'pied:prefix_cache_hits_total{tier="host"} 8.0' in text
+    # Hits on either tier (vLLM's hit rate is hits over queries); the host's part on its own series.
+    assert 'pied:prefix_cache_hits_total{model_name="m"} 24.0' in text
+    assert 'pied:host_prefix_cache_hits_total{model_name="m"} 8.0' in text
 
 
 # ---------------------------------------------------------------- end to end with real tiny models

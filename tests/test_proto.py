@@ -47,10 +47,14 @@ FULL_PARAMS = SamplingParams(
     grammar=proto.GrammarConstraint(proto.GrammarKind.JSON_SCHEMA, '{"type": "object"}'),
 )
 LOGPROBS = proto.TokenLogprobs(logprob=-0.25, top_ids=pack_i32([7, 3, 9]), top_logprobs=pack_f32([-0.25, -1.5, -3.0]))
+PROMPT_LOGPROBS = proto.PromptLogprobs(
+    "r1", 1, pack_f32([-2.5, -0.5]), pack_i32([7, 1]), 2, pack_i32([4, 9, 8, 4]), pack_f32([-1.0, -2.0, -0.5, -1.5])
+)
 
 # One or more examples per message: a minimal one (defaults) and one with every field set.
 EXAMPLES: dict[type, list[msgspec.Struct]] = {
-    SamplingParams: [SamplingParams(), GREEDY, FULL_PARAMS],
+    SamplingParams: [SamplingParams(), GREEDY, FULL_PARAMS, SamplingParams(max_tokens=1, prompt_logprobs=5)],
+    proto.PromptLogprobs: [proto.PromptLogprobs("r0", 3, pack_f32([-1.0]), pack_i32([2])), PROMPT_LOGPROBS],
     proto.GrammarConstraint: [
         proto.GrammarConstraint(proto.GrammarKind.REGEX, "[a-z]+"),
         proto.GrammarConstraint(proto.GrammarKind.EBNF, 'root ::= "yes" | "no"'),
@@ -72,9 +76,12 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
             logprobs=[LOGPROBS, LOGPROBS],
             num_cached_tokens=16,
             trace_context="00-abc-def-01",
+            phases=proto.RequestPhases(0.25, 0.5, 1.5),
         ),
         proto.TokenDelta("r2", b"", finish_reason=FinishReason.ERROR, error="the model failed"),
+        proto.TokenDelta("r1", pack_i32([5]), num_prompt_tokens=3, prompt_logprobs=[PROMPT_LOGPROBS]),
     ],
+    proto.RequestPhases: [proto.RequestPhases(0.0, 0.001, 2.5)],
     proto.TokenDeltas: [
         proto.TokenDeltas([]),
         proto.TokenDeltas([proto.TokenDelta("r0", pack_i32([5])), proto.TokenDelta("r1", b"", FinishReason.ABORT)]),
@@ -103,6 +110,7 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
         proto.StepResult(5, pack_i32([1]), num_host_blocks=12, bytes_to_device=1 << 33, bytes_to_host=4096,
                          stall_time=0.001, layer_compute_time=0.0004, copy_time=0.002, link_bandwidth=2.5e10),
         proto.StepResult(4, b"", error="CUDA error: out of memory"),
+        proto.StepResult(6, pack_i32([3]), prompt_logprobs=[PROMPT_LOGPROBS]),
     ],
     proto.HostSegmentInfo: [proto.HostSegmentInfo(segment_id=2, pid=4242, fd=17, first_block=128, num_blocks=64)],
     proto.HostLease: [
@@ -137,7 +145,8 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
                     stall_seconds_total=0.01, host_lease_target=40, host_decision="shrink: stalls 5.1% > 2%",
                     host_link_bandwidth=2.4e10, prefix_cache_queries_total=640, prefix_cache_device_hits_total=256,
                     prefix_cache_host_hits_total=64, num_computed_tokens_total=4096, prefix_cache_demotions_total=8,
-                    prefix_cache_promotions_total=2),
+                    prefix_cache_promotions_total=2, num_host_blocks_used=12,
+                    iteration_tokens_bucket_counts=[0, 5, 3] + [0] * 11),
     ],
     proto.plan.HostPlan: [
         proto.plan.HostPlan(),
@@ -199,7 +208,7 @@ def test_one_union_decoder_tells_every_tagged_message_apart():
 
 def test_hot_and_control_messages_are_array_like_untracked_and_omit_defaults():
     hot = [proto.AddRequest, proto.AbortRequests, proto.TokenDelta, proto.TokenDeltas, proto.TokenLogprobs,
-           proto.NewRequestData, proto.StepPlan, proto.StepResult, proto.HostSegmentInfo]
+           proto.RequestPhases, proto.NewRequestData, proto.StepPlan, proto.StepResult, proto.HostSegmentInfo]
     control = [proto.Ready, proto.Heartbeat, proto.Shutdown, proto.Dead, proto.Stats]
     for cls in hot + control:
         config = cls.__struct_config__

@@ -46,7 +46,7 @@ COMMON = {
     "skip_special_tokens": (False, {}, "ok"),
     "spaces_between_special_tokens": (False, {}, "spaces_between_special_tokens"),
     "truncate_prompt_tokens": (4, {}, "ok"),
-    "prompt_logprobs": (1, {}, "prompt_logprobs"),
+    "prompt_logprobs": (1, {}, "ok"),
     "allowed_token_ids": ([5, 6], {}, "ok"),
     "bad_words": (["the"], {}, "ok"),
     "add_special_tokens": (True, {}, "ok"),

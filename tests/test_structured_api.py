@@ -172,11 +172,18 @@ def test_auto_tool_calls_are_parsed(client):
     [call] = choice.message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris"}
-    # Streamed: the client sees tool_call deltas and the same finish reason.
+    # Streamed as vLLM streams them: the call's index, id and name first, then its arguments in
+    # fragments as the model writes them (several chunks, not one at the end), adding up to exactly
+    # the non-streamed call; and the same finish reason.
     chunks = list(client.chat.completions.create(stream=True, **kwargs))
-    deltas = [tc for chunk in chunks if chunk.choices for tc in (chunk.choices[0].delta.tool_calls or [])]
-    assert [d.function.name for d in deltas] == ["get_weather"]
-    assert json.loads("".join(d.function.arguments for d in deltas)) == {"city": "Paris"}
+    with_calls = [chunk.choices[0].delta.tool_calls for chunk in chunks if chunk.choices and chunk.choices[0].delta.tool_calls]
+    deltas = [tc for calls in with_calls for tc in calls]
+    assert len(with_calls) > 2, deltas
+    first, *rest = deltas
+    assert first.index == 0 and first.id and first.type == "function" and first.function.name == "get_weather"
+    assert all(d.index == 0 and d.id is None and d.function.name is None for d in rest)
+    arguments = "".join(d.function.arguments or "" for d in deltas)
+    assert arguments == call.function.arguments
     assert not "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 

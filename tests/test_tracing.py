@@ -245,17 +245,19 @@ def test_one_request_is_one_trace_across_processes(tiny_model_dir, otlp_receiver
         "http.route": "/v1/chat/completions",
         "http.response.status_code": 200,
         "gen_ai.operation.name": "chat",
-        "gen_ai.system": "pied",
+        "gen_ai.provider.name": "pied",
         "gen_ai.request.model": "tiny",
         "gen_ai.request.max_tokens": 6,
         "gen_ai.request.temperature": 0.0,
         "gen_ai.request.top_p": 0.9,
         "gen_ai.usage.input_tokens": usage["prompt_tokens"],
         "gen_ai.usage.output_tokens": usage["completion_tokens"],
+        "gen_ai.usage.cache_read.input_tokens": usage["prompt_tokens_details"]["cached_tokens"],
         "gen_ai.response.finish_reasons": ["length"],
         "gen_ai.response.id": answer["id"],
     }
     assert {key: api.attributes.get(key) for key in expected} == expected
+    assert "gen_ai.system" not in api.attributes  # deprecated by gen_ai.provider.name
     assert usage["completion_tokens"] == 6
 
     queue, prefill, decode = by_name[QUEUE_SPAN], by_name[PREFILL_SPAN], by_name[DECODE_SPAN]

@@ -40,6 +40,7 @@ from pied.api.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
+from pied.api.responses_api import ResponsesRequest, create_response
 from pied.api.state import THREAD_DECODE_TOKENS, ServerState
 from pied.api.tracing import tracing_middleware
 from pied.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -50,10 +51,12 @@ logger = logging.getLogger(__name__)
 STATE = web.AppKey("state", ServerState)
 OPENAPI = web.AppKey("openapi", bytes)
 REQUEST_ID_HEADER = "X-Request-Id"
-OPEN_PATHS = frozenset({"/health", "/metrics"})  # reachable without the API key (probes, scrapers)
+OPEN_PATHS = frozenset({"/health", "/ping", "/metrics"})  # reachable without the API key (probes, scrapers)
 # Paths whose requests count against --max-admitted-requests (they hold a body, the tokenizer or
 # the engine); the cheap GETs, /health among them, are always answered.
-ADMITTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"})
+ADMITTED_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize", "/detokenize"}
+)
 MAX_REQUEST_ID_LENGTH = 128
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -150,22 +153,28 @@ async def version(request: web.Request) -> web.Response:
     return json_response(VersionResponse(pied.__version__))
 
 
-def model_card(server: ServerState) -> ModelCard:
-    return ModelCard(server.model_name, server.created, server.model_root, server.max_model_len)
+def model_card(server: ServerState, name: str | None = None) -> ModelCard:
+    return ModelCard(name or server.model_name, server.created, server.model_root, server.max_model_len)
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response(ModelList([model_card(request.app[STATE])]))
+    server = request.app[STATE]
+    return json_response(ModelList([model_card(server, name) for name in server.served_model_names]))
 
 
 async def get_model(request: web.Request) -> web.Response:
     server = request.app[STATE]
-    server.check_model(request.match_info["model"])
-    return json_response(model_card(server))
+    name = request.match_info["model"]
+    server.check_model(name)
+    return json_response(model_card(server, name))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await create_chat_completion(request, request.app[STATE])
+
+
+async def create_responses(request: web.Request) -> web.StreamResponse:
+    return await create_response(request, request.app[STATE])
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -214,7 +223,7 @@ async def detokenize(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     server = request.app[STATE]
-    text = server.metrics.render(server.engine.stats())
+    text = server.metrics.render(server.engine.stats(), server.engine.worker_pids)
     return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
@@ -227,6 +236,9 @@ ROUTES = [
           ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk),
     Route("POST", "/v1/completions", completions, "Create a text completion (streamed with SSE or not).",
           CompletionRequest, CompletionResponse, CompletionChunk),
+    Route("POST", "/v1/responses", create_responses,
+          "Create a model response (OpenAI's Responses API, text input and output; streamed with SSE or not).",
+          ResponsesRequest),
     Route("GET", "/v1/models", list_models, "List the served model.", response=ModelList),
     Route("GET", "/v1/models/{model}", get_model, "Describe the served model.", response=ModelCard),
     Route("POST", "/tokenize", tokenize, "Tokenize a prompt or a chat conversation.", TokenizeRequest,
@@ -234,6 +246,8 @@ ROUTES = [
     Route("POST", "/detokenize", detokenize, "Turn token ids back into text.", DetokenizeRequest,
           DetokenizeResponse),
     Route("GET", "/health", health, "200 while serving; 503 while draining or once the engine is dead."),
+    Route("GET", "/ping", health, "The same as /health (as vLLM answers it, for SageMaker-style probes)."),
+    Route("POST", "/ping", health, "The same as /health."),
     Route("GET", "/version", version, "The server's version.", response=VersionResponse),
     Route("GET", "/metrics", metrics, "Prometheus metrics (text exposition format 0.0.4).",
           response_content_type="text/plain"),

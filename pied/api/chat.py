@@ -14,6 +14,7 @@ from pied.api.chat_output import ChatOutputFormat
 from pied.api.errors import bad_request
 from pied.api.generation import Choice, Generation, PromptInput
 from pied.api.params import check_request_limits, sampling_params
+from pied.api.prompt_logprobs import prompt_logprobs_of, requested_prompt_logprobs
 from pied.api.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -108,6 +109,26 @@ async def render_chat(
 
 async def create_chat_completion(request: web.Request, server: ServerState) -> web.StreamResponse:
     body = await read_json(request, server, ChatCompletionRequest)
+    generation, output, num_top, num_prompt_top = await prepare_chat(server, body, responses.new_id("chatcmpl"))
+    created = responses.now_seconds()
+    async with generation.running():
+        if body.stream:
+            return await stream_response(request, server, generation, body, created, num_top, output)
+        await responses.run_to_completion(generation)
+        answer = full_response(server, generation, created, num_top, output)
+        if num_prompt_top is not None:
+            answer.prompt_logprobs = prompt_logprobs_of(server, generation, generation.choices[0], num_prompt_top)
+        return web.Response(body=msgspec.json.encode(answer), content_type="application/json")
+
+
+async def prepare_chat(
+    server: ServerState, body: ChatCompletionRequest, request_id: str
+) -> tuple[Generation, ChatOutputFormat, int, int | None]:
+    """Check a chat request (the model's generation defaults filled in), render and encode its
+    conversation: the generation to run (not yet submitted), how its output becomes a message, its
+    number of top logprobs and of prompt logprobs (None: not asked). Shared by
+    ``/v1/chat/completions`` and ``/v1/responses`` (an adapter over it)."""
+    body = server.generation_defaults.apply(body)
     server.check_available()
     server.check_model(body.model)
     check_request_limits(body, server.limits)  # before the template renders anything
@@ -132,6 +153,7 @@ async def create_chat_completion(request: web.Request, server: ServerState) -> w
         raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
     num_top = body.top_logprobs or 0
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = server.generation_defaults.max_tokens(max_tokens, len(token_ids), server.max_model_len)
     params = sampling_params(
         body,
         max_tokens=max_tokens,
@@ -146,6 +168,9 @@ async def create_chat_completion(request: web.Request, server: ServerState) -> w
             "max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
         },
     )
+    num_prompt_top = requested_prompt_logprobs(body, server.max_logprobs)
+    if num_prompt_top is not None:
+        params = msgspec.structs.replace(params, prompt_logprobs=num_prompt_top)
     params = await constrain(server, body, params, grammar)
     if tool_choice == "auto" and server.tool_call_parser is not None:
         # Tool-call markers ([TOOL_CALLS], <|python_tag|>, sometimes <tool_call>) are special tokens
@@ -158,14 +183,8 @@ async def create_chat_completion(request: web.Request, server: ServerState) -> w
         include_reasoning=body.include_reasoning is not False,
         parallel_tool_calls=body.parallel_tool_calls is not False,
     )
-    generation = Generation(server, responses.new_id("chatcmpl"), [PromptInput(token_ids, params, prompt)])
-    created = responses.now_seconds()
-    async with generation.running():
-        if body.stream:
-            return await stream_response(request, server, generation, body, created, num_top, output)
-        await responses.run_to_completion(generation)
-        answer = full_response(server, generation, created, num_top, output)
-        return web.Response(body=msgspec.json.encode(answer), content_type="application/json")
+    generation = Generation(server, request_id, [PromptInput(token_ids, params, prompt)])
+    return generation, output, num_top, num_prompt_top
 
 
 async def stream_response(

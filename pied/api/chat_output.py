@@ -68,7 +68,10 @@ class ChatOutputStream:
         if self.format.reasoning_parser is not None:
             self.reasoning = ReasoningStream(self.format.reasoning_parser)
         if self.format.auto_tools:
-            self.tools = ToolCallStream(self.format.tool_call_parser)  # type: ignore[arg-type]
+            self.tools = ToolCallStream(
+                self.format.tool_call_parser,  # type: ignore[arg-type]
+                max_calls=None if self.format.parallel_tool_calls else 1,
+            )
 
     def feed(self, text: str, finish_reason: str | None) -> tuple[DeltaMessage, str | None]:
         """The delta for ``text`` (empty fields are None), and the finish reason to send."""
@@ -78,23 +81,28 @@ class ChatOutputStream:
             reasoning, content = self.reasoning.feed(text, final)
             if not self.format.include_reasoning:
                 reasoning = ""
-        calls: list[dict[str, Any]] = []
+        call_deltas: list[dict[str, Any]] = []
         if self.format.forced_tools:
             self.forced_text.append(content)
             content = ""
             if final:
-                calls = forced_tool_calls(self.format.tool_choice, "".join(self.forced_text))
+                calls = self.format._calls(forced_tool_calls(self.format.tool_choice, "".join(self.forced_text)))
+                call_deltas = [{"index": i, **call} for i, call in enumerate(calls)]
         elif self.tools is not None:
-            content = self.tools.feed(content)
+            # Auto tool calls stream as they are written: a call's name, then its arguments.
+            content, call_deltas = self.tools.feed(content)
             if final:
-                rest, calls = self.tools.finish()
+                rest, last = self.tools.finish()
                 content += rest
-        calls = self.format._calls(calls)
-        if calls and finish_reason == "stop":
+                call_deltas += last
+        if final and finish_reason == "stop" and self._called(call_deltas):
             finish_reason = "tool_calls"
         delta = DeltaMessage(
             content=content or None,
             reasoning_content=reasoning or None,
-            tool_calls=[{"index": i, **call} for i, call in enumerate(calls)] or None,
+            tool_calls=call_deltas or None,
         )
         return delta, finish_reason
+
+    def _called(self, call_deltas: list[dict[str, Any]]) -> bool:
+        return bool(call_deltas) or (self.tools is not None and bool(self.tools.sent))

@@ -13,9 +13,16 @@ from pied.api.body import read_json
 from pied.api.errors import bad_request
 from pied.api.generation import Choice, Generation, PromptInput
 from pied.api.params import check_num_choices, check_request_limits, check_token_ids, sampling_params
+from pied.api.prompt_logprobs import (
+    echo_logprobs,
+    prompt_entries,
+    prompt_logprobs_of,
+    requested_prompt_logprobs,
+)
 from pied.api.protocol import (
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
 )
@@ -62,8 +69,21 @@ async def prompt_inputs(server: ServerState, body: CompletionRequest) -> list[tu
     return result
 
 
+DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's, for a completion request that gives none
+
+
+def completion_defaults(server: ServerState, body: CompletionRequest) -> CompletionRequest:
+    """The request with the model's generation defaults (pied.generation_config) where it left a
+    field unset; an unset max_tokens is the model's max_new_tokens (per prompt), else 16."""
+    body = server.generation_defaults.apply(body)
+    if body.max_tokens is msgspec.UNSET:
+        has_default = "max_tokens" in server.generation_defaults.values
+        body = msgspec.structs.replace(body, max_tokens=None if has_default else DEFAULT_MAX_TOKENS)
+    return body
+
+
 async def create_completion(request: web.Request, server: ServerState) -> web.StreamResponse:
-    body = await read_json(request, server, CompletionRequest)
+    body = completion_defaults(server, await read_json(request, server, CompletionRequest))
     server.check_available()
     server.check_model(body.model)
     check_request_limits(body, server.limits)  # before anything is tokenized
@@ -73,8 +93,12 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
         raise bad_request("suffix is not supported.", "suffix")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise bad_request("best_of is not supported (other than equal to n).", "best_of")
-    if body.echo and body.logprobs is not None:
-        raise bad_request("echo with logprobs needs prompt logprobs, which are not supported.", "echo")
+    num_prompt_top = requested_prompt_logprobs(body, server.max_logprobs)
+    # echo with logprobs: the prompt's tokens get logprobs too, from the prompt logprobs (vLLM's way).
+    echo_with_logprobs = bool(body.echo) and body.logprobs is not None
+    if echo_with_logprobs and body.stream:
+        raise bad_request("echo with logprobs is not available when stream is true.", "echo")
+    engine_prompt_top = max(num_prompt_top or 0, body.logprobs or 0) if echo_with_logprobs else num_prompt_top
     prompts = []
     inputs = await prompt_inputs(server, body)
     for index, (token_ids, text) in enumerate(inputs):
@@ -85,7 +109,7 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
             token_ids = token_ids[-body.truncate_prompt_tokens :]
         params = sampling_params(
             body,
-            max_tokens=body.max_tokens,
+            max_tokens=server.generation_defaults.max_tokens(body.max_tokens, len(token_ids), server.max_model_len),
             logprobs=body.logprobs,
             num_prompt_tokens=len(token_ids),
             max_model_len=server.max_model_len,
@@ -93,6 +117,8 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
             prompt_param="prompt" if len(inputs) == 1 else f"prompt[{index}]",
             limits=server.limits,
         )
+        if engine_prompt_top is not None:
+            params = msgspec.structs.replace(params, prompt_logprobs=engine_prompt_top)
         params = await constrain(server, body, params, grammar)
         prompts.append(PromptInput(token_ids, params, text))
     if body.echo:  # the prompts' texts, decoded here (on a thread when long) rather than per choice
@@ -111,14 +137,35 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
             state = choice.state
             logprobs = None
             if state.logprobs is not None:
-                logprobs = responses.completion_logprobs(server, state.token_ids, state.logprobs, num_top, 0)
+                logprobs = completion_choice_logprobs(server, generation, choice, num_top, echo_with_logprobs)
             text = echo_text(server, generation, choice, bool(body.echo)) + state.text
-            choices.append(
-                CompletionChoice(state.index, text, logprobs, state.finish_reason, state.stop_reason)
-            )
+            answer_choice = CompletionChoice(state.index, text, logprobs, state.finish_reason, state.stop_reason)
+            if num_prompt_top is not None:
+                answer_choice.prompt_logprobs = prompt_logprobs_of(server, generation, choice, num_prompt_top)
+            choices.append(answer_choice)
         usage = responses.usage(generation)
         answer = CompletionResponse(generation.request_id, created, server.model_name, choices, usage)
         return web.Response(body=msgspec.json.encode(answer), content_type="application/json")
+
+
+def completion_choice_logprobs(
+    server: ServerState, generation: Generation, choice: Choice, num_top: int, echo: bool
+) -> CompletionLogprobs:
+    """The choice's logprobs: of its generated tokens, after the echoed prompt's when ``echo``."""
+    state = choice.state
+    assert state.logprobs is not None
+    if not echo:
+        return responses.completion_logprobs(server, state.token_ids, state.logprobs, num_top, 0)
+    prompt_token_ids = generation.prompts[choice.prompt_index].token_ids
+    entries = prompt_entries(generation, choice) or [None] * len(prompt_token_ids)
+    logprobs = echo_logprobs(server, prompt_token_ids, entries, num_top)
+    offset = (logprobs.text_offset[-1] + len(logprobs.tokens[-1])) if logprobs.tokens else 0
+    generated = responses.completion_logprobs(server, state.token_ids, state.logprobs, num_top, offset)
+    logprobs.tokens += generated.tokens
+    logprobs.token_logprobs += generated.token_logprobs
+    logprobs.top_logprobs += generated.top_logprobs
+    logprobs.text_offset += generated.text_offset
+    return logprobs
 
 
 def echo_text(server: ServerState, generation: Generation, choice: Choice, echo: bool) -> str:

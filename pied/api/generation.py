@@ -155,6 +155,10 @@ class Generation:
         deltas = self._deltas()
         try:
             async for choice, delta in deltas:
+                if delta.phases is not None:
+                    # The scheduler's phase timings, also from the ABORT delta that follows a stop
+                    # string the API found itself (the choice is finished by then).
+                    metrics.observe_phases(delta.phases, len(choice.state.token_ids) + len(delta.token_ids) // 4)
                 if choice.finished:
                     continue  # the ABORT delta after a stop string we found ourselves
                 if not choice.started:
@@ -163,10 +167,14 @@ class Generation:
                 update = choice.state.update(delta)
                 now = time.monotonic()
                 metrics.observe_tokens(
-                    choice.timing, len(update.token_ids), len(choice.state.prompt_token_ids), now
+                    choice.timing,
+                    len(update.token_ids),
+                    len(choice.state.prompt_token_ids),
+                    now,
+                    choice.state.num_cached_tokens,
                 )
                 if update.finish_reason is not None:
-                    metrics.observe_finish(choice.timing, update.finish_reason, now)
+                    self._observe_finish(choice, update.finish_reason, now)
                 if update.abort_engine:
                     # A stop string ended the choice; the engine does not know, so free its blocks.
                     await self.server.engine.abort([choice.state.request_id])
@@ -189,10 +197,16 @@ class Generation:
         now = time.monotonic()
         reason = "error" if self.server.engine.dead else "abort"
         for choice in unfinished:
-            self.server.metrics.observe_finish(choice.timing, reason, now)
+            self._observe_finish(choice, reason, now)
         request_ids = [choice.state.request_id for choice in unfinished]
         if not self.server.engine.dead:
             await asyncio.shield(self._abort_later(request_ids))
+
+    def _observe_finish(self, choice: Choice, reason: str, now: float) -> None:
+        state = choice.state
+        self.server.metrics.observe_finish(
+            choice.timing, reason, now, len(state.prompt_token_ids), len(state.token_ids)
+        )
 
     # ---------------------------------------------------------------- tracing
 
@@ -231,6 +245,8 @@ class Generation:
                 "gen_ai.response.finish_reasons": finish_reasons,
                 "gen_ai.usage.input_tokens": self.num_prompt_tokens,
                 "gen_ai.usage.output_tokens": self.num_completion_tokens,
+                # Prompt tokens found in the prefix cache (part of input_tokens, as the convention says).
+                "gen_ai.usage.cache_read.input_tokens": self.num_cached_tokens,
             }
         )
         if "error" in finish_reasons:

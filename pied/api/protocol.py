@@ -115,7 +115,9 @@ class CompletionRequest(SamplingFields, kw_only=True):
     """``prompt`` is a string, a list of strings, a list of token ids, or a list of those lists."""
 
     prompt: Union[str, list[Union[str, int, list[int]]]]
-    max_tokens: Union[int, None] = 16
+    # Unset: OpenAI's 16, unless the model's generation config gives max_new_tokens; null: the rest
+    # of the context (or max_new_tokens).
+    max_tokens: Union[int, None, msgspec.UnsetType] = msgspec.UNSET
     logprobs: Union[int, None] = None
     echo: Union[bool, None] = False
     suffix: Union[str, None] = None
@@ -189,6 +191,18 @@ class ChatChoice(msgspec.Struct):
     stop_reason: Union[int, str, None] = None
 
 
+class PromptLogprob(msgspec.Struct):
+    """vLLM's ``Logprob`` of a prompt position's token (keyed by token id in a dict per position)."""
+
+    logprob: float
+    rank: Union[int, None] = None
+    decoded_token: Union[str, None] = None
+
+
+# Per prompt position (the first is null), token id -> its logprob; present only when asked for.
+PromptLogprobs = Union[list[Union[dict[str, PromptLogprob], None]], None, UnsetType]
+
+
 class ChatCompletionResponse(msgspec.Struct):
     id: str
     created: int
@@ -197,6 +211,7 @@ class ChatCompletionResponse(msgspec.Struct):
     usage: UsageInfo
     object: str = "chat.completion"
     system_fingerprint: Union[str, None] = None
+    prompt_logprobs: PromptLogprobs = UNSET
 
 
 class DeltaMessage(msgspec.Struct, omit_defaults=True):
@@ -241,6 +256,7 @@ class CompletionChoice(msgspec.Struct):
     logprobs: Union[CompletionLogprobs, None] = None
     finish_reason: Union[str, None] = None
     stop_reason: Union[int, str, None] = None
+    prompt_logprobs: PromptLogprobs = UNSET
 
 
 class CompletionResponse(msgspec.Struct):

@@ -12,7 +12,6 @@ from pied.api.errors import bad_request
 
 # field -> (values that mean "off", why it is refused)
 UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "prompt_logprobs": ((None,), "prompt logprobs are not computed by pied"),
     "use_beam_search": ((None, False), "beam search is not supported"),
     "length_penalty": ((None, 1, 1.0), "length_penalty applies to beam search, which is not supported"),
     "spaces_between_special_tokens": ((None, True), "detokenizing without spaces between special tokens is not supported"),

@@ -13,6 +13,7 @@ from typing import Any
 from pied.api.errors import APIError
 from pied.api.params import DEFAULT_LIMITS, RequestLimits, check_token_ids
 from pied.engine_client import EngineClient
+from pied.generation_config import GenerationDefaults
 from pied.metrics import ServerMetrics
 from pied.tokenizer import Tokenizer
 
@@ -27,7 +28,7 @@ RETRY_AFTER_SECONDS = 1  # a 429's Retry-After: requests here last seconds, not 
 class ServerState:
     engine: EngineClient
     tokenizer: Tokenizer
-    model_name: str
+    served_model_names: tuple[str, ...]  # --served-model-name: every one is accepted, the first answers
     model_root: str
     max_model_len: int
     vocab_size: int = 0  # the model's (0: take the tokenizer's); client token ids must be below it
@@ -39,10 +40,11 @@ class ServerState:
     body_timeout: float = 30.0  # seconds a request body may take to arrive (408 past it)
     write_timeout: float = 30.0  # seconds a stream write may wait on a client that does not read
     limits: RequestLimits = DEFAULT_LIMITS
-    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    metrics: ServerMetrics = field(init=False)  # labelled with model_name, built in __post_init__
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None  # a name in pied.api.tool_parsers.TOOL_PARSERS
     reasoning_parser: str | None = None  # a name in pied.api.reasoning.REASONING_PARSERS
+    generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     # Engine requests submitted that have not produced their first delta yet: the frontend's exact
@@ -52,11 +54,19 @@ class ServerState:
     num_admitted: int = 0  # requests past the admission bound's check, not answered yet
     background_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
+    @property
+    def model_name(self) -> str:
+        """The name responses carry (vLLM: the first served model name)."""
+        return self.served_model_names[0]
+
     def __post_init__(self) -> None:
+        if not self.served_model_names:
+            raise ValueError("a server needs at least one served model name.")
         # Logprob token strings are decoded one id at a time; the same ids recur constantly.
         self.token_text = functools.lru_cache(maxsize=65536)(self._token_text)
         if not self.vocab_size:
             self.vocab_size = self.tokenizer.vocab_size
+        self.metrics = ServerMetrics(self.model_name, self.max_model_len)
 
     async def encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
         """Token ids of a prompt, checked against the model's vocabulary (an added token past the
@@ -97,7 +107,7 @@ class ServerState:
 
     def check_model(self, model: str | None) -> None:
         # vLLM accepts a request without ``model``; a wrong one is a 404.
-        if model is not None and model != self.model_name:
+        if model is not None and model not in self.served_model_names:
             raise APIError(404, f"The model `{model}` does not exist.", param="model")
 
     def admit(self) -> None:

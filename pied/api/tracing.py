@@ -2,7 +2,7 @@
 
 One span per ``POST /v1/chat/completions`` or ``POST /v1/completions`` (probes, scrapes and the
 other endpoints are not traced), named ``POST <route>`` with the HTTP semantic-convention attributes
-and ``gen_ai.operation.name``/``gen_ai.system``. An incoming W3C ``traceparent`` (and
+and ``gen_ai.operation.name``/``gen_ai.provider.name`` (``gen_ai.system`` before semantic conventions 1.37). An incoming W3C ``traceparent`` (and
 ``tracestate``) header makes it a child of the caller's span. The span is current while the
 handler runs, so :class:`pied.api.generation.Generation` adds the GenAI request and response
 attributes and sends its ``traceparent`` to the engine in ``AddRequest.trace_context``.
@@ -26,8 +26,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 # Route -> gen_ai.operation.name (the GenAI semantic conventions' well-known values).
-GENERATION_OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion"}
-GEN_AI_SYSTEM = "pied"
+GENERATION_OPERATIONS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "text_completion",
+    "/v1/responses": "chat",
+}
+GEN_AI_PROVIDER = "pied"  # a self-hosted server names itself; the well-known values are vendors'
 
 
 def server_span_attributes(request: web.Request, operation: str) -> dict[str, str | int]:
@@ -39,7 +43,7 @@ def server_span_attributes(request: web.Request, operation: str) -> dict[str, st
         "url.scheme": request.scheme,
         "network.protocol.version": f"{request.version.major}.{request.version.minor}",
         "gen_ai.operation.name": operation,
-        "gen_ai.system": GEN_AI_SYSTEM,
+        "gen_ai.provider.name": GEN_AI_PROVIDER,
     }
     if url.host:
         attributes["server.address"] = url.host

@@ -4,7 +4,9 @@ It owns the model, the device KV pool, the sampler, the per-request sampling sta
 executor's side of host KV (``host_kv.HostKV``). A step performs the plan's whole-block swaps,
 decodes the plan's packed arrays, builds the step's tensors in two small host-to-device copies,
 runs the forward pass (streaming the step's host blocks through the staging ring, if any) and
-samples the rows the plan asks for.
+samples the rows the plan asks for. A request that asked for prompt logprobs also gets the logits of
+its prompt positions computed in this step (after the sampled rows), whatever chunk of the prompt
+the step holds; each position is sent once, even when a preempted request recomputes its prompt.
 
 Where this differs from DESIGN.md ("Executor on accelerators"), as built today: decode runs eagerly
 (no CUDA graphs yet), the scheduler does not yet plan step t+1 while step t runs, the device pool is
@@ -14,14 +16,15 @@ host-page kernel (``triton_host_pages``) exists and is tested but is not wired i
 
 Tensor parallelism (:mod:`workers.executor.parallel`): every rank runs every plan on its shard and its
 slice of the KV pool (same block ids, its KV heads); only rank 0 keeps sampling state and samples,
-the others return a result without tokens (which their actor does not send).
+the others keep the same states (the logits rows a step computes depend on them) but return a
+result without tokens (which their actor does not send).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import compress
 
 import numpy as np
@@ -34,7 +37,7 @@ from workers.executor.host_kv import HostKV
 from workers.executor.kv_pool import GIB, KVPool, StagingRing, num_blocks_that_fit
 from workers.executor.model import CausalLM
 from workers.executor.parallel import SINGLE, TensorParallel
-from workers.executor.sampler import Sampler, SamplingState
+from workers.executor.sampler import PromptLogprobRun, Sampler, SamplingState
 from workers.executor.streaming import HostBlockOwners, LayerStreamer, StreamStats
 from workers.executor.weights import load_weights
 from workers.grammar import GrammarCompiler
@@ -52,8 +55,14 @@ class StepInputs:
 
     input_ids: torch.Tensor  # [T]
     meta: AttentionMetadata
-    logits_indices: torch.Tensor  # rows of [T] whose logits are sampled, in plan order
+    logits_indices: torch.Tensor  # rows of [T] whose logits are sampled, in plan order, then prompt rows
     sample: np.ndarray  # [num requests] bool: the plan's sample flags
+    # Prompt positions whose logits give prompt logprobs: their rows follow the sampled ones.
+    prompt_runs: list[PromptLogprobRun] = field(default_factory=list)
+
+    @property
+    def num_sampled_rows(self) -> int:
+        return int(self.sample.sum())
 
     @property
     def positions(self) -> torch.Tensor:
@@ -219,10 +228,10 @@ class ModelRunner:
         self.update_states(plan)
         swapped = self.swap(plan)
         inputs = self.prepare(plan)
-        sampled_ids = compress(plan.request_ids, inputs.sample) if self.tp.is_first else ()
-        states = [self.states[request_id] for request_id in sampled_ids]
+        states = [self.states[request_id] for request_id in compress(plan.request_ids, inputs.sample)]
         forward_start = time.perf_counter()
-        logits = self.forward(inputs)
+        all_logits = self.forward(inputs)
+        logits = all_logits[: len(states)]
         if self.device.type == "cuda":
             # So forward_time is the forward pass, not its launch. NOTE: the compute stream only: a
             # prefetch of the next step may still be running on the copy stream, and should.
@@ -233,12 +242,21 @@ class ModelRunner:
         stats.bytes_to_host += swapped.bytes_to_host
         stats.copy_time += swapped.copy_time
         self.stream_stats = stats
+        if not self.tp.is_first:
+            # Only rank 0 has the whole vocabulary's logits and samples; this rank keeps its states'
+            # prompt-logprob progress in step with rank 0's, so both compute the same logits rows.
+            for run in inputs.prompt_runs:
+                run.state.next_prompt_logprob_row = run.first_position + run.num_rows
+            states = []
         if states:
             token_ids, logprobs = self.sampler.sample(logits, states)
-        else:  # every scheduled request is mid-prefill
+        else:  # every scheduled request is mid-prefill (or this rank does not sample)
             token_ids, logprobs = np.empty(0, dtype=np.int32), []
         for state, token_id in zip(states, token_ids.tolist()):
             state.append(token_id)
+        prompt_logprobs = (
+            self.sampler.prompt_logprobs(all_logits[len(states) :], inputs.prompt_runs) if self.tp.is_first else []
+        )
         return proto.StepResult(
             step_id=plan.step_id,
             sampled_token_ids=proto.pack_i32(token_ids),
@@ -252,6 +270,7 @@ class ModelRunner:
             layer_compute_time=max(0.0, forward_time - stats.stall_time) / self.model_config.num_layers,
             copy_time=stats.copy_time,
             link_bandwidth=self.link_bandwidth,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def swap(self, plan: proto.StepPlan) -> StreamStats:
@@ -264,10 +283,8 @@ class ModelRunner:
         return self.host_kv.swap(swap_out.reshape(-1, 2), swap_in.reshape(-1, 2))
 
     def update_states(self, plan: proto.StepPlan) -> None:
-        """Drop finished requests' sampling state, then create it for the plan's new requests
-        (rank 0 only: the other tensor-parallel ranks do not sample)."""
-        if not self.tp.is_first:
-            return
+        """Drop finished requests' sampling state, then create it for the plan's new requests (on
+        every tensor-parallel rank: which logits rows a step computes depends on it)."""
         for request_id in plan.finished_request_ids:
             self.states.pop(request_id, None)
         for new in plan.new_requests:
@@ -285,7 +302,8 @@ class ModelRunner:
 
     def compute_logits(self, plan: proto.StepPlan) -> torch.Tensor:
         """Float32 logits ``[num sampled rows, vocab]`` for the rows with ``sample[i] == 1``."""
-        return self.forward(self.prepare(plan))
+        inputs = self.prepare(plan)
+        return self.forward(inputs)[: inputs.num_sampled_rows]
 
     def prepare(self, plan: proto.StepPlan) -> StepInputs:
         query_lens = proto.unpack_i32(plan.num_scheduled_tokens)
@@ -322,8 +340,28 @@ class ModelRunner:
             stream.prefetch_next = owners is not None
             meta.stream = stream
         last_rows = np.cumsum(query_lens, dtype=np.int64) - 1
-        tensors = arrays_to_device(dict(input_ids=token_ids, logits_indices=last_rows[sample]), self.device)
-        return StepInputs(tensors["input_ids"], meta, tensors["logits_indices"], sample)
+        logits_indices = last_rows[sample]
+        prompt_runs = self._prompt_logprob_runs(plan.request_ids, query_lens, proto.unpack_i32(plan.start_positions))
+        if prompt_runs:
+            extra = [run.token_row + np.arange(run.num_rows, dtype=np.int64) for run in prompt_runs]
+            logits_indices = np.concatenate([logits_indices, *extra])
+        tensors = arrays_to_device(dict(input_ids=token_ids, logits_indices=logits_indices), self.device)
+        return StepInputs(tensors["input_ids"], meta, tensors["logits_indices"], sample, prompt_runs)
+
+    def _prompt_logprob_runs(
+        self, request_ids: list[str], query_lens: np.ndarray, start_positions: np.ndarray
+    ) -> list[PromptLogprobRun]:
+        """The prompt positions of this step whose logits are owed as prompt logprobs."""
+        runs = []
+        token_row = 0  # the request's first token in the step
+        for request_id, num_tokens, start in zip(request_ids, query_lens.tolist(), start_positions.tolist()):
+            state = self.states.get(request_id)
+            if state is not None and state.prompt_logprob_targets is not None:
+                first, end = state.prompt_logprob_rows(start, num_tokens)
+                if first < end:
+                    runs.append(PromptLogprobRun(request_id, state, token_row + first - start, first, end - first))
+            token_row += num_tokens
+        return runs
 
     def _host_block_owners(
         self, request_ids: list[str], num_blocks: np.ndarray, block_ids: np.ndarray

@@ -14,9 +14,15 @@ Logprobs stay those of the raw logits, as vLLM returns by default.
 
 Everything is batched: an all-greedy batch without penalties is one argmax; the only per-row loop
 that launches kernels draws the noise of seeded rows.
+
+Prompt logprobs (vLLM's ``prompt_logprobs``) come from extra logits rows the runner asks the model
+for during prefill, one per prompt position whose next prompt token's logprob is still owed
+(:class:`PromptLogprobRun`); they are of the raw logits too, with each prompt token's rank.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -94,6 +100,13 @@ class SamplingState:
             self.disallowed[torch.tensor(allowed, dtype=torch.long, device=self.device)] = False
         self.bad_words = [list(word) for word in params.bad_words_token_ids if word]
         self.eos_ids = sorted(t for t in eos_token_ids if 0 <= t < vocab_size)
+        # prompt_logprobs: the prompt (the targets of its logits rows) and the first position whose
+        # logits row is still owed. Kept across preemption, so a recomputed prompt is not sent twice.
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.prompt_logprob_targets: np.ndarray | None = None
+        self.next_prompt_logprob_row = 0
+        if params.prompt_logprobs is not None:
+            self.prompt_logprob_targets = np.asarray(prompt_token_ids, dtype=np.int64)
         self.matcher = None
         if params.grammar is not None:
             if grammar_compiler is None:
@@ -120,6 +133,14 @@ class SamplingState:
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
+    def prompt_logprob_rows(self, start: int, num_tokens: int) -> tuple[int, int]:
+        """Of the positions ``[start, start + num_tokens)`` a step computes, those whose logits rows
+        give prompt logprobs still owed: ``(first, end)``, empty when ``first >= end``. Row ``p``
+        predicts prompt token ``p + 1``; the last prompt position predicts the first output token."""
+        if self.prompt_logprob_targets is None:
+            return 0, 0
+        return max(start, self.next_prompt_logprob_row), min(start + num_tokens, self.num_prompt_tokens - 1)
+
     @property
     def blocks_stop_tokens(self) -> bool:
         """True while min_tokens still forbids the tokens that would stop the request."""
@@ -140,6 +161,24 @@ class SamplingState:
         if self.output_counts is not None and 0 <= token_id < self.vocab_size:
             # An int index is a view, so this is one small kernel and no host-device sync.
             self.output_counts[token_id] += 1
+
+
+@dataclass(frozen=True)
+class PromptLogprobRun:
+    """One request's prompt positions ``[first_position, first_position + num_rows)``, the step's
+    tokens ``[token_row, token_row + num_rows)``; their targets are the prompt tokens after them."""
+
+    request_id: str
+    state: SamplingState
+    token_row: int
+    first_position: int
+    num_rows: int
+
+    @property
+    def target_ids(self) -> np.ndarray:
+        assert self.state.prompt_logprob_targets is not None
+        first = self.first_position + 1
+        return self.state.prompt_logprob_targets[first : first + self.num_rows]
 
 
 class Sampler:
@@ -363,6 +402,43 @@ class Sampler:
         return probs.div_(noise).argmax(dim=-1)
 
     # ---------------------------------------------------------------- logprobs
+
+    def prompt_logprobs(self, logits: torch.Tensor, runs: list[PromptLogprobRun]) -> list[proto.PromptLogprobs]:
+        """One :class:`proto.PromptLogprobs` per run; ``logits`` holds the runs' rows, in order.
+        Advances each run's request past the positions it covers."""
+        if not runs:
+            return []
+        targets = np.concatenate([run.target_ids for run in runs])
+        target_ids = torch.from_numpy(targets).to(self.device, non_blocking=True).unsqueeze(1)
+        logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
+        target_logprobs = logprobs.gather(1, target_ids)
+        # Rank 1 is the most likely token (vLLM counts the tokens strictly more likely, plus one).
+        ranks = (logprobs > target_logprobs).sum(dim=-1).to(torch.int32) + 1
+        num_top = [min(run.state.params.prompt_logprobs or 0, self.max_logprobs, self.vocab_size) for run in runs]
+        top_values = top_ids = None
+        if max(num_top):
+            top = logprobs.topk(max(num_top), dim=-1)
+            top_values, top_ids = top.values.cpu().numpy(), top.indices.to(torch.int32).cpu().numpy()
+        target_values = target_logprobs.squeeze(1).cpu().numpy()
+        rank_values = ranks.cpu().numpy()
+        results = []
+        row = 0
+        for run, k in zip(runs, num_top):
+            rows = slice(row, row + run.num_rows)
+            results.append(
+                proto.PromptLogprobs(
+                    request_id=run.request_id,
+                    first_position=run.first_position + 1,
+                    token_logprobs=proto.pack_f32(target_values[rows]),
+                    ranks=proto.pack_i32(rank_values[rows]),
+                    num_top=k,
+                    top_ids=proto.pack_i32(top_ids[rows, :k]) if k and top_ids is not None else b"",
+                    top_logprobs=proto.pack_f32(top_values[rows, :k]) if k and top_values is not None else b"",
+                )
+            )
+            run.state.next_prompt_logprob_row = run.first_position + run.num_rows
+            row += run.num_rows
+        return results
 
     def _gather_logprobs(
         self,

@@ -18,6 +18,7 @@ request's ``queue``/``prefill``/``decode`` spans; without one, it does nothing a
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import time
@@ -172,7 +173,11 @@ class SchedulerActor(Actor):
             if spans is not None:
                 spans.stepped(deltas, stepped_ns)
             stats.num_steps += 1
-            stats.num_computed_tokens_total += len(plan.token_ids) // 4  # packed int32
+            num_tokens = len(plan.token_ids) // 4  # packed int32
+            stats.num_computed_tokens_total += num_tokens
+            if not stats.iteration_tokens_bucket_counts:
+                stats.iteration_tokens_bucket_counts = [0] * (len(proto.ITERATION_TOKENS_BUCKETS) + 1)
+            stats.iteration_tokens_bucket_counts[bisect.bisect_left(proto.ITERATION_TOKENS_BUCKETS, num_tokens)] += 1
             stats.forward_seconds_total += result.forward_time
             stats.step_seconds_total += result.step_time
             stats.bytes_to_device_total += result.bytes_to_device
@@ -269,6 +274,7 @@ class SchedulerActor(Actor):
         stats.num_host_blocks = scheduler.num_host_blocks
         stats.host_lease = scheduler.host_lease
         stats.host_usage = scheduler.host_usage
+        stats.num_host_blocks_used = scheduler.num_host_blocks_used
         stats.num_preemptions = scheduler.num_preemptions
         prefix = scheduler.prefix_cache_stats
         stats.prefix_cache_queries_total = prefix.num_query_tokens

@@ -7,7 +7,7 @@ import sys
 import time
 from array import array
 
-from proto import AddRequest, FinishReason, SamplingParams
+from proto import AddRequest, FinishReason, PromptLogprobs, SamplingParams
 
 # Token ids and block tables are kept as ``array('i')`` so a step packs them with a memcpy: the wire
 # format is little-endian int32 (proto.pack_i32), which is array('i')'s native layout here.
@@ -50,6 +50,10 @@ class Request:
         "block_hashes",
         "num_registered_blocks",
         "num_cached_tokens",
+        "pending_prompt_logprobs",
+        "queued_time",
+        "scheduled_time",
+        "first_token_time",
     )
 
     def __init__(
@@ -92,6 +96,12 @@ class Request:
         self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0
         self.num_cached_tokens = 0
+        # prompt_logprobs computed and not yet sent: they go out with the request's next delta.
+        self.pending_prompt_logprobs: list[PromptLogprobs] = []
+        # Phase timestamps on this process's monotonic clock (0: not yet), for the final delta.
+        self.queued_time = time.monotonic()
+        self.scheduled_time = 0.0  # first scheduled (kept across preemption, as vLLM's queue time)
+        self.first_token_time = 0.0
 
     @classmethod
     def from_message(
@@ -114,6 +124,16 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """False while the request still owes prompt logprobs: their positions must be computed,
+        so it starts from scratch rather than after cached blocks (as vLLM does)."""
+        return self.params.prompt_logprobs is None or self.num_output_tokens > 0
+
+    def take_prompt_logprobs(self) -> list[PromptLogprobs]:
+        taken, self.pending_prompt_logprobs = self.pending_prompt_logprobs, []
+        return taken
 
     @property
     def prompt_token_ids(self) -> array:

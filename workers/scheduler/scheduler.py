@@ -16,6 +16,7 @@ are ``stopping.py``'s; keeping host blocks inside a shrinking lease is ``host_le
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -67,7 +68,9 @@ class Scheduler:
     Prefix caching (``config.enable_prefix_caching``): a request's full blocks are named once computed
     (``postprocess``); a request admitted from the waiting queue (new, or preempted to recompute)
     starts after the longest run of its full blocks found cached, on either tier, and shares them.
-    At least its last token is always computed, so that there is a token to sample from.
+    At least its last token is always computed, so that there is a token to sample from. A request
+    that asks for prompt logprobs reads no cached block until its prompt is done (vLLM's choice:
+    recompute the positions rather than keep logits in the cache); it still offers its blocks.
     """
 
     def __init__(
@@ -323,6 +326,10 @@ class Scheduler:
             error = f"step {plan.step_id} returned {len(sampled_token_ids)} tokens for {num_samples} samples."
             return self._fail_step(scheduled, error)
         logprobs = result.logprobs or None
+        for run in result.prompt_logprobs:
+            owner = self.requests.get(run.request_id)
+            if owner is not None and owner.status == _RUNNING:
+                owner.pending_prompt_logprobs.append(run)
         cache_blocks = self.prefix_cache is not None
         block_size = self.block_size
         deltas = []
@@ -345,6 +352,8 @@ class Scheduler:
             if not samples:
                 continue
             request.token_ids.append(token_id)
+            if not request.first_token_time:
+                request.first_token_time = time.monotonic()
             delta = self._check_stop(request, token_id, token_logprobs)
             if delta.finish_reason is not None:
                 any_finished = True
@@ -387,7 +396,7 @@ class Scheduler:
             request = queue[0]
             is_swapped = request.status == _SWAPPED
             # A waiting request holds no block; with prefix caching it may start after cached ones.
-            look_up = self.prefix_cache is not None and not is_swapped
+            look_up = self.prefix_cache is not None and not is_swapped and request.reads_prefix_cache
             cached_block_ids = self._cached_prefix(request) if look_up else []
             num_computed = request.num_computed_tokens + len(cached_block_ids) * block_size
             num_new = request.num_tokens - num_computed
@@ -417,6 +426,8 @@ class Scheduler:
             if num_new_blocks:
                 tiers.allocate(request.block_table, num_new_blocks, request.num_computed_tokens)
             request.status = _RUNNING
+            if not request.scheduled_time:
+                request.scheduled_time = time.monotonic()
             self.running.append(request)
             samples = end == request.num_tokens
             scheduled.append((request, num_new, samples))

@@ -6,8 +6,9 @@ the pool, and the ``TokenDelta`` each token or finish sends to the client.
 from __future__ import annotations
 
 import struct
+import time
 
-from proto import FinishReason, TokenDelta, TokenLogprobs
+from proto import FinishReason, RequestPhases, TokenDelta, TokenLogprobs
 from workers.scheduler.request import Request
 
 # A TokenDelta's token_ids: one little-endian int32.
@@ -51,6 +52,7 @@ def token_delta(
         num_cached_tokens=request.num_cached_tokens,
         trace_context=request.trace_context,
         error=error,
+        prompt_logprobs=request.take_prompt_logprobs() if request.pending_prompt_logprobs else [],
     )
 
 
@@ -62,11 +64,19 @@ def final_delta(
     logprobs: TokenLogprobs | None = None,
     error: str = "",
 ) -> TokenDelta:
-    """A request's last delta; records how it ended on the request."""
+    """A request's last delta; records how it ended on the request, with its phase timings once it
+    has a first token."""
     request.finish_reason = reason
     request.stop_token_id = stop_token_id
     request.error = error
-    return token_delta(request, packed_token_ids, logprobs, reason, stop_token_id, error)
+    delta = token_delta(request, packed_token_ids, logprobs, reason, stop_token_id, error)
+    if request.first_token_time:
+        delta.phases = RequestPhases(
+            queue_seconds=request.scheduled_time - request.queued_time,
+            prefill_seconds=request.first_token_time - request.scheduled_time,
+            decode_seconds=time.monotonic() - request.first_token_time,
+        )
+    return delta
 
 
 def pool_too_small(num_tokens: int, block_size: int, max_pool_tokens: int, pooling: bool) -> str:
