@@ -5,7 +5,8 @@
 # context {512,4096} under CUDA graphs and eagerly, GPU vs host time, the attention kernel, memory
 # headroom), the paged attention kernels alone, then the transparency, pooling and adaptive
 # benchmarks (quick variants; adaptive's throttled scenario is CPU-only), each writing its JSON into
-# the folder given as $1. Budget: the timeouts sum to 530 s (tests/test_gpu_check.py checks it).
+# the folder given as $1. Budget: the timeouts sum to 530 s (680 s with perf/tp.py, on two GPUs or more;
+# tests/test_gpu_check.py checks the single-GPU sum).
 #
 #   perf/gpu_check.sh OUT_DIR
 #
@@ -31,5 +32,8 @@ timeout 45 $py perf/attention_kernels.py > "$out/attention_kernels.json" 2> "$ou
 timeout 75 $py perf/transparency.py --quick > "$out/transparency.json" 2> "$out/transparency.err" || status=1
 timeout 70 $py perf/pooling.py --quick > "$out/pooling.json" 2> "$out/pooling.err" || status=1
 timeout 90 $py perf/adaptive.py --quick --pairs 3 > "$out/adaptive.json" 2> "$out/adaptive.err" || status=1
+if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then  # tensor parallelism needs a GPU per rank
+  timeout 150 $py perf/tp.py --quick > "$out/tp.json" 2> "$out/tp.err" || status=1
+fi
 tail -n 3 "$out"/*.json
 exit $status

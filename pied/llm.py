@@ -75,7 +75,8 @@ class LLM:
     fields (vLLM's names: ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ...).
 
     The engine is the daemon's: the scheduler, executor and memory-manager actors, as threads of
-    this process by default or as worker processes with ``workers="processes"``, driven from a
+    this process by default or as worker processes with ``workers="processes"`` (the default with
+    ``tensor_parallel_size`` above 1: one process per rank), driven from a
     private event loop on a background thread. :meth:`shutdown` (also on leaving a ``with`` block,
     on garbage collection and at interpreter exit) stops them and frees every thread, socket and
     host memory segment.
@@ -86,7 +87,7 @@ class LLM:
         model: str = "",
         dtype: str = "auto",
         seed: int = 0,
-        workers: WorkerKind = "threads",
+        workers: WorkerKind | None = None,
         supervisor_options: SupervisorOptions | None = None,
         **engine_args: Any,
     ) -> None:
@@ -99,6 +100,8 @@ class LLM:
         self.config = preflight(config)
         self.tokenizer = Tokenizer.from_folder(self.config.resolved_model())
         self._request_counter = itertools.count()
+        if workers is None:
+            workers = "processes" if self.config.tensor_parallel_size > 1 else "threads"
         self._loop = EngineLoop(Engine(self.config, supervisor_options, workers=workers))
         self._finalizer = weakref.finalize(self, self._loop.close)
         # NOTE: at interpreter exit, before concurrent.futures refuses new work (its own hook is

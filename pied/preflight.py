@@ -18,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pied.devices import resolve_device
+from pied.devices import num_cuda_devices, resolve_device
 from pied.model_folder import check_model_folder, check_tokenizer_vocabulary, resolve_model_folder
 from proto.config import EngineConfig
 from workers.model_config import ModelFolderError
-from workers.plan import plan_engine
+from workers.plan import check_cuda_ranks, plan_engine
 
 
 def preflight(config: EngineConfig) -> EngineConfig:
@@ -47,4 +47,6 @@ def preflight(config: EngineConfig) -> EngineConfig:
         raise ModelFolderError(str(error)) from None
     check_tokenizer_vocabulary(tokenizer.max_token_id, model, folder)
     device = resolve_device(config.device)
+    if device == "cuda":
+        check_cuda_ranks(config, device, num_cuda_devices())
     return dataclasses.replace(config, plan=plan_engine(config, model, device))

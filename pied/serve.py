@@ -412,6 +412,10 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         options = ServeOptions.from_args(args).validate()
         config = preflight(engine_config_from_args(args))
+        if options.inproc and config.tensor_parallel_size > 1:
+            raise ConfigError(
+                f"--tensor-parallel-size {config.tensor_parallel_size} runs one process per rank; drop --inproc."
+            )
         generation_defaults = load_generation_defaults(options.generation_config, config.resolved_model())
     except ConfigError as error:  # a value the file set: name the file and its key
         raise config_file.blame(error, args.config, from_file) if from_file else error from None

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,9 +47,18 @@ import proto
 import workers
 from pied.runtime_dir import RuntimeDir
 from pied.sdnotify import SYSTEMD_ONLY_VARIABLES
-from proto.config import EngineConfig
+from proto.config import ConfigError, EngineConfig
 from workers.actor import EXIT_FAILED, Actor, ActorThread, Addresses, WorkerArgs
-from workers.roster import WORKER_NAMES, build_actor, preload
+from workers.roster import (
+    WORKER_NAMES,
+    build_actor,
+    preload,
+    rank_of,
+    role,
+    worker_address,
+    worker_args,
+    worker_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +186,35 @@ def describe_exit(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
+def distributed_environment(config: EngineConfig, environment: dict[str, str]) -> dict[str, str]:
+    """torch.distributed's ``env://`` rendezvous for the executor ranks: ``MASTER_ADDR`` and
+    ``MASTER_PORT`` as given to the daemon (torchrun's vocabulary), else this machine and a free port."""
+    if config.tensor_parallel_size == 1 or config.distributed_init_method != "env://":
+        return {}
+    address = environment.get("MASTER_ADDR") or "127.0.0.1"
+    port = environment.get("MASTER_PORT") or str(free_port(address))
+    return {"MASTER_ADDR": address, "MASTER_PORT": port}
+
+
+def rank_environment(config: EngineConfig, local_rank: int) -> dict[str, str]:
+    """One rank's torchrun variables (ranks numbered node by node)."""
+    size = config.tensor_parallel_size
+    ranks_per_node = size // config.nnodes
+    return {
+        "RANK": str(config.node_rank * ranks_per_node + local_rank),
+        "LOCAL_RANK": str(local_rank),
+        "WORLD_SIZE": str(size),
+        "LOCAL_WORLD_SIZE": str(ranks_per_node),
+    }
+
+
+def free_port(address: str) -> int:
+    # NOTE: free when asked; rank 0's store binds it a moment later (torchrun's standalone mode does the same).
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        return int(probe.getsockname()[1])
+
+
 def _kill_all(processes: list[subprocess.Popen[bytes]]) -> None:
     """Last resort at interpreter exit or garbage collection: no worker survives its supervisor."""
     for process in processes:
@@ -202,6 +241,12 @@ class Supervisor:
     ) -> None:
         if workers not in WORKER_KINDS:
             raise ValueError(f"workers must be one of {', '.join(WORKER_KINDS)}, got {workers!r}")
+        if workers == "threads" and config.tensor_parallel_size > 1:
+            # torch.distributed joins processes: one process holds one rank.
+            raise ConfigError(
+                f"--tensor-parallel-size {config.tensor_parallel_size} needs worker processes (one per rank), "
+                "not threads; use workers='processes' (pied serve without --inproc)."
+            )
         self.config = config
         self.options = options or SupervisorOptions()
         self.kind: WorkerKind = workers
@@ -298,8 +343,8 @@ class Supervisor:
         actor.on(proto.Ready, self._handle_ready)
         actor.on(proto.Heartbeat, self._handle_heartbeat)
         actor.on(proto.Dead, self._handle_dead)
-        for name in WORKER_NAMES:
-            actor.connect(name, getattr(addresses, name))
+        for name in worker_names(self.config):
+            actor.connect(name, worker_address(addresses, name))
         actor.bind()  # before any worker starts, so their first messages find it
         self._actor = actor
         self._actor_task = loop.create_task(actor.run(), name="supervisor-mailbox")
@@ -395,14 +440,18 @@ class Supervisor:
         environment["PYTHONPATH"] = os.pathsep.join(
             filter(None, [source_root, environment.get("PYTHONPATH")])
         )
+        rendezvous = distributed_environment(self.config, environment)
         try:
-            for name in WORKER_NAMES:
-                args = self._worker_args(addresses, read_fd)
+            for name in worker_names(self.config):
+                args = worker_args(self._worker_args(addresses, read_fd), name)
+                worker_environment = environment
+                if role(name) == "executor" and self.config.tensor_parallel_size > 1:
+                    worker_environment = environment | rendezvous | rank_environment(self.config, rank_of(name))
                 process = subprocess.Popen(
-                    [sys.executable, "-m", f"workers.{name}", msgspec.json.encode(args).decode()],
+                    [sys.executable, "-m", f"workers.{role(name)}", msgspec.json.encode(args).decode()],
                     pass_fds=(read_fd,),
                     stdin=subprocess.DEVNULL,
-                    env=environment,
+                    env=worker_environment,
                 )
                 self.workers[name] = WorkerProcess(name, process)
                 logger.info("started %s (pid %d)", name, process.pid)
@@ -469,7 +518,8 @@ class Supervisor:
         """
         deadline = time.monotonic() + self.options.shutdown_timeout
         for stage in STOP_STAGES:
-            await self._stop_stage([self.workers[name] for name in stage if name in self.workers], reason, deadline)
+            members = [worker for name, worker in self.workers.items() if role(name) in stage]
+            await self._stop_stage(members, reason, deadline)
 
     async def _stop_stage(self, workers: list[Worker], reason: str, deadline: float) -> None:
         live = [worker for worker in workers if worker.poll() is None]

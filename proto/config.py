@@ -26,6 +26,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "hal
 KV_POLICIES = ("none", "swap", "pie")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _FIXED_EXPANSION = re.compile(r"fixed:(\d+)")
+_INIT_METHOD = re.compile(r"env://|tcp://[^:/\s]+:\d+")
 
 
 def parse_expansion(expansion: str) -> int | None:
@@ -78,6 +79,15 @@ class EngineConfig:
     # deadlock never returns). None: derived from the measured step times with a generous floor
     # (workers.executor.step_deadline).
     step_timeout: float | None = None
+    # Tensor parallelism (DESIGN.md "Parallelism"): N executor ranks joined by torch.distributed
+    # (nccl on CUDA, gloo on CPU). The rendezvous follows torchrun's vocabulary: ``env://`` (the
+    # default) reads MASTER_ADDR/MASTER_PORT (the supervisor sets them unless they are set already),
+    # ``tcp://host:port`` names the rank-0 store; ``nnodes``/``node_rank`` count machines as torchrun
+    # does (only one machine is supported so far: the scheduler reaches its executors over ipc://).
+    tensor_parallel_size: int = 1
+    distributed_init_method: str = "env://"
+    nnodes: int = 1
+    node_rank: int = 0
     extra: dict = field(default_factory=dict)
     # What the daemon's preflight derived (pied.preflight): set by it only, never a flag. A config
     # that carries a plan has been checked; the workers build from the plan.
@@ -141,6 +151,7 @@ class EngineConfig:
             raise ConfigError(
                 f"--step-timeout must be a positive number of seconds, got {self.step_timeout}."
             )
+        self._validate_parallel()
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("--max-model-len must be at least 1.")
         if not self.enable_chunked_prefill and self.max_model_len and self.max_num_batched_tokens < self.max_model_len:
@@ -148,6 +159,24 @@ class EngineConfig:
                 "--max-num-batched-tokens must be at least --max-model-len when chunked prefill is off."
             )
         return self
+
+    def _validate_parallel(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"--tensor-parallel-size must be at least 1, got {self.tensor_parallel_size}.")
+        if not _INIT_METHOD.fullmatch(self.distributed_init_method):
+            raise ConfigError(
+                "--distributed-init-method must be env:// or tcp://HOST:PORT (torchrun's rendezvous), "
+                f"got {self.distributed_init_method!r}."
+            )
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(
+                f"--node-rank must be in [0, --nnodes) and --nnodes at least 1, got {self.node_rank} of {self.nnodes}."
+            )
+        if self.nnodes > 1:
+            raise ConfigError(
+                f"--nnodes {self.nnodes}: tensor parallelism across machines is not supported yet (the "
+                "scheduler reaches its executors over ipc://); run every rank on one machine (--nnodes 1)."
+            )
 
     def _check_types(self) -> None:
         """Each value has its field's type (``pied.LLM`` keyword arguments bypass argparse)."""

@@ -42,7 +42,8 @@ class EnginePlan(msgspec.Struct, frozen=True, kw_only=True):
     weights are loaded). ``max_model_len`` fits the model (at most its ``max_position_embeddings``)
     and, when ``num_device_blocks`` is known, the KV pool (device blocks, plus the largest lease
     under ``pie``). ``num_layers``, ``num_kv_heads`` and ``head_dim`` are the model's KV shape, so a
-    worker that only holds KV (the memory manager) need not read the model folder.
+    worker that only holds KV (the memory manager) need not read the model folder; under tensor
+    parallelism ``num_kv_heads`` counts every rank's KV heads (one per rank when the model has fewer).
     """
 
     model_path: str

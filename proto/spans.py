@@ -21,6 +21,7 @@ __all__ = [
     "STEP_SPAN",
     "LAYER_SPAN",
     "STEP_ID",
+    "STEP_RANK",
     "STEP_NUM_REQUESTS",
     "STEP_NUM_TOKENS",
     "STEP_NUM_HOST_BLOCKS",
@@ -41,6 +42,7 @@ STEP_SPAN = "step"  # one forward pass: from the plan's arrival on the compute t
 LAYER_SPAN = "layer"  # one layer of a step whose layers were traced (a child of its step span)
 
 STEP_ID = "pied.step.id"
+STEP_RANK = "pied.step.rank"  # the executor's tensor-parallel rank (only with more than one rank)
 STEP_NUM_REQUESTS = "pied.step.num_requests"  # batch size: requests scheduled in the step
 STEP_NUM_TOKENS = "pied.step.num_tokens"  # tokens computed: prefill chunks plus one per decode
 STEP_NUM_HOST_BLOCKS = "pied.step.num_host_blocks"  # distinct host blocks the step streamed

@@ -92,6 +92,7 @@ MIXED_MODULES = {
     "test_prefix_cache",
     "test_preflight",
     "test_step_deadline",
+    "test_tensor_parallel",
     "test_tracing",
 }
 E2E_FIXTURES = {"model_dir", "llama_dir", "tiny_model_dir", "otlp_receiver"}

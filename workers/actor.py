@@ -88,6 +88,7 @@ class WorkerArgs(msgspec.Struct, kw_only=True):
     parent_fd: int = -1  # read end of the parent pipe; EOF on it means the parent died
     heartbeat_interval: float = 0.5
     log_level: str = "INFO"
+    rank: int = 0  # an executor's tensor-parallel rank (workers.roster names rank r's worker)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

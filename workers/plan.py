@@ -36,9 +36,53 @@ def dtype_name(name: str, checkpoint_dtype: str, device_type: str) -> str:
     return key
 
 
-def kv_block_bytes(model: ModelConfig, block_size: int, dtype: str) -> int:
-    """One block across all layers: K and V for ``block_size`` tokens of every KV head."""
-    return model.num_layers * 2 * block_size * model.num_kv_heads * model.head_dim * DTYPE_BYTES[dtype]
+def kv_block_bytes(model: ModelConfig, block_size: int, dtype: str, tensor_parallel_size: int = 1) -> int:
+    """One block across all layers: K and V for ``block_size`` tokens of every KV head (of every
+    rank's KV heads, under tensor parallelism: see :func:`num_stored_kv_heads`)."""
+    num_kv_heads = num_stored_kv_heads(model, tensor_parallel_size)
+    return model.num_layers * 2 * block_size * num_kv_heads * model.head_dim * DTYPE_BYTES[dtype]
+
+
+def num_stored_kv_heads(model: ModelConfig, tensor_parallel_size: int) -> int:
+    """KV heads held by all ranks together: the model's, or one per rank when there are fewer KV
+    heads than ranks (each rank then holds a replica of the one its query heads read)."""
+    return max(model.num_kv_heads, tensor_parallel_size)
+
+
+def check_tensor_parallel(config: EngineConfig, model: ModelConfig, device: str) -> None:
+    """Refuse a ``--tensor-parallel-size`` the model's shapes or the machine cannot split over."""
+    size = config.tensor_parallel_size
+    if size == 1:
+        return
+    flag = f"--tensor-parallel-size {size}"
+    source = Path(model.path) / "config.json"
+    for what, count in (
+        ("num_attention_heads", model.num_heads),
+        ("intermediate_size", model.intermediate_size),
+        ("vocab_size", model.vocab_size),
+    ):
+        if count % size:
+            raise ConfigError(
+                f"{flag} does not divide the model's {what} ({count}, in {source}); use a size that divides it."
+            )
+    if model.num_kv_heads % size and size % model.num_kv_heads:
+        raise ConfigError(
+            f"{flag} and the model's {model.num_kv_heads} KV heads (num_key_value_heads, in {source}): one must "
+            "divide the other (KV heads are split across ranks, or replicated when there are fewer)."
+        )
+    if model.fp8_block_size is not None:
+        raise ConfigError(f"{flag}: FP8 checkpoints are not loaded sharded yet; use --tensor-parallel-size 1.")
+    if device.startswith("cuda:"):
+        raise ConfigError(f"{flag} runs rank r on cuda:r; use --device cuda (or auto), not {device}.")
+
+
+def check_cuda_ranks(config: EngineConfig, device: str, num_devices: int) -> None:
+    """Every rank needs a CUDA device of its own."""
+    if device == "cuda" and config.tensor_parallel_size > num_devices:
+        raise ConfigError(
+            f"--tensor-parallel-size {config.tensor_parallel_size} needs one CUDA device per rank, but "
+            f"{num_devices} are visible."
+        )
 
 
 def num_staging_areas(config: EngineConfig, model: ModelConfig) -> int:
@@ -59,11 +103,14 @@ def plan_engine(
     ``num_staging_blocks`` overrides the staging ring's width (a ``ModelRunner`` built directly
     with its own ring: the device budget makes room for that one)."""
     device_type = device.split(":", 1)[0]
+    check_tensor_parallel(config, model, device)
     dtype = dtype_name(config.dtype, model.dtype, device_type)
-    block_bytes = kv_block_bytes(model, config.block_size, dtype)
+    size = config.tensor_parallel_size
+    block_bytes = kv_block_bytes(model, config.block_size, dtype, size)
     host = plan_host(config, block_bytes, pinned=device_type == "cuda", available=available)
     staging = host.num_staging_blocks if num_staging_blocks is None else num_staging_blocks
-    num_device_blocks = device_blocks(config, model, device_type, block_bytes, staging)
+    # The device budget is each rank's, for its slice of every block.
+    num_device_blocks = device_blocks(config, model, device_type, block_bytes // size, staging)
     max_model_len = plan_max_model_len(config, model, num_device_blocks, host)
     if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
         # Without chunking a prompt (or a preempted request's recomputation) must fit one step.
@@ -80,7 +127,7 @@ def plan_engine(
         num_device_blocks=num_device_blocks,
         host=host,
         num_layers=model.num_layers,
-        num_kv_heads=model.num_kv_heads,
+        num_kv_heads=num_stored_kv_heads(model, size),
         head_dim=model.head_dim,
     )
 

@@ -4,15 +4,21 @@ The same three actors are the only engine: :func:`build_actor` makes one from it
 :class:`~workers.actor.WorkerArgs`, whether it will run in its own process (``python -m
 workers.<name>``, over ``ipc://``) or as an :class:`~workers.actor.ActorThread` sharing the
 engine's ``zmq.asyncio.Context`` (over ``inproc://``).
+
+With ``--tensor-parallel-size N`` there are N executors, one per rank: rank 0 is ``executor`` at
+``Addresses.executor`` (the one the scheduler hears back from), rank ``r`` is ``executor-r`` at that
+address with ``-r`` appended. Each is a worker of its own, supervised like the others.
 """
 
 from __future__ import annotations
 
 import importlib
 
+import msgspec
 import zmq.asyncio
 
-from workers.actor import Actor, WorkerArgs
+from proto.config import EngineConfig
+from workers.actor import Actor, Addresses, WorkerArgs
 
 # Start order: the scheduler waits for the executor's Ready (and the memory manager's lease) anyway.
 WORKER_NAMES = ("memory", "executor", "scheduler")
@@ -24,12 +30,54 @@ _ACTOR_CLASSES = {
 }
 
 
+def executor_name(rank: int) -> str:
+    return "executor" if rank == 0 else f"executor-{rank}"
+
+
+def executor_address(addresses: Addresses, rank: int) -> str:
+    return addresses.executor if rank == 0 else f"{addresses.executor}-{rank}"
+
+
+def executor_ranks(config: EngineConfig) -> range:
+    return range(config.tensor_parallel_size)
+
+
+def worker_names(config: EngineConfig) -> list[str]:
+    """Every worker of an engine with ``config``, in start order (see ``WORKER_NAMES``)."""
+    names = []
+    for name in WORKER_NAMES:
+        names += [executor_name(rank) for rank in executor_ranks(config)] if name == "executor" else [name]
+    return names
+
+
+def role(name: str) -> str:
+    """The worker kind behind a worker's name: ``executor-1`` is an ``executor``."""
+    return name.partition("-")[0]
+
+
+def rank_of(name: str) -> int:
+    _, _, rank = name.partition("-")
+    return int(rank) if rank else 0
+
+
+def worker_address(addresses: Addresses, name: str) -> str:
+    if role(name) == "executor":
+        return executor_address(addresses, rank_of(name))
+    address: str = getattr(addresses, name)
+    return address
+
+
+def worker_args(args: WorkerArgs, name: str) -> WorkerArgs:
+    """``args`` for worker ``name`` (an executor learns its rank)."""
+    return msgspec.structs.replace(args, rank=rank_of(name))
+
+
 def build_actor(name: str, args: WorkerArgs, context: zmq.asyncio.Context | None = None) -> Actor:
     """The actor of worker ``name``. Imported here: only the engine that runs it loads its code
     (torch, for the executor)."""
-    module, class_name = _ACTOR_CLASSES[name]
+    module, class_name = _ACTOR_CLASSES[role(name)]
     actor_class = getattr(importlib.import_module(module), class_name)
-    actor: Actor = actor_class.from_args(args, context)
+    actor: Actor = actor_class.from_args(worker_args(args, name), context)
     return actor
 
 

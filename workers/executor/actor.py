@@ -16,6 +16,11 @@ its own start, so a step queued behind a long segment update is not blamed for i
 Tracing (DESIGN.md "Tracing"): with an OTLP endpoint or a span collector (the memory manager), each
 step is timed on the compute thread and its spans are built after its result has been sent
 (:mod:`workers.executor.step_spans`); with neither, a plan goes straight to ``runner.execute``.
+
+Tensor parallelism (DESIGN.md "Parallelism"): one executor per rank, each its own worker. Every rank
+gets every StepPlan and SegmentUpdate from the scheduler and joins the same collectives; rank 0
+alone samples, sends StepResults and Ready to the scheduler (the others report Ready to the
+supervisor only).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from workers.executor.step_hang import StepHang
 from workers.executor.step_spans import StepSpans, StepTiming
 from workers.fd_channel import FdClient
 from workers.memory.spans import span_channel_tracer
+from workers.roster import executor_address, executor_name
 from workers.tracing import EXECUTOR_SERVICE, setup_tracing, shutdown_tracing, tracing_enabled
 
 logger = logging.getLogger(__name__)
@@ -78,10 +84,15 @@ class LayerTimedRunner(Runner, Protocol):
 
 def load_model_runner(config: EngineConfig) -> Runner:
     # Imported here: torch and the model code load in the worker process only.
+    from workers.executor.parallel import init_tensor_parallel
     from workers.executor.runner import ModelRunner
+    from workers.plan import local_device, plan_of
 
+    # The rendezvous with the other ranks (a no-op for one), from the supervisor's torchrun variables.
+    device_type = local_device(plan_of(config).device).split(":")[0]
+    tensor_parallel = init_tensor_parallel(config.tensor_parallel_size, config.distributed_init_method, device_type)
     # Device, dtype, KV pool and staging ring from the config's plan (the daemon checked it).
-    return ModelRunner(config)
+    return ModelRunner(config, tensor_parallel=tensor_parallel)
 
 
 def ready_message(worker: str, config: EngineConfig, runner: Runner) -> proto.Ready:
@@ -112,16 +123,19 @@ class ExecutorActor(Actor):
         heartbeat_interval: float = 0.5,
         runner_factory: Callable[[EngineConfig], Runner] = load_model_runner,
         span_collector: str | None = None,
+        rank: int = 0,
     ) -> None:
-        """``span_collector``: where the step spans go over ZeroMQ (the memory manager's address)."""
+        """``span_collector``: where the step spans go over ZeroMQ (the memory manager's address).
+        ``rank``: this executor's tensor-parallel rank."""
         super().__init__(
-            "executor",
-            addresses.executor,
+            executor_name(rank),
+            executor_address(addresses, rank),
             context=context,
             supervisor=addresses.frontend,
             heartbeat_interval=heartbeat_interval,
         )
         self.config = config
+        self.rank = rank
         self.runner: Runner | None = None
         self._runner_factory = runner_factory
         self.tracer = setup_tracing(EXECUTOR_SERVICE, config)
@@ -132,7 +146,8 @@ class ExecutorActor(Actor):
         # Host segments' descriptors come from the memory manager over SCM_RIGHTS (not /proc).
         self.segment_fds = FdClient(addresses.memory) if addresses.memory else None
         if tracing_enabled(self.tracer) or self.channel is not None:
-            self.step_spans = StepSpans(self.tracer, self.channel, config.trace_layers_every)
+            rank_label = rank if config.tensor_parallel_size > 1 else None
+            self.step_spans = StepSpans(self.tracer, self.channel, config.trace_layers_every, rank_label)
         self.step_deadline = StepDeadline(config.step_timeout)
         self._step_deadline_source = (
             "--step-timeout" if config.step_timeout else "derived from the step times"
@@ -149,6 +164,7 @@ class ExecutorActor(Actor):
     @classmethod
     def from_args(cls, args: WorkerArgs, context: zmq.asyncio.Context | None = None) -> ExecutorActor:
         """As a worker starts it; ``context``: the engine's shared one when actors run as threads."""
+        # Every rank's step spans: the controller steers by the slowest rank's.
         collector = args.addresses.memory or None
         return cls(
             args.config,
@@ -156,13 +172,15 @@ class ExecutorActor(Actor):
             context=context,
             heartbeat_interval=args.heartbeat_interval,
             span_collector=collector,
+            rank=args.rank,
         )
 
     async def on_start(self) -> None:
         # A load error raises here and fails the actor: the supervisor gets Dead with the reason.
         self.runner = await self.run_blocking(self._runner_factory, self.config)
         ready = ready_message(self.name, self.config, self.runner)
-        self.send("scheduler", ready)
+        if self.rank == 0:
+            self.send("scheduler", ready)
         self.send(SUPERVISOR, ready)
         self.spawn(self._watch_compute(), "compute-watch")
 
@@ -243,7 +261,8 @@ class ExecutorActor(Actor):
             self._compute_step, runner, plan, time_layers, deadline
         )
         self.step_deadline.record(elapsed)
-        self.send("scheduler", result)
+        if self.rank == 0:  # the other ranks' results carry no tokens
+            self.send("scheduler", result)
         if spans is not None:
             assert timing is not None
             spans.end(plan, result, timing)  # while the scheduler plans the next step

@@ -44,9 +44,12 @@ class HostKV:
         throttle_bytes_per_s: float | None = None,
         host_page_kernel: bool | None = None,
         registrar: HostRegistrar | None = None,
+        part: tuple[int, int] = (0, 1),
     ) -> None:
-        """``registrar``: registers segments with CUDA (default: one on a CUDA device, none elsewhere)."""
+        """``registrar``: registers segments with CUDA (default: one on a CUDA device, none elsewhere);
+        ``part``: (rank, ranks) under tensor parallelism: which part of each segment is this rank's."""
         self.layout = layout
+        self.part = part
         self.pages = pages
         self.num_device_blocks = num_device_blocks
         self.ring = ring
@@ -89,7 +92,7 @@ class HostKV:
                 # Released before this executor got to it: no plan can use its blocks.
                 logger.info("host segment %d was released before it was mapped; skipped", info.segment_id)
                 continue
-            segment = HostSegment.attach(info, self.layout, fd)
+            segment = HostSegment.attach(info, self.layout, fd, *self.part)
             try:
                 if self.registrar is not None:
                     self.registrar.register(segment)

@@ -11,6 +11,10 @@ Gemma's (1 + w) norms, sandwich norms and scaled embeddings, the MLP activation,
 
 Parameters are created with ``torch.empty`` (no random init: the weights are loaded right after),
 so build the model under ``with torch.device(device):`` to allocate it in place.
+
+Tensor parallelism (:mod:`workers.executor.parallel`): built with a ``TensorParallel`` of size N, the
+model holds one rank's shard (its query and KV heads, its slice of the MLP and of the vocabulary) and
+its checkpoint targets name only the slices that rank reads.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.executor.attention import AttentionMetadata, PagedAttention, TorchPagedAttention
+from workers.executor.parallel import SINGLE, ShardedTarget, TensorParallel
 from workers.model_config import ModelConfig, RopeConfig
 
-Targets = dict[str, torch.Tensor]
+# Checkpoint tensor name -> the parameter (view) it fills, or the slices of it this rank holds.
+Targets = dict[str, torch.Tensor | ShardedTarget]
+RowRange = tuple[str, int, int, int]  # checkpoint name, its full number of rows, [start, stop) of them
 
 
 class Linear(nn.Module):
@@ -39,11 +46,61 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def checkpoint_targets(self, names: list[str], sizes: list[int]) -> Targets:
-        """Checkpoint tensors ``names[i] + ".weight"`` (and ``.bias``) fill consecutive row ranges."""
-        targets = dict(zip([name + ".weight" for name in names], self.weight.detach().split(sizes)))
+    def column_parallel_targets(self, ranges: list[RowRange]) -> Targets:
+        """Column-parallel (this rank holds some output rows): consecutive row blocks of this weight
+        (and bias) come from ``ranges``, each a row range of a checkpoint tensor, in order. A fused
+        checkpoint tensor may appear several times (Phi-3's qkv_proj: its q, k and v rows)."""
+        in_features = self.weight.shape[1]
+        pieces: dict[str, tuple[int, list[tuple[int, int, int]]]] = {}
+        offset = 0
+        for name, full_rows, start, stop in ranges:
+            spans = pieces.setdefault(name, (full_rows, []))[1]
+            if spans and spans[-1][0] + spans[-1][2] - spans[-1][1] == offset and spans[-1][2] == start:
+                spans[-1] = (spans[-1][0], spans[-1][1], stop)  # contiguous both here and there: one read
+            else:
+                spans.append((offset, start, stop))
+            offset += stop - start
+        targets: Targets = {}
+        weight = self.weight.detach()
+        for name, (full_rows, spans) in pieces.items():
+            targets[name + ".weight"] = ShardedTarget(
+                (full_rows, in_features), 0, tuple((weight[at : at + stop - start], start, stop) for at, start, stop in spans)
+            )
+            if self.bias is not None:
+                bias = self.bias.detach()
+                targets[name + ".bias"] = ShardedTarget(
+                    (full_rows,), 0, tuple((bias[at : at + stop - start], start, stop) for at, start, stop in spans)
+                )
+        return targets
+
+
+class RowParallelLinear(Linear):
+    """This rank's input columns ``[start, stop)`` of ``full_in_features``; the partial products are
+    summed over ranks (one all-reduce), then the bias, held whole by every rank, is added once."""
+
+    def __init__(
+        self, full_in_features: int, out_features: int, bias: bool, dtype: torch.dtype, tp: TensorParallel
+    ) -> None:
+        self.tp = tp
+        self.full_in_features = full_in_features
+        self.in_start, self.in_stop = tp.split(full_in_features)
+        super().__init__(self.in_stop - self.in_start, out_features, bias, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.linear(x, self.weight, self.bias)
+        out = self.tp.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+    def row_parallel_targets(self, name: str) -> Targets:
+        weight = self.weight.detach()
+        targets: Targets = {
+            name + ".weight": ShardedTarget(
+                (weight.shape[0], self.full_in_features), 1, ((weight, self.in_start, self.in_stop),)
+            )
+        }
         if self.bias is not None:
-            targets.update(zip([name + ".bias" for name in names], self.bias.detach().split(sizes)))
+            targets[name + ".bias"] = self.bias.detach()
         return targets
 
 
@@ -152,21 +209,32 @@ Rope = tuple[torch.Tensor, torch.Tensor]  # a step's cos and sin for one RotaryE
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype, backend: PagedAttention) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        dtype: torch.dtype,
+        backend: PagedAttention,
+        tp: TensorParallel = SINGLE,
+    ) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            config.num_heads,
-            config.num_kv_heads,
-            config.head_dim,
-        )
+        self.config = config
+        # This rank's query heads and KV heads (all of them without tensor parallelism).
+        self.head_range = tp.split(config.num_heads)
+        self.kv_head_range = tp.kv_heads(config.num_heads, config.num_kv_heads)
+        self.num_heads = self.head_range[1] - self.head_range[0]
+        self.num_kv_heads = self.kv_head_range[1] - self.kv_head_range[0]
+        self.head_dim = config.head_dim
         self.sliding_window = config.layer_sliding_windows[layer]
         self.scale = config.attention_scale
         self.fused_checkpoint = config.fused_checkpoint
         self.backend = backend
         self.sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
         self.qkv_proj = Linear(config.hidden_size, sum(self.sizes), config.qkv_bias, dtype)
-        self.o_proj = Linear(self.sizes[0], config.hidden_size, config.o_proj_bias, dtype)
+        self.o_proj = RowParallelLinear(
+            config.num_heads * self.head_dim, config.hidden_size, config.o_proj_bias, dtype, tp
+        )
         self.q_norm = make_norm(config, self.head_dim, dtype) if config.qk_norm else None
         self.k_norm = make_norm(config, self.head_dim, dtype) if config.qk_norm else None
 
@@ -201,13 +269,23 @@ class Attention(nn.Module):
         return self.o_proj(out.flatten(1))
 
     def checkpoint_targets(self, prefix: str) -> Targets:
-        if self.fused_checkpoint:
-            qkv = self.qkv_proj.checkpoint_targets([prefix + "qkv_proj"], [sum(self.sizes)])
+        head_dim, config = self.head_dim, self.config
+        q_rows, kv_rows = config.num_heads * head_dim, config.num_kv_heads * head_dim
+        (q_start, q_stop), (kv_start, kv_stop) = self.head_range, self.kv_head_range
+        if self.fused_checkpoint:  # one tensor: all q rows, then all k rows, then all v rows
+            name, full = prefix + "qkv_proj", q_rows + 2 * kv_rows
+            ranges = [
+                (name, full, q_start * head_dim, q_stop * head_dim),
+                (name, full, q_rows + kv_start * head_dim, q_rows + kv_stop * head_dim),
+                (name, full, q_rows + kv_rows + kv_start * head_dim, q_rows + kv_rows + kv_stop * head_dim),
+            ]
         else:
-            qkv = self.qkv_proj.checkpoint_targets(
-                [prefix + name for name in ("q_proj", "k_proj", "v_proj")], self.sizes
-            )
-        targets = qkv | self.o_proj.checkpoint_targets([prefix + "o_proj"], [self.o_proj.weight.shape[0]])
+            ranges = [(prefix + "q_proj", q_rows, q_start * head_dim, q_stop * head_dim)] + [
+                (prefix + name, kv_rows, kv_start * head_dim, kv_stop * head_dim) for name in ("k_proj", "v_proj")
+            ]
+        targets = self.qkv_proj.column_parallel_targets(ranges) | self.o_proj.row_parallel_targets(
+            prefix + "o_proj"
+        )
         if self.q_norm is not None and self.k_norm is not None:
             targets[prefix + "q_norm.weight"] = self.q_norm.weight.detach()
             targets[prefix + "k_norm.weight"] = self.k_norm.weight.detach()
@@ -218,29 +296,29 @@ ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, ap
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
+        self.intermediate_range = tp.split(config.intermediate_size)
+        local_size = self.intermediate_range[1] - self.intermediate_range[0]
         self.activation = ACTIVATIONS[config.hidden_act]
         self.fused_checkpoint = config.fused_checkpoint
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, config.mlp_bias, dtype)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, config.mlp_bias, dtype)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * local_size, config.mlp_bias, dtype)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, config.mlp_bias, dtype, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.activation(gate) * up)
 
     def checkpoint_targets(self, prefix: str) -> Targets:
-        if self.fused_checkpoint:
-            gate_up = self.gate_up_proj.checkpoint_targets(
-                [prefix + "gate_up_proj"], [2 * self.intermediate_size]
-            )
+        size, (start, stop) = self.intermediate_size, self.intermediate_range
+        if self.fused_checkpoint:  # one tensor: all gate rows, then all up rows
+            name = prefix + "gate_up_proj"
+            ranges = [(name, 2 * size, start, stop), (name, 2 * size, size + start, size + stop)]
         else:
-            gate_up = self.gate_up_proj.checkpoint_targets(
-                [prefix + "gate_proj", prefix + "up_proj"], [self.intermediate_size] * 2
-            )
-        return gate_up | self.down_proj.checkpoint_targets(
-            [prefix + "down_proj"], [self.down_proj.weight.shape[0]]
+            ranges = [(prefix + name, size, start, stop) for name in ("gate_proj", "up_proj")]
+        return self.gate_up_proj.column_parallel_targets(ranges) | self.down_proj.row_parallel_targets(
+            prefix + "down_proj"
         )
 
 
@@ -249,12 +327,19 @@ class DecoderLayer(nn.Module):
     input and output are normed too (``post_attention_layernorm`` then norms the attention output,
     not the MLP input)."""
 
-    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype, backend: PagedAttention) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        dtype: torch.dtype,
+        backend: PagedAttention,
+        tp: TensorParallel = SINGLE,
+    ) -> None:
         super().__init__()
         self.input_layernorm = make_norm(config, config.hidden_size, dtype)
-        self.self_attn = Attention(config, layer, dtype, backend)
+        self.self_attn = Attention(config, layer, dtype, backend, tp)
         self.post_attention_layernorm = make_norm(config, config.hidden_size, dtype)
-        self.mlp = MLP(config, dtype)
+        self.mlp = MLP(config, dtype, tp)
         self.sandwich_norms = config.sandwich_norms
         if self.sandwich_norms:
             self.pre_feedforward_layernorm = make_norm(config, config.hidden_size, dtype)
@@ -289,12 +374,19 @@ class CausalLM(nn.Module):
     """Token ids of one step in, logits of the rows that are sampled out."""
 
     def __init__(
-        self, config: ModelConfig, dtype: torch.dtype, backend: PagedAttention | None = None
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        backend: PagedAttention | None = None,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
         backend = backend or TorchPagedAttention()
         self.config = config
-        embedding = torch.empty(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.tp = tp
+        # Vocabulary-parallel: this rank's rows of the embedding (and of the LM head).
+        self.vocab_start, self.vocab_stop = tp.split(config.vocab_size)
+        embedding = torch.empty(self.vocab_stop - self.vocab_start, config.hidden_size, dtype=dtype)
         self.embed_tokens = nn.Parameter(embedding, requires_grad=False)
         # Gemma scales embeddings by sqrt(hidden) rounded to the model dtype, as transformers does.
         self.embedding_multiplier = (
@@ -302,12 +394,14 @@ class CausalLM(nn.Module):
             if config.embedding_multiplier is None
             else torch.tensor(config.embedding_multiplier).to(dtype).item()
         )
-        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, backend) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, dtype, backend, tp) for i in range(config.num_layers)
+        )
         self.norm = make_norm(config, config.hidden_size, dtype)
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else Linear(config.hidden_size, config.vocab_size, False, dtype)
+            else Linear(config.hidden_size, self.vocab_stop - self.vocab_start, False, dtype)
         )
         # One rotary embedding per distinct rope (Gemma's local and global layers differ); a layer
         # without rope (SmolLM3) has none.
@@ -327,10 +421,11 @@ class CausalLM(nn.Module):
         """``input_ids``/``positions`` ``[T]`` -> float32 logits ``[len(logits_indices), vocab]``.
 
         Every token's K/V is written to ``pool``; only the rows in ``logits_indices`` go through
-        the final norm and lm_head (the other rows' logits would be thrown away).
+        the final norm and lm_head (the other rows' logits would be thrown away). With tensor
+        parallelism only rank 0 gets the whole vocabulary's logits; another rank gets its own columns.
         """
         ropes = self.rope_cos_sin(positions, meta, self.embed_tokens.dtype)
-        hidden = F.embedding(input_ids, self.embed_tokens)
+        hidden = self.embed(input_ids)
         if self.embedding_multiplier is not None:
             hidden = hidden * self.embedding_multiplier
         for layer, rotary in zip(self.layers, self.layer_rotary):
@@ -339,7 +434,19 @@ class CausalLM(nn.Module):
         head = self.embed_tokens if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden, head).float()
         cap = self.config.final_logit_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return self.tp.gather_columns(logits)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.embed_tokens)
+        # Each rank looks up the ids in its vocabulary rows, zeros for the others; the sum over
+        # ranks is the embedding (exactly: one rank contributes each row).
+        local_ids = input_ids - self.vocab_start
+        outside = (local_ids < 0) | (local_ids >= self.embed_tokens.shape[0])
+        hidden = F.embedding(local_ids.masked_fill(outside, 0), self.embed_tokens)
+        return self.tp.all_reduce(hidden.masked_fill(outside[:, None], 0))
 
     def rope_cos_sin(
         self, positions: torch.Tensor, meta: AttentionMetadata, dtype: torch.dtype
@@ -354,12 +461,17 @@ class CausalLM(nn.Module):
     def checkpoint_targets(self) -> Targets:
         """Checkpoint tensor name -> the (view of the) parameter it is loaded into."""
         prefix = self.config.checkpoint_prefix
-        targets = {
-            prefix + "embed_tokens.weight": self.embed_tokens.detach(),
+        vocab = (self.config.vocab_size, self.config.hidden_size)
+
+        def vocab_rows(parameter: torch.Tensor) -> ShardedTarget:
+            return ShardedTarget(vocab, 0, ((parameter.detach(), self.vocab_start, self.vocab_stop),))
+
+        targets: Targets = {
+            prefix + "embed_tokens.weight": vocab_rows(self.embed_tokens),
             prefix + "norm.weight": self.norm.weight.detach(),
         }
         if self.lm_head is not None:
-            targets[self.config.lm_head_name] = self.lm_head.weight.detach()
+            targets[self.config.lm_head_name] = vocab_rows(self.lm_head.weight)
         for i, layer in enumerate(self.layers):
             targets |= layer.checkpoint_targets(f"{prefix}layers.{i}.")
         return targets

@@ -21,6 +21,11 @@ the step's copy timings final), and requested logprobs are copied after the toke
 
 Where this differs from DESIGN.md ("Executor on accelerators"), as built today: the scheduler does
 not yet plan step t+1 while step t runs.
+
+Tensor parallelism (:mod:`workers.executor.parallel`): every rank runs every plan on its shard and its
+slice of the KV pool (same block ids, its KV heads); only rank 0 keeps sampling state and samples,
+the others keep the same states (the logits rows a step computes depend on them) but return a
+result without tokens (which their actor does not send).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from workers.executor.host_kv import HostKV
 from workers.executor.kv_pool import DeviceMemoryProfile, KVPool, StagingRing, num_profiled_kv_blocks
 from workers.executor.layer_timer import LayerTimer
 from workers.executor.model import CausalLM
+from workers.executor.parallel import SINGLE, TensorParallel
 from workers.executor.sampler import PromptLogprobRun, Sampler, SamplingState
 from workers.executor.step_spans import LayerTime
 from workers.executor.streaming import HostBlockOwners, LayerStreamer, StreamStats
@@ -102,12 +108,17 @@ class ModelRunner:
         num_staging_blocks: int | None = None,
         blocks_per_segment: int | None = None,
         prefetch_next_step: bool = True,
+        tensor_parallel: TensorParallel = SINGLE,
     ) -> None:
+        """``tensor_parallel``: this rank's place (its process group joined already)."""
         if num_staging_blocks is not None and num_staging_blocks < 0:
             raise ValueError(f"num_staging_blocks must be non-negative, got {num_staging_blocks}.")
         self.config = config
         self.plan = plan_of(config, num_staging_blocks)
+        self.tp = tensor_parallel
         self.device = torch.device(self.plan.device)
+        if self.tp.size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.tp.local_rank)  # rank r on cuda:r
         torch.manual_seed(config.seed)
         self.model_config = ModelConfig.from_folder(self.plan.model_path)
         self.dtype = getattr(torch, self.plan.dtype)
@@ -115,18 +126,16 @@ class ModelRunner:
         self.attention_backend = config.resolved_attention_backend(self.device.type)
         backend = make_attention_backend(self.attention_backend, self.device)
         with torch.device(self.device):
-            self.model = CausalLM(self.model_config, self.dtype, backend)
+            self.model = CausalLM(self.model_config, self.dtype, backend, self.tp)
         model_config = self.model_config
-        load_weights(self.model.checkpoint_targets(), model_config.path, model_config.fp8_block_size)
+        self.weight_bytes_read = load_weights(
+            self.model.checkpoint_targets(), model_config.path, model_config.fp8_block_size
+        )
         self.model.eval()
         num_layers = self.model_config.num_layers
-        self.kv_layout = KVLayout(
-            num_layers,
-            self.block_size,
-            self.model_config.num_kv_heads,
-            self.model_config.head_dim,
-            self.dtype,
-        )
+        # This rank's KV heads (all of them without tensor parallelism).
+        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads
+        self.kv_layout = KVLayout(num_layers, self.block_size, self.num_kv_heads, self.model_config.head_dim, self.dtype)
         host = self.plan.host
         if num_staging_blocks is None:
             num_staging_blocks = host.num_staging_blocks
@@ -136,8 +145,9 @@ class ModelRunner:
         num_staging_pages = num_areas * num_staging_blocks
         self.graph_mode = graph_mode(config, self.device, self.attention_backend)
         num_scratch_pages = 1 if self.graph_mode else 0  # where padded decode rows write
-        self.num_device_blocks = self.plan.num_device_blocks or self._num_cuda_kv_blocks(
-            (num_staging_pages + num_scratch_pages) * self.kv_layout.page_bytes
+        self.num_device_blocks = self.plan.num_device_blocks or self.tp.min_over_ranks(
+            self._num_cuda_kv_blocks((num_staging_pages + num_scratch_pages) * self.kv_layout.page_bytes),
+            self.device,
         )
         self.max_model_len = self._max_model_len()
         staging = None
@@ -147,7 +157,7 @@ class ModelRunner:
             num_layers,
             self.num_device_blocks,
             self.block_size,
-            self.model_config.num_kv_heads,
+            self.num_kv_heads,
             self.model_config.head_dim,
             self.dtype,
             self.device,
@@ -164,6 +174,7 @@ class ModelRunner:
             self.device,
             self.copy_throttle.bytes_per_s,
             config.extra.get("host_page_kernel"),
+            part=(self.tp.rank, self.tp.size),
         )
         # Measured once, for the expansion controller's first decision (0 without a host tier).
         self.link_bandwidth = self.host_kv.measure_link_bandwidth() if config.kv_policy == "pie" else 0.0
@@ -327,10 +338,16 @@ class ModelRunner:
                 layers.detach()
         logits = all_logits[: len(states)]
         timer.stop()
+        if not self.tp.is_first:
+            # Only rank 0 has the whole vocabulary's logits and samples; this rank keeps its states'
+            # prompt-logprob progress in step with rank 0's, so both compute the same logits rows.
+            for run in inputs.prompt_runs:
+                run.state.next_prompt_logprob_row = run.first_position + run.num_rows
+            states = []
         if states:
             # NOTE: the step's one host synchronization (on CUDA): the sampled tokens' copy to the host.
             token_ids, logprobs = self.sampler.sample(logits, states)
-        else:  # every scheduled request is mid-prefill
+        else:  # every scheduled request is mid-prefill (or this rank does not sample)
             token_ids, logprobs = np.empty(0, dtype=np.int32), []
         forward_time = timer.seconds()
         # After the host synchronized with compute: the stall and copy timings are final.
@@ -341,7 +358,9 @@ class ModelRunner:
         self.stream_stats = stats
         for state, token_id in zip(states, token_ids.tolist()):
             state.append(token_id)
-        prompt_logprobs = self.sampler.prompt_logprobs(all_logits[len(states) :], inputs.prompt_runs)
+        prompt_logprobs = (
+            self.sampler.prompt_logprobs(all_logits[len(states) :], inputs.prompt_runs) if self.tp.is_first else []
+        )
         if layers is not None:
             self.layer_times = layers.finish()  # after the step's host sync: its events are done
         return proto.StepResult(
@@ -380,7 +399,8 @@ class ModelRunner:
         return self.host_kv.swap(swap_out.reshape(-1, 2), swap_in.reshape(-1, 2))
 
     def update_states(self, plan: proto.StepPlan) -> None:
-        """Drop finished requests' sampling state, then create it for the plan's new requests."""
+        """Drop finished requests' sampling state, then create it for the plan's new requests (on
+        every tensor-parallel rank: which logits rows a step computes depends on it)."""
         for request_id in plan.finished_request_ids:
             self.states.pop(request_id, None)
         for new in plan.new_requests:

@@ -47,6 +47,7 @@ from proto.spans import (
     STEP_NUM_HOST_BLOCKS,
     STEP_NUM_REQUESTS,
     STEP_NUM_TOKENS,
+    STEP_RANK,
     STEP_SPAN,
     STEP_STALL_TIME,
 )
@@ -119,8 +120,12 @@ class StepSpans:
     ``trace_layers_every``: every N-th step is timed layer by layer and exported over OTLP too
     (0: never)."""
 
-    def __init__(self, tracer: trace.Tracer, channel: trace.Tracer | None, trace_layers_every: int) -> None:
+    def __init__(
+        self, tracer: trace.Tracer, channel: trace.Tracer | None, trace_layers_every: int, rank: int | None = None
+    ) -> None:
+        """``rank``: the tensor-parallel rank each step span is labelled with (None: one rank)."""
         self.tracer = tracer
+        self.rank = rank
         self.channel = channel
         self.trace_layers_every = trace_layers_every
         self._exports = tracing_enabled(tracer)  # over OTLP
@@ -181,6 +186,8 @@ class StepSpans:
             STEP_LINK_BANDWIDTH: result.link_bandwidth,
             STEP_LAYERS_TRACED: layer_times is not None,
         }
+        if self.rank is not None:
+            attributes[STEP_RANK] = self.rank
         if result.error:
             attributes[STEP_ERROR] = result.error
         span = tracer.start_span(STEP_SPAN, start_time=timing.start_ns, attributes=attributes, links=links)

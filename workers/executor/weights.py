@@ -5,6 +5,9 @@ view, which may be a row slice of a fused parameter). This module finds the file
 ``model.safetensors`` or the shards named by ``model.safetensors.index.json``), checks that every
 tensor is present with the expected shape, and copies it in, converting dtype and device on the
 way. Every failure is a ``ModelFolderError`` naming the file at fault.
+
+Under tensor parallelism a target is a :class:`~workers.executor.parallel.ShardedTarget`: the rank's
+slices are read through ``get_slice``, so a rank reads its shard and never the whole tensor.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from workers.executor.parallel import ShardedTarget
 from workers.model_config import SINGLE_WEIGHTS_FILE, WEIGHTS_INDEX_FILE, ModelFolderError
 from workers.progress import Progress
 
@@ -48,13 +52,17 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def load_weights(
-    targets: dict[str, torch.Tensor], folder: Path, fp8_block_size: tuple[int, int] | None = None
-) -> None:
-    """Copy each checkpoint tensor named in ``targets`` into its destination view.
+    targets: dict[str, torch.Tensor | ShardedTarget],
+    folder: Path,
+    fp8_block_size: tuple[int, int] | None = None,
+) -> int:
+    """Copy each checkpoint tensor named in ``targets`` into its destination view (or, for a
+    ``ShardedTarget``, each of its slices into its piece); returns the bytes read from the files.
 
     Tensors in the files that no target names (e.g. a tied ``lm_head.weight``) are ignored. With
     ``fp8_block_size`` (an FP8 checkpoint, see ``ModelConfig``), a float8 weight is dequantized with
-    its ``weight_scale_inv`` on the way.
+    its ``weight_scale_inv`` on the way (whole tensors only: the preflight refuses FP8 with tensor
+    parallelism).
     """
     files = weight_files(folder)
     where = _tensor_locations(files)
@@ -71,9 +79,21 @@ def load_weights(
             }
         except Exception as error:  # checked by _tensor_locations already; a file changed under us
             raise ModelFolderError(f"{folder}: corrupt safetensors file ({error}).") from None
+        bytes_read = 0
         for file in files:
             for name in [name for name in targets if where[name] == file]:
-                tensor = _read(handles, where, file, name, targets[name].shape)
+                target = targets[name]
+                if isinstance(target, ShardedTarget) and not target.covers_all:
+                    for (destination, _, _), piece in zip(target.pieces, _read_slices(handles[file], file, name, target)):
+                        with torch.no_grad():
+                            destination.copy_(piece)
+                        bytes_read += piece.nbytes
+                    progress.update()
+                    continue
+                if isinstance(target, ShardedTarget):
+                    target = target.pieces[0][0]
+                tensor = _read(handles, where, file, name, target.shape)
+                bytes_read += tensor.nbytes
                 if tensor.dtype in FP8_DTYPES:
                     scale_name = name + "_scale_inv"
                     if fp8_block_size is None or scale_name not in where:
@@ -84,8 +104,9 @@ def load_weights(
                     scale = _read(handles, where, where[scale_name], scale_name, None)
                     tensor = dequantize_fp8(tensor, scale, fp8_block_size, where[scale_name], name)
                 with torch.no_grad():
-                    targets[name].copy_(tensor)
+                    target.copy_(tensor)
                 progress.update()
+    return bytes_read
 
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
@@ -123,6 +144,24 @@ def _read(
                 f"{file}: tensor {name} has shape {list(found)}, but config.json implies {list(shape)}."
             )
         return handle.get_tensor(name)
+    except ModelFolderError:
+        raise
+    except Exception as error:  # safetensors raises its own error types for damaged data
+        raise ModelFolderError(f"{file}: corrupt safetensors file ({error}).") from None
+
+
+def _read_slices(handle: Any, file: Path, name: str, target: ShardedTarget) -> list[torch.Tensor]:
+    """A sharded target's slices of one tensor, its full shape checked first."""
+    try:
+        sliced = handle.get_slice(name)
+        found = tuple(sliced.get_shape())
+        if found != target.full_shape:
+            raise ModelFolderError(
+                f"{file}: tensor {name} has shape {list(found)}, but config.json implies {list(target.full_shape)}."
+            )
+        if sliced.get_dtype().startswith("F8"):
+            raise ModelFolderError(f"{file}: tensor {name} is FP8, which tensor parallelism does not load yet.")
+        return target.read(sliced)
     except ModelFolderError:
         raise
     except Exception as error:  # safetensors raises its own error types for damaged data

@@ -29,6 +29,7 @@ from workers.fd_channel import FdServer
 from workers.memory.controller import StepSample
 from workers.memory.lease_spans import LeaseSpans
 from workers.memory.manager import HostMemory, LeaseChange, kv_layout_for
+from workers.memory.rank_steps import SlowestRank
 from workers.tracing import MEMORY_SERVICE, setup_tracing, shutdown_tracing, tracing_enabled
 
 IDLE_TICK_SECONDS = 0.1  # an idle engine still reports, so an unused lease is returned
@@ -72,6 +73,7 @@ class MemoryActor(Actor):
         self.host: HostMemory | None = None
         self.demand = proto.DemandReport(0, 0, 0, False, 0)
         self._saw_step = False
+        self._ranks = SlowestRank(config.tensor_parallel_size)  # one sample per step from N ranks
         self.tracer = setup_tracing(MEMORY_SERVICE, config)
         self.lease_spans: LeaseSpans | None = None
         self.fd_server: FdServer | None = None
@@ -140,8 +142,11 @@ class MemoryActor(Actor):
             return
         for span in batch.spans:
             if span.name == span_names.STEP_SPAN:
-                self._saw_step = True
-                self._observe(step_sample_from_span(span, host.layout.num_layers))
+                step_id = int(span.attributes.get(span_names.STEP_ID, -1))
+                sample = self._ranks.add(step_id, step_sample_from_span(span, host.layout.num_layers))
+                if sample is not None:
+                    self._saw_step = True
+                    self._observe(sample)
 
     # ---------------------------------------------------------------- the controller
 

@@ -12,6 +12,10 @@ exactly as long as some process maps it or holds its descriptor.
 Layout of a segment of ``S`` blocks: ``[num_layers, S, 2, block_size, num_kv_heads, head_dim]``.
 Layer-major, so one layer's pages of a run of consecutive host blocks are contiguous and stream to
 the device as one transfer (DESIGN.md "Streaming").
+
+Under tensor parallelism (DESIGN.md "Parallelism") the memory manager sizes each segment for every
+rank's KV heads, and rank ``r`` of ``N`` maps part ``r`` of it: ``[L, S, 2, block_size,
+num_kv_heads / N, head_dim]`` at byte ``r * S * rank_block_bytes``, its own heads' slice, contiguous.
 """
 
 from __future__ import annotations
@@ -58,13 +62,19 @@ class KVLayout:
 class HostSegment:
     """``num_blocks`` host blocks backed by one memfd, as a tensor ``[L, S, *page_shape]``."""
 
-    def __init__(self, info: proto.HostSegmentInfo, layout: KVLayout, fd: int, owner: bool) -> None:
+    def __init__(
+        self, info: proto.HostSegmentInfo, layout: KVLayout, fd: int, owner: bool, part: int = 0, num_parts: int = 1
+    ) -> None:
         self.info = info
         self.layout = layout
         self._fd = fd if owner else -1  # a mapper keeps no descriptor: the mapping holds the memory
         self._owner = owner
-        buffer, self._release = map_shared(fd, self.num_bytes)
-        flat = torch.frombuffer(buffer, dtype=layout.dtype)
+        # Under tensor parallelism a segment holds one part per rank (``layout``: one rank's) and a
+        # rank maps the whole segment but views only its own part.
+        buffer, self._release = map_shared(fd, num_parts * self.num_bytes)
+        flat = torch.frombuffer(
+            buffer, dtype=layout.dtype, count=self.num_bytes // layout.dtype.itemsize, offset=part * self.num_bytes
+        )
         self.tensor = flat.view(layout.num_layers, info.num_blocks, *layout.page_shape)
 
     @property
@@ -97,8 +107,11 @@ class HostSegment:
             raise
 
     @classmethod
-    def attach(cls, info: proto.HostSegmentInfo, layout: KVLayout, fd: int) -> HostSegment:
-        """Mapper side: map ``fd`` (received for ``info``) and close it, whatever happens."""
+    def attach(
+        cls, info: proto.HostSegmentInfo, layout: KVLayout, fd: int, part: int = 0, num_parts: int = 1
+    ) -> HostSegment:
+        """Mapper side: map ``fd`` (received for ``info``) and close it, whatever happens; with
+        ``num_parts`` tensor-parallel ranks, part ``part`` of it (``layout``: one rank's)."""
         try:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
             if seals & SEALS != SEALS:
@@ -107,13 +120,13 @@ class HostSegment:
                     "refusing to map memory another process could shrink under this one."
                 )
             size = os.fstat(fd).st_size
-            expected = info.num_blocks * layout.block_bytes
+            expected = num_parts * info.num_blocks * layout.block_bytes
             if size != expected:
                 raise ValueError(
                     f"host segment {info.segment_id} is {size} bytes, not the {expected} its "
                     f"{info.num_blocks} blocks need: the executor and the memory manager disagree on the KV layout."
                 )
-            return cls(info, layout, fd, owner=False)
+            return cls(info, layout, fd, owner=False, part=part, num_parts=num_parts)
         finally:
             # The mapping keeps the memory alive; the descriptor is not needed any more.
             os.close(fd)

@@ -30,6 +30,7 @@ import zmq.asyncio
 import proto
 from proto.config import EngineConfig
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
+from workers.roster import executor_address, executor_name, executor_ranks
 from workers.scheduler.request_spans import RequestSpans
 from workers.scheduler.scheduler import Scheduler
 from workers.tracing import SCHEDULER_SERVICE, PresetSpanIds, setup_tracing, shutdown_tracing, tracing_enabled
@@ -74,7 +75,10 @@ class SchedulerActor(Actor):
         span_ids = PresetSpanIds()
         self.tracer = setup_tracing(SCHEDULER_SERVICE, config, id_generator=span_ids)
         self.request_spans = RequestSpans(self.tracer, span_ids) if tracing_enabled(self.tracer) else None
-        self.connect("executor", addresses.executor)
+        # Every tensor-parallel rank runs every plan; rank 0 ("executor") alone answers.
+        self.executors = [executor_name(rank) for rank in executor_ranks(config)]
+        for rank, name in enumerate(self.executors):
+            self.connect(name, executor_address(addresses, rank))
         self.connect("frontend", addresses.frontend)
         self.has_memory_manager = bool(addresses.memory)
         self._lease_received = not self.has_memory_manager
@@ -164,7 +168,7 @@ class SchedulerActor(Actor):
                 spans.scheduled(plan, scheduler.num_preemptions, time.time_ns())
             self._step_id = plan.step_id
             self._result = loop.create_future()
-            self.send("executor", plan)
+            self._send_to_executors(plan)
             result = await self._result
             # NOTE: timed before the deltas leave: the API ends its span once it has the last one.
             stepped_ns = time.time_ns() if spans is not None else 0
@@ -245,7 +249,7 @@ class SchedulerActor(Actor):
         # (same channel, in order): new segments are mapped before any plan can use their blocks,
         # and released ones are unmapped only after the plan that migrated off them has run.
         if lease.attach or lease.detach:
-            self.send("executor", proto.SegmentUpdate(lease.attach, lease.detach))
+            self._send_to_executors(proto.SegmentUpdate(lease.attach, lease.detach))
         if lease.lease != scheduler.host_lease:
             scheduler.set_host_lease(lease.lease)
         self._lease_received = True
@@ -254,10 +258,14 @@ class SchedulerActor(Actor):
         self._stats.host_link_bandwidth = lease.link_bandwidth
 
     def _apply_prefetch(self, scheduler: Scheduler, command: proto.PrefetchCommand) -> None:
-        # NOTE: no plan is in flight here; the executor reshapes its ring before the next plan
-        # (same channel, in order), and that plan reads at most the new ring's host blocks.
-        self.send("executor", command)
+        # NOTE: no plan is in flight here; every executor rank reshapes its ring before the next
+        # plan (same channel, in order), and that plan reads at most the new ring's host blocks.
+        self._send_to_executors(command)
         scheduler.set_host_step_limit(command.num_staging_blocks)
+
+    def _send_to_executors(self, message: proto.StepPlan | proto.SegmentUpdate | proto.PrefetchCommand) -> None:
+        for name in self.executors:
+            self.send(name, message)
 
     def _report_demand(self, scheduler: Scheduler, completed_step_id: int, idle: bool = False) -> None:
         """Tell the memory manager what the controller needs: after a step, when going idle, and
