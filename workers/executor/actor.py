@@ -154,6 +154,7 @@ class ExecutorActor(Actor):
         )
         # NOTE: written by the compute thread, read by the loop's watch (a tuple swap: atomic).
         self._compute_job: ComputeJob | None = None
+        self._runner_ready = asyncio.Event()
         self.stuck_job: str | None = None  # the compute job that ran past its deadline, if one did
         self._hang = StepHang.from_environment()  # None unless a test asks for a hang
         self.connect("scheduler", addresses.scheduler)
@@ -178,6 +179,9 @@ class ExecutorActor(Actor):
     async def on_start(self) -> None:
         # A load error raises here and fails the actor: the supervisor gets Dead with the reason.
         self.runner = await self.run_blocking(self._runner_factory, self.config)
+        # Plans, segment updates and prefetch commands that arrived while the model loaded (a rank
+        # other than 0 may still be loading when rank 0's Ready starts the scheduler) wait for this.
+        self._runner_ready.set()
         ready = ready_message(self.name, self.config, self.runner)
         if self.rank == 0:
             self.send("scheduler", ready)
@@ -211,7 +215,13 @@ class ExecutorActor(Actor):
     def handle_segment_update(self, update: proto.SegmentUpdate) -> None:
         # NOTE: through the compute thread like the plans, so it lands between the plans it came
         # between: new segments are mapped before the first plan that may use their blocks.
-        self.spawn(self.run_blocking(self._update_segments, update), "segments")
+        self.spawn(self._when_ready(self._update_segments, update), "segments")
+
+    async def _when_ready(self, function: Callable[..., object], *args: object) -> None:
+        """``function(*args)`` on the compute thread once the runner exists. NOTE: waiters wake in
+        the order they waited, and a set event returns at once, so messages keep their order."""
+        await self._runner_ready.wait()
+        await self.run_blocking(function, *args)
 
     def _update_segments(self, update: proto.SegmentUpdate) -> None:
         runner = self.runner
@@ -234,7 +244,7 @@ class ExecutorActor(Actor):
     def handle_prefetch_command(self, command: proto.PrefetchCommand) -> None:
         # NOTE: through the compute thread like the plans, so the ring is reshaped between the
         # plans the command came between, never during a step.
-        self.spawn(self.run_blocking(self._resize_staging, command), "prefetch")
+        self.spawn(self._when_ready(self._resize_staging, command), "prefetch")
 
     def _resize_staging(self, command: proto.PrefetchCommand) -> None:
         runner = self.runner
@@ -247,6 +257,7 @@ class ExecutorActor(Actor):
         self.spawn(self._execute(plan), f"step-{plan.step_id}")
 
     async def _execute(self, plan: proto.StepPlan) -> None:
+        await self._runner_ready.wait()
         runner = self.runner
         assert runner is not None, "StepPlan before the executor was ready"
         # A forward pass that raises fails the executor (and with it the engine), as in vLLM v1: the
