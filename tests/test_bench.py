@@ -303,10 +303,10 @@ def test_counts_and_latencies_agree_with_the_server(server: ServerProcess, endpo
     server_ttft, count = histogram_mean(before, after, "pied:time_to_first_token_seconds")
     assert count == 8
     client_ttft = metrics["mean_ttft_ms"] / 1000
-    assert abs(client_ttft - server_ttft) <= bucket_width(TTFT_BUCKETS, server_ttft), (
-        client_ttft,
-        server_ttft,
-    )
+    # The client sees the first token after the server counted it: never sooner (within a bucket),
+    # later by what writing a chunk takes on a busy machine, never by a different scale.
+    width = bucket_width(TTFT_BUCKETS, server_ttft)
+    assert server_ttft - width <= client_ttft <= 2 * server_ttft + width, (client_ttft, server_ttft)
     # Time per token after the first: the client's chunk gaps over the tokens they brought. (A
     # chunk may carry more than one token when the stream lags behind the engine; the server then
     # counts one inter-token latency per token, the client one gap per chunk, so their plain means
