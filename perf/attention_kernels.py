@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from common import emit, machine
 
-from workers.executor.attention import AttentionMetadata, TorchPagedAttention
+from workers.executor.attention import AttentionMetadata, StepLayout, TorchPagedAttention
 from workers.executor.triton_attention import TritonPagedAttention
 from workers.executor.triton_attention.decode import choose_num_splits
 
@@ -52,15 +52,15 @@ def measure(batch, context, shape, device, bandwidth, repeats, rng) -> dict:
     heads, kv_heads, head_dim, block_size, dtype = shape
     blocks_per_seq = -(-context // block_size)
     num_blocks = batch * blocks_per_seq
-    meta = AttentionMetadata.build(
+    layout = StepLayout.build(
         np.ones(batch, dtype=np.int64),
         np.full(batch, context - 1),
         np.full(batch, blocks_per_seq),
         rng.permutation(num_blocks),
         block_size,
         num_blocks,
-        device,
     )
+    meta, _ = AttentionMetadata.from_layout(layout, device)
     pool = torch.randn(num_blocks, 2, block_size, kv_heads, head_dim, device=device, dtype=dtype)
     q = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
     page_table = meta.page_table(0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.executor.attention import AttentionMetadata, TorchPagedAttention, arrays_to_device
+from workers.executor.attention import AttentionMetadata, StepLayout, TorchPagedAttention, arrays_to_device
 from workers.executor.kv_pool import StagingRing
 
 CPU = torch.device("cpu")
@@ -17,16 +17,17 @@ CPU = torch.device("cpu")
 def build(
     query_lens, starts, block_tables, block_size=4, num_device_blocks=16, staging=None
 ) -> AttentionMetadata:
-    return AttentionMetadata.build(
+    layout = StepLayout.build(
         np.array(query_lens),
         np.array(starts),
         np.array([len(table) for table in block_tables]),
         np.array([b for table in block_tables for b in table]),
         block_size,
         num_device_blocks,
-        CPU,
         staging,
     )
+    meta, _ = AttentionMetadata.from_layout(layout, CPU)
+    return meta
 
 
 def test_metadata_layout():
@@ -182,15 +183,15 @@ def test_torch_backend_matches_reference(window, num_kv_heads):
             page = layer * num_blocks + table[position // block_size]
             pool[page, 0, position % block_size] = k[position]
             pool[page, 1, position % block_size] = v[position]
-    meta = AttentionMetadata.build(
+    step = StepLayout.build(
         np.array([n for _, n in layout]),
         np.array([c for c, _ in layout]),
         np.array([len(t) for t in tables]),
         np.array([b for t in tables for b in t]),
         block_size,
         num_blocks,
-        CPU,
     )
+    meta, _ = AttentionMetadata.from_layout(step, CPU)
     new_k = torch.cat([k[c:] for (c, _), (k, _) in zip(layout, full)])
     new_v = torch.cat([v[c:] for (c, _), (_, v) in zip(layout, full)])
     q = torch.randn(meta.num_tokens, num_heads, head_dim)

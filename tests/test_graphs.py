@@ -67,7 +67,7 @@ def llama_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("staged", [False, True])
 def test_derived_page_tables_are_the_eager_ones(llama_dir, staged):
-    """For every layer, the real rows' page tables and slot pages equal ``AttentionMetadata.build``'s;
+    """For every layer, the real rows' page tables and slot pages equal ``AttentionMetadata.from_layout``'s;
     padded rows and columns read and write the scratch page only."""
     config = ModelConfig.from_folder(llama_dir)
     num_layers, num_device_blocks, block_size = config.num_layers, 10, 4
@@ -91,7 +91,7 @@ def test_derived_page_tables_are_the_eager_ones(llama_dir, staged):
         num_device_blocks,
     )
     layout = StepLayout.build(*args, staging)
-    eager = AttentionMetadata.build(*args, torch.device("cpu"), staging)
+    eager, _ = AttentionMetadata.from_layout(layout, torch.device("cpu"))
     batch = graphs.prepare(layout, np.array([11, 12, 13]))
     assert batch == 4
     meta = graphs.metadata(batch, None)

@@ -26,6 +26,7 @@ from pied import LLM, SamplingParams  # noqa: E402
 from proto.config import ConfigError, EngineConfig  # noqa: E402
 from workers.executor.attention import (  # noqa: E402
     AttentionMetadata,
+    StepLayout,
     TorchPagedAttention,
     make_attention_backend,
 )
@@ -72,16 +73,10 @@ def paged_batches(draw, decode_only: bool = False, head_dims=(16, 24, 64), devic
     else:
         ids = rng.permutation(num_device_blocks)[: sum(num_blocks)]
         staging = None
-    meta = AttentionMetadata.build(
-        np.array(query_lens),
-        np.array(starts),
-        np.array(num_blocks),
-        ids,
-        block_size,
-        num_device_blocks,
-        torch.device(device),
-        staging,
+    layout = StepLayout.build(
+        np.array(query_lens), np.array(starts), np.array(num_blocks), ids, block_size, num_device_blocks, staging
     )
+    meta, _ = AttentionMetadata.from_layout(layout, torch.device(device))
     num_pages = num_layers * num_device_blocks + (staging.num_pages if staging else 0)
     generator = torch.Generator().manual_seed(seed)
     pool = torch.randn(num_pages, 2, block_size, num_kv_heads, head_dim, generator=generator).to(device, dtype)
@@ -202,10 +197,10 @@ def test_backend_routes_decode_and_mixed_steps():
     for query_lens, starts in (([1, 1, 1], [30, 2, 61]), ([1, 9, 1, 20], [17, 12, 40, 0])):
         num_blocks = [-(-(q + s) // block_size) for q, s in zip(query_lens, starts)]
         ids = rng.permutation(num_device_blocks)[: sum(num_blocks)]
-        meta = AttentionMetadata.build(
-            np.array(query_lens), np.array(starts), np.array(num_blocks), ids, block_size, num_device_blocks,
-            torch.device("cpu"),
+        layout = StepLayout.build(
+            np.array(query_lens), np.array(starts), np.array(num_blocks), ids, block_size, num_device_blocks
         )
+        meta, _ = AttentionMetadata.from_layout(layout, torch.device("cpu"))
         pool = torch.randn(2 * num_device_blocks, 2, block_size, 2, 32)
         q = torch.randn(meta.num_tokens, 6, 32)
         k, v = torch.randn(2, meta.num_tokens, 2, 32)

@@ -8,10 +8,12 @@ the KV pool. Prefill (start 0), chunked prefill (start > 0, several tokens) and 
 are the same case, so one batch mixes them freely. Each layer first writes the new K/V into their
 pages, then attends over the sequence's pages (cache and new tokens alike).
 
-``AttentionMetadata`` is built once per step and shared by every layer; it is the only place that
-maps a block id to a page of a given layer: ``layer * D + block`` for a device block, and for a host
-block (id >= D) its staging slot in the layer's area of the staging ring (DESIGN.md "Streaming"), so
-the backend never knows which tier a page came from.
+A step is laid out once on the host (``StepLayout.build``, which checks the plan's arrays) and copied
+to the device as ``AttentionMetadata.from_layout(layout, device)``; the CUDA-graph runner pads the
+same layout into its persistent buffers instead. ``AttentionMetadata`` is shared by every layer; it
+is the only place that maps a block id to a page of a given layer: ``layer * D + block`` for a
+device block, and for a host block (id >= D) its staging slot in the layer's area of the staging
+ring (DESIGN.md "Streaming"), so the backend never knows which tier a page came from.
 """
 
 from __future__ import annotations
@@ -145,25 +147,6 @@ class AttentionMetadata:
     ring_slot_blocks: torch.Tensor | None = None
     slot_strides: torch.Tensor | None = None
     stream: LayerHooks | None = None
-
-    @classmethod
-    def build(
-        cls,
-        query_lens: np.ndarray,
-        start_positions: np.ndarray,
-        num_blocks: np.ndarray,
-        block_ids: np.ndarray,
-        block_size: int,
-        num_device_blocks: int,
-        device: torch.device,
-        staging: StagingRing | None = None,
-    ) -> AttentionMetadata:
-        """From a step's per-sequence arrays (block ids concatenated, ``num_blocks[i]`` each); see
-        ``StepLayout.build`` for what it checks."""
-        layout = StepLayout.build(
-            query_lens, start_positions, num_blocks, block_ids, block_size, num_device_blocks, staging
-        )
-        return cls.from_layout(layout, device)[0]
 
     @classmethod
     def from_layout(
