@@ -60,6 +60,165 @@ SERVE_STATUS_INTERVAL = 5.0  # seconds between STATUS lines while serving
 STOP_MARGIN_SECONDS = 20.0
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric flag accepts, as its error message says them: ``at least 1``,
+    ``positive``, ``in [0, 65535]``."""
+
+    low: float
+    high: float | None = None
+    exclusive: bool = False  # ``low`` itself is refused
+    words: str | None = None  # how the message says it, when not "at least LOW" / "in [LOW, HIGH]"
+
+    def accepts(self, value: float) -> bool:
+        above = value > self.low if self.exclusive else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        if self.words is not None:
+            return self.words
+        if self.high is not None:
+            return f"in [{self.low}, {self.high}]"
+        return f"at least {self.low}"
+
+
+POSITIVE = Bound(0, exclusive=True, words="positive")
+NON_NEGATIVE = Bound(0, words="non-negative")
+
+
+@dataclass(frozen=True)
+class NumericFlag:
+    """One numeric ``pied serve`` flag: its option, value type, accepted values and help. Its key
+    (the ServeOptions field, and the ``--config`` key) is the option's name in snake case; its
+    default is that field's, shown in the help as ``{default}``. None (no limit) is always accepted."""
+
+    flag: str
+    type: type[int] | type[float]
+    bound: Bound
+    help: str
+    metavar: str = "N"
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    def check(self, value: float | None) -> None:
+        if value is not None and not self.bound.accepts(value):
+            raise ConfigError(f"{self.flag} must be {self.bound}, got {value}.")
+
+    def add_to(self, group: argparse._ArgumentGroup, defaults: ServeOptions) -> None:
+        group.add_argument(
+            self.flag,
+            *self.aliases,
+            dest=self.key,
+            type=self.type,
+            metavar=self.metavar,
+            help=self.help.format(default=getattr(defaults, self.key)),
+        )
+
+
+# The server's numeric flags, in the order --help lists them.
+SERVER_FLAGS = (
+    NumericFlag(
+        "--port", int, Bound(0, 65535), "port to listen on; 0 picks a free one (default: {default})", "PORT"
+    ),
+    NumericFlag(
+        "--max-queued-requests",
+        int,
+        Bound(0),
+        "answer 503 while N requests wait to be scheduled (default: no limit)",
+    ),
+    NumericFlag(
+        "--max-request-body-bytes",
+        int,
+        Bound(1024),
+        "answer 413 to larger request bodies (default: {default})",
+        "BYTES",
+    ),
+    NumericFlag(
+        "--max-admitted-requests",
+        int,
+        Bound(1),
+        "answer 429 (with Retry-After) while N generation/tokenize requests are being answered, "
+        "counted before their bodies are read (default: {default})",
+    ),
+    NumericFlag(
+        "--max-connections",
+        int,
+        Bound(1),
+        "the most open connections; past it an idle one is closed, else the new one gets a 503 "
+        "(default: {default})",
+    ),
+    NumericFlag(
+        "--keep-alive-timeout",
+        float,
+        POSITIVE,
+        "close a connection whose next request's headers have not all arrived this long after it "
+        "opened or after its last response (default: {default:g})",
+        "SECONDS",
+    ),
+    NumericFlag(
+        "--body-timeout",
+        float,
+        POSITIVE,
+        "answer 408 to a request body that takes longer to arrive (default: {default:g})",
+        "SECONDS",
+    ),
+    NumericFlag(
+        "--write-timeout",
+        float,
+        POSITIVE,
+        "cut a stream whose client reads nothing for this long, and abort its request (default: {default:g})",
+        "SECONDS",
+    ),
+    NumericFlag(
+        "--shutdown-timeout",
+        float,
+        NON_NEGATIVE,
+        "on SIGTERM, how long requests in flight may take to finish before they are aborted "
+        "(default: {default:g})",
+        "SECONDS",
+        aliases=("--drain-timeout",),
+    ),
+    NumericFlag(
+        "--startup-timeout",
+        float,
+        POSITIVE,
+        "how long the workers may take to load the model (default: {default:g})",
+        "SECONDS",
+    ),
+    NumericFlag(
+        "--heartbeat-timeout",
+        float,
+        Bound(1, words="at least 1 second"),
+        "a worker silent this long counts as hung: the daemon exits non-zero (default: {default:g})",
+        "SECONDS",
+    ),
+)
+
+# What one request may ask for: pied.api.params.RequestLimits, field for field.
+REQUEST_LIMIT_FLAGS = tuple(
+    NumericFlag(flag, int, Bound(1), help)
+    for flag, help in (
+        ("--max-n", "the largest n (default: {default})"),
+        ("--max-choices", "the most choices per request, n times its prompts (default: {default})"),
+        (
+            "--max-output-tokens",
+            "the largest max_tokens, and the default for a request without one (default: the rest of the context)",
+        ),
+        ("--max-prompt-tokens", "the longest prompt, in tokens (default: the context)"),
+        ("--max-prompts", "the most prompts in one /v1/completions request (default: {default})"),
+        ("--max-messages", "the most messages in one chat request (default: {default})"),
+        ("--max-stop-token-ids", "the most stop_token_ids per request (default: {default})"),
+        ("--max-stop-strings", "the most stop strings per request (default: {default})"),
+        ("--max-stop-string-chars", "the stop strings' total length in characters (default: {default})"),
+    )
+)
+
+NUMERIC_FLAGS = SERVER_FLAGS + REQUEST_LIMIT_FLAGS
+
+
 @dataclass
 class ServeOptions:
     """``pied serve``'s own settings (the engine's are an EngineConfig), one field per flag."""
@@ -112,31 +271,8 @@ class ServeOptions:
         return cls(**given)
 
     def validate(self) -> ServeOptions:
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"--port must be in [0, 65535], got {self.port}.")
-        if self.max_queued_requests is not None and self.max_queued_requests < 0:
-            raise ConfigError("--max-queued-requests must be at least 0.")
-        if self.max_request_body_bytes < 1024:
-            raise ConfigError("--max-request-body-bytes must be at least 1024.")
-        if self.max_admitted_requests < 1:
-            raise ConfigError(
-                f"--max-admitted-requests must be at least 1, got {self.max_admitted_requests}."
-            )
-        if self.max_connections < 1:
-            raise ConfigError(f"--max-connections must be at least 1, got {self.max_connections}.")
-        for flag, seconds in (
-            ("--keep-alive-timeout", self.keep_alive_timeout),
-            ("--body-timeout", self.body_timeout),
-            ("--write-timeout", self.write_timeout),
-        ):
-            if not seconds > 0:
-                raise ConfigError(f"{flag} must be positive, got {seconds}.")
-        if self.shutdown_timeout < 0:
-            raise ConfigError("--shutdown-timeout must be non-negative.")
-        if self.startup_timeout <= 0:
-            raise ConfigError("--startup-timeout must be positive.")
-        if self.heartbeat_timeout < 1:
-            raise ConfigError("--heartbeat-timeout must be at least 1 second.")
+        for row in NUMERIC_FLAGS:
+            row.check(getattr(self, row.key))
         if self.served_model_name is not None:
             if not self.served_model_name or not all(name.strip() for name in self.served_model_name):
                 raise ConfigError("--served-model-name needs non-empty names.")
@@ -144,7 +280,6 @@ class ServeOptions:
             raise ConfigError("--generation-config must be auto, vllm or a folder.")
         if self.api_key is not None and self.api_key_file is not None:
             raise ConfigError("give --api-key or --api-key-file, not both.")
-        self.request_limits().validate()
         from pied.api.reasoning import REASONING_PARSERS
         from pied.api.tool_parsers import TOOL_PARSERS
 
@@ -163,17 +298,7 @@ class ServeOptions:
     def request_limits(self) -> RequestLimits:
         from pied.api.params import RequestLimits
 
-        return RequestLimits(
-            max_n=self.max_n,
-            max_choices=self.max_choices,
-            max_output_tokens=self.max_output_tokens,
-            max_prompt_tokens=self.max_prompt_tokens,
-            max_prompts=self.max_prompts,
-            max_messages=self.max_messages,
-            max_stop_strings=self.max_stop_strings,
-            max_stop_string_chars=self.max_stop_string_chars,
-            max_stop_token_ids=self.max_stop_token_ids,
-        )
+        return RequestLimits(**{row.key: getattr(self, row.key) for row in REQUEST_LIMIT_FLAGS})
 
     def resolved_api_key(self) -> str | None:
         """``--api-key``, else the first line of ``--api-key-file``, else ``$PIED_API_KEY``."""
@@ -227,9 +352,6 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     )
     server.add_argument("--host", help=f"address to listen on (default: {defaults.host})")
     server.add_argument(
-        "--port", type=int, help=f"port to listen on; 0 picks a free one (default: {defaults.port})"
-    )
-    server.add_argument(
         "--api-key",
         help="require 'Authorization: Bearer KEY' (except on /health and /metrics); "
         "default: --api-key-file, else $PIED_API_KEY",
@@ -258,74 +380,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="a Jinja chat template (a file, or the template itself) to use instead of the model's",
     )
-    server.add_argument(
-        "--max-queued-requests",
-        type=int,
-        metavar="N",
-        help="answer 503 while N requests wait to be scheduled (default: no limit)",
-    )
-    server.add_argument(
-        "--max-request-body-bytes",
-        type=int,
-        metavar="BYTES",
-        help=f"answer 413 to larger request bodies (default: {defaults.max_request_body_bytes})",
-    )
-    server.add_argument(
-        "--max-admitted-requests",
-        type=int,
-        metavar="N",
-        help="answer 429 (with Retry-After) while N generation/tokenize requests are being answered, "
-        f"counted before their bodies are read (default: {defaults.max_admitted_requests})",
-    )
-    server.add_argument(
-        "--max-connections",
-        type=int,
-        metavar="N",
-        help="the most open connections; past it an idle one is closed, else the new one gets a 503 "
-        f"(default: {defaults.max_connections})",
-    )
-    server.add_argument(
-        "--keep-alive-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="close a connection whose next request's headers have not all arrived this long after it "
-        f"opened or after its last response (default: {defaults.keep_alive_timeout:g})",
-    )
-    server.add_argument(
-        "--body-timeout",
-        type=float,
-        metavar="SECONDS",
-        help=f"answer 408 to a request body that takes longer to arrive (default: {defaults.body_timeout:g})",
-    )
-    server.add_argument(
-        "--write-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="cut a stream whose client reads nothing for this long, and abort its request "
-        f"(default: {defaults.write_timeout:g})",
-    )
-    server.add_argument(
-        "--shutdown-timeout",
-        "--drain-timeout",
-        dest="shutdown_timeout",
-        type=float,
-        metavar="SECONDS",
-        help="on SIGTERM, how long requests in flight may take to finish before they are aborted "
-        f"(default: {defaults.shutdown_timeout:g})",
-    )
-    server.add_argument(
-        "--startup-timeout",
-        type=float,
-        metavar="SECONDS",
-        help=f"how long the workers may take to load the model (default: {defaults.startup_timeout:g})",
-    )
-    server.add_argument(
-        "--heartbeat-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="a worker silent this long counts as hung: the daemon exits non-zero "
-        f"(default: {defaults.heartbeat_timeout:g})",
-    )
+    for row in SERVER_FLAGS:
+        row.add_to(server, defaults)
     server.add_argument(
         "--inproc",
         action="store_true",
@@ -333,55 +389,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         help="run the engine's workers as threads of this process instead of processes (debugging)",
     )
     limits = parser.add_argument_group("request limits (a request past one gets a 400)")
-    limits.add_argument("--max-n", type=int, metavar="N", help=f"the largest n (default: {defaults.max_n})")
-    limits.add_argument(
-        "--max-choices",
-        type=int,
-        metavar="N",
-        help=f"the most choices per request, n times its prompts (default: {defaults.max_choices})",
-    )
-    limits.add_argument(
-        "--max-output-tokens",
-        type=int,
-        metavar="N",
-        help="the largest max_tokens, and the default for a request without one (default: the rest of the context)",
-    )
-    limits.add_argument(
-        "--max-prompt-tokens",
-        type=int,
-        metavar="N",
-        help="the longest prompt, in tokens (default: the context)",
-    )
-    limits.add_argument(
-        "--max-prompts",
-        type=int,
-        metavar="N",
-        help=f"the most prompts in one /v1/completions request (default: {defaults.max_prompts})",
-    )
-    limits.add_argument(
-        "--max-messages",
-        type=int,
-        metavar="N",
-        help=f"the most messages in one chat request (default: {defaults.max_messages})",
-    )
-    limits.add_argument(
-        "--max-stop-token-ids",
-        type=int,
-        metavar="N",
-        help=f"the most stop_token_ids per request (default: {defaults.max_stop_token_ids})",
-    )
-    limits.add_argument(
-        "--max-stop-strings",
-        type=int,
-        metavar="N",
-        help=f"the most stop strings per request (default: {defaults.max_stop_strings})",
-    )
-    limits.add_argument(
-        "--max-stop-string-chars",
-        type=int,
-        metavar="N",
-        help=f"the stop strings' total length in characters (default: {defaults.max_stop_string_chars})",
-    )
+    for row in REQUEST_LIMIT_FLAGS:
+        row.add_to(limits, defaults)
     tools = parser.add_argument_group("tools and reasoning")
     tools.add_argument(
         "--enable-auto-tool-choice",

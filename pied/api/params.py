@@ -11,7 +11,6 @@ import proto
 from pied.api.errors import bad_request, from_decode_error
 from pied.api.protocol import SamplingFields
 from pied.llm import PromptTooLongError, check_prompt_length
-from proto.config import ConfigError
 
 T = TypeVar("T")
 
@@ -22,8 +21,8 @@ SEED_RANGE = (-(2**63), 2**63 - 1)
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one request may ask for (``pied serve`` flags of the same names). A request past a limit
-    is a 400 naming the field, before it costs the engine anything."""
+    """What one request may ask for (``pied serve`` flags of the same names, which check each is at
+    least 1). A request past a limit is a 400 naming the field, before it costs the engine anything."""
 
     max_n: int = 128  # OpenAI's limit on n; more would let one request flood the queue
     # Choices of one request: n times its number of prompts (each choice is an engine request).
@@ -38,22 +37,6 @@ class RequestLimits:
     max_stop_string_chars: int = 1024  # all the stop strings together
     # Stop token ids travel to the engine with every choice; after duplicates are removed.
     max_stop_token_ids: int = 256
-
-    def validate(self) -> RequestLimits:
-        for flag, value in (
-            ("--max-n", self.max_n),
-            ("--max-choices", self.max_choices),
-            ("--max-prompts", self.max_prompts),
-            ("--max-messages", self.max_messages),
-            ("--max-output-tokens", self.max_output_tokens),
-            ("--max-prompt-tokens", self.max_prompt_tokens),
-            ("--max-stop-strings", self.max_stop_strings),
-            ("--max-stop-string-chars", self.max_stop_string_chars),
-            ("--max-stop-token-ids", self.max_stop_token_ids),
-        ):
-            if value is not None and value < 1:
-                raise ConfigError(f"{flag} must be at least 1, got {value}.")
-        return self
 
 
 DEFAULT_LIMITS = RequestLimits()
