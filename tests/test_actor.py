@@ -20,7 +20,17 @@ import zmq.asyncio
 import proto
 from pied.runtime_dir import RuntimeDir
 from proto.config import EngineConfig
-from workers.actor import EXIT_FAILED, EXIT_OK, EXIT_PARENT_DIED, Actor, ActorThread, Addresses, WorkerArgs
+from proto.plan import EnginePlan, HostPlan
+from workers.actor import (
+    EXIT_BAD_START,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PARENT_DIED,
+    Actor,
+    ActorThread,
+    Addresses,
+    WorkerArgs,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -252,10 +262,22 @@ def test_stop_before_the_loop_runs_is_not_lost(echo):
 # -------------------------------------------------------------------- actor processes over ipc
 
 
+# A worker process is started with the plan the daemon's preflight derived; the echo actor reads
+# nothing of it, so any well-formed plan does.
+PLAN = EnginePlan(
+    model_path="/nonexistent", device="cpu", dtype="float32", max_model_len=64, num_device_blocks=16,
+    host=HostPlan(), num_layers=1, num_kv_heads=1, head_dim=8,
+)  # fmt: skip
+PLANNED = EngineConfig(plan=PLAN)
+WORKER_ENV = dict(
+    os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+)
+
+
 def start_echo_process(echo_script: Path, addresses: Addresses) -> tuple[subprocess.Popen[bytes], int]:
     read_fd, write_fd = os.pipe()
-    args = WorkerArgs(config=EngineConfig(), addresses=addresses, parent_fd=read_fd, heartbeat_interval=0.05)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    args = WorkerArgs(config=PLANNED, addresses=addresses, parent_fd=read_fd, heartbeat_interval=0.05)
+    env = WORKER_ENV
     process = subprocess.Popen(
         [sys.executable, str(echo_script), msgspec.json.encode(args).decode()],
         pass_fds=(read_fd,),
@@ -316,6 +338,56 @@ async def test_actor_process_exits_when_its_parent_dies(echo, echo_script):
                 os.close(write_fd)
             await collector.close()
             context.destroy(linger=0)
+
+
+def start_message(**changes: Any) -> dict[str, Any]:
+    """A well-formed start message as JSON-ready data, with top-level ``changes``."""
+    args = WorkerArgs(config=PLANNED, addresses=Addresses.inproc(), heartbeat_interval=0.05)
+    return msgspec.to_builtins(args) | changes
+
+
+def bad_config(**changes: Any) -> dict[str, Any]:
+    return msgspec.to_builtins(PLANNED) | changes
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "usage: python -m workers.executor"),
+        (["{}", "{}"], "usage: python -m workers.executor"),
+        (["{not json"], "bad start message: it is not valid JSON"),
+        (["[]"], "bad start message: it does not match WorkerArgs: Expected `object`, got `array`"),
+        ([start_message(config=None)], "it does not match WorkerArgs: Expected `object`, got `null` - at `$.config`"),
+        ([{"config": msgspec.to_builtins(PLANNED)}], "missing required field `addresses`"),
+        ([start_message(heartbeat_interval="fast")], "Expected `float`, got `str` - at `$.heartbeat_interval`"),
+        ([start_message(config=bad_config(plan=None))], "its config carries no plan"),
+        ([start_message(config=bad_config(plan={"device": "cpu"}))], "missing required field `model_path`"),
+        ([start_message(config=bad_config(block_size=0))], "its config is invalid: --block-size"),
+        ([start_message(rank=1)], "rank 1 is not in [0, 1)"),
+        ([start_message(heartbeat_interval=0)], "heartbeat_interval must be a positive number of seconds"),
+        ([start_message(log_level="LOUD")], "log_level 'LOUD' is not a logging level"),
+        ([start_message(addresses={"frontend": "", "scheduler": "a", "executor": "b"})], "addresses.frontend is empty"),
+    ],
+)  # fmt: skip
+def test_a_malformed_or_incomplete_start_message_exits_2_saying_what_is_wrong(echo_script, argv, message):
+    """Before anything starts (no actor, no socket): one line on stderr, exit status 2."""
+    argv = [arg if isinstance(arg, str) else msgspec.json.encode(arg).decode() for arg in argv]
+    done = subprocess.run(
+        [sys.executable, str(echo_script), *argv], env=WORKER_ENV, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == EXIT_BAD_START, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_real_workers_refuse_a_config_without_a_plan():
+    """``python -m workers.scheduler``: the entry points the daemon starts check it too."""
+    args = msgspec.json.encode(start_message(config=bad_config(plan=None))).decode()
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.scheduler", args],
+        cwd=REPO_ROOT, env=WORKER_ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == EXIT_BAD_START, done.stderr
+    assert "pied scheduler worker" in done.stderr and "its config carries no plan" in done.stderr
 
 
 def test_runtime_dir_is_private_and_removed():

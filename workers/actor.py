@@ -51,6 +51,7 @@ Handler = Callable[[Any], Union[Awaitable[None], None]]
 SUPERVISOR = "supervisor"  # the peer name every worker reports Ready/Heartbeat/Dead to
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_BAD_START = 2  # the start message is malformed or incomplete: nothing was started
 EXIT_PARENT_DIED = 3
 
 
@@ -80,8 +81,15 @@ class Addresses:
         return cls(socket("frontend"), socket("scheduler"), socket("executor"), socket("memory"))
 
 
+class StartMessageError(ValueError):
+    """A worker's start message (its ``WorkerArgs``) is malformed or incomplete."""
+
+
 class WorkerArgs(msgspec.Struct, kw_only=True):
-    """What a worker process is started with: one JSON argument on its command line (no pickle)."""
+    """What a worker process is started with: one JSON argument on its command line (no pickle).
+
+    ``config`` carries the plan the daemon's preflight derived: a worker process builds from it
+    and never derives one of its own (proto.plan), so a config without one is refused."""
 
     config: EngineConfig
     addresses: Addresses
@@ -89,6 +97,45 @@ class WorkerArgs(msgspec.Struct, kw_only=True):
     heartbeat_interval: float = 0.5
     log_level: str = "INFO"
     rank: int = 0  # an executor's tensor-parallel rank (workers.roster names rank r's worker)
+
+    @classmethod
+    def decode(cls, message: str | bytes) -> WorkerArgs:
+        """The start message, decoded and checked; ``StartMessageError`` says what is wrong."""
+        try:
+            args = msgspec.json.decode(message, type=cls)
+        except msgspec.ValidationError as error:  # valid JSON, not a WorkerArgs
+            raise StartMessageError(f"it does not match WorkerArgs: {error}") from None
+        except msgspec.DecodeError as error:
+            raise StartMessageError(f"it is not valid JSON: {error}") from None
+        return args.check()
+
+    def check(self) -> WorkerArgs:
+        if self.config.plan is None:
+            raise StartMessageError(
+                "its config carries no plan; a worker process builds from the plan the daemon's "
+                "preflight derived (pied.preflight), it never derives one itself."
+            )
+        try:
+            self.config.validate()
+        except ValueError as error:
+            raise StartMessageError(f"its config is invalid: {error}") from None
+        for name in ("frontend", "scheduler", "executor"):
+            if not getattr(self.addresses, name):
+                raise StartMessageError(f"addresses.{name} is empty.")
+        if not 0 <= self.rank < self.config.tensor_parallel_size:
+            raise StartMessageError(
+                f"rank {self.rank} is not in [0, {self.config.tensor_parallel_size}) "
+                f"(--tensor-parallel-size {self.config.tensor_parallel_size})."
+            )
+        if not 0 < self.heartbeat_interval < float("inf"):
+            raise StartMessageError(
+                f"heartbeat_interval must be a positive number of seconds, got {self.heartbeat_interval}."
+            )
+        if self.parent_fd < -1:
+            raise StartMessageError(f"parent_fd must be a file descriptor or -1, got {self.parent_fd}.")
+        if not isinstance(logging.getLevelName(self.log_level.upper()), int):
+            raise StartMessageError(f"log_level {self.log_level!r} is not a logging level (DEBUG, INFO, ...).")
+        return self
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -448,14 +495,20 @@ def watch_parent(fd: int) -> None:
 def worker_main(name: str, build: Callable[[WorkerArgs], Actor], argv: list[str] | None = None) -> int:
     """Entry point of a worker process: ``python -m workers.<name> '<WorkerArgs JSON>'``.
 
-    Never returns normally: exits with the actor's status via ``os._exit``, so a forward pass
-    stuck in the compute thread cannot keep the process alive after the actor stopped.
+    A malformed or incomplete start message returns ``EXIT_BAD_START`` with one line on stderr
+    saying what is wrong, before anything starts. Otherwise never returns normally: exits with the
+    actor's status via ``os._exit``, so a forward pass stuck in the compute thread cannot keep the
+    process alive after the actor stopped.
     """
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print(f"usage: python -m workers.{name} '<WorkerArgs as JSON>'", file=sys.stderr)
-        return 2
-    args = msgspec.json.decode(argv[0], type=WorkerArgs)
+        return EXIT_BAD_START
+    try:
+        args = WorkerArgs.decode(argv[0])
+    except StartMessageError as error:
+        print(f"pied {name} worker {os.getpid()}: bad start message: {error}", file=sys.stderr, flush=True)
+        return EXIT_BAD_START
     logging.basicConfig(
         level=args.log_level.upper(),
         format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s",
@@ -471,7 +524,6 @@ def worker_main(name: str, build: Callable[[WorkerArgs], Actor], argv: list[str]
     make_non_dumpable()  # before any model weight, host KV or prompt reaches this process
     exit_code = EXIT_FAILED
     try:
-        args.config.validate()
         actor = build(args)
         exit_code = run_loop(actor.run())
     except BaseException:
