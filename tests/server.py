@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,6 +173,33 @@ def running_server(model_dir: Path | str, *flags: str) -> Iterator[ServerProcess
         yield server
     finally:
         server.stop()
+
+
+def openai_client(server: ServerProcess, timeout: float = 60) -> Any:
+    """The official ``openai`` client for ``server`` (no retries: a test sees every failure)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url("/v1"), api_key="none", max_retries=0, timeout=timeout)
+
+
+def api_server_fixtures(served_model_name: str, *flags: str) -> tuple[Any, Any]:
+    """Module-scoped ``server`` and ``client`` fixtures: one ``pied serve`` of the tiny Llama, served
+    as ``served_model_name`` with a 128-token context (plus ``flags``), for the module's tests. At a
+    test module's top level: ``server, client = api_server_fixtures(MODEL)``."""
+
+    @pytest.fixture(scope="module")
+    def server(tiny_model_dir) -> Iterator[ServerProcess]:
+        model_dir = tiny_model_dir("llama")
+        with running_server(
+            model_dir, "--served-model-name", served_model_name, "--max-model-len", "128", *flags
+        ) as process:
+            yield process
+
+    @pytest.fixture(scope="module")
+    def client(server: ServerProcess) -> Any:
+        return openai_client(server)
+
+    return server, client
 
 
 def sse_events(body: bytes) -> list[Any]:

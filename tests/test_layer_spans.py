@@ -5,21 +5,19 @@ layer's host pages over a throttled link (so compute stalls)."""
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import threading
 import time
 from types import SimpleNamespace
 
-import msgspec
 import pytest
 import zmq.asyncio
-from test_tracing import OtlpReceiver, ReceivedSpan, step_plan
+from step_span_checks import check_step_layers, run_executor_steps
+from test_tracing import OtlpReceiver, step_plan
 
 import proto
 import proto.spans as span_names
 from proto.config import EngineConfig
-from workers.actor import Actor, ActorThread, Addresses
 from workers.executor.step_spans import (
     COMPUTE_SPAN,
     LOAD_SPAN,
@@ -123,83 +121,43 @@ class ThrottledStreamingRunner:
 
 @pytest.mark.e2e
 async def test_a_sampled_step_exports_each_layers_load_wait_compute_and_write_back():
-    from workers.executor.actor import ExecutorActor
-
     receiver = OtlpReceiver()
-    addresses = Addresses.inproc()
     context = zmq.asyncio.Context()
-    inbox: asyncio.Queue[msgspec.Struct] = asyncio.Queue()
-    peers = []
-    for name, address in (("scheduler", addresses.scheduler), ("frontend", addresses.frontend)):
-        peer = Actor(name, address, context=context)
-        peer.on(proto.Ready, inbox.put_nowait if name == "scheduler" else lambda _: None)
-        peer.on(proto.StepResult, inbox.put_nowait)
-        peer.on(proto.Heartbeat, lambda _: None)
-        peer.connect("executor", addresses.executor)
-        peer.bind()
-        peers.append((peer, asyncio.ensure_future(peer.run())))
     config = EngineConfig(
         block_size=4, trace_layers_every=2, otlp_endpoint=f"http://127.0.0.1:{receiver.port}"
     )
-    executor = ExecutorActor(config, addresses, context=context, runner_factory=ThrottledStreamingRunner)
-    thread = ActorThread(executor).start()
-    scheduler = peers[0][0]
     try:
-        assert isinstance(await asyncio.wait_for(inbox.get(), 10), proto.Ready)
-        for step_id in range(2):  # step 0 is sampled, step 1 is not
-            scheduler.send("executor", step_plan(step_id, [], ["r"], [1], [1]))
-            result = await asyncio.wait_for(inbox.get(), 10)
-            assert isinstance(result, proto.StepResult) and result.step_id == step_id
-        scheduler.send("executor", proto.Shutdown())
-        assert await asyncio.to_thread(thread.join, 10)  # its on_stop flushes the exporter
+        # Step 0 is sampled, step 1 is not.
+        plans = [step_plan(step_id, [], ["r"], [1], [1]) for step_id in range(2)]
+        await run_executor_steps(config, ThrottledStreamingRunner, plans, context)
     finally:
-        thread.stop()
-        for peer, task in peers:
-            peer.stop()
-            await task
         context.term()
         receiver.close()
 
     spans = [span for span in receiver.spans if span.service == EXECUTOR_SERVICE]
     (step,) = [span for span in spans if span.name == span_names.STEP_SPAN]
     assert step.attributes[span_names.STEP_ID] == 0 and step.parent_span_id == ""
-    layers = sorted(
-        (span for span in spans if span.name == span_names.LAYER_SPAN),
-        key=lambda span: span.attributes[span_names.LAYER_INDEX],
-    )
-    assert [span.attributes[span_names.LAYER_INDEX] for span in layers] == list(range(5))
-    assert all(span.parent_span_id == step.span_id and span.trace_id == step.trace_id for span in layers)
-    children: dict[str, list[ReceivedSpan]] = {layer.span_id: [] for layer in layers}
-    for span in spans:
-        if span.name in (LOAD_SPAN, WAIT_SPAN, COMPUTE_SPAN, WRITE_BACK_SPAN):
-            children[span.parent_span_id].append(span)  # a KeyError: not under a layer
-            assert span.trace_id == step.trace_id
+    layers = check_step_layers(spans, step, ThrottledStreamingRunner.num_layers)
     ring = ThrottledStreamingRunner.RING
     total_wait = 0
     for index, layer in enumerate(layers):
-        phases = {
-            name: [span for span in children[layer.span_id] if span.name == name]
-            for name in (LOAD_SPAN, WAIT_SPAN, COMPUTE_SPAN, WRITE_BACK_SPAN)
-        }
-        (load,), (write_back,) = phases[LOAD_SPAN], phases[WRITE_BACK_SPAN]
-        assert all(span.attributes[span_names.LAYER_INDEX] == index for span in children[layer.span_id])
-        assert all(span.start_time_ns <= span.end_time_ns for span in children[layer.span_id])
-        computes = sorted(phases[COMPUTE_SPAN], key=lambda span: span.start_time_ns)
-        assert computes and computes[0].start_time_ns == layer.start_time_ns
-        assert computes[-1].end_time_ns == layer.end_time_ns
+        load, write_back = layer.one(LOAD_SPAN), layer.one(WRITE_BACK_SPAN)
+        computes = layer.phases[COMPUTE_SPAN]
+        assert computes and computes[0].start_time_ns == layer.span.start_time_ns
+        assert computes[-1].end_time_ns == layer.span.end_time_ns
         # Compute waits for its own layer's load; the write-back follows the layer's compute.
         assert load.end_time_ns <= computes[-1].start_time_ns
-        assert write_back.start_time_ns >= layer.end_time_ns
+        assert write_back.start_time_ns >= layer.span.end_time_ns
         if index >= ring:  # the ring: an area is refilled only after its last layer computed
-            assert load.start_time_ns >= layers[index - ring].end_time_ns
-        stall_ns = round(layer.attributes[span_names.LAYER_STALL_TIME] * 1e9)
-        if phases[WAIT_SPAN]:
-            (wait,) = phases[WAIT_SPAN]
-            assert layer.start_time_ns <= wait.start_time_ns and wait.end_time_ns >= load.end_time_ns
+            assert load.start_time_ns >= layers[index - ring].span.end_time_ns
+        stall_ns = round(layer.span.attributes[span_names.LAYER_STALL_TIME] * 1e9)
+        if layer.phases[WAIT_SPAN]:
+            wait = layer.one(WAIT_SPAN)
+            assert wait.end_time_ns >= load.end_time_ns
             assert abs(wait.end_time_ns - wait.start_time_ns - stall_ns) <= 1
             total_wait += wait.end_time_ns - wait.start_time_ns
         else:
             assert stall_ns == 0 and len(computes) == 1
     # The throttled link shows: layers wait for their pages, and the step's stall is their waits.
-    assert total_wait > 0 and any(children[layer.span_id] for layer in layers)
+    assert total_wait > 0
     assert total_wait == pytest.approx(step.attributes[span_names.STEP_STALL_TIME] * 1e9, abs=len(layers))

@@ -9,10 +9,8 @@ import json
 import re
 import time
 
-import openai
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server import REPO, ServerProcess, running_server
+from server import REPO, ServerProcess, api_server_fixtures
 
 MODEL = "tiny-metrics"
 PROMPT = "The class statement defines"
@@ -29,17 +27,7 @@ REQUEST_HISTOGRAMS = (
 )
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir) -> ServerProcess:
-    with running_server(
-        tiny_model_dir("llama"), "--served-model-name", MODEL, "--max-model-len", "128"
-    ) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url("/v1"), api_key="none", max_retries=0, timeout=60)
+server, client = api_server_fixtures(MODEL)
 
 
 def scrape(server: ServerProcess) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from server import ServerProcess, running_server
+from server import ServerProcess, api_server_fixtures
 
 MODEL = "tiny-responses"
 INSTRUCTIONS = "You are terse."
@@ -24,17 +24,7 @@ STREAM_EVENTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir) -> ServerProcess:
-    with running_server(
-        tiny_model_dir("llama"), "--served-model-name", MODEL, "--max-model-len", "128"
-    ) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url("/v1"), api_key="none", max_retries=0, timeout=60)
+server, client = api_server_fixtures(MODEL)
 
 
 def test_ping_is_health_for_get_and_post(server: ServerProcess) -> None:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import gzip
 import http.server
@@ -40,12 +39,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import StatusCode
 from server import running_server
+from step_span_checks import check_step_layers, run_executor_steps
 
 import proto
 import proto.spans as span_names
 from proto.config import ConfigError, EngineConfig
 from proto.spans import SpanBatch, SpanRecord
-from workers.actor import Actor, ActorThread, Addresses
+from workers.actor import Addresses
 from workers.executor.step_spans import EXECUTE_SPAN, StepSpans, StepTiming
 from workers.memory.actor import step_sample_from_span
 from workers.memory.spans import SpanReceiver, span_channel_tracer, span_record
@@ -598,42 +598,15 @@ class FakeRunner:
 
 
 async def test_executor_ships_its_step_spans_over_inproc():
-    from workers.executor.actor import ExecutorActor
-
-    addresses = Addresses.inproc()
     context = zmq.asyncio.Context()
-    inbox: asyncio.Queue[msgspec.Struct] = asyncio.Queue()
-    peers = []
-    for name, address in (("scheduler", addresses.scheduler), ("frontend", addresses.frontend)):
-        peer = Actor(name, address, context=context)
-        peer.on(proto.Ready, inbox.put_nowait if name == "scheduler" else lambda _: None)
-        peer.on(proto.StepResult, inbox.put_nowait)
-        peer.on(proto.Heartbeat, lambda _: None)
-        peer.connect("executor", addresses.executor)
-        peer.bind()
-        peers.append((peer, asyncio.ensure_future(peer.run())))
     receiver = SpanReceiver("inproc://test-span-channel", context)
     config = EngineConfig(block_size=4, trace_layers_every=2)
-    executor = ExecutorActor(
-        config, addresses, context=context, runner_factory=FakeRunner, span_collector=receiver.address
-    )
-    thread = ActorThread(executor).start()
-    scheduler = peers[0][0]
     try:
-        assert isinstance(await asyncio.wait_for(inbox.get(), 10), proto.Ready)
-        for step_id in range(4):
-            scheduler.send("executor", step_plan(step_id, [], ["r"], [1], [1]))
-            result = await asyncio.wait_for(inbox.get(), 10)
-            assert isinstance(result, proto.StepResult) and result.step_id == step_id
-        scheduler.send("executor", proto.Shutdown())
-        assert await asyncio.to_thread(thread.join, 10)  # its on_stop flushes the channel
-        batches = receiver.drain()
+        plans = [step_plan(step_id, [], ["r"], [1], [1]) for step_id in range(4)]
+        await run_executor_steps(config, FakeRunner, plans, context, span_collector=receiver.address)
+        batches = receiver.drain()  # the executor's on_stop flushed the channel
     finally:
-        thread.stop()
         receiver.close()
-        for peer, task in peers:
-            peer.stop()
-            await task
         context.term()
 
     records = [record for batch in batches for record in batch.spans]
@@ -651,11 +624,8 @@ async def test_executor_ships_its_step_spans_over_inproc():
     ]
     layers = [record for record in records if record.name == span_names.LAYER_SPAN]
     assert len(layers) == 2 * FakeRunner.num_layers
-    step_ids = {record.span_id: record for record in steps}
-    for layer in layers:
-        step = step_ids[layer.parent_span_id]
-        assert layer.trace_id == step.trace_id
-        assert step.start_time_ns <= layer.start_time_ns < layer.end_time_ns <= step.end_time_ns
+    for step in steps[::2]:
+        check_step_layers(records, step, FakeRunner.num_layers)
 
 
 # ---------------------------------------------------------------- the span channel
@@ -763,38 +733,18 @@ async def test_real_runner_exports_each_sampled_steps_layers_with_a_stall_on_a_t
     spans = [span for span in otlp_receiver.spans if span.service == "pied-executor"]
     steps = [span for span in spans if span.name == span_names.STEP_SPAN]
     assert steps and all(span.attributes[span_names.STEP_ID] % 2 == 0 for span in steps)  # sampled only
-    by_parent: dict[str, list[ReceivedSpan]] = {}
-    for span in spans:
-        by_parent.setdefault(span.parent_span_id, []).append(span)
     stalled = 0
     for step in steps:
-        layers = [span for span in by_parent.get(step.span_id, []) if span.name == span_names.LAYER_SPAN]
-        assert sorted(span.attributes[span_names.LAYER_INDEX] for span in layers) == list(range(num_layers))
-        layers.sort(key=lambda span: span.attributes[span_names.LAYER_INDEX])
-        # In layer order, inside the step, one after the other.
-        assert step.start_time_ns <= layers[0].start_time_ns and layers[-1].end_time_ns <= step.end_time_ns
-        for before, after in zip(layers, layers[1:]):
-            assert before.end_time_ns <= after.start_time_ns
-        streams = step.attributes[span_names.STEP_NUM_HOST_BLOCKS] > 0
+        layers = check_step_layers(spans, step, num_layers)
+        if step.attributes[span_names.STEP_NUM_HOST_BLOCKS] == 0:
+            continue
         for layer in layers:
-            children = by_parent.get(layer.span_id, [])
-            names = [span.name for span in children]
-            assert all(span.trace_id == step.trace_id for span in children)
-            if not streams:
-                continue
-            assert names.count(LOAD_SPAN) == 1 and (COMPUTE_SPAN in names or WAIT_SPAN in names), names
-            computes = [span for span in children if span.name in (COMPUTE_SPAN, WAIT_SPAN)]
-            assert min(span.start_time_ns for span in computes) == layer.start_time_ns
-            assert max(span.end_time_ns for span in computes) == layer.end_time_ns
-            (load,) = [span for span in children if span.name == LOAD_SPAN]
-            waits = [span for span in children if span.name == WAIT_SPAN]
-            if waits:
-                (wait,) = waits
+            load = layer.one(LOAD_SPAN)
+            assert layer.phases[COMPUTE_SPAN] or layer.phases[WAIT_SPAN]
+            if layer.phases[WAIT_SPAN]:
                 stalled += 1
-                assert layer.attributes[span_names.LAYER_STALL_TIME] > 0
-                assert wait.end_time_ns >= load.end_time_ns - 1_000_000  # it ended when the load did
-            for write_back in (span for span in children if span.name == WRITE_BACK_SPAN):
-                assert write_back.start_time_ns >= load.end_time_ns  # the FIFO: after its own load
+                # It ended when the load did (the copy thread's clock, read back on the compute thread's).
+                assert layer.one(WAIT_SPAN).end_time_ns >= load.end_time_ns - 1_000_000
     # The throttled link shows: some sampled streaming step waited for its host pages.
     streaming = sum(step.attributes[span_names.STEP_NUM_HOST_BLOCKS] > 0 for step in steps)
     print(f"{len(steps)} sampled steps, {streaming} streaming, {stalled} layers stalled")
