@@ -303,10 +303,12 @@ def test_counts_and_latencies_agree_with_the_server(server: ServerProcess, endpo
     server_ttft, count = histogram_mean(before, after, "pied:time_to_first_token_seconds")
     assert count == 8
     client_ttft = metrics["mean_ttft_ms"] / 1000
-    # The client sees the first token after the server counted it: never sooner (within a bucket),
-    # later by what writing a chunk takes on a busy machine, never by a different scale.
+    # The server's clock starts once the body is read (rendering the chat template and tokenizing
+    # included) and stops at the first token; the client's starts before it sends and stops after
+    # it reads the first text. So never sooner, and later only by the request's trip in and the
+    # chunk's trip out: within the width of the bucket the server's time falls in.
     width = bucket_width(TTFT_BUCKETS, server_ttft)
-    assert server_ttft - width <= client_ttft <= 2 * server_ttft + width, (client_ttft, server_ttft)
+    assert server_ttft <= client_ttft <= server_ttft + width, (client_ttft, server_ttft)
     # Time per token after the first: the client's chunk gaps over the tokens they brought. (A
     # chunk may carry more than one token when the stream lags behind the engine; the server then
     # counts one inter-token latency per token, the client one gap per chunk, so their plain means
@@ -314,11 +316,11 @@ def test_counts_and_latencies_agree_with_the_server(server: ServerProcess, endpo
     server_itl, count = histogram_mean(before, after, "pied:inter_token_latency_seconds")
     assert count == generated - 8  # every token after each request's first
     client_itl = sum(sum(output.itl) for output in result.outputs) / count
-    # The client sees each token after the server counted it: never sooner (within a bucket), and
-    # later by what the stream writer lags behind the engine on a busy machine (seen up to 1.7x on
-    # two shared cores for chat, whose chunks cost more to write), never by a different scale.
+    # Each chunk is written as its tokens arrive (chat and completions alike, measured per chunk in
+    # perf/stream_lag.py), so the time the gaps cover differs only by how much later the last
+    # chunk reached the client than the first: within the width of the bucket.
     width = bucket_width(ITL_BUCKETS, server_itl)
-    assert server_itl - width <= client_itl <= 2 * server_itl + width, (client_itl, server_itl)
+    assert abs(client_itl - server_itl) <= width, (client_itl, server_itl)
 
 
 def bench_command(server: ServerProcess, *flags: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import msgspec
@@ -109,7 +110,10 @@ async def render_chat(
 
 async def create_chat_completion(request: web.Request, server: ServerState) -> web.StreamResponse:
     body = await read_json(request, server, ChatCompletionRequest)
-    generation, output, num_top, num_prompt_top = await prepare_chat(server, body, responses.new_id("chatcmpl"))
+    arrival = time.monotonic()
+    generation, output, num_top, num_prompt_top = await prepare_chat(
+        server, body, responses.new_id("chatcmpl"), arrival
+    )
     created = responses.now_seconds()
     async with generation.running():
         if body.stream:
@@ -122,12 +126,15 @@ async def create_chat_completion(request: web.Request, server: ServerState) -> w
 
 
 async def prepare_chat(
-    server: ServerState, body: ChatCompletionRequest, request_id: str
+    server: ServerState, body: ChatCompletionRequest, request_id: str, arrival: float
 ) -> tuple[Generation, ChatOutputFormat, int, int | None]:
     """Check a chat request (the model's generation defaults filled in), render and encode its
     conversation: the generation to run (not yet submitted), how its output becomes a message, its
     number of top logprobs and of prompt logprobs (None: not asked). Shared by
-    ``/v1/chat/completions`` and ``/v1/responses`` (an adapter over it)."""
+    ``/v1/chat/completions`` and ``/v1/responses`` (an adapter over it).
+
+    ``arrival`` (``time.monotonic()``) is when the request's body was read: its latency metrics
+    count from there, rendering and tokenizing included, as the client sees them (and vLLM counts)."""
     body = server.generation_defaults.apply(body)
     server.check_available()
     server.check_model(body.model)
@@ -183,7 +190,7 @@ async def prepare_chat(
         include_reasoning=body.include_reasoning is not False,
         parallel_tool_calls=body.parallel_tool_calls is not False,
     )
-    generation = Generation(server, request_id, [PromptInput(token_ids, params, prompt)])
+    generation = Generation(server, request_id, [PromptInput(token_ids, params, prompt)], arrival=arrival)
     return generation, output, num_top, num_prompt_top
 
 

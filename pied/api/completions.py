@@ -5,6 +5,8 @@ Choice ``index`` runs over every prompt's choices: prompt ``p``'s choice ``i`` i
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 from aiohttp import web
 
@@ -84,6 +86,7 @@ def completion_defaults(server: ServerState, body: CompletionRequest) -> Complet
 
 async def create_completion(request: web.Request, server: ServerState) -> web.StreamResponse:
     body = completion_defaults(server, await read_json(request, server, CompletionRequest))
+    arrival = time.monotonic()  # latency metrics count tokenizing too (see prepare_chat)
     server.check_available()
     server.check_model(body.model)
     check_request_limits(body, server.limits)  # before anything is tokenized
@@ -125,7 +128,7 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
         for prompt in prompts:
             if prompt.text is None:
                 prompt.text = await server.decode(prompt.token_ids, skip_special_tokens=False)
-    generation = Generation(server, responses.new_id("cmpl"), prompts)
+    generation = Generation(server, responses.new_id("cmpl"), prompts, arrival=arrival)
     created = responses.now_seconds()
     num_top = body.logprobs or 0
     async with generation.running():

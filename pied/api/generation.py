@@ -63,7 +63,9 @@ class Generation:
     request_id: str
     prompts: Sequence[PromptInput]
     choices: list[Choice] = field(default_factory=list)
-    arrival: float = field(default_factory=time.monotonic)  # for latency metrics
+    # For latency metrics (TTFT, e2e): when the request arrived, before its prompt was rendered and
+    # tokenized (the handler passes it); the engine's queue span starts at ``arrival_time`` instead.
+    arrival: float = field(default_factory=time.monotonic)
     arrival_time: float = field(default_factory=time.time)  # wall clock, as the scheduler records it
 
     def __post_init__(self) -> None:

@@ -17,6 +17,7 @@ response are not available; tools, reasoning and non-text formats answer 400 nam
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, Union
 
 import msgspec
@@ -152,6 +153,7 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
 async def create_response(request: web.Request, server: ServerState) -> web.StreamResponse:
     try:
         body = await read_json(request, server, ResponsesRequest)
+        arrival = time.monotonic()
     except APIError as error:
         unknown = _UNKNOWN_FIELD.search(error.message)
         if unknown and error.param is None:
@@ -161,7 +163,7 @@ async def create_response(request: web.Request, server: ServerState) -> web.Stre
         raise
     check_request(body)
     try:
-        generation, output, _, _ = await prepare_chat(server, chat_request(body), responses.new_id("resp"))
+        generation, output, _, _ = await prepare_chat(server, chat_request(body), responses.new_id("resp"), arrival)
     except APIError as error:
         if error.param is not None:
             first, dot, rest = error.param.partition(".")
