@@ -349,7 +349,7 @@ def operations(client: Client) -> dict[str, st.SearchStrategy[Any]]:
         strategies[path] = mutated(
             from_schema(schema, components, fields), components[name].get("required", [])
         )
-    assert set(strategies) >= {"/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"}
+    assert set(strategies) >= {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize", "/detokenize"}
     return strategies
 
 
@@ -370,7 +370,13 @@ def fuzz_operation(client: Client, operations: dict, path: str, examples: int) -
 
 @pytest.mark.parametrize(
     "path, examples",
-    [("/v1/completions", 1200), ("/v1/chat/completions", 1200), ("/tokenize", 400), ("/detokenize", 200)],
+    [
+        ("/v1/completions", 1200),
+        ("/v1/chat/completions", 1200),
+        ("/v1/responses", 400),
+        ("/tokenize", 400),
+        ("/detokenize", 200),
+    ],
 )
 def test_fuzz_request_bodies(client: Client, operations: dict, path: str, examples: int) -> None:
     fuzz_operation(client, operations, path, examples)
@@ -399,7 +405,7 @@ RAW_BODIES = [
 
 @settings(FUZZ_SETTINGS, max_examples=400)
 @given(
-    path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]),
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize"]),
     body=st.one_of(st.sampled_from(RAW_BODIES), st.binary(max_size=64)),
     cut=st.integers(0, 60),
 )
@@ -430,10 +436,12 @@ CONTENT_TYPES = [
         [
             "/v1/completions",
             "/v1/chat/completions",
+            "/v1/responses",
             "/tokenize",
             "/detokenize",
             "/v1/models",
             "/v1/models/x",
+            "/ping",
             "/health",
             "/metrics",
             "/version",
