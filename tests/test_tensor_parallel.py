@@ -3,7 +3,8 @@
 - each rank reads only its slices of the checkpoint (fused Phi-3 tensors included), and the ranks'
   slices put together are the checkpoint;
 - TP=2 greedy tokens equal TP=1's and transformers', through ``pied.LLM`` under every KV policy at a
-  tight device budget, and through a real ``pied serve``;
+  tight device budget, on every architecture the repository supports, and through a real ``pied serve``;
+- TP=2 prompt logprobs (over chunked prefill) equal TP=1's and transformers';
 - a size the model's heads do not split over is refused before any worker starts (exit 2);
 - kill -9 of one rank fails every request in flight, the daemon exits non-zero, nothing is left.
 """
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 from server import EventStream, running_server
 from test_engine import hf_greedy
 from test_preflight import assert_refused
+from test_prompt_logprobs import ATOL, check_against_reference
 from tiny_models import load_hf_model
 
 import proto
@@ -175,6 +177,42 @@ def test_two_ranks_give_the_same_greedy_tokens(arch_reference, policy):
                     break
                 assert time.monotonic() < deadline, stats
                 time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- the other architectures, prompt logprobs
+
+# What each adds to the four above: mistral a sliding window; qwen2 qkv biases (column-parallel, so
+# split with their rows); smollm3 layers without RoPE and tied embeddings; gemma3 sliding and global
+# layers, logit soft-capping and tied embeddings. Lean for CI: one 12-token prompt each, a few tokens.
+MORE_ARCHES = ["mistral", "qwen2", "smollm3", "gemma3"]
+SHORT_PROMPT = PROMPTS[2][:12]
+SHORT_TOKENS = 6
+# Prompt logprobs over two prefill chunks (8 tokens a step): rank 1 keeps its states' logprob rows
+# in step with rank 0's, which alone gathers the whole vocabulary and computes them.
+CHUNKED = dict(block_size=4, max_num_batched_tokens=8)
+
+
+@pytest.mark.parametrize("arch", MORE_ARCHES)
+def test_two_ranks_on_more_architectures_with_prompt_logprobs(tiny_model_dir, arch):
+    folder = tiny_model_dir(arch)
+    params = proto.SamplingParams(temperature=0.0, max_tokens=SHORT_TOKENS, ignore_eos=True, prompt_logprobs=3)
+    outputs = {}
+    for size in (1, 2):
+        with LLM(str(folder), dtype="float32", tensor_parallel_size=size, **CHUNKED) as llm:
+            outputs[size] = llm.generate([{"prompt_token_ids": SHORT_PROMPT}], params)[0]
+    hf = load_hf_model(folder)
+    expected = hf_greedy(hf, SHORT_PROMPT, SHORT_TOKENS)
+    one, two = (outputs[size].outputs[0].token_ids for size in (1, 2))
+    assert one[: len(expected)] == expected
+    assert two == one
+    with torch.no_grad():
+        reference = hf(torch.tensor([SHORT_PROMPT])).logits[0].float().log_softmax(dim=-1)
+    check_against_reference(outputs[2].prompt_logprobs, SHORT_PROMPT, reference, 3)
+    for entry_one, entry_two in zip(outputs[1].prompt_logprobs[1:], outputs[2].prompt_logprobs[1:]):
+        assert list(entry_two) == list(entry_one)  # the same tokens, in the same order
+        for token_id, (logprob, rank) in entry_one.items():
+            assert entry_two[token_id][0] == pytest.approx(logprob, abs=ATOL)
+            assert entry_two[token_id][1] == rank
 
 
 # ---------------------------------------------------------------- pied serve
