@@ -310,6 +310,13 @@ class Supervisor:
             for worker in self.workers.values()
         )
 
+    def _silent(self, worker: Worker) -> bool:
+        """A ready worker not heard from for longer than a healthy one ever is: stopped or wedged."""
+        options = self.options
+        max_age = max(options.healthy_heartbeat_age, 2 * options.heartbeat_interval)
+        heard = worker.last_heartbeat
+        return worker.ready is not None and heard is not None and time.monotonic() - heard > max_age
+
     def progress(self) -> str:
         """Each worker's stage, for status lines while starting: ``executor loading, scheduler ready``."""
         stages = []
@@ -527,7 +534,13 @@ class Supervisor:
         for worker in live:
             if worker.killed:
                 continue
-            if mailbox_up:
+            if self.dead and self._silent(worker):
+                # A dead engine with a stopped or wedged worker (a SIGSTOPped tensor-parallel rank,
+                # whose peers' step deadline found it): it cannot act on Shutdown, and waiting for
+                # it would spend the later stages' time, the memory manager's, on nothing.
+                logger.warning("%s (pid %d) is silent; killing it", worker.name, worker.pid)
+                worker.kill()
+            elif mailbox_up:
                 assert self._actor is not None
                 self._actor.send(worker.name, proto.Shutdown(reason=reason))
             else:  # no socket left to ask politely

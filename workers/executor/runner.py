@@ -164,7 +164,7 @@ class ModelRunner:
             num_extra_pages=(staging.num_pages if staging else 0) + num_scratch_pages,
         )
         self.staging = staging
-        self.copy_throttle = CopyThrottle.from_config(config)  # tests and benchmarks only
+        self.copy_throttle = CopyThrottle.from_config(config, self.tp.rank)  # tests and benchmarks only
         self.host_kv = HostKV(
             self.kv_layout,
             self.kv_pool.pages,
