@@ -355,6 +355,23 @@ class StepResult(msgspec.Struct, tag=True, **HOT):
     prefetch_depth: int = 0
 
 
+class RankStep(msgspec.Struct, tag=True, **HOT):
+    """Executor rank ``rank`` (> 0) -> scheduler, after each step it ran under tensor parallelism:
+    its own figures for step ``step_id`` (rank 0's travel on its StepResult), for ``/metrics`` only.
+    The scheduler never waits for them, so they add no synchronization between the ranks or with the
+    step loop. Each rank streams its own slice of the host blocks, so bytes and stalls are its own;
+    fields as in StepResult."""
+
+    step_id: int
+    rank: int
+    step_time: float = 0.0
+    forward_time: float = 0.0
+    stall_time: float = 0.0
+    bytes_to_device: int = 0
+    bytes_to_host: int = 0
+    num_staging_blocks: int = 0
+
+
 # ---------------------------------------------------------------- host memory (memory manager)
 
 

@@ -20,7 +20,7 @@ step is timed on the compute thread and its spans are built after its result has
 Tensor parallelism (DESIGN.md "Parallelism"): one executor per rank, each its own worker. Every rank
 gets every StepPlan and SegmentUpdate from the scheduler and joins the same collectives; rank 0
 alone samples, sends StepResults and Ready to the scheduler (the others report Ready to the
-supervisor only).
+supervisor only, and after each step their own timings and bytes as a ``RankStep``, for /metrics).
 """
 
 from __future__ import annotations
@@ -274,6 +274,8 @@ class ExecutorActor(Actor):
         self.step_deadline.record(elapsed)
         if self.rank == 0:  # the other ranks' results carry no tokens
             self.send("scheduler", result)
+        else:  # only this rank's own figures, for /metrics (the scheduler never waits for them)
+            self.send("scheduler", rank_step(self.rank, result))
         if spans is not None:
             assert timing is not None
             spans.end(plan, result, timing)  # while the scheduler plans the next step
@@ -311,6 +313,19 @@ class ExecutorActor(Actor):
                     "the compute thread is stuck"
                 )
                 return
+
+
+def rank_step(rank: int, result: proto.StepResult) -> proto.RankStep:
+    return proto.RankStep(
+        step_id=result.step_id,
+        rank=rank,
+        step_time=result.step_time,
+        forward_time=result.forward_time,
+        stall_time=result.stall_time,
+        bytes_to_device=result.bytes_to_device,
+        bytes_to_host=result.bytes_to_host,
+        num_staging_blocks=result.num_staging_blocks,
+    )
 
 
 def timed_execute(

@@ -31,6 +31,7 @@ import proto
 from proto.config import EngineConfig
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
 from workers.roster import executor_address, executor_name, executor_ranks
+from workers.scheduler.rank_totals import RankTotals
 from workers.scheduler.request_spans import RequestSpans
 from workers.scheduler.scheduler import Scheduler
 from workers.tracing import SCHEDULER_SERVICE, PresetSpanIds, setup_tracing, shutdown_tracing, tracing_enabled
@@ -71,6 +72,10 @@ class SchedulerActor(Actor):
         self._last_result: proto.StepResult | None = None  # the last step's, for DemandReport
         self._reported_idle = False  # the last DemandReport said idle
         self._stats = proto.Stats()
+        # Every tensor-parallel rank's own figures (Stats.ranks): rank 0's from its StepResults, the
+        # others' from their RankStep messages, folded in as they come (never waited for).
+        self.rank_totals = RankTotals(config.tensor_parallel_size)
+        self._stats.ranks = self.rank_totals.ranks
         self._last_stats_time = 0.0
         span_ids = PresetSpanIds()
         self.tracer = setup_tracing(SCHEDULER_SERVICE, config, id_generator=span_ids)
@@ -90,6 +95,7 @@ class SchedulerActor(Actor):
         self.on(proto.PrefetchCommand, self._enqueue)
         self.on(proto.Ready, self.handle_executor_ready)
         self.on(proto.StepResult, self.handle_step_result)
+        self.on(proto.RankStep, self.handle_rank_step)
 
     @classmethod
     def from_args(cls, args: WorkerArgs, context: zmq.asyncio.Context | None = None) -> SchedulerActor:
@@ -132,6 +138,13 @@ class SchedulerActor(Actor):
                 f"unexpected StepResult for step {result.step_id} (waiting for {self._step_id})"
             )
         self._result.set_result(result)
+
+    def handle_rank_step(self, step: proto.RankStep) -> None:
+        self.rank_totals.add_rank_step(step)
+        if self._result is None and self.scheduler is not None:
+            # No step in flight: the loop is idle, and its idle snapshot may have left before this
+            # rank's last figures came. The last snapshot must reflect the quiescent engine.
+            self._publish_stats(self.scheduler, force=True)
 
     async def on_stop(self) -> None:
         # Off the loop: the exporter may take a while to give up on an unreachable collector.
@@ -191,6 +204,7 @@ class SchedulerActor(Actor):
             stats.stall_seconds_total += result.stall_time
             stats.num_staging_blocks = result.num_staging_blocks
             stats.prefetch_depth = result.prefetch_depth
+            self.rank_totals.add_result(result)
             stats.cycle_seconds_total += time.perf_counter() - started
             self._publish_stats(scheduler)
             self._last_result = result
