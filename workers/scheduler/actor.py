@@ -1,6 +1,7 @@
 """The scheduler actor: the step loop between the frontend and the executor.
 
 Mailbox: AddRequest and AbortRequests (from the frontend), Ready and StepResult (from the executor),
+RankStep (from tensor-parallel ranks other than 0: their own figures, summed into Stats.ranks),
 Shutdown. Once the executor is Ready (the scheduler needs the model's shape), the step loop runs::
 
     apply queued adds/aborts -> schedule -> StepPlan to executor -> await StepResult
