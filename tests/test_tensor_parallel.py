@@ -438,9 +438,10 @@ def test_serve_two_ranks_then_stop_one(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(runtime_parent))
     folder = tiny_model_dir("llama")
     shm_before = shm_entries()
-    # The step deadline well below the heartbeat timeout, so that it is what finds the hang; both far
-    # above a step of this model (milliseconds), so a busy machine does not trip them.
-    flags = ["--dtype", "float32", "--tensor-parallel-size", "2", "--step-timeout", "3", "--heartbeat-timeout", "60"]
+    # The step deadline well below the heartbeat timeout, so that it is what finds the hang, and well
+    # above the 2 s after which a silent worker is killed at once; both far above a step of this
+    # model (milliseconds), so a busy machine does not trip them.
+    flags = ["--dtype", "float32", "--tensor-parallel-size", "2", "--step-timeout", "5", "--heartbeat-timeout", "60"]
     with running_server(folder, *flags) as server:
         ranks = rank_pids(server.process.pid)
         assert set(ranks) == {0, 1}, ranks
