@@ -300,31 +300,39 @@ def test_noise_alone_is_never_a_change(bandwidth: float) -> None:
     assert not [reason for reason in trace.reasons if "re-planned" in reason]
 
 
-def test_a_change_is_a_run_of_steps_beyond_the_spread_of_the_reference() -> None:
-    quiet = [1.0, 0.95, 1.05, 0.98, 1.02, 0.97, 1.03, 1.0]  # +-5%: the bar is ~1.36x (and ~0.73x)
+def test_a_change_is_the_recent_median_beyond_the_spread_of_the_reference() -> None:
+    quiet = [1.0, 0.95, 1.05, 0.98, 1.02, 0.97, 1.03, 1.0]  # +-5%: the threshold (1.3x) is the bar
     detector = ChangeDetector(threshold=0.3, steps=4, reference_steps=64, min_reference=8)
     assert [detector.observe(value, None) for value in quiet] == [None] * 8  # the reference
-    # Alone, or in a run that breaks before 4 steps, slow steps are noise (and join the reference).
-    for value in (1.3, 0.8, 1.5, 1.0, 0.6, 0.6, 0.6, 1.0):
+    # Slow steps alone, or two of four, are noise (and join the reference as they age).
+    for value in (1.3, 0.8, 1.5, 1.0, 0.6, 0.6, 1.0, 1.0):
         assert detector.observe(value, None) is None, value
     assert detector.run_length == 0
-    # An unmeasured step neither extends nor breaks a run: the 4th measured one is the change.
-    changes = [detector.observe(value, None) for value in (2.0, None, 2.0, 2.0, 2.4)]
-    assert changes[:4] == [None] * 4 and changes[4] == Change("compute time", pytest.approx(8.4 / 4 / 1.0))
-    # The run is the reference now: more of the same is no change.
-    assert all(detector.observe(2.1, None) is None for _ in range(8))
+    # A new level: an unmeasured step is no step, and the one a busy CPU delayed 9x neither makes
+    # the change (two of four recent steps) nor hides it (three of four: the median moved).
+    changes = [detector.observe(value, None) for value in (2.0, None, 9.0)]
+    assert changes == [None] * 3 and detector.run_length == 2
+    assert detector.observe(2.0, None) == Change("compute time", pytest.approx(2.0), num_steps=3)
+    assert detector.run_length == 0
+    # The recent steps are the reference now: more of the same is no change.
+    assert all(detector.observe(value, None) is None for value in [2.1, 1.9, 2.0, 2.2] * 2)
     # The link, on its own reference; and after a move the compute time is measured afresh.
     for bandwidth in (100.0, 101.0, 99.0, 100.0, 102.0, 98.0, 100.0, 100.0):
         assert detector.observe(None, bandwidth) is None
     detector.forget_compute_time()
-    changes = [detector.observe(0.2, 25.0) for _ in range(4)]  # compute: no reference yet
-    assert changes == [None, None, None, Change("link bandwidth", 0.25)]
+    changes = [detector.observe(0.2, value) for value in (25.0, 24.0, 200.0, 26.0)]  # compute: no reference
+    assert changes == [None, None, None, Change("link bandwidth", pytest.approx(0.255, rel=1e-3), num_steps=4)]
 
-    # On a noisy plant (step times over 10x, as on a busy CPU) the same runs are part of the spread.
+    # On a noisy plant (step times over 10x, as on a busy CPU) the same shifts are part of the spread,
     noisy = ChangeDetector(threshold=0.3, steps=4, reference_steps=64, min_reference=8)
     for value in [0.3, 3.0, 1.0, 0.5, 2.0, 0.4, 2.5, 1.0] * 2:
         assert noisy.observe(value, None) is None
     assert all(noisy.observe(value, None) is None for value in [2.0] * 4 + [0.5] * 4)
+    # ... and a change must stand out from it: a 16x cut of the link does.
+    for value in [0.3, 3.0, 1.0, 0.5, 2.0, 0.4, 2.5, 1.0] * 2:
+        assert noisy.observe(None, value) is None
+    changes = [noisy.observe(None, value / 16) for value in (0.3, 3.0, 1.0, 0.5)]
+    assert changes[:3] == [None] * 3 and changes[3] is not None and changes[3].quantity == "link bandwidth"
     with pytest.raises(ValueError, match="threshold"):
         ChangeDetector(threshold=0.0, steps=4)
 

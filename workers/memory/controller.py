@@ -481,7 +481,8 @@ class ExpansionController:
         """The plant changed (see the module doc): forget what was measured on the old one and move
         to the model's limit on the steps since the change."""
         window = _Window()
-        for step, demand in self._recent:
+        # Only the steps that measured the new level: the recent ones before them were the old plant's.
+        for step, demand in list(self._recent)[-max(1, change.num_steps) :]:
             window.add(step, demand)
         self._recent.clear()
         self._window = _Window()  # its earlier samples were the old plant's
