@@ -61,9 +61,9 @@ Control law. Windows at the same lease are pooled (ratio of sums); ``f`` is thei
   the steps that moved alone — down to the modelled limit when the steps read more than it, up
   ``jump`` of the way to it under demand. ``gain`` is kept (it describes the pipeline, not the
   load), as it was before the change began: a window that closed during it measured both plants.
-  The compute time is measured afresh after every move (the move itself changes the batch), so
-  the controller's own moves are not mistaken for a change. Without a measured copy time a faster
-  link is invisible (nothing stalls); probes find it.
+  Both are measured afresh after every move (the move itself changes the batch, and on the CPU
+  copy thread the bandwidth with it), so the controller's own moves are not mistaken for a change.
+  Without a measured copy time a faster link is invisible (nothing stalls); probes find it.
 - With the evidence pool full (``evidence_windows``), a stall fraction above the band shrinks even
   within its noise: more windows would not narrow the margin, and the band's top is the promise.
 
@@ -445,12 +445,12 @@ class ExpansionController:
         return self._decision
 
     def _watch(self, lease_before: int) -> None:
-        """After a move the compute time is measured afresh (the move changes the batch: the first
-        window at the new lease is the reference, not a change); the bandwidth's reference carries
-        over. A window that closed during a run keeps watching: the run may be the change this
-        window straddled."""
+        """After a move the compute time and the bandwidth are measured afresh (the move changes the
+        batch, and with it both: the first steps at the new lease are the reference, not a change).
+        A window that closed during a run keeps watching: the run may be the change this window
+        straddled."""
         if self.lease != lease_before and self._detector.run_length == 0:
-            self._detector.forget_compute_time()
+            self._detector.forget()
 
     # ------------------------------------------------------------------ control law
 
