@@ -116,9 +116,12 @@ class Link:
         """Ping every ``interval``; returns once nothing was heard for ``timeout`` seconds."""
         while True:
             self.send(Ping())
+            expected = time.monotonic() + interval
             await asyncio.sleep(interval)
-            # NOTE: a late tick (this loop was blocked) says nothing about the peer's silence.
-            if time.monotonic() - self.last_heard > timeout + interval:
+            now = time.monotonic()
+            # NOTE: after a late tick (this loop was blocked) the peer's pings may still be unread:
+            # silence is evidence only when this tick ran on time.
+            if now - expected <= interval and now - self.last_heard > timeout:
                 return
 
     def close(self) -> None:

@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,12 +27,18 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 from daemon import live_pids, shm_entries, wait_gone
 from server import REPO, EventStream, ServerProcess, start_server
 from test_preflight import assert_refused
 
 import proto
 from pied.llm import LLM
+from pied.multinode import head_endpoint, ignored_settings, node_config, node_ranks
+from pied.preflight import preflight
+from proto.config import ConfigError, EngineConfig
+from workers.executor.local_segments import LocalSegments
+from workers.memory.host_pool import SEALS, HostSegment, KVLayout
 
 PROMPTS = [[1, 17, 99, 3, 250], [1] + list(range(40, 77)), [1] + [(i * 11) % 400 + 20 for i in range(23)]]
 MAX_TOKENS = 10
@@ -236,3 +244,51 @@ def test_inconsistent_flags_exit_2(model, flags, named):
         os.environ.pop("MASTER_ADDR", None)
         os.environ.pop("MASTER_PORT", None)
         assert_refused("serve", ["--model", str(model), *flags], *named)
+
+
+# ---------------------------------------------------------------- the parts, without processes
+
+
+def test_a_node_runs_the_head_configuration_with_its_own_model(model, tiny_model_dir, tmp_path):
+    rendezvous = dict(tensor_parallel_size=2, nnodes=2, distributed_init_method="tcp://127.0.0.1:29500")
+    head = preflight(EngineConfig(model=str(model), dtype="float32", kv_policy="pie", expansion="fixed:8", **rendezvous))
+    here = tmp_path / "model-here"
+    shutil.copytree(model, here)
+    local = preflight(EngineConfig(model=str(here), dtype="float32", node_rank=1, max_num_seqs=3, **rendezvous))
+    config = node_config(head, local)
+    assert head.plan is not None and config.plan is not None and local.plan is not None
+    # The head's settings and plan (host segments mean the same on every rank), the node's folder.
+    assert (config.kv_policy, config.max_num_seqs, config.node_rank) == ("pie", 256, 1)
+    assert config.plan.host == head.plan.host and config.plan.host.max_host_blocks == 8
+    assert config.model == str(here) and config.plan.model_path == local.plan.model_path
+    assert set(ignored_settings(head, local)) == {"--kv-policy none", "--expansion adaptive", "--max-num-seqs 3"}
+    # Another model (head size 24, not 16) cannot join.
+    other = preflight(EngineConfig(model=str(tiny_model_dir("qwen3")), dtype="float32", node_rank=1, **rendezvous))
+    with pytest.raises(ConfigError, match="head_dim"):
+        node_config(head, other)
+    with pytest.raises(ConfigError, match="--tensor-parallel-size is 4 here but 2"):
+        node_config(head, local.replace(tensor_parallel_size=4, plan=local.plan))
+
+
+def test_the_ports_follow_the_rendezvous():
+    config = EngineConfig(tensor_parallel_size=4, nnodes=2, distributed_init_method="env://")
+    endpoint = head_endpoint(config, {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})
+    assert (endpoint.host, endpoint.link_port) == ("10.0.0.1", 29501)
+    assert endpoint.address(endpoint.executor_offset(3)) == "tcp://10.0.0.1:29507"
+    assert [node_ranks(config, node) for node in range(2)] == [range(0, 2), range(2, 4)]
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):
+        head_endpoint(config, {})
+
+
+def test_a_remote_rank_makes_its_own_sealed_part_of_each_segment():
+    layout = KVLayout(num_layers=2, block_size=4, num_kv_heads=1, head_dim=8, dtype=torch.float32)  # one rank's
+    info = proto.HostSegmentInfo(segment_id=3, pid=1, fd=99, first_block=15, num_blocks=5)
+    fd = LocalSegments(layout.block_bytes).open(info)
+    assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS == SEALS
+    segment = HostSegment.attach(info, layout, fd)  # checks the seals and the size, closes fd
+    try:
+        assert segment.tensor.shape == (2, 5, *layout.page_shape)
+        segment.tensor[1, 4] = 2.5  # this rank's bytes, in this process only
+        assert float(segment.tensor.sum()) == 2.5 * segment.tensor[1, 4].numel()
+    finally:
+        segment.close()
