@@ -48,7 +48,7 @@ from pied.multinode import (
 )
 from pied.node_link import Exited, Hello, Kill, Link, LinkClosed, Started, Stop, open_link
 from pied.runtime_dir import RuntimeDir
-from pied.supervisor import _kill_all, describe_exit, rank_environment, spawn_worker, worker_environment
+from pied.supervisor import describe_exit, kill_all, rank_environment, spawn_worker, worker_environment
 from pied.zmq_bridge import Bridge, Endpoint
 from proto.config import ConfigError, EngineConfig
 from workers.actor import Addresses, WorkerArgs
@@ -200,7 +200,7 @@ class Node:
                 logger.info("started %s (pid %d)", name, process.pid)
         finally:
             os.close(read_fd)
-        weakref.finalize(self, _kill_all, list(workers.values()))
+        weakref.finalize(self, kill_all, list(workers.values()))
         return workers
 
     async def _watch(self, link: Link, workers: Workers, signals: asyncio.Queue[signal.Signals]) -> int:

@@ -281,7 +281,7 @@ def free_port(address: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def _kill_all(processes: list[subprocess.Popen[bytes]]) -> None:
+def kill_all(processes: list[subprocess.Popen[bytes]]) -> None:
     """Last resort at interpreter exit or garbage collection: no worker survives its supervisor."""
     for process in processes:
         if process.poll() is None:
@@ -312,6 +312,12 @@ class Supervisor:
             raise ConfigError(
                 f"--tensor-parallel-size {config.tensor_parallel_size} needs worker processes (one per rank), "
                 "not threads; use workers='processes' (pied serve without --inproc)."
+            )
+        if config.node_rank > 0:
+            # A node other than the head runs its ranks only, under pied.node, not a whole engine.
+            raise ConfigError(
+                f"--node-rank {config.node_rank} runs only this node's executor ranks: start it with "
+                "`pied serve ... --node-rank K`; the engine (and pied.LLM, pied generate) runs on node 0."
             )
         self.config = config
         self.options = options or SupervisorOptions()
@@ -523,7 +529,7 @@ class Supervisor:
         finally:
             os.close(read_fd)
         processes = [worker.process for worker in self.workers.values() if isinstance(worker, WorkerProcess)]
-        weakref.finalize(self, _kill_all, processes)
+        weakref.finalize(self, kill_all, processes)
 
     async def _open_to_nodes(self, endpoint: HeadEndpoint, addresses: Addresses) -> None:
         """The head's side of ``--nnodes`` (:mod:`pied.multinode`): TCP ports forwarded to this
