@@ -3,8 +3,8 @@
 
 - greedy tokens equal one rank's with ``none``, ``swap`` and ``pie`` at a tiny device budget (rank 1
   keeps its part of every host segment itself: its KV must come back from it);
-- kill -9 of node 1 fails every caller with a 503 and the head exits non-zero; kill -9 of the head
-  makes node 1 exit non-zero; a SIGTERM to the head stops both with status 0; nothing is left
+- kill -9 of node 1, or a hung rank on it (SIGSTOP), fails every caller with a 503 and the head
+  exits non-zero (and stops node 1, status 1); kill -9 of the head makes node 1 exit non-zero; a SIGTERM to the head stops both with status 0; nothing is left
   behind (no process, no runtime directory);
 - inconsistent flags are refused with exit 2 (node rank out of range, a size that does not split
   over the nodes, no rendezvous address, a second node 1).
@@ -198,12 +198,36 @@ def test_pie_on_two_nodes_then_node_1_is_killed(model, reference, tmp_path):
 def test_none_on_two_nodes_then_the_head_is_killed(model, reference, tmp_path):
     with two_nodes(model, tmp_path, POLICIES["none"]) as (head, node):
         assert completions(head) == reference
-        node_workers = [pid for pid in group_pids(node.process.pid) if pid != node.process.pid]
+        rank = rank_1(node)
         os.kill(head.process.pid, signal.SIGKILL)
         assert node.wait(60) == 1, node.log()[-3000:]
         assert "the head is gone" in node.log()
-        assert wait_gone(node_workers, 30) == []
+        assert wait_gone([rank], 30) == []
         assert list(node.runtime.iterdir()) == []
+
+
+def rank_1(node: Node) -> int:
+    """Node 1's executor process (rank 1)."""
+    ranks = [pid for pid in group_pids(node.process.pid) if pid != node.process.pid]
+    assert len(ranks) == 1, ranks
+    return ranks[0]
+
+
+def test_a_hung_rank_on_node_1_fails_the_head(model, tmp_path):
+    # The heartbeat timeout is short so that the test is; the hang is caught by the head's watchdog.
+    with two_nodes(model, tmp_path, ["--dtype", "float32", "--heartbeat-timeout", "3"]) as (head, node):
+        rank = rank_1(node)
+        body = {"prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+        stream = EventStream(head, "/v1/completions", body, timeout=60)
+        assert stream.next_event()["choices"]  # generating
+        os.kill(rank, signal.SIGSTOP)
+        events = stream.rest()
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 503, events[-3:]
+        assert head.process.wait(60) != 0
+        assert "executor-1" in head.log() and "no heartbeat" in head.log()
+        # The head killed the hung rank through its node, then stopped the node: status 1.
+        assert node.wait(60) == 1, node.log()[-3000:]
+        assert wait_gone([rank], 30) == []
 
 
 def test_swap_on_two_nodes_then_both_stop(model, reference, tmp_path):
@@ -219,11 +243,11 @@ def test_swap_on_two_nodes_then_both_stop(model, reference, tmp_path):
             second.stop()
         assert completions(head) == reference
         # SIGTERM drains the head, which stops node 1: both exit 0, nothing is left.
-        node_workers = [pid for pid in group_pids(node.process.pid) if pid != node.process.pid]
+        rank = rank_1(node)
         head.process.send_signal(signal.SIGTERM)
         assert head.process.wait(60) == 0, head.log()[-3000:]
         assert node.wait(60) == 0, node.log()[-3000:]
-        assert wait_gone(node_workers, 30) == []
+        assert wait_gone([rank], 30) == []
         assert list(node.runtime.iterdir()) == [] and list(head.runtime.iterdir()) == []  # type: ignore[attr-defined]
 
 
