@@ -83,7 +83,8 @@ class EngineConfig:
     # (nccl on CUDA, gloo on CPU). The rendezvous follows torchrun's vocabulary: ``env://`` (the
     # default) reads MASTER_ADDR/MASTER_PORT (the supervisor sets them unless they are set already),
     # ``tcp://host:port`` names the rank-0 store; ``nnodes``/``node_rank`` count machines as torchrun
-    # does (only one machine is supported so far: the scheduler reaches its executors over ipc://).
+    # does: node 0 (the head) runs the API, the scheduler, the memory manager and its ranks, node K
+    # its T/N ranks only, over TCP ports derived from the rendezvous (pied.multinode).
     tensor_parallel_size: int = 1
     distributed_init_method: str = "env://"
     nnodes: int = 1
@@ -172,10 +173,10 @@ class EngineConfig:
             raise ConfigError(
                 f"--node-rank must be in [0, --nnodes) and --nnodes at least 1, got {self.node_rank} of {self.nnodes}."
             )
-        if self.nnodes > 1:
+        if self.tensor_parallel_size % self.nnodes:
             raise ConfigError(
-                f"--nnodes {self.nnodes}: tensor parallelism across machines is not supported yet (the "
-                "scheduler reaches its executors over ipc://); run every rank on one machine (--nnodes 1)."
+                f"--tensor-parallel-size {self.tensor_parallel_size} does not split over --nnodes {self.nnodes}: "
+                "every node runs the same number of ranks, so the size must be a multiple of --nnodes."
             )
 
     def _check_types(self) -> None:

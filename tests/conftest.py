@@ -78,6 +78,7 @@ E2E_MODULES = {
     "test_fuzz",
     "test_load",
     "test_metrics",
+    "test_multinode",
     "test_responses_api",
     "test_one_engine",
     "test_pooling",

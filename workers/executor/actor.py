@@ -37,6 +37,7 @@ import zmq.asyncio
 import proto
 from proto.config import EngineConfig
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
+from workers.executor.local_segments import LocalSegments
 from workers.executor.step_deadline import WARMUP_SECONDS, StepDeadline
 from workers.executor.step_hang import StepHang
 from workers.executor.step_spans import StepSpans, StepTiming
@@ -144,7 +145,12 @@ class ExecutorActor(Actor):
             self.channel = span_channel_tracer(EXECUTOR_SERVICE, span_collector, self.context)
         self.step_spans: StepSpans | None = None
         # Host segments' descriptors come from the memory manager over SCM_RIGHTS (not /proc).
-        self.segment_fds = FdClient(addresses.memory) if addresses.memory else None
+        self.segment_fds: FdClient | LocalSegments | None = None
+        if config.node_rank > 0:
+            # On another machine than the memory manager: this rank makes its own part of each segment.
+            self.segment_fds = LocalSegments.for_config(config)
+        elif addresses.memory:
+            self.segment_fds = FdClient(addresses.memory)
         if tracing_enabled(self.tracer) or self.channel is not None:
             rank_label = rank if config.tensor_parallel_size > 1 else None
             self.step_spans = StepSpans(self.tracer, self.channel, config.trace_layers_every, rank_label)

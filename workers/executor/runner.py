@@ -174,7 +174,9 @@ class ModelRunner:
             self.device,
             self.copy_throttle.bytes_per_s,
             config.extra.get("host_page_kernel"),
-            part=(self.tp.rank, self.tp.size),
+            # A rank off the memory manager's machine makes segments of its own part only
+            # (workers.executor.local_segments); on the head, part r of the memory manager's.
+            part=(self.tp.rank, self.tp.size) if config.node_rank == 0 else (0, 1),
         )
         # Measured once, for the expansion controller's first decision (0 without a host tier).
         self.link_bandwidth = self.host_kv.measure_link_bandwidth() if config.kv_policy == "pie" else 0.0
