@@ -393,3 +393,65 @@ async def test_abort_and_stop_mid_pipeline_leak_no_block(llama):
         # The executor dropped every finished request's state with a later plan, or keeps at most
         # those of the last step (their ids ride on the next plan).
         assert set(runner.states) <= {"stop"}
+
+
+def test_llm_grammar_logprobs_and_prompt_logprobs_equal_with_async_scheduling(llama):
+    """What the executor tracks per request (a grammar's state, prompt logprob rows over a chunked
+    prompt) needs no synchronous step: the executor sees every token it sampled, in order."""
+    grammar = proto.GrammarConstraint(proto.GrammarKind.EBNF, 'root ::= "(" [0-9]+ ")"')
+    requests = [
+        (
+            PROMPTS["1"],
+            proto.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, prompt_logprobs=2, logprobs=2),
+        ),
+        (PROMPTS["0"], proto.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, grammar=grammar)),
+        (PROMPTS["2"], proto.SamplingParams(temperature=0.8, seed=3, max_tokens=MAX_TOKENS, grammar=grammar)),
+    ]
+    from pied.llm import LLM
+
+    results = {}
+    for async_scheduling in (False, True):
+        with LLM(
+            str(llama),
+            dtype="float32",
+            block_size=BLOCK_SIZE,
+            async_scheduling=async_scheduling,
+            max_num_batched_tokens=8,
+        ) as llm:
+            outputs = llm.generate(
+                [{"prompt_token_ids": p} for p, _ in requests], [params for _, params in requests]
+            )
+            assert_all_free(llm.engine)
+        results[async_scheduling] = [
+            (o.prompt_logprobs, [(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in o.outputs])
+            for o in outputs
+        ]
+    for (prompt_async, choices_async), (prompt_sync, choices_sync) in zip(results[True], results[False]):
+        assert [c[:3] for c in choices_async] == [c[:3] for c in choices_sync]
+        # Values to float32 rounding: a wasted row changes the batch a step's matmuls run over.
+        assert_logprobs_close(prompt_async, prompt_sync)
+        for choice_async, choice_sync in zip(choices_async, choices_sync):
+            assert_logprobs_close(choice_async[3], choice_sync[3])
+    prompt_logprobs, [(_, _, _, logprobs)] = results[True][0]
+    assert prompt_logprobs is not None and len(prompt_logprobs) == len(PROMPTS["1"]) and logprobs
+    for _, [(_, text, reason, _)] in results[True][1:]:
+        assert text.startswith("(") and (reason == "length" or text.endswith(")")), text
+
+
+def assert_logprobs_close(got, expected) -> None:
+    """Logprob dicts (token -> value, or -> (value, rank)) with the same tokens and ranks, values to 1e-4."""
+    if got is None or expected is None:
+        assert got is expected
+        return
+    assert len(got) == len(expected)
+    for row, expected_row in zip(got, expected):
+        if row is None or expected_row is None:
+            assert row is expected_row
+            continue
+        assert row.keys() == expected_row.keys()
+        for token, value in row.items():
+            expected_value = expected_row[token]
+            if isinstance(value, tuple):
+                assert value[1] == expected_value[1]
+                value, expected_value = value[0], expected_value[0]
+            assert value == pytest.approx(expected_value, abs=1e-4)
