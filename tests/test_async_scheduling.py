@@ -455,3 +455,41 @@ def assert_logprobs_close(got, expected) -> None:
                 assert value[1] == expected_value[1]
                 value, expected_value = value[0], expected_value[0]
             assert value == pytest.approx(expected_value, abs=1e-4)
+
+
+def test_the_runner_fills_placeholders_with_the_tokens_it_sampled(llama):
+    """Step 1 planned ahead (placeholders) runs exactly as step 1 planned after step 0's tokens."""
+    from step_plans import Chunk, make_plan, new_request
+
+    from proto.config import EngineConfig
+    from workers.executor.runner import ModelRunner
+
+    config = EngineConfig(
+        model=str(llama), dtype="float32", device="cpu", block_size=BLOCK_SIZE, device_kv_blocks=16
+    )
+    prompts = {"a": [1, 17, 99, 3, 250], "b": [1, 5, 6]}
+    blocks = {"a": [3, 7], "b": [5]}
+    first = make_plan(
+        [Chunk(rid, prompt, 0, blocks[rid]) for rid, prompt in prompts.items()],
+        step_id=0,
+        new_requests=[
+            new_request(rid, prompt, temperature=0, max_tokens=8) for rid, prompt in prompts.items()
+        ],
+    )
+    results = []
+    for ahead in (False, True):
+        runner = ModelRunner(config)
+        sampled = unpack_i32(runner.execute(first).sampled_token_ids).tolist()
+        tokens = [PLACEHOLDER_TOKEN_ID] * 2 if ahead else sampled
+        second = make_plan(
+            [Chunk(rid, [token], len(prompts[rid]), blocks[rid]) for rid, token in zip(prompts, tokens)],
+            step_id=1,
+        )
+        results.append((sampled, unpack_i32(runner.execute(second).sampled_token_ids).tolist()))
+        if ahead:
+            # A placeholder in a plan that does not follow the step it refers to: a clear error.
+            late = msgspec.structs.replace(second, step_id=3)
+            with pytest.raises(ValueError, match="placeholders but the last step run was 1"):
+                runner.execute(late)
+        runner.close()
+    assert results[0] == results[1]
