@@ -138,12 +138,12 @@ class SchedulerActor(Actor):
         self.spawn(self._step_loop(), "step-loop")
 
     def handle_step_result(self, result: proto.StepResult) -> None:
-        # The executor answers plans in the order it got them.
-        waiting = next((future for plan, future in self._in_flight if not future.done()), None)
-        expected = next((plan.step_id for plan, future in self._in_flight if not future.done()), None)
-        if waiting is None or result.step_id != expected:
+        # The executor answers plans in the order it got them: this is the oldest unanswered one's.
+        unanswered = [(plan.step_id, future) for plan, future in self._in_flight if not future.done()]
+        if not unanswered or result.step_id != unanswered[0][0]:
+            expected = unanswered[0][0] if unanswered else None
             raise RuntimeError(f"unexpected StepResult for step {result.step_id} (waiting for {expected})")
-        waiting.set_result(result)
+        unanswered[0][1].set_result(result)
 
     async def on_stop(self) -> None:
         # Off the loop: the exporter may take a while to give up on an unreachable collector.
@@ -182,7 +182,7 @@ class SchedulerActor(Actor):
                     spans.scheduled(plan, scheduler.num_preemptions, time.time_ns())
                 in_flight.append((plan, loop.create_future()))
                 self._send_to_executors(plan)
-                if len(in_flight) == 1 and scheduler.can_schedule() and self._may_schedule(scheduler):
+                if len(in_flight) == 1 and self._may_schedule(scheduler):
                     continue  # async scheduling: plan the next step before awaiting this one
             # NOTE: the plan is popped only once its result is in, so a StepResult is always matched.
             plan, future = in_flight[0]
