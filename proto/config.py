@@ -62,6 +62,10 @@ class EngineConfig:
     # Decode steps replay CUDA graphs captured at padded batch sizes (workers/executor/graphs.py);
     # True runs every step eagerly (vLLM's flag and meaning). Graphs exist on CUDA only.
     enforce_eager: bool = False
+    # Overlap scheduling with compute (vLLM's --async-scheduling): the scheduler plans step t+1 while
+    # step t runs, with "the token step t samples" as a placeholder the executor fills in; one plan
+    # ahead at most. Output is identical either way (workers/scheduler/scheduler.py).
+    async_scheduling: bool = False
     max_logprobs: int = 20
     served_model_name: str | None = None
     # Host memory pooling (DESIGN.md "KV memory").

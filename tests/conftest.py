@@ -88,6 +88,7 @@ E2E_MODULES = {
     "test_sdnotify",
 }
 MIXED_MODULES = {
+    "test_async_scheduling",
     "test_graphs",
     "test_host_memory_security",
     "test_prefix_cache",

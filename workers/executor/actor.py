@@ -258,8 +258,9 @@ class ExecutorActor(Actor):
         runner.resize_staging(command.prefetch_depth, command.num_staging_blocks)  # type: ignore[attr-defined]
 
     def handle_step_plan(self, plan: proto.StepPlan) -> None:
-        # NOTE: the scheduler sends the next plan only after this one's result, and run_blocking
-        # serialises forward passes on one thread anyway, so plans never overlap or reorder.
+        # NOTE: with async scheduling the next plan arrives while this one runs; run_blocking
+        # serialises forward passes on one thread in arrival order, so plans never overlap or
+        # reorder, and a plan's placeholders are filled from the step that ran just before it.
         self.spawn(self._execute(plan), f"step-{plan.step_id}")
 
     async def _execute(self, plan: proto.StepPlan) -> None:
