@@ -154,7 +154,7 @@ class SchedulerActor(Actor):
 
     def handle_rank_step(self, step: proto.RankStep) -> None:
         self.rank_totals.add_rank_step(step)
-        if self._result is None and self.scheduler is not None:
+        if not self._in_flight and self.scheduler is not None:
             # No step in flight: the loop is idle, and its idle snapshot may have left before this
             # rank's last figures came. The last snapshot must reflect the quiescent engine.
             self._publish_stats(self.scheduler, force=True)
