@@ -238,6 +238,9 @@ def compare(
         "steps_to_converge": max(converged, default=None),  # the slowest phase
         "final_lease": phases[-1]["settled_lease"],
         "stall_fraction": adaptive.result["stall_fraction"],
+        # The machine's load when the scenario ended: a shared CPU's timings are only comparable
+        # at a similar load.
+        "load_average": [round(load, 2) for load in os.getloadavg()],
         "trace": adaptive.trace,
     }
 

@@ -40,7 +40,7 @@ class Job:
 
 JOBS = (
     Job("pooling", "pooling.py", ("--quick",)),
-    Job("adaptive", "adaptive.py", ("--quick",)),
+    Job("adaptive", "adaptive.py", ("--quick", "--pairs", "1")),
     Job("prefix", "prefix.py", ("--quick",)),
     Job("transparency", "transparency.py", ("--quick",)),
     Job("serving", "serving.py", ("--quick",)),

@@ -13,6 +13,9 @@ every rank one thread; unset, TP=1 uses every core and each rank its share); on 
 All-reduce time: the collectives one decode step of this model makes at TP=2 (the embedding's and
 each layer's two all-reduces of ``[batch, hidden]``, and the logits gather to rank 0), timed in two
 processes joined the way the executors are (same backend, same tensor sizes), median per step.
+
+Per rank at TP=2: each rank's mean step and forward time and its step count, from the engine's
+``Stats.ranks`` (``/metrics``' ``pied:rank_*`` series).
 """
 
 from __future__ import annotations
@@ -135,6 +138,10 @@ def main() -> None:
         for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
             for size, llm in engines.items():
                 throughput[size].append(decode_throughput(llm, prompts, max_tokens))
+        # Each rank's own mean step and forward times at TP=2 (Stats.ranks, what /metrics exports
+        # as pied:rank_*): on a shared CPU the ranks wait on each other in the collectives, so the
+        # slower one shows as the other's longer forward.
+        ranks = engines[2].engine.stats().ranks
     finally:
         for llm in engines.values():
             llm.shutdown()
@@ -157,6 +164,9 @@ def main() -> None:
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "allreduce_ms_per_step_tp2": round(collective_seconds * 1e3, 3),
             "num_allreduces_per_step": 1 + 2 * shape["num_hidden_layers"],
+            "tp2_step_ms_by_rank": [round(r.step_seconds_total / max(r.num_steps, 1) * 1e3, 3) for r in ranks],
+            "tp2_forward_ms_by_rank": [round(r.forward_seconds_total / max(r.num_steps, 1) * 1e3, 3) for r in ranks],
+            "tp2_steps_by_rank": [r.num_steps for r in ranks],
             "machine": machine(),
         }
     )

@@ -20,6 +20,16 @@ FLAG_ALIASES: dict[str, tuple[str, ...]] = {
     "otlp_endpoint": ("--otlp-traces-endpoint",),
 }
 
+# Help for the flags whose name does not say enough (the others' are their EngineConfig field).
+FLAG_HELP: dict[str, str] = {
+    "tensor_parallel_size": "executor ranks, one process each (across --nnodes machines: T/N per node)",
+    "distributed_init_method": "how the ranks meet: env:// (MASTER_ADDR/MASTER_PORT; default) or tcp://HEAD:PORT; "
+    "with --nnodes above 1 the head also listens on PORT+1..PORT+4+T (see the README)",
+    "nnodes": "machines the tensor-parallel ranks span (torchrun's --nnodes); node 0 serves the API",
+    "node_rank": "this machine (torchrun's --node-rank): 0 is the head; K > 0 runs only its T/N ranks, "
+    "takes every engine setting from the head and ignores API flags",
+}
+
 TRUST_REMOTE_CODE_REFUSAL = (
     "--trust-remote-code: pied never runs code from a model folder; it loads the architectures it "
     "implements itself (see the README's table) from config.json and safetensors. Drop the flag."
@@ -49,7 +59,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if base is bool:
             group.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
         else:
-            group.add_argument(*flags, dest=field.name, type=base, default=None, metavar=field.name.upper())
+            group.add_argument(
+                *flags,
+                dest=field.name,
+                type=base,
+                default=None,
+                metavar=field.name.upper(),
+                help=FLAG_HELP.get(field.name),
+            )
     group.add_argument(
         "--kv-offloading-size",
         dest="kv_offloading_size",

@@ -25,6 +25,14 @@ only the host tier has): ``pied:kv_cache_usage_perc`` is the device tier alone, 
 both tiers (vLLM's hit rate is hits over queries); ``pied:host_prefix_cache_hits_total`` is the part
 found on the host.
 
+Under tensor parallelism the engine-wide executor series (``pied:step_seconds_total``,
+``pied:stall_seconds_total``, ``pied:kv_bytes_transferred_total``) are rank 0's, the StepResults the
+scheduler waits for, and ``pied:rank_*`` series labelled ``rank`` give every rank's own (from
+``proto.Stats.ranks``; absent with one rank): steps, step, forward and stall seconds, bytes each way
+and the staging ring. Each rank streams its own slice of the host blocks, so the bytes of all ranks
+are ``sum(pied:rank_kv_bytes_transferred_total)``, and the slowest rank's stalls are what the
+expansion controller steers by.
+
 Process metrics (``process_*``) are ``prometheus_client``'s, for the API process and each worker
 process, labelled ``worker`` (``api`` for this process; with threaded workers there is only it).
 """
@@ -339,6 +347,51 @@ class EngineCollector(Collector):
             "Host prefix cache hits copied back to the device rather than streamed.",
             stats.prefix_cache_promotions_total,
         )
+
+        yield from self._ranks(stats.ranks)
+
+    def _ranks(self, ranks: list[proto.RankStats]) -> Iterator[Metric]:
+        """Every tensor-parallel rank's own figures (nothing with one rank)."""
+        if not ranks:
+            return
+        labels = [MODEL_NAME, "rank"]
+        families = {
+            "steps": CounterMetricFamily("pied:rank_steps", "Steps the rank ran.", labels=labels),
+            "step_seconds": CounterMetricFamily(
+                "pied:rank_step_seconds",
+                "Seconds the rank's executor spent on steps (inputs, forward pass, sampling).",
+                labels=labels,
+            ),
+            "forward_seconds": CounterMetricFamily(
+                "pied:rank_forward_seconds", "Seconds of the rank's model forward passes.", labels=labels
+            ),
+            "stall_seconds": CounterMetricFamily(
+                "pied:rank_stall_seconds",
+                "Seconds the rank's compute waited for its host KV copies (the stalls).",
+                labels=labels,
+            ),
+            "staging_blocks": GaugeMetricFamily(
+                "pied:rank_staging_blocks",
+                "Host blocks per step the rank's staging ring serves (0: no ring).",
+                labels=labels,
+            ),
+        }
+        transferred = CounterMetricFamily(
+            "pied:rank_kv_bytes_transferred",
+            "KV bytes the rank moved between host and device (its slice of every block), by direction.",
+            labels=[*labels, "direction"],
+        )
+        for totals in ranks:
+            label_values = [self.model_name, str(totals.rank)]
+            families["steps"].add_metric(label_values, totals.num_steps)
+            families["step_seconds"].add_metric(label_values, totals.step_seconds_total)
+            families["forward_seconds"].add_metric(label_values, totals.forward_seconds_total)
+            families["stall_seconds"].add_metric(label_values, totals.stall_seconds_total)
+            families["staging_blocks"].add_metric(label_values, totals.num_staging_blocks)
+            transferred.add_metric([*label_values, "host_to_device"], totals.bytes_to_device_total)
+            transferred.add_metric([*label_values, "device_to_host"], totals.bytes_to_host_total)
+        yield from families.values()
+        yield transferred
 
     def _iteration_tokens(self, stats: proto.Stats) -> HistogramMetricFamily:
         family = HistogramMetricFamily(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pied.devices import num_cuda_devices, resolve_device
 from pied.model_folder import check_model_folder, check_tokenizer_vocabulary, resolve_model_folder
+from pied.multinode import head_endpoint
 from proto.config import EngineConfig
 from workers.model_config import ModelFolderError
 from workers.plan import check_cuda_ranks, plan_engine
@@ -34,6 +35,8 @@ def preflight(config: EngineConfig) -> EngineConfig:
     from workers.tracing import otlp_target, root_sampler
 
     config.validate()
+    if config.nnodes > 1:
+        head_endpoint(config)  # where the nodes meet: from the init method or MASTER_ADDR/MASTER_PORT
     otlp_target(config.otlp_endpoint)  # an endpoint or protocol that cannot work
     root_sampler()
     folder = resolve_model_folder(str(config.resolved_model()))

@@ -428,6 +428,10 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         generation_defaults = load_generation_defaults(options.generation_config, config.resolved_model())
     except ConfigError as error:  # a value the file set: name the file and its key
         raise config_file.blame(error, args.config, from_file) if from_file else error from None
+    if config.node_rank > 0:  # a node of a multi-node engine: its executor ranks only, no API
+        from pied.node import run_node
+
+        return run_node(config, options)
     check_chat_template_option(options.chat_template)
     api_key = options.resolved_api_key()
     if api_key is None and not is_loopback(options.host):

@@ -22,6 +22,12 @@ stops heartbeating for ``heartbeat_timeout`` seconds (hung, or SIGSTOPped) makes
 ``on_dead(reason)`` is called at once (the client fails every request in flight), then the other
 workers are stopped. Dead is final. Worker processes exit on their own when this process dies
 (end-of-file on the parent pipe), so none is ever orphaned; worker threads die with it.
+
+Across machines (``--nnodes N``, :mod:`pied.multinode`) this supervisor is the head's: it starts
+only node 0's ranks and watches the others as :class:`RemoteWorker` s, through their heartbeats
+(forwarded over TCP by a :class:`~pied.zmq_bridge.Bridge`) and their node's link
+(:mod:`pied.node_link`): a node whose link closes or goes silent, or that reports a rank's exit,
+kills the engine like a local rank's death, and every node stops when this supervisor stops or dies.
 """
 
 from __future__ import annotations
@@ -45,8 +51,11 @@ import zmq.asyncio
 
 import proto
 import workers
+from pied.multinode import HeadEndpoint, head_endpoint, node_of
+from pied.node_link import Exited, HeadLinks, Hello, Kill, LinkMessage, Started
 from pied.runtime_dir import RuntimeDir
 from pied.sdnotify import SYSTEMD_ONLY_VARIABLES
+from pied.zmq_bridge import Bridge, Endpoint
 from proto.config import ConfigError, EngineConfig
 from workers.actor import EXIT_FAILED, Actor, ActorThread, Addresses, WorkerArgs
 from workers.roster import (
@@ -177,6 +186,44 @@ class WorkerThread:
         return self.thread.actor.failure or self.thread.error
 
 
+@dataclass
+class RemoteWorker:
+    """A rank on another machine (node ``node``): its Ready and heartbeats arrive over TCP; its exit
+    is what its node reports, or the loss of that node's link."""
+
+    name: str
+    node: int
+    links: HeadLinks
+    ready: proto.Ready | None = None
+    last_heartbeat: float | None = None
+    killed: bool = field(default=False)
+    exit_status: int | None = None
+    exit_description: str = ""
+    reported_pid: int = -1
+
+    @property
+    def pid(self) -> int:
+        return self.ready.pid if self.ready is not None else self.reported_pid
+
+    def poll(self) -> int | None:
+        return self.exit_status
+
+    def describe_exit(self) -> str:
+        return f"on node {self.node} {self.exit_description}"
+
+    def ended(self, status: int, description: str) -> None:
+        if self.exit_status is None:
+            self.exit_status, self.exit_description = status, description
+
+    def kill(self) -> None:
+        self.killed = True
+        self.links.send(self.node, Kill(self.name))
+
+    @property
+    def failure(self) -> BaseException | None:
+        return None
+
+
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -208,6 +255,25 @@ def rank_environment(config: EngineConfig, local_rank: int) -> dict[str, str]:
     }
 
 
+def worker_environment() -> dict[str, str]:
+    """This process's environment as its workers get it: without systemd's variables meant for the
+    daemon alone, with ``-m workers.<name>`` importable from wherever the daemon was started."""
+    environment = {name: value for name, value in os.environ.items() if name not in SYSTEMD_ONLY_VARIABLES}
+    source_root = str(Path(workers.__file__).resolve().parent.parent)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, environment.get("PYTHONPATH")]))
+    return environment
+
+
+def spawn_worker(name: str, args: WorkerArgs, parent_fd: int, environment: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Worker ``name``'s process, holding the read end ``parent_fd`` of its parent pipe."""
+    return subprocess.Popen(
+        [sys.executable, "-m", f"workers.{role(name)}", msgspec.json.encode(args).decode()],
+        pass_fds=(parent_fd,),
+        stdin=subprocess.DEVNULL,
+        env=environment,
+    )
+
+
 def free_port(address: str) -> int:
     # NOTE: free when asked; rank 0's store binds it a moment later (torchrun's standalone mode does the same).
     with socket.socket() as probe:
@@ -215,7 +281,7 @@ def free_port(address: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def _kill_all(processes: list[subprocess.Popen[bytes]]) -> None:
+def kill_all(processes: list[subprocess.Popen[bytes]]) -> None:
     """Last resort at interpreter exit or garbage collection: no worker survives its supervisor."""
     for process in processes:
         if process.poll() is None:
@@ -247,6 +313,12 @@ class Supervisor:
                 f"--tensor-parallel-size {config.tensor_parallel_size} needs worker processes (one per rank), "
                 "not threads; use workers='processes' (pied serve without --inproc)."
             )
+        if config.node_rank > 0:
+            # A node other than the head runs its ranks only, under pied.node, not a whole engine.
+            raise ConfigError(
+                f"--node-rank {config.node_rank} runs only this node's executor ranks: start it with "
+                "`pied serve ... --node-rank K`; the engine (and pied.LLM, pied generate) runs on node 0."
+            )
         self.config = config
         self.options = options or SupervisorOptions()
         self.kind: WorkerKind = workers
@@ -266,6 +338,8 @@ class Supervisor:
         self._stop_task: asyncio.Task[None] | None = None
         self._all_ready: asyncio.Future[None] | None = None
         self._parent_pipe_write: int | None = None
+        self._links: HeadLinks | None = None  # nodes 1..N-1 (--nnodes above 1)
+        self._bridge: Bridge | None = None
         self._closing = False
         self._closed = False
 
@@ -310,6 +384,13 @@ class Supervisor:
             for worker in self.workers.values()
         )
 
+    def _silent(self, worker: Worker) -> bool:
+        """A ready worker not heard from for longer than a healthy one ever is: stopped or wedged."""
+        options = self.options
+        max_age = max(options.healthy_heartbeat_age, 2 * options.heartbeat_interval)
+        heard = worker.last_heartbeat
+        return worker.ready is not None and heard is not None and time.monotonic() - heard > max_age
+
     def progress(self) -> str:
         """Each worker's stage, for status lines while starting: ``executor loading, scheduler ready``."""
         stages = []
@@ -351,6 +432,8 @@ class Supervisor:
         self._actor_task.add_done_callback(self._mailbox_stopped)
         self._all_ready = loop.create_future()
         try:
+            if self.config.nnodes > 1:
+                await self._open_to_nodes(head_endpoint(self.config), addresses)
             if self.kind == "processes":
                 self._spawn_processes(addresses)
             else:
@@ -399,6 +482,10 @@ class Supervisor:
         if self._parent_pipe_write is not None:
             os.close(self._parent_pipe_write)
             self._parent_pipe_write = None
+        if self._links is not None:
+            await self._links.close()
+        if self._bridge is not None:
+            self._bridge.close()
         if self._runtime_dir is not None:
             self._runtime_dir.cleanup()
         self._closed = True
@@ -432,33 +519,80 @@ class Supervisor:
         # process dies for any reason the kernel closes the write end and every worker reads EOF.
         # os.pipe() descriptors are not inheritable, so other children never hold the write end.
         read_fd, self._parent_pipe_write = os.pipe()
-        environment = {
-            name: value for name, value in os.environ.items() if name not in SYSTEMD_ONLY_VARIABLES
-        }
-        # Make `-m workers.<name>` importable from wherever the daemon was started.
-        source_root = str(Path(workers.__file__).resolve().parent.parent)
-        environment["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [source_root, environment.get("PYTHONPATH")])
-        )
+        environment = worker_environment()
         rendezvous = distributed_environment(self.config, environment)
         try:
             for name in worker_names(self.config):
+                if self._links is not None and role(name) == "executor" and node_of(self.config, rank_of(name)):
+                    self.workers[name] = RemoteWorker(name, node_of(self.config, rank_of(name)), self._links)
+                    continue
                 args = worker_args(self._worker_args(addresses, read_fd), name)
-                worker_environment = environment
+                process_environment = environment
                 if role(name) == "executor" and self.config.tensor_parallel_size > 1:
-                    worker_environment = environment | rendezvous | rank_environment(self.config, rank_of(name))
-                process = subprocess.Popen(
-                    [sys.executable, "-m", f"workers.{role(name)}", msgspec.json.encode(args).decode()],
-                    pass_fds=(read_fd,),
-                    stdin=subprocess.DEVNULL,
-                    env=worker_environment,
-                )
+                    process_environment = environment | rendezvous | rank_environment(self.config, rank_of(name))
+                process = spawn_worker(name, args, read_fd, process_environment)
                 self.workers[name] = WorkerProcess(name, process)
                 logger.info("started %s (pid %d)", name, process.pid)
         finally:
             os.close(read_fd)
         processes = [worker.process for worker in self.workers.values() if isinstance(worker, WorkerProcess)]
-        weakref.finalize(self, _kill_all, processes)
+        weakref.finalize(self, kill_all, processes)
+
+    async def _open_to_nodes(self, endpoint: HeadEndpoint, addresses: Addresses) -> None:
+        """The head's side of ``--nnodes`` (:mod:`pied.multinode`): TCP ports forwarded to this
+        machine's mailboxes, each remote rank's mailbox forwarded to its TCP port, the node links."""
+        from pied.multinode import FRONTEND, LINK, MEMORY, SCHEDULER
+
+        bridge = self._bridge = Bridge()
+        for offset, address in ((FRONTEND, addresses.frontend), (MEMORY, addresses.memory), (SCHEDULER, addresses.scheduler)):
+            bridge.forward(Endpoint(endpoint.listen(offset), bind=True), Endpoint(address, bind=False))
+        for name in worker_names(self.config):
+            if role(name) == "executor" and node_of(self.config, rank_of(name)):
+                bridge.forward(
+                    Endpoint(worker_address(addresses, name), bind=True),
+                    Endpoint(endpoint.listen(endpoint.executor_offset(rank_of(name))), bind=True),
+                )
+        options = self.options
+        self._links = HeadLinks(
+            self._check_node, self._node_message, self._node_lost, options.heartbeat_interval, options.heartbeat_timeout
+        )
+        await self._links.start(endpoint.port + LINK)
+        logger.info(
+            "waiting for nodes 1..%d at %s:%d (ports %d..%d)",
+            self.config.nnodes - 1,
+            endpoint.host,
+            endpoint.link_port,
+            endpoint.port,
+            endpoint.port + endpoint.executor_offset(self.config.tensor_parallel_size - 1),
+        )
+
+    def _check_node(self, hello: Hello) -> EngineConfig | str:
+        config = self.config
+        if not 0 < hello.node_rank < config.nnodes:
+            return f"--node-rank {hello.node_rank} is not a node of --nnodes {config.nnodes} (1..{config.nnodes - 1})"
+        if (hello.nnodes, hello.tensor_parallel_size) != (config.nnodes, config.tensor_parallel_size):
+            return (
+                f"the node has --nnodes {hello.nnodes} --tensor-parallel-size {hello.tensor_parallel_size}, the head "
+                f"--nnodes {config.nnodes} --tensor-parallel-size {config.tensor_parallel_size}"
+            )
+        if self.dead or self._closing:
+            return "the head is shutting down"
+        return config
+
+    def _node_message(self, node: int, message: LinkMessage) -> None:
+        if isinstance(message, (Started, Exited)):
+            worker = self.workers.get(message.worker)
+            if not isinstance(worker, RemoteWorker) or worker.node != node:
+                logger.warning("node %d reported %s, which is not one of its ranks", node, message.worker)
+                return
+            worker.reported_pid = message.pid
+            if isinstance(message, Exited):
+                worker.ended(message.status, message.description)
+
+    def _node_lost(self, node: int, reason: str) -> None:
+        for worker in self.workers.values():
+            if isinstance(worker, RemoteWorker) and worker.node == node:
+                worker.ended(EXIT_FAILED, f"lost its node's link to the head ({reason})")
 
     async def _watchdog(self) -> None:
         """Notice dead and hung workers. Polls rather than waits: a poll every tick costs one
@@ -517,6 +651,10 @@ class Supervisor:
         the executor's step spans go until the executor has stopped.
         """
         deadline = time.monotonic() + self.options.shutdown_timeout
+        if self._links is not None:
+            # Nodes first: their ranks stop as asked (and report it), and they exit non-zero when
+            # the engine died.
+            self._links.stop(1 if self.dead else 0, reason)
         for stage in STOP_STAGES:
             members = [worker for name, worker in self.workers.items() if role(name) in stage]
             await self._stop_stage(members, reason, deadline)
@@ -527,7 +665,13 @@ class Supervisor:
         for worker in live:
             if worker.killed:
                 continue
-            if mailbox_up:
+            if self.dead and self._silent(worker):
+                # A dead engine with a stopped or wedged worker (a SIGSTOPped tensor-parallel rank,
+                # whose peers' step deadline found it): it cannot act on Shutdown, and waiting for
+                # it would spend the later stages' time, the memory manager's, on nothing.
+                logger.warning("%s (pid %d) is silent; killing it", worker.name, worker.pid)
+                worker.kill()
+            elif mailbox_up:
                 assert self._actor is not None
                 self._actor.send(worker.name, proto.Shutdown(reason=reason))
             else:  # no socket left to ask politely
@@ -540,13 +684,19 @@ class Supervisor:
                 worker.kill()
         for worker in live:
             # Reaped, so no zombie is left either; after SIGKILL this returns at once. A thread
-            # whose loop is wedged never ends: give up on it after a second more.
-            give_up = time.monotonic() + (1.0 if isinstance(worker, WorkerThread) else float("inf"))
+            # whose loop is wedged never ends, nor may a silent node report: give up after a second.
+            give_up = time.monotonic() + (float("inf") if isinstance(worker, WorkerProcess) else 1.0)
             while worker.poll() is None and time.monotonic() < give_up:
                 await asyncio.sleep(0.01)
 
     def _not_ready(self) -> str:
-        waiting = [name for name, worker in self.workers.items() if worker.ready is None]
+        waiting = [
+            f"{name} (node {worker.node} not connected)"
+            if isinstance(worker, RemoteWorker) and worker.node not in worker.links.links
+            else name
+            for name, worker in self.workers.items()
+            if worker.ready is None
+        ]
         return "still waiting for " + ", ".join(waiting) if waiting else "all ready"
 
     # ---------------------------------------------------------------- mailbox handlers

@@ -62,6 +62,10 @@ class EngineConfig:
     # Decode steps replay CUDA graphs captured at padded batch sizes (workers/executor/graphs.py);
     # True runs every step eagerly (vLLM's flag and meaning). Graphs exist on CUDA only.
     enforce_eager: bool = False
+    # Overlap scheduling with compute (vLLM's --async-scheduling): the scheduler plans step t+1 while
+    # step t runs, with "the token step t samples" as a placeholder the executor fills in; one plan
+    # ahead at most. Output is identical either way (workers/scheduler/scheduler.py).
+    async_scheduling: bool = False
     max_logprobs: int = 20
     served_model_name: str | None = None
     # Host memory pooling (DESIGN.md "KV memory").
@@ -83,7 +87,8 @@ class EngineConfig:
     # (nccl on CUDA, gloo on CPU). The rendezvous follows torchrun's vocabulary: ``env://`` (the
     # default) reads MASTER_ADDR/MASTER_PORT (the supervisor sets them unless they are set already),
     # ``tcp://host:port`` names the rank-0 store; ``nnodes``/``node_rank`` count machines as torchrun
-    # does (only one machine is supported so far: the scheduler reaches its executors over ipc://).
+    # does: node 0 (the head) runs the API, the scheduler, the memory manager and its ranks, node K
+    # its T/N ranks only, over TCP ports derived from the rendezvous (pied.multinode).
     tensor_parallel_size: int = 1
     distributed_init_method: str = "env://"
     nnodes: int = 1
@@ -172,10 +177,10 @@ class EngineConfig:
             raise ConfigError(
                 f"--node-rank must be in [0, --nnodes) and --nnodes at least 1, got {self.node_rank} of {self.nnodes}."
             )
-        if self.nnodes > 1:
+        if self.tensor_parallel_size % self.nnodes:
             raise ConfigError(
-                f"--nnodes {self.nnodes}: tensor parallelism across machines is not supported yet (the "
-                "scheduler reaches its executors over ipc://); run every rank on one machine (--nnodes 1)."
+                f"--tensor-parallel-size {self.tensor_parallel_size} does not split over --nnodes {self.nnodes}: "
+                "every node runs the same number of ranks, so the size must be a multiple of --nnodes."
             )
 
     def _check_types(self) -> None:

@@ -12,7 +12,16 @@ from typing import Union
 
 import msgspec
 
-__all__ = ["Ready", "Heartbeat", "Shutdown", "Dead", "Stats", "ControlMessage", "ITERATION_TOKENS_BUCKETS"]
+__all__ = [
+    "Ready",
+    "Heartbeat",
+    "Shutdown",
+    "Dead",
+    "RankStats",
+    "Stats",
+    "ControlMessage",
+    "ITERATION_TOKENS_BUCKETS",
+]
 
 CONTROL = dict(tag=True, array_like=True, omit_defaults=True, gc=False)
 
@@ -70,6 +79,22 @@ class Dead(msgspec.Struct, **CONTROL):
     reason: str
 
 
+class RankStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One tensor-parallel rank's own executor figures, summed over the steps it ran (a part of
+    Stats): rank 0's from its StepResults, the others' from their RankStep messages, which may trail
+    rank 0's by a step while the engine runs. Fields as in Stats; ``num_staging_blocks`` is the
+    rank's staging ring as of its last step."""
+
+    rank: int
+    num_steps: int = 0
+    step_seconds_total: float = 0.0
+    forward_seconds_total: float = 0.0
+    stall_seconds_total: float = 0.0
+    bytes_to_device_total: int = 0
+    bytes_to_host_total: int = 0
+    num_staging_blocks: int = 0
+
+
 class Stats(msgspec.Struct, **CONTROL):
     """The engine's one stats snapshot, from the scheduler to the frontend (``EngineClient.stats()``
     and ``/metrics`` read it as is). Sent after steps (throttled) and whenever the scheduler goes
@@ -84,6 +109,9 @@ class Stats(msgspec.Struct, **CONTROL):
     engine's overhead over any window is ``1 - Δforward / Δcycle`` between two snapshots. The host
     fields follow: the lease granted to the scheduler (host blocks), the bytes streamed each way, and
     the expansion controller's view, as the memory manager last reported it with the lease.
+
+    Under tensor parallelism the step timings and bytes above are rank 0's (the StepResults the
+    scheduler waits for), and ``ranks`` has every rank's own (empty with one rank).
     """
 
     num_running: int = 0
@@ -116,6 +144,7 @@ class Stats(msgspec.Struct, **CONTROL):
     iteration_tokens_bucket_counts: list[int] = []
     num_staging_blocks: int = 0  # the executor's staging ring: host blocks per step it serves (0: none)
     prefetch_depth: int = 0  # and how many layers ahead it loads them
+    ranks: list[RankStats] = []  # per tensor-parallel rank, by rank (empty with one rank)
 
 
 ControlMessage = Union[Ready, Heartbeat, Shutdown, Dead, Stats]

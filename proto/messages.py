@@ -292,6 +292,11 @@ class NewRequestData(msgspec.Struct, **HOT):
     trace_context: str = ""
 
 
+# In a StepPlan's ``token_ids`` (async scheduling): "the token this request sampled in the step
+# before", which the scheduler did not have when it made the plan; the executor substitutes it.
+PLACEHOLDER_TOKEN_ID = -1
+
+
 class StepPlan(msgspec.Struct, tag=True, **HOT):
     """One forward pass. For the i-th scheduled request:
 
@@ -304,6 +309,12 @@ class StepPlan(msgspec.Struct, tag=True, **HOT):
 
     ``finished_request_ids``: requests whose executor state can be dropped (sent once).
     Block ids in ``[0, num_device_blocks)`` are device blocks.
+
+    Async scheduling (``EngineConfig.async_scheduling``): the plan of step t+1 is made while step t
+    runs, so a request that samples in step t and decodes in step t+1 has ``PLACEHOLDER_TOKEN_ID``
+    as its token in t+1 (its only scheduled token, at the position after step t's); the executor,
+    which runs plans in order, puts the token it sampled for that request in step t there.
+    Placeholders appear in no other place and in no plan that follows a step that did not run.
     """
 
     step_id: int
@@ -353,6 +364,23 @@ class StepResult(msgspec.Struct, tag=True, **HOT):
     # layers loaded ahead (0: no ring).
     num_staging_blocks: int = 0
     prefetch_depth: int = 0
+
+
+class RankStep(msgspec.Struct, tag=True, **HOT):
+    """Executor rank ``rank`` (> 0) -> scheduler, after each step it ran under tensor parallelism:
+    its own figures for step ``step_id`` (rank 0's travel on its StepResult), for ``/metrics`` only.
+    The scheduler never waits for them, so they add no synchronization between the ranks or with the
+    step loop. Each rank streams its own slice of the host blocks, so bytes and stalls are its own;
+    fields as in StepResult."""
+
+    step_id: int
+    rank: int
+    step_time: float = 0.0
+    forward_time: float = 0.0
+    stall_time: float = 0.0
+    bytes_to_device: int = 0
+    bytes_to_host: int = 0
+    num_staging_blocks: int = 0
 
 
 # ---------------------------------------------------------------- host memory (memory manager)

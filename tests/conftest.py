@@ -78,6 +78,7 @@ E2E_MODULES = {
     "test_fuzz",
     "test_load",
     "test_metrics",
+    "test_multinode",
     "test_responses_api",
     "test_one_engine",
     "test_pooling",
@@ -87,6 +88,7 @@ E2E_MODULES = {
     "test_sdnotify",
 }
 MIXED_MODULES = {
+    "test_async_scheduling",
     "test_graphs",
     "test_host_memory_security",
     "test_prefix_cache",

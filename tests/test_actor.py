@@ -505,8 +505,15 @@ async def test_scheduler_and_executor_actors_over_inproc():
         frontend.actor.send("scheduler", proto.AbortRequests(["long"]))
         deltas = await frontend.deltas("long")
         assert deltas[-1].finish_reason == proto.FinishReason.ABORT
+        # NOTE: the snapshot from before "long" also shows nothing running: wait for one that
+        # counts its steps (snapshots are rate-limited while busy; the idle one is forced).
         deadline = time.monotonic() + 5
-        while (frontend.stats.device_usage or frontend.stats.num_running) and time.monotonic() < deadline:
+
+        def settled() -> bool:
+            stats = frontend.stats
+            return not stats.device_usage and not stats.num_running and stats.num_steps >= 6
+
+        while not settled() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         assert frontend.stats.device_usage == 0.0 and frontend.stats.num_running == 0
         assert frontend.stats.num_steps >= 6 and frontend.stats.forward_seconds_total > 0

@@ -45,3 +45,13 @@ def test_from_config_and_environment(tmp_path, monkeypatch) -> None:
     assert throttle.bytes_per_s == 1e6 and throttle.path == path
     monkeypatch.delenv(COPY_THROTTLE_FILE_ENV)
     assert CopyThrottle.from_config(EngineConfig(model="m")).bytes_per_s is None
+
+
+def test_a_rank_reads_its_own_file(tmp_path, monkeypatch) -> None:
+    # Under tensor parallelism "{rank}" names each rank's file: one rank's link can be cut alone.
+    monkeypatch.delenv(COPY_THROTTLE_ENV, raising=False)
+    (tmp_path / "throttle-1").write_text("2e6")
+    config = EngineConfig(model="m", extra={"copy_throttle_file": str(tmp_path / "throttle-{rank}")})
+    assert CopyThrottle.from_config(config, rank=0).bytes_per_s is None  # no file for rank 0
+    rank_1 = CopyThrottle.from_config(config, rank=1)
+    assert rank_1.bytes_per_s == 2e6 and rank_1.path == tmp_path / "throttle-1"

@@ -113,6 +113,11 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
         proto.StepResult(4, b"", error="CUDA error: out of memory"),
         proto.StepResult(6, pack_i32([3]), prompt_logprobs=[PROMPT_LOGPROBS]),
     ],
+    proto.RankStep: [
+        proto.RankStep(0, 1),
+        proto.RankStep(9, 3, step_time=0.02, forward_time=0.018, stall_time=0.001, bytes_to_device=1 << 33,
+                       bytes_to_host=8192, num_staging_blocks=48),
+    ],
     proto.HostSegmentInfo: [proto.HostSegmentInfo(segment_id=2, pid=4242, fd=17, first_block=128, num_blocks=64)],
     proto.HostLease: [
         proto.HostLease(0),
@@ -150,7 +155,9 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
                     prefix_cache_host_hits_total=64, num_computed_tokens_total=4096, prefix_cache_demotions_total=8,
                     prefix_cache_promotions_total=2, num_host_blocks_used=12,
                     iteration_tokens_bucket_counts=[0, 5, 3] + [0] * 11, num_staging_blocks=48, prefetch_depth=1),
+        proto.Stats(num_steps=2, ranks=[proto.RankStats(0, 2, 0.5, 0.4, 0.01, 1 << 34, 4096, 48), proto.RankStats(1)]),
     ],
+    proto.RankStats: [proto.RankStats(0), proto.RankStats(1, 7, 0.25, 0.2, 0.0, 1 << 20, 0, 16)],
     proto.plan.HostPlan: [
         proto.plan.HostPlan(),
         proto.plan.HostPlan(max_host_blocks=100, blocks_per_segment=64, num_segments=2, segment_bytes=64 << 20,
@@ -211,7 +218,8 @@ def test_one_union_decoder_tells_every_tagged_message_apart():
 
 def test_hot_and_control_messages_are_array_like_untracked_and_omit_defaults():
     hot = [proto.AddRequest, proto.AbortRequests, proto.TokenDelta, proto.TokenDeltas, proto.TokenLogprobs,
-           proto.RequestPhases, proto.NewRequestData, proto.StepPlan, proto.StepResult, proto.HostSegmentInfo]
+           proto.RequestPhases, proto.NewRequestData, proto.StepPlan, proto.StepResult, proto.RankStep,
+           proto.HostSegmentInfo, proto.RankStats]
     control = [proto.Ready, proto.Heartbeat, proto.Shutdown, proto.Dead, proto.Stats]
     for cls in hot + control:
         config = cls.__struct_config__

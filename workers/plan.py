@@ -77,11 +77,13 @@ def check_tensor_parallel(config: EngineConfig, model: ModelConfig, device: str)
 
 
 def check_cuda_ranks(config: EngineConfig, device: str, num_devices: int) -> None:
-    """Every rank needs a CUDA device of its own."""
-    if device == "cuda" and config.tensor_parallel_size > num_devices:
+    """Every rank needs a CUDA device of its own (on its node: T / --nnodes ranks per machine)."""
+    ranks_here = config.tensor_parallel_size // config.nnodes
+    if device == "cuda" and ranks_here > num_devices:
+        machine = f" (on this node of {config.nnodes})" if config.nnodes > 1 else ""
         raise ConfigError(
-            f"--tensor-parallel-size {config.tensor_parallel_size} needs one CUDA device per rank, but "
-            f"{num_devices} are visible."
+            f"--tensor-parallel-size {config.tensor_parallel_size} needs {ranks_here} CUDA devices{machine}, one "
+            f"per rank, but {num_devices} are visible."
         )
 
 

@@ -20,7 +20,7 @@ step is timed on the compute thread and its spans are built after its result has
 Tensor parallelism (DESIGN.md "Parallelism"): one executor per rank, each its own worker. Every rank
 gets every StepPlan and SegmentUpdate from the scheduler and joins the same collectives; rank 0
 alone samples, sends StepResults and Ready to the scheduler (the others report Ready to the
-supervisor only).
+supervisor only, and after each step their own timings and bytes as a ``RankStep``, for /metrics).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import zmq.asyncio
 import proto
 from proto.config import EngineConfig
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
+from workers.executor.local_segments import LocalSegments
 from workers.executor.step_deadline import WARMUP_SECONDS, StepDeadline
 from workers.executor.step_hang import StepHang
 from workers.executor.step_spans import StepSpans, StepTiming
@@ -144,7 +145,12 @@ class ExecutorActor(Actor):
             self.channel = span_channel_tracer(EXECUTOR_SERVICE, span_collector, self.context)
         self.step_spans: StepSpans | None = None
         # Host segments' descriptors come from the memory manager over SCM_RIGHTS (not /proc).
-        self.segment_fds = FdClient(addresses.memory) if addresses.memory else None
+        self.segment_fds: FdClient | LocalSegments | None = None
+        if config.node_rank > 0:
+            # On another machine than the memory manager: this rank makes its own part of each segment.
+            self.segment_fds = LocalSegments.for_config(config)
+        elif addresses.memory:
+            self.segment_fds = FdClient(addresses.memory)
         if tracing_enabled(self.tracer) or self.channel is not None:
             rank_label = rank if config.tensor_parallel_size > 1 else None
             self.step_spans = StepSpans(self.tracer, self.channel, config.trace_layers_every, rank_label)
@@ -252,8 +258,9 @@ class ExecutorActor(Actor):
         runner.resize_staging(command.prefetch_depth, command.num_staging_blocks)  # type: ignore[attr-defined]
 
     def handle_step_plan(self, plan: proto.StepPlan) -> None:
-        # NOTE: the scheduler sends the next plan only after this one's result, and run_blocking
-        # serialises forward passes on one thread anyway, so plans never overlap or reorder.
+        # NOTE: with async scheduling the next plan arrives while this one runs; run_blocking
+        # serialises forward passes on one thread in arrival order, so plans never overlap or
+        # reorder, and a plan's placeholders are filled from the step that ran just before it.
         self.spawn(self._execute(plan), f"step-{plan.step_id}")
 
     async def _execute(self, plan: proto.StepPlan) -> None:
@@ -274,6 +281,8 @@ class ExecutorActor(Actor):
         self.step_deadline.record(elapsed)
         if self.rank == 0:  # the other ranks' results carry no tokens
             self.send("scheduler", result)
+        else:  # only this rank's own figures, for /metrics (the scheduler never waits for them)
+            self.send("scheduler", rank_step(self.rank, result))
         if spans is not None:
             assert timing is not None
             spans.end(plan, result, timing)  # while the scheduler plans the next step
@@ -311,6 +320,19 @@ class ExecutorActor(Actor):
                     "the compute thread is stuck"
                 )
                 return
+
+
+def rank_step(rank: int, result: proto.StepResult) -> proto.RankStep:
+    return proto.RankStep(
+        step_id=result.step_id,
+        rank=rank,
+        step_time=result.step_time,
+        forward_time=result.forward_time,
+        stall_time=result.stall_time,
+        bytes_to_device=result.bytes_to_device,
+        bytes_to_host=result.bytes_to_host,
+        num_staging_blocks=result.num_staging_blocks,
+    )
 
 
 def timed_execute(

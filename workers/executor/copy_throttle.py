@@ -11,7 +11,8 @@ executor only:
   steps (one ``stat``) and re-reads it when it changed, so a benchmark or a test can cut the link to
   a quarter halfway through a stream. An absent or empty file means no throttle; a file, when
   named, wins over the fixed value. Write it atomically (``os.replace``), so a step never reads
-  half a number.
+  half a number. Under tensor parallelism a ``{rank}`` in the file's name is the rank's number, so
+  a test can cut one rank's link and not the others' (the controller steers by the slowest rank).
 
 Not a production setting: the daemon's CLI has no flag for it.
 """
@@ -56,10 +57,12 @@ class CopyThrottle:
             self.poll()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> CopyThrottle:
+    def from_config(cls, config: EngineConfig, rank: int = 0) -> CopyThrottle:
+        """The throttle ``config`` (or the environment) asks for, for tensor-parallel rank ``rank``."""
         fixed = config.extra.get(COPY_THROTTLE_KEY, os.environ.get(COPY_THROTTLE_ENV))
         path = config.extra.get(COPY_THROTTLE_FILE_KEY, os.environ.get(COPY_THROTTLE_FILE_ENV))
-        return cls(parse_throttle(fixed, COPY_THROTTLE_KEY), str(path) if path else None)
+        path = str(path).replace("{rank}", str(rank)) if path else None
+        return cls(parse_throttle(fixed, COPY_THROTTLE_KEY), path)
 
     def poll(self) -> bool:
         """Re-read the file if it changed since the last look; whether ``bytes_per_s`` changed."""

@@ -19,8 +19,9 @@ forward time comes from CUDA events (``ForwardTimer``). Two more remain where as
 that writes into host blocks waits for its last write-back (``LayerStreamer.finish``, which keeps
 the step's copy timings final), and requested logprobs are copied after the tokens.
 
-Where this differs from DESIGN.md ("Executor on accelerators"), as built today: the scheduler does
-not yet plan step t+1 while step t runs.
+Async scheduling (``--async-scheduling``): the plan of step t+1 is made while step t runs, so it
+may hold placeholders for the tokens step t samples; ``prepare`` fills them from what the last step
+sampled (:mod:`workers.executor.token_feedback`), before the inputs reach the device.
 
 Tensor parallelism (:mod:`workers.executor.parallel`): every rank runs every plan on its shard and its
 slice of the KV pool (same block ids, its KV heads); only rank 0 keeps sampling state and samples,
@@ -50,6 +51,7 @@ from workers.executor.parallel import SINGLE, TensorParallel
 from workers.executor.sampler import PromptLogprobRun, Sampler, SamplingState
 from workers.executor.step_spans import LayerTime
 from workers.executor.streaming import HostBlockOwners, LayerStreamer, StreamStats
+from workers.executor.token_feedback import SampledTokenFeedback
 from workers.executor.weights import load_weights
 from workers.grammar import GrammarCompiler
 from workers.memory.host_pool import KVLayout, SegmentFdSource
@@ -164,7 +166,7 @@ class ModelRunner:
             num_extra_pages=(staging.num_pages if staging else 0) + num_scratch_pages,
         )
         self.staging = staging
-        self.copy_throttle = CopyThrottle.from_config(config)  # tests and benchmarks only
+        self.copy_throttle = CopyThrottle.from_config(config, self.tp.rank)  # tests and benchmarks only
         self.host_kv = HostKV(
             self.kv_layout,
             self.kv_pool.pages,
@@ -174,7 +176,9 @@ class ModelRunner:
             self.device,
             self.copy_throttle.bytes_per_s,
             config.extra.get("host_page_kernel"),
-            part=(self.tp.rank, self.tp.size),
+            # A rank off the memory manager's machine makes segments of its own part only
+            # (workers.executor.local_segments); on the head, part r of the memory manager's.
+            part=(self.tp.rank, self.tp.size) if config.node_rank == 0 else (0, 1),
         )
         # Measured once, for the expansion controller's first decision (0 without a host tier).
         self.link_bandwidth = self.host_kv.measure_link_bandwidth() if config.kv_policy == "pie" else 0.0
@@ -190,6 +194,7 @@ class ModelRunner:
             config.resolved_model(), self.model_config.vocab_size, self.eos_token_ids
         )
         self.states: dict[str, SamplingState] = {}
+        self.feedback = SampledTokenFeedback()  # the last step's tokens, for the next plan's placeholders
         self.graphs: DecodeGraphs | None = None
         if self.graph_mode:
             self.graphs = DecodeGraphs(
@@ -356,8 +361,10 @@ class ModelRunner:
         stats.bytes_to_host += swapped.bytes_to_host
         stats.copy_time += swapped.copy_time
         self.stream_stats = stats
-        for state, token_id in zip(states, token_ids.tolist()):
+        sampled_token_ids = token_ids.tolist()
+        for state, token_id in zip(states, sampled_token_ids):
             state.append(token_id)
+        self.feedback.record(plan.step_id, list(compress(plan.request_ids, inputs.sample)), sampled_token_ids)
         prompt_logprobs = (
             self.sampler.prompt_logprobs(all_logits[len(states) :], inputs.prompt_runs) if self.tp.is_first else []
         )
@@ -428,6 +435,10 @@ class ModelRunner:
             raise ValueError(
                 f"step {plan.step_id}: {len(token_ids)} token ids for {query_lens.sum()} scheduled tokens."
             )
+        if len(plan.request_ids) != len(query_lens):
+            raise ValueError(f"step {plan.step_id}: request_ids and num_scheduled_tokens differ in length.")
+        # Async scheduling: the tokens the last step sampled, where the plan could only name them.
+        token_ids = self.feedback.fill(plan, token_ids, query_lens)
         sample = np.frombuffer(plan.sample, dtype=np.uint8).astype(bool)
         if len(sample) != len(query_lens) or len(plan.request_ids) != len(query_lens):
             raise ValueError(

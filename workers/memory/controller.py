@@ -19,6 +19,10 @@ copy time where it measures it, else from stalled windows (copy-bound, the copy 
 compute + stall), else from a prior: the executor's copy benchmark at start (carried by every step)
 or one given to the constructor.
 
+The model reads medians over a window's steps (compute time, and bandwidth where copy time is
+measured), not means: on a busy CPU a step whose timer waited for a core reports several times its
+real time, and a few such steps would move a mean, and every jump with it.
+
 Control law. Windows at the same lease are pooled (ratio of sums); ``f`` is their stall fraction
 (stall time / step time, over steps that read host blocks), ``M`` the host blocks a step read:
 
@@ -45,18 +49,21 @@ Control law. Windows at the same lease are pooled (ratio of sums); ``f`` is thei
   blocks, or preempt, for nothing), so host memory goes back when the engine idles.
 - Noise: a small move needs ``confirm_windows`` windows at the lease, a reversal twice that;
   stalls above ``strong_factor * stall_target`` in one window shrink at once.
-- **Change**: when ``change_steps`` host-reading steps in a row measure a compute time, or a link
-  bandwidth (from the executor's copy time), beyond the recent spread of that quantity by more than
-  ``change_threshold``, the same way (:mod:`workers.memory.change`), the workload or the link
-  changed (short requests -> long contexts, another tenant on the link). The evidence windows, the
-  ceiling and the secant were measured on the old plant: they are forgotten, a measured bandwidth
-  replaces the estimate instead of being smoothed into it, and the lease is re-planned at once from
-  the model on those steps alone — down to the modelled limit when the steps read more than it, up
+- **Change**: when the median compute time, or link bandwidth (from the executor's copy time), of
+  the last ``change_steps`` host-reading steps is off the median of the steps before them (those
+  the current plan was made from) by more than ``change_threshold`` and more than their noise, with
+  all those steps but one moved the same way (:mod:`workers.memory.change`), the workload or the
+  link changed (short requests -> long contexts, another tenant on the link). That is checked on
+  every step, not per window, and not from the stalls (which, between the band's top and the
+  "act at once" level, wait for a pool of evidence). The evidence windows, the ceiling and the
+  secant were measured on the old plant: they are forgotten, a measured bandwidth replaces the
+  estimate instead of being smoothed into it, and the lease is re-planned at once from the model on
+  the steps that moved alone — down to the modelled limit when the steps read more than it, up
   ``jump`` of the way to it under demand. ``gain`` is kept (it describes the pipeline, not the
-  load), as it was before the run began: a window that closed during the run measured both plants.
-  The compute time is measured afresh after every move (the move itself changes the batch), so
-  the controller's own moves are not mistaken for a change. Without a measured copy time a faster
-  link is invisible (nothing stalls); probes find it.
+  load), as it was before the change began: a window that closed during it measured both plants.
+  Both are measured afresh after every move (the move itself changes the batch, and on the CPU
+  copy thread the bandwidth with it), so the controller's own moves are not mistaken for a change.
+  Without a measured copy time a faster link is invisible (nothing stalls); probes find it.
 - With the evidence pool full (``evidence_windows``), a stall fraction above the band shrinks even
   within its noise: more windows would not narrow the margin, and the band's top is the promise.
 
@@ -69,8 +76,9 @@ so a shrink that has not landed yet is not compounded), and holds while usage is
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import proto
 from workers.memory.change import Change, ChangeDetector
@@ -187,8 +195,8 @@ class ControllerTuning:
     release_headroom: float = 0.25  # keep usage * (1 + headroom) when releasing
     release_slack: float = 0.1  # release only if it frees at least this fraction of the lease
     bandwidth_smoothing: float = 0.5  # EWMA weight of a new bandwidth measurement
-    change_threshold: float = 0.3  # relative: a step's compute time or bandwidth this far beyond its spread,
-    change_steps: int = 6  # in this many host-reading steps in a row, one way: the plant changed
+    change_threshold: float = 0.3  # relative: the recent median compute time or bandwidth this far off,
+    change_steps: int = 6  # over this many host-reading steps (all but one moved): the plant changed
     gain_min: float = 1 / 16
     gain_max: float = 4.0
 
@@ -245,6 +253,10 @@ class _Window:
     host_fraction_sum: float = 0.0  # per-step stall fractions, for their spread
     host_fraction_squares: float = 0.0
     host_step_time: float = 0.0
+    # Per host-reading step, for medians: a step whose timer waited for a core (a busy CPU) reports
+    # 4x its compute or copy time, and one in ten of those would move a mean by a third.
+    host_compute_times: list[float] = field(default_factory=list)
+    copy_rates: list[float] = field(default_factory=list)  # bytes/s, on steps that measured it
     copied_bytes: int = 0  # on steps that measured their copy time, both directions
     copy_time: float = 0.0
     link_bandwidth: float = 0.0  # the executor's measurement at start (summed over samples carrying it)
@@ -273,6 +285,7 @@ class _Window:
             self.host_bytes += max(0, step.bytes_to_device)
             self.host_write_bytes += max(0, step.bytes_to_host)
             self.host_compute_time += compute
+            self.host_compute_times.append(compute)
             self.host_stall_time += max(0.0, step.stall_time)
             fraction = max(0.0, step.stall_time) / step_time if step_time > 0 else 0.0
             self.host_fraction_sum += fraction
@@ -282,6 +295,7 @@ class _Window:
         if step.copy_time > 0 and copied > 0:
             self.copied_bytes += copied
             self.copy_time += step.copy_time
+            self.copy_rates.append(copied / step.copy_time)
 
     @classmethod
     def pool(cls, windows: list[_Window]) -> _Window:
@@ -431,12 +445,12 @@ class ExpansionController:
         return self._decision
 
     def _watch(self, lease_before: int) -> None:
-        """After a move the compute time is measured afresh (the move changes the batch: the first
-        window at the new lease is the reference, not a change); the bandwidth's reference carries
-        over. A window that closed during a run keeps watching: the run may be the change this
-        window straddled."""
+        """After a move the compute time and the bandwidth are measured afresh (the move changes the
+        batch, and with it both: the first steps at the new lease are the reference, not a change).
+        A window that closed during a run keeps watching: the run may be the change this window
+        straddled."""
         if self.lease != lease_before and self._detector.run_length == 0:
-            self._detector.forget_compute_time()
+            self._detector.forget()
 
     # ------------------------------------------------------------------ control law
 
@@ -481,7 +495,8 @@ class ExpansionController:
         """The plant changed (see the module doc): forget what was measured on the old one and move
         to the model's limit on the steps since the change."""
         window = _Window()
-        for step, demand in self._recent:
+        # Only the steps that measured the new level: the recent ones before them were the old plant's.
+        for step, demand in list(self._recent)[-max(1, change.num_steps) :]:
             window.add(step, demand)
         self._recent.clear()
         self._window = _Window()  # its earlier samples were the old plant's
@@ -680,7 +695,7 @@ class ExpansionController:
             self._bandwidth = window.link_bandwidth / window.num_link_samples  # the prior, until measured
         measured = None
         if window.copy_time > 0:
-            measured = window.copied_bytes / window.copy_time
+            measured = statistics.median(window.copy_rates)  # robust to a step's delayed timer
         elif window.stall_fraction > self.stall_target * (1 + self.tuning.deadband):
             # Copy-bound: the copy engine was busy for the compute time plus the stalls.
             times = window.per_step()
@@ -710,6 +725,8 @@ class ExpansionController:
         if self._bandwidth is None or not self._block_bytes or times is None:
             return None
         compute, stall, step = times
+        if window.host_compute_times:
+            compute = statistics.median(window.host_compute_times)  # robust to a step's delayed timer
         written = window.host_write_bytes / window.num_host_steps if window.num_host_steps else 0.0
         budget = self._bandwidth * (compute + self._target_stall(stall, step)) - written
         return max(0.0, budget) / self._block_bytes

@@ -16,6 +16,9 @@ the device as one transfer (DESIGN.md "Streaming").
 Under tensor parallelism (DESIGN.md "Parallelism") the memory manager sizes each segment for every
 rank's KV heads, and rank ``r`` of ``N`` maps part ``r`` of it: ``[L, S, 2, block_size,
 num_kv_heads / N, head_dim]`` at byte ``r * S * rank_block_bytes``, its own heads' slice, contiguous.
+A rank on another machine (``--nnodes``) cannot map the memory manager's memfd: it makes its own part
+of each segment instead (:mod:`workers.executor.local_segments`), and the memory manager's parts for
+it stay untouched (a memfd's pages are allocated when first written).
 """
 
 from __future__ import annotations

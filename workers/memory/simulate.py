@@ -51,6 +51,11 @@ class Plant:
     prefetch_depth: int = 1
     prefetch_next_step: bool = True  # False: the first layers' loads are not hidden under the previous step
     noise: float = 0.0  # each step's compute, copy and overhead times scale by U(1 - noise, 1 + noise)
+    # Measurement noise with a busy CPU's heavy tail: with this probability a step *reports* its
+    # compute time and (independently) its copy time ``outlier_scale`` times longer than it was (the
+    # thread that timed it waited for a core); what stalled is unchanged.
+    outlier_rate: float = 0.0
+    outlier_scale: float = 4.0
     report_copy_time: bool = False  # whether the executor measures its copy engine's busy time
     report_link_bandwidth: bool = False  # whether each step carries the executor's copy benchmark
     demand: Callable[[int], int] = lambda step: 1 << 30  # host blocks the workload wants at a step
@@ -110,6 +115,11 @@ class Plant:
     def _jitter(self) -> float:
         return 1.0 + self.noise * (2 * self._rng.random() - 1) if self.noise else 1.0
 
+    def _delay(self) -> float:
+        if self.outlier_rate and self._rng.random() < self.outlier_rate:
+            return self.outlier_scale
+        return 1.0
+
     def step(self, lease: int) -> tuple[StepSample, DemandSample]:
         """Run one step under ``lease``; return what the executor and the scheduler would report."""
         wanted = max(0, self.demand(self.step_index))
@@ -136,8 +146,8 @@ class Plant:
             num_host_blocks=blocks,
             bytes_to_device=blocks * self.host_block_bytes,
             num_layers=self.num_layers,
-            layer_compute_time=compute,
-            copy_time=copy * self.num_layers if self.report_copy_time and blocks else 0.0,
+            layer_compute_time=compute * self._delay(),
+            copy_time=copy * self.num_layers * self._delay() if self.report_copy_time and blocks else 0.0,
             link_bandwidth=self.bandwidth if self.report_link_bandwidth else 0.0,  # measured at start
         )
         demand = DemandSample(

@@ -1,10 +1,20 @@
 """The scheduler actor: the step loop between the frontend and the executor.
 
 Mailbox: AddRequest and AbortRequests (from the frontend), Ready and StepResult (from the executor),
+RankStep (from tensor-parallel ranks other than 0: their own figures, summed into Stats.ranks),
 Shutdown. Once the executor is Ready (the scheduler needs the model's shape), the step loop runs::
 
     apply queued adds/aborts -> schedule -> StepPlan to executor -> await StepResult
     -> postprocess -> TokenDeltas (and, throttled, Stats) to the frontend
+
+With ``--async-scheduling`` the loop plans one step ahead: it sends the plan of step t+1 before it
+awaits step t's result, so the executor starts t+1 as soon as t is done and the scheduler's work
+(postprocess, deltas, the next plan) runs while the executor computes::
+
+    apply queued adds/aborts -> schedule t+1 -> StepPlan t+1 -> await StepResult t -> postprocess t
+
+A step with tensor parallelism is planned synchronously (the other ranks would need rank 0's
+sampled tokens to fill the plan's placeholders).
 
 Handlers only queue adds and aborts; the step loop applies them between steps, so the plain
 :class:`Scheduler` is only ever touched by one coroutine at a known point of the cycle, and an
@@ -22,6 +32,7 @@ import bisect
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Union
 
@@ -31,6 +42,7 @@ import proto
 from proto.config import EngineConfig
 from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
 from workers.roster import executor_address, executor_name, executor_ranks
+from workers.scheduler.rank_totals import RankTotals
 from workers.scheduler.request_spans import RequestSpans
 from workers.scheduler.scheduler import Scheduler
 from workers.tracing import SCHEDULER_SERVICE, PresetSpanIds, setup_tracing, shutdown_tracing, tracing_enabled
@@ -66,11 +78,16 @@ class SchedulerActor(Actor):
         self._scheduler_factory = scheduler_factory
         self._pending: list[Pending] = []  # adds and aborts in arrival order, applied between steps
         self._wake = asyncio.Event()
-        self._result: asyncio.Future[proto.StepResult] | None = None
-        self._step_id = -1
+        # Plans sent and not yet answered, oldest first, each with the future of its result.
+        self._in_flight: deque[tuple[proto.StepPlan, asyncio.Future[proto.StepResult]]] = deque()
+        self._step_id = -1  # the last step whose result was processed
         self._last_result: proto.StepResult | None = None  # the last step's, for DemandReport
         self._reported_idle = False  # the last DemandReport said idle
         self._stats = proto.Stats()
+        # Every tensor-parallel rank's own figures (Stats.ranks): rank 0's from its StepResults, the
+        # others' from their RankStep messages, folded in as they come (never waited for).
+        self.rank_totals = RankTotals(config.tensor_parallel_size)
+        self._stats.ranks = self.rank_totals.ranks
         self._last_stats_time = 0.0
         span_ids = PresetSpanIds()
         self.tracer = setup_tracing(SCHEDULER_SERVICE, config, id_generator=span_ids)
@@ -90,6 +107,7 @@ class SchedulerActor(Actor):
         self.on(proto.PrefetchCommand, self._enqueue)
         self.on(proto.Ready, self.handle_executor_ready)
         self.on(proto.StepResult, self.handle_step_result)
+        self.on(proto.RankStep, self.handle_rank_step)
 
     @classmethod
     def from_args(cls, args: WorkerArgs, context: zmq.asyncio.Context | None = None) -> SchedulerActor:
@@ -127,11 +145,19 @@ class SchedulerActor(Actor):
         self.spawn(self._step_loop(), "step-loop")
 
     def handle_step_result(self, result: proto.StepResult) -> None:
-        if self._result is None or result.step_id != self._step_id:
-            raise RuntimeError(
-                f"unexpected StepResult for step {result.step_id} (waiting for {self._step_id})"
-            )
-        self._result.set_result(result)
+        # The executor answers plans in the order it got them: this is the oldest unanswered one's.
+        unanswered = [(plan.step_id, future) for plan, future in self._in_flight if not future.done()]
+        if not unanswered or result.step_id != unanswered[0][0]:
+            expected = unanswered[0][0] if unanswered else None
+            raise RuntimeError(f"unexpected StepResult for step {result.step_id} (waiting for {expected})")
+        unanswered[0][1].set_result(result)
+
+    def handle_rank_step(self, step: proto.RankStep) -> None:
+        self.rank_totals.add_rank_step(step)
+        if not self._in_flight and self.scheduler is not None:
+            # No step in flight: the loop is idle, and its idle snapshot may have left before this
+            # rank's last figures came. The last snapshot must reflect the quiescent engine.
+            self._publish_stats(self.scheduler, force=True)
 
     async def on_stop(self) -> None:
         # Off the loop: the exporter may take a while to give up on an unreachable collector.
@@ -145,6 +171,7 @@ class SchedulerActor(Actor):
         loop = asyncio.get_running_loop()
         stats = self._stats
         spans = self.request_spans
+        in_flight = self._in_flight
         while True:
             started = time.perf_counter()
             # NOTE: from here to the await below nothing yields, so no message can slip in between
@@ -153,26 +180,31 @@ class SchedulerActor(Actor):
             # With host memory, wait for the memory manager's first lease: the processes start in
             # parallel, and a request must not run on a pool whose host part is not granted yet.
             runnable = scheduler.has_unfinished() and (self._lease_received or not scheduler.num_host_blocks)
-            plan = scheduler.schedule() if runnable else None
-            if plan is None:
+            plan = scheduler.schedule() if runnable and self._may_schedule(scheduler) else None
+            if plan is None and not in_flight:
                 # Idle, or nothing can run until a request arrives, is aborted or the lease grows.
                 self._publish_stats(scheduler, force=True)
                 self._report_demand(scheduler, self._step_id, idle=True)
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self._reported_idle:
-                # Busy again: the memory manager must not read the silence of a long step as idle.
-                self._report_demand(scheduler, self._step_id)
-            if spans is not None:
-                spans.scheduled(plan, scheduler.num_preemptions, time.time_ns())
-            self._step_id = plan.step_id
-            self._result = loop.create_future()
-            self._send_to_executors(plan)
-            result = await self._result
+            if plan is not None:
+                if self._reported_idle:
+                    # Busy again: the memory manager must not read the silence of a long step as idle.
+                    self._report_demand(scheduler, self._step_id)
+                if spans is not None:
+                    spans.scheduled(plan, scheduler.num_preemptions, time.time_ns())
+                in_flight.append((plan, loop.create_future()))
+                self._send_to_executors(plan)
+                if len(in_flight) == 1 and self._may_schedule(scheduler):
+                    continue  # async scheduling: plan the next step before awaiting this one
+            # NOTE: the plan is popped only once its result is in, so a StepResult is always matched.
+            plan, future = in_flight[0]
+            result = await future
+            in_flight.popleft()
             # NOTE: timed before the deltas leave: the API ends its span once it has the last one.
             stepped_ns = time.time_ns() if spans is not None else 0
-            self._result = None
+            self._step_id = plan.step_id
             deltas = scheduler.postprocess(plan, result)
             if deltas:
                 self.send("frontend", proto.TokenDeltas(deltas))
@@ -191,10 +223,16 @@ class SchedulerActor(Actor):
             stats.stall_seconds_total += result.stall_time
             stats.num_staging_blocks = result.num_staging_blocks
             stats.prefetch_depth = result.prefetch_depth
+            self.rank_totals.add_result(result)
             stats.cycle_seconds_total += time.perf_counter() - started
             self._publish_stats(scheduler)
             self._last_result = result
             self._report_demand(scheduler, plan.step_id)
+
+    def _may_schedule(self, scheduler: Scheduler) -> bool:
+        """Whether a plan may be made now: none in flight, or (async scheduling) one that the next
+        plan can follow without its tokens, on one executor rank."""
+        return not self._in_flight or (scheduler.can_schedule() and len(self.executors) == 1)
 
     def _apply_pending(self, scheduler: Scheduler) -> None:
         if not self._pending:
@@ -245,9 +283,11 @@ class SchedulerActor(Actor):
                 spans.finished(deltas, finished_ns)
 
     def _apply_lease(self, scheduler: Scheduler, lease: proto.HostLease) -> None:
-        # NOTE: no plan is in flight here, and the executor takes this update before the next plan
-        # (same channel, in order): new segments are mapped before any plan can use their blocks,
-        # and released ones are unmapped only after the plan that migrated off them has run.
+        # NOTE: the executor takes this update after the plans in flight (none, or one with async
+        # scheduling: made under the old lease) and before the next plan (same channel, in order):
+        # new segments are mapped before any plan can use their blocks, and released ones are
+        # unmapped only after the plan that migrated off them has run (DemandReport.release_safe
+        # counts from the last plan made, in flight or not).
         if lease.attach or lease.detach:
             self._send_to_executors(proto.SegmentUpdate(lease.attach, lease.detach))
         if lease.lease != scheduler.host_lease:
@@ -258,8 +298,9 @@ class SchedulerActor(Actor):
         self._stats.host_link_bandwidth = lease.link_bandwidth
 
     def _apply_prefetch(self, scheduler: Scheduler, command: proto.PrefetchCommand) -> None:
-        # NOTE: no plan is in flight here; every executor rank reshapes its ring before the next
-        # plan (same channel, in order), and that plan reads at most the new ring's host blocks.
+        # NOTE: every executor rank reshapes its ring after the plans in flight (made for the old
+        # ring) and before the next plan (same channel, in order), which reads at most the new
+        # ring's host blocks.
         self._send_to_executors(command)
         scheduler.set_host_step_limit(command.num_staging_blocks)
 
@@ -299,6 +340,10 @@ class SchedulerActor(Actor):
         the frontend's last snapshot is never stale once the engine is quiet."""
         now = time.monotonic()
         if not force and now - self._last_stats_time < self.stats_interval:
+            return
+        if not scheduler.has_unfinished() and self._in_flight:
+            # Async scheduling: the last requests finished but a step planned ahead still runs (their
+            # wasted rows); a snapshot with nothing running would read as idle before the engine is.
             return
         self._last_stats_time = now
         stats = self._stats

@@ -1,13 +1,28 @@
 """Continuous batching: each step's batch under a token budget, preemption (by recompute, or by swap
 in kv_policy swap), host blocks inside the lease (kv_policy pie), prefix caching, stop checks.
 
-The engine loop alternates strictly::
+The engine loop alternates::
 
     plan = scheduler.schedule()                 # None when there is nothing to run
     result = executor.execute(plan)
     deltas = scheduler.postprocess(plan, result)
 
 with ``add_request``, ``abort_requests`` and ``set_host_lease`` allowed at any point in between.
+
+Async scheduling (``config.async_scheduling``, vLLM's ``--async-scheduling``, SGLang's overlap
+scheduler): ``schedule()`` may be called once more while one plan is in flight, so the plan of step
+t+1 is made while step t runs, and ``postprocess`` of step t runs while step t+1 does. A plan is
+therefore accounted for when it is made: every scheduled request's ``num_computed_tokens`` advances
+by its tokens at once, and a request that samples gets ``PLACEHOLDER_TOKEN_ID`` appended, which
+``postprocess`` replaces by the sampled token. Step t+1 then schedules such a request's decode on the
+placeholder (the executor substitutes the token it sampled), except when step t's token is surely
+its last (``max_tokens``, the model length or the pool's size: known in advance). A request that
+stops on step t's token (a stop token) or is aborted has a wasted row in step t+1 whose token is
+dropped; its blocks are freed by ``postprocess(t)`` / ``abort_requests``, so only plans from t+2 on
+can reuse them, and the executor runs those after t+1. A request preempted while its sampled token
+is in flight keeps that token (``postprocess`` fills it in wherever the request waits), and is not
+admitted again before it has it. Without async scheduling the same code runs with no plan ahead, so
+a plan never holds a placeholder and the two modes give the same tokens.
 
 This file is the algorithm: who runs, who waits, who is preempted, which blocks each holds. Packing
 a batch into a ``StepPlan`` is ``plan_builder.py``'s; the stop rules and the deltas sent to clients
@@ -17,10 +32,20 @@ are ``stopping.py``'s; keeping host blocks inside a shrinking lease is ``host_le
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from proto import AddRequest, FinishReason, StepPlan, StepResult, TokenDelta, TokenLogprobs, unpack_i32
+from proto import (
+    PLACEHOLDER_TOKEN_ID,
+    AddRequest,
+    FinishReason,
+    StepPlan,
+    StepResult,
+    TokenDelta,
+    TokenLogprobs,
+    unpack_i32,
+)
 from proto.config import ConfigError, EngineConfig
 from workers.scheduler.host_lease import HostLeaseKeeper
 from workers.scheduler.plan_builder import Scheduled, build_step_plan
@@ -32,6 +57,17 @@ from workers.scheduler.tiers import BlockTiers
 
 _RUNNING = RequestStatus.RUNNING
 _SWAPPED = RequestStatus.SWAPPED
+_FINISHED = RequestStatus.FINISHED
+
+
+@dataclass
+class InFlight:
+    """A plan between ``schedule()`` and ``postprocess()``: its batch, and where in each sampling
+    request's ``token_ids`` the placeholder for its sampled token sits (in batch order)."""
+
+    step_id: int
+    scheduled: list[Scheduled]
+    sample_positions: list[int]
 
 
 @dataclass(frozen=True)
@@ -128,9 +164,9 @@ class Scheduler:
         self._num_blocks_short = 0
         self._next_step_id = 0
         self._finished_request_ids: list[str] = []  # executor state to drop, sent with the next plan
-        # The plan between schedule() and postprocess().
-        self._in_flight: list[Scheduled] | None = None
-        self._in_flight_step_id = -1
+        # Plans between schedule() and postprocess(), oldest first: one, or two with async scheduling.
+        self.max_steps_in_flight = 2 if config.async_scheduling else 1
+        self._in_flight: deque[InFlight] = deque()
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -227,6 +263,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    @property
+    def num_steps_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def can_schedule(self) -> bool:
+        """Whether ``schedule()`` may be called now: no plan in flight, or (async scheduling) one."""
+        return len(self._in_flight) < self.max_steps_in_flight
+
     def add_request(self, msg: AddRequest) -> list[TokenDelta]:
         """Queue a request. Returns its final ERROR delta instead when it can never run (an empty
         prompt, one over ``max_model_len``, or one larger than the whole pool); else []."""
@@ -256,10 +300,10 @@ class Scheduler:
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[TokenDelta]:
         """End these requests now (unknown or finished ids are ignored), free their blocks, and
-        return their final ABORT deltas. A request in the plan in flight is skipped by postprocess.
+        return their final ABORT deltas. A request in a plan in flight is skipped by postprocess.
 
-        NOTE: freeing the blocks of a request in the plan in flight is safe: they can only be
-        reused by a later plan, which the executor runs after the current one.
+        NOTE: freeing the blocks of a request in a plan in flight is safe: they can only be reused
+        by a plan made from now on, which the executor runs after every plan in flight.
         """
         deltas = []
         aborted_running = False
@@ -282,8 +326,9 @@ class Scheduler:
 
     def schedule(self) -> StepPlan | None:
         """Choose the next step's batch and give every scheduled request the blocks it needs."""
-        if self._in_flight is not None:
-            raise RuntimeError(f"schedule() called before postprocess() of step {self._in_flight_step_id}.")
+        if not self.can_schedule():
+            oldest = self._in_flight[0].step_id
+            raise RuntimeError(f"schedule() called before postprocess() of step {oldest}.")
         tiers = self.tiers
         block_size = self.block_size
         budget = self.max_num_batched_tokens
@@ -299,7 +344,13 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = len(request.token_ids) - request.num_computed_tokens
+            num_tokens = len(request.token_ids)
+            if request.token_ids[-1] == PLACEHOLDER_TOKEN_ID and (
+                num_tokens >= request.max_num_tokens or num_tokens > self.max_pool_tokens
+            ):
+                index += 1  # the token in flight is its last (it finishes on it): nothing to run
+                continue
+            num_new = num_tokens - request.num_computed_tokens
             if num_new > budget:
                 if not self.enable_chunked_prefill:
                     index += 1
@@ -334,16 +385,17 @@ class Scheduler:
         return self._make_plan(scheduled)
 
     def postprocess(self, plan: StepPlan, result: StepResult) -> list[TokenDelta]:
-        """Apply a step's result: advance the cache, append sampled tokens, stop finished requests.
-        Returns one delta per request that got a token or finished in this step."""
-        if plan.step_id != self._in_flight_step_id or result.step_id != plan.step_id:
+        """Apply the oldest plan in flight's result: name the blocks it filled, put the sampled tokens
+        in place of their placeholders, stop finished requests. Returns one delta per request that
+        got a token or finished in this step."""
+        oldest = self._in_flight[0].step_id if self._in_flight else None
+        if plan.step_id != oldest or result.step_id != plan.step_id:
             raise ValueError(
                 f"postprocess() got plan {plan.step_id} and result {result.step_id}; "
-                f"step {self._in_flight_step_id} is in flight."
+                f"the oldest step in flight is {oldest}."
             )
-        scheduled = self._in_flight
-        assert scheduled is not None
-        self._in_flight = None
+        in_flight = self._in_flight.popleft()
+        scheduled = in_flight.scheduled
         if result.error:
             return self._fail_step(scheduled, result.error)
 
@@ -354,36 +406,47 @@ class Scheduler:
             return self._fail_step(scheduled, error)
         logprobs = result.logprobs or None
         for run in result.prompt_logprobs:
-            owner = self.requests.get(run.request_id)
-            if owner is not None and owner.status == _RUNNING:
+            owner = self.requests.get(run.request_id)  # unfinished (it may have been preempted since)
+            if owner is not None:
                 owner.pending_prompt_logprobs.append(run)
         cache_blocks = self.prefix_cache is not None
+        # Tokens the plan ahead (async scheduling) counts as computed already: its blocks are not
+        # named before its result is back.
+        ahead: dict[Request, int] = {}
+        if self._in_flight:
+            ahead = {request: num_new for request, num_new, _ in self._in_flight[0].scheduled}
         block_size = self.block_size
         deltas = []
         any_finished = False
         row = 0
-        token_id, token_logprobs = 0, None
-        for request, num_new, samples in scheduled:
+        positions = iter(in_flight.sample_positions)
+        token_id, token_logprobs, position = 0, None, 0
+        for request, _, samples in scheduled:
             if samples:
                 token_id = sampled_token_ids[row]
                 token_logprobs = logprobs[row] if logprobs is not None else None
+                position = next(positions)
                 row += 1
-            if request.status != _RUNNING:
+            status = request.status
+            if status == _FINISHED:
                 continue  # aborted while the step ran: its row is ignored
-            request.num_computed_tokens += num_new
             if (
                 cache_blocks
-                and request.num_computed_tokens >= (request.num_registered_blocks + 1) * block_size
+                and status == _RUNNING
+                and request.num_computed_tokens - ahead.get(request, 0)
+                >= (request.num_registered_blocks + 1) * block_size
             ):
-                self._cache_full_blocks(request)
+                self._cache_full_blocks(request, request.num_computed_tokens - ahead.get(request, 0))
             if not samples:
                 continue
-            request.token_ids.append(token_id)
+            request.token_ids[position] = token_id
             if not request.first_token_time:
                 request.first_token_time = time.monotonic()
-            delta = self._check_stop(request, token_id, token_logprobs)
+            delta = self._check_stop(request, token_id, token_logprobs, position + 1)
             if delta.finish_reason is not None:
                 any_finished = True
+                if status != _RUNNING:  # preempted while its token was in flight
+                    (self.swapped if status == _SWAPPED else self.waiting).remove(request)
             deltas.append(delta)
         if any_finished:
             self.running = [request for request in self.running if request.status == _RUNNING]
@@ -421,6 +484,8 @@ class Scheduler:
         block_size = self.block_size
         while queue and budget > 0 and len(self.running) < self.max_num_seqs:
             request = queue.head()
+            if request.token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+                break  # preempted while its last token is in flight: it resumes once it has it
             is_swapped = request.status == _SWAPPED
             # A waiting request holds no block; with prefix caching it may start after cached ones.
             look_up = self.prefix_cache is not None and not is_swapped and request.reads_prefix_cache
@@ -523,10 +588,11 @@ class Scheduler:
         if not request.executor_has_state:  # its first admission: what usage reports as cached
             request.num_cached_tokens = num_hit_tokens
 
-    def _cache_full_blocks(self, request: Request) -> None:
-        """Name the request's blocks that its computed tokens fill, from the first not yet offered."""
+    def _cache_full_blocks(self, request: Request, num_computed_tokens: int) -> None:
+        """Name the request's blocks that its first ``num_computed_tokens`` fill (tokens whose K/V a
+        finished step wrote), from the first not yet offered."""
         block_size = self.block_size
-        num_full_blocks = request.num_computed_tokens // block_size
+        num_full_blocks = num_computed_tokens // block_size
         hashes = request.block_hashes
         token_ids = request.token_ids
         extend_block_hashes(hashes, token_ids, num_full_blocks, block_size)
@@ -543,16 +609,26 @@ class Scheduler:
     def _make_plan(self, scheduled: list[Scheduled]) -> StepPlan:
         step_id = self._next_step_id
         self._next_step_id += 1
-        self._in_flight = scheduled
-        self._in_flight_step_id = step_id
         finished_request_ids, self._finished_request_ids = self._finished_request_ids, []
         self._lease.note_plan(step_id)
         swap_out, swap_in = self.tiers.take_copies()
-        return build_step_plan(step_id, scheduled, finished_request_ids, swap_out, swap_in)
+        plan = build_step_plan(step_id, scheduled, finished_request_ids, swap_out, swap_in)
+        # The plan counts as run from now on (see the module doc): the next plan may follow it.
+        sample_positions = []
+        for request, num_new, samples in scheduled:
+            request.num_computed_tokens += num_new
+            if samples:
+                sample_positions.append(len(request.token_ids))
+                request.token_ids.append(PLACEHOLDER_TOKEN_ID)
+        self._in_flight.append(InFlight(step_id, scheduled, sample_positions))
+        return plan
 
-    def _check_stop(self, request: Request, token_id: int, logprobs: TokenLogprobs | None) -> TokenDelta:
-        """The delta for a freshly sampled token, finishing the request if it should stop."""
-        reason = finish_reason(request, token_id, self.max_pool_tokens)
+    def _check_stop(
+        self, request: Request, token_id: int, logprobs: TokenLogprobs | None, num_tokens: int
+    ) -> TokenDelta:
+        """The delta for a freshly sampled token (the request's ``num_tokens``-th), finishing the
+        request if it should stop."""
+        reason = finish_reason(request, token_id, self.max_pool_tokens, num_tokens)
         packed_token_ids = pack_token_id(token_id)
         if reason is None:
             return token_delta(request, packed_token_ids, logprobs)
@@ -563,12 +639,16 @@ class Scheduler:
 
     def _fail_step(self, scheduled: list[Scheduled], error: str) -> list[TokenDelta]:
         """The executor failed the step: end every request in it with ERROR (a retry would not see
-        the K/V the failed step should have written)."""
+        the K/V the failed step should have written), wherever it waits now."""
         deltas = []
         for request, _, _ in scheduled:
-            if request.status == _RUNNING:
-                delta = final_delta(request, FinishReason.ERROR, error=f"the model failed: {error}")
-                deltas.append(self._finish(request, delta))
+            status = request.status
+            if status == _FINISHED:
+                continue
+            if status != _RUNNING:  # preempted after the step was planned (async scheduling)
+                (self.swapped if status == _SWAPPED else self.waiting).remove(request)
+            delta = final_delta(request, FinishReason.ERROR, error=f"the model failed: {error}")
+            deltas.append(self._finish(request, delta))
         self.running = [request for request in self.running if request.status == _RUNNING]
         return deltas
 

@@ -15,12 +15,16 @@ from workers.scheduler.request import Request
 pack_token_id = struct.Struct("<i").pack
 
 
-def finish_reason(request: Request, token_id: int, max_pool_tokens: int) -> FinishReason | None:
+def finish_reason(
+    request: Request, token_id: int, max_pool_tokens: int, num_tokens: int | None = None
+) -> FinishReason | None:
     """Why ``request`` stops after appending the freshly sampled ``token_id`` (None: it goes on).
     Stop tokens count only once ``min_tokens`` outputs came before them. ERROR: its next step needs
     K/V for all its tokens at once, which the pool cannot hold even with every other request
-    preempted; failing it beats waiting forever."""
-    num_tokens = len(request.token_ids)
+    preempted; failing it beats waiting forever. ``num_tokens``: the request's tokens up to and
+    including ``token_id`` (default: all of them; less when a later step's placeholder follows it)."""
+    if num_tokens is None:
+        num_tokens = len(request.token_ids)
     if (
         token_id in request.stop_token_ids
         and num_tokens - request.num_prompt_tokens > request.params.min_tokens
