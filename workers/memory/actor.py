@@ -132,7 +132,7 @@ class MemoryActor(Actor):
         self._decided(lambda: host.on_demand(report))
         if not report.release_safe:
             return
-        released = host.release_ready(report.host_lease, 0)
+        released = host.release_ready(report.host_lease, report.lease_id)
         if released:
             self._send_lease(report.host_lease, detach=released)
 
@@ -192,6 +192,7 @@ class MemoryActor(Actor):
                 target=host.target,
                 reason=host.decision_reason,
                 link_bandwidth=host.link_bandwidth,
+                lease_id=host.next_lease_id(),
             ),
         )
 
