@@ -26,7 +26,7 @@ import zmq.asyncio
 import proto
 from pied.preflight import preflight
 from proto.config import EngineConfig
-from workers.actor import Addresses
+from workers.actor import Addresses, PeerGoneError
 from workers.executor.actor import ExecutorActor, ready_message
 from workers.executor.runner import ModelRunner
 from workers.memory.actor import MemoryActor
@@ -86,7 +86,11 @@ class Engine:
         self.executor.segment_fds = SimpleNamespace(open=open_fd, close=lambda: None)
         ready = ready_message("executor", config, self.runner)
         self.scheduler = Scheduler(
-            config, ready.num_device_blocks, set(ready.eos_token_ids), ready.max_model_len, host.max_host_blocks
+            config,
+            ready.num_device_blocks,
+            set(ready.eos_token_ids),
+            ready.max_model_len,
+            host.max_host_blocks,
         )
         self.scheduler_actor.scheduler = self.scheduler
         self.memory._grant(host.start())
@@ -167,13 +171,17 @@ def host_block_ids(plan: proto.StepPlan, num_device_blocks: int) -> set[int]:
     return {block for block in proto.unpack_i32(plan.block_tables).tolist() if block >= num_device_blocks}
 
 
-def test_a_stale_release_safe_report_does_not_release_a_lease_that_grew_and_shrank_back(engine: Engine) -> None:
+def test_a_stale_release_safe_report_does_not_release_a_lease_that_grew_and_shrank_back(
+    engine: Engine,
+) -> None:
     scheduler, pool = engine.scheduler, engine.runner.host_kv.pool
     engine.scheduler_applies()  # the first lease: 0
     assert scheduler.host_lease == 0
     # A prompt longer than the device pool: it runs only once host blocks are granted.
     prompt = [1] + list(range(5, 5 + 4 * NUM_DEVICE_BLOCKS + 6))
-    request = proto.AddRequest("long", proto.pack_i32(prompt), proto.SamplingParams(temperature=0, max_tokens=4))
+    request = proto.AddRequest(
+        "long", proto.pack_i32(prompt), proto.SamplingParams(temperature=0, max_tokens=4)
+    )
     engine.scheduler_actor._enqueue(request)
     engine.scheduler_applies()
     assert engine.scheduler_steps() is None  # short of blocks at lease 0: an idle report
@@ -211,3 +219,41 @@ def test_a_stale_release_safe_report_does_not_release_a_lease_that_grew_and_shra
             break
     assert scheduler.num_host_blocks_used == 0
     assert not engine.memory.host.manager.segments and not pool.segments
+
+
+def test_a_lease_decided_after_the_scheduler_stopped_is_not_a_failure(tiny_model_dir) -> None:
+    """The memory manager stops last (it owns the segments); with actors as threads the scheduler's
+    mailbox is closed by then, and an idle tick that moves the lease meanwhile must not fail the
+    memory manager (an engine shut down cleanly would log it as dead)."""
+    config = preflight(
+        EngineConfig(
+            model=str(tiny_model_dir("llama")),
+            dtype="float32",
+            device="cpu",
+            block_size=4,
+            kv_policy="pie",
+            host_kv_gib=0.002,
+        )
+    )
+    context = zmq.asyncio.Context()
+    memory = MemoryActor(config, Addresses.inproc(), context=context)
+    memory.host = host = HostMemory(config)
+    sent: list[object] = []
+
+    def send(peer: str, message: object) -> None:
+        if peer == "scheduler" and len(sent) >= 1:
+            raise PeerGoneError("the scheduler takes no messages: its mailbox is closed")
+        sent.append(message)
+
+    memory.send = send  # type: ignore[method-assign]
+    try:
+        memory._grant(host.start())
+        assert host.controller is not None
+        decisions = [Decision(8, 8, "grow: scripted"), Decision(0, 0, "release: scripted")]
+        host.controller.observe = lambda step, demand: decisions.pop(0) if decisions else None
+        memory._observe(None)  # the scheduler has stopped: nothing to send it, nothing failed
+        memory._observe(None)
+        assert len(sent) == 1 and not decisions and memory.exit_code == 0
+    finally:
+        host.close()
+        context.term()
