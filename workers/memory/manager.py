@@ -66,8 +66,8 @@ class LeaseChange:
 
     1. the executor maps ``attach`` (before any plan uses their blocks);
     2. the scheduler gets ``lease``;
-    3. ``detach`` is unmapped only once the scheduler holds no block above the lease
-       (``HostMemory.release_ready``).
+    3. ``detach`` is unmapped only once the scheduler holds no block above the lease, as a report
+       written after it applied the last lease sent says (``HostMemory.release_ready``).
     """
 
     lease: int
