@@ -16,6 +16,8 @@ Usage (on the frontend's event loop)::
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import time
 from collections.abc import Callable
@@ -140,6 +142,8 @@ class Engine:
                 await asyncio.sleep(0.01)
         await self._supervisor.shutdown()
         self._fail_all(EngineDeadError("engine shut down"))
+        if self._supervisor.kind == "threads":
+            return_freed_memory()
 
     # ---------------------------------------------------------------- liveness and facts
 
@@ -218,3 +222,22 @@ class Engine:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream.fail(error)
+
+
+def return_freed_memory() -> None:
+    """Give the memory the stopped actor threads freed back to the system (glibc only).
+
+    NOTE: the weights and the KV pool are allocated on the executor's compute thread, a new thread
+    per engine, so glibc serves them from a per-thread malloc arena; freed, they stay in that arena
+    (large blocks too: after a first large free glibc raises its mmap threshold), and a process that
+    starts and stops in-process engines grew by about a model's size per cycle with nothing of the
+    engine left alive. ``malloc_trim(0)`` returns the free pages of every arena.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return
+    trim(0)

@@ -409,6 +409,8 @@ class HostLease(msgspec.Struct, tag=True, **HOT):
     lease and the step that migrated blocks off them has completed. ``target`` and ``reason``: the
     controller's estimate of the transparent lease and why it decided what it did; ``link_bandwidth``:
     its host -> device bandwidth estimate in bytes/s, 0 while unknown (all for /metrics).
+    ``lease_id``: this grant's number, counting every HostLease the memory manager sent (1, 2, ...);
+    the scheduler echoes the last one it applied in ``DemandReport.lease_id``.
     """
 
     lease: int
@@ -417,6 +419,7 @@ class HostLease(msgspec.Struct, tag=True, **HOT):
     target: int = 0
     reason: str = ""
     link_bandwidth: float = 0.0
+    lease_id: int = 0
 
 
 class SegmentUpdate(msgspec.Struct, tag=True, **HOT):
@@ -454,7 +457,11 @@ class DemandReport(msgspec.Struct, tag=True, **HOT):
     steps. ``step_time`` and ``link_bandwidth``: the executor's time for the last step completed
     (0: none yet) and its copy benchmark (bytes/s, 0: none), from that step's result — what the
     controller needs to size its first grant the moment demand meets an empty lease, before the
-    step's span reaches it."""
+    step's span reaches it. ``lease_id``: the ``HostLease.lease_id`` of the last lease the scheduler
+    applied before writing this report (0: none yet). NOTE: reports and leases cross on the wire,
+    so ``release_safe`` speaks only for that lease: a report written while a later grant was in
+    flight says nothing about that grant's blocks, even when the lease has come back to the same
+    size, and the memory manager releases on it nothing."""
 
     num_waiting: int
     num_preemptions: int
@@ -466,3 +473,4 @@ class DemandReport(msgspec.Struct, tag=True, **HOT):
     idle: bool = False
     step_time: float = 0.0
     link_bandwidth: float = 0.0
+    lease_id: int = 0

@@ -71,6 +71,7 @@ E2E_MODULES = {
     "test_daemon",
     "test_default_model",
     "test_engine",
+    "test_engine_cycles",
     "test_prefetch_engine",
     "test_faults",
     "test_gpu_check",

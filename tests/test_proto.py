@@ -128,6 +128,7 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
             target=100,
             reason="grow: demand, stalls 0.3% < 2%",
             link_bandwidth=2.4e10,
+            lease_id=7,
         ),
     ],
     proto.PrefetchCommand: [proto.PrefetchCommand(1, 48), proto.PrefetchCommand(3, 200, reason="link 512 MB/s, compute 4 ms")],
@@ -136,6 +137,7 @@ EXAMPLES: dict[type, list[msgspec.Struct]] = {
         proto.DemandReport(0, 0, 0, False, 0),
         proto.DemandReport(3, 7, 40, True, 64, release_safe=True, host_blocks_high_water=52),
         proto.DemandReport(2, 0, 8, True, 8, idle=True, step_time=0.025, link_bandwidth=8e9),
+        proto.DemandReport(0, 0, 0, False, 0, release_safe=True, lease_id=12),
     ],
     proto.Ready: [
         proto.Ready("scheduler", 100),

@@ -24,7 +24,7 @@ import proto
 from proto import spans as span_names
 from proto.config import EngineConfig
 from proto.spans import SpanBatch, SpanRecord
-from workers.actor import SUPERVISOR, Actor, Addresses, WorkerArgs
+from workers.actor import SUPERVISOR, Actor, Addresses, PeerGoneError, WorkerArgs
 from workers.fd_channel import FdServer
 from workers.memory.controller import StepSample
 from workers.memory.lease_spans import LeaseSpans
@@ -77,6 +77,7 @@ class MemoryActor(Actor):
         self.tracer = setup_tracing(MEMORY_SERVICE, config)
         self.lease_spans: LeaseSpans | None = None
         self.fd_server: FdServer | None = None
+        self._scheduler_gone = False
         self.connect("scheduler", addresses.scheduler)
         self.on(proto.DemandReport, self.handle_demand)
         self.on(SpanBatch, self.handle_spans)
@@ -132,7 +133,7 @@ class MemoryActor(Actor):
         self._decided(lambda: host.on_demand(report))
         if not report.release_safe:
             return
-        released = host.release_ready(report.host_lease, 0)
+        released = host.release_ready(report.host_lease, report.lease_id)
         if released:
             self._send_lease(report.host_lease, detach=released)
 
@@ -172,10 +173,10 @@ class MemoryActor(Actor):
         # NOTE: the scheduler applies both in arrival order and caps the lease at the ring it
         # knows: a wider ring goes first, a narrower one after the lease that fits it.
         if change.prefetch is not None and change.ring_first:
-            self.send("scheduler", change.prefetch)
+            self._to_scheduler(change.prefetch)
         self._send_lease(change.lease, attach=change.attach)
         if change.prefetch is not None and not change.ring_first:
-            self.send("scheduler", change.prefetch)
+            self._to_scheduler(change.prefetch)
 
     def _send_lease(
         self, lease: int, attach: list[proto.HostSegmentInfo] | None = None, detach: list[int] | None = None
@@ -183,8 +184,7 @@ class MemoryActor(Actor):
         """The lease and its segment changes, with the controller's view for /metrics."""
         host = self.host
         assert host is not None
-        self.send(
-            "scheduler",
+        self._to_scheduler(
             proto.HostLease(
                 lease,
                 attach or [],
@@ -192,8 +192,21 @@ class MemoryActor(Actor):
                 target=host.target,
                 reason=host.decision_reason,
                 link_bandwidth=host.link_bandwidth,
+                lease_id=host.next_lease_id(),
             ),
         )
+
+    def _to_scheduler(self, message: proto.HostLease | proto.PrefetchCommand) -> None:
+        # NOTE: the memory manager stops last (it owns the segments the executor maps); with actors
+        # as threads the scheduler's mailbox is gone by then, and a lease an idle tick decides in
+        # between has no one to go to. That is the engine stopping, not this actor failing (a
+        # scheduler that died is reported to the supervisor by its own thread).
+        if self._scheduler_gone:
+            return
+        try:
+            self.send("scheduler", message)
+        except PeerGoneError:
+            self._scheduler_gone = True
 
     async def _idle_ticks(self) -> None:
         """Without steps there are no spans: tick the controller so it can return an unused lease

@@ -66,8 +66,8 @@ class LeaseChange:
 
     1. the executor maps ``attach`` (before any plan uses their blocks);
     2. the scheduler gets ``lease``;
-    3. ``detach`` is unmapped only once the scheduler holds no block above the lease
-       (``HostMemory.release_ready``).
+    3. ``detach`` is unmapped only once the scheduler holds no block above the lease, as a report
+       written after it applied the last lease sent says (``HostMemory.release_ready``).
     """
 
     lease: int
@@ -122,6 +122,7 @@ class HostMemory:
         self.target = self.plan.initial_lease if not self.adaptive else 0
         self._last_preemptions = 0
         self.granted = 0  # the lease last granted to the scheduler
+        self.lease_id = 0  # the number of the last HostLease sent (proto.HostLease.lease_id)
 
     @property
     def max_host_blocks(self) -> int:
@@ -215,11 +216,20 @@ class HostMemory:
             high_water=demand.host_blocks_high_water,
         )
 
-    def release_ready(self, scheduler_lease: int, num_host_blocks_above_lease: int) -> list[int]:
-        """Segment ids to unmap now that the scheduler holds nothing above its (smaller) lease."""
-        # NOTE: only for the lease granted last: a report written before the scheduler applied a
-        # grant (processes run concurrently) says nothing about the blocks above it.
-        if num_host_blocks_above_lease or scheduler_lease != self.granted or scheduler_lease >= self.manager.lease:
+    def next_lease_id(self) -> int:
+        """Number the HostLease about to be sent (every one, grant or release alike)."""
+        self.lease_id += 1
+        return self.lease_id
+
+    def release_ready(self, scheduler_lease: int, lease_id: int) -> list[int]:
+        """Segment ids to unmap, on a release-safe report of the scheduler (it holds nothing above
+        its lease ``scheduler_lease`` and no plan in flight touches it) written after it applied
+        HostLease ``lease_id``."""
+        # NOTE: only for the lease sent last, told by its number, not its size: a report written
+        # before the scheduler applied a grant (the actors run concurrently) says nothing about the
+        # blocks above it, and a lease that grew and shrank back to the size the report names has
+        # attached segments whose blocks the scheduler may be about to use (issue 19's race).
+        if lease_id != self.lease_id or scheduler_lease != self.granted or scheduler_lease >= self.manager.lease:
             return []
         _, released = self.manager.set_lease(scheduler_lease)
         return released

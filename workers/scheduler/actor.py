@@ -99,6 +99,7 @@ class SchedulerActor(Actor):
         self.connect("frontend", addresses.frontend)
         self.has_memory_manager = bool(addresses.memory)
         self._lease_received = not self.has_memory_manager
+        self._lease_id = 0  # the last HostLease applied, echoed in each DemandReport
         if self.has_memory_manager:
             self.connect("memory", addresses.memory)
         self.on(proto.AddRequest, self._enqueue)
@@ -293,6 +294,7 @@ class SchedulerActor(Actor):
         if lease.lease != scheduler.host_lease:
             scheduler.set_host_lease(lease.lease)
         self._lease_received = True
+        self._lease_id = lease.lease_id
         self._stats.host_lease_target = lease.target
         self._stats.host_decision = lease.reason
         self._stats.host_link_bandwidth = lease.link_bandwidth
@@ -332,6 +334,7 @@ class SchedulerActor(Actor):
                 idle=idle,
                 step_time=last.step_time if last is not None else 0.0,
                 link_bandwidth=last.link_bandwidth if last is not None else 0.0,
+                lease_id=self._lease_id,
             ),
         )
 
