@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +167,67 @@ def mapped_segments(pid: int | None = None) -> int:
             return sum("/memfd:pied-kv" in line for line in maps)
     except FileNotFoundError:
         return 0
+
+
+class LeaseWaves:
+    """Waves of one batch of greedy requests through ``client``, each checked token for token
+    against ``reference``, with the host lease sampled every 20 ms while they run (``on_sample``
+    adds a test's own sampling). Driven until a condition holds, so it does not depend on how fast
+    the machine is."""
+
+    def __init__(
+        self,
+        client: Engine,
+        requests: dict[str, list[int]],
+        reference: dict[str, list[int]],
+        max_tokens: int,
+        on_sample: Callable[[], None] | None = None,
+    ) -> None:
+        self.client, self.requests, self.reference = client, requests, reference
+        self.max_tokens, self.on_sample = max_tokens, on_sample
+        self.samples: list[tuple[int, str]] = []  # (lease, decision)
+        self.count = 0
+
+    async def watch(self) -> None:
+        while True:
+            stats = self.client.stats()
+            self.samples.append((stats.host_lease, stats.host_decision))
+            if self.on_sample is not None:
+                self.on_sample()
+            await asyncio.sleep(0.02)
+
+    async def wave(self) -> list[int]:
+        """One wave of the batch; the leases seen while it ran."""
+        first = len(self.samples)
+        streams = [
+            self.client.add_request(
+                proto.AddRequest(f"{request_id}-{self.count}", proto.pack_i32(prompt), greedy(self.max_tokens))
+            )
+            for request_id, prompt in self.requests.items()
+        ]
+        self.count += 1
+        outputs = await asyncio.wait_for(asyncio.gather(*(collect(stream) for stream in streams)), 300)
+        assert {request_id: tokens for request_id, (tokens, _) in zip(self.requests, outputs)} == self.reference
+        return [lease for lease, _ in self.samples[first:]]
+
+    async def grow(self, at_least: int, max_waves: int = 10) -> int:
+        """Waves until the lease has reached ``at_least`` (at most ``max_waves``); the peak seen."""
+        peak = 0
+        for _ in range(max_waves):
+            peak = max([peak, *await self.wave()])
+            if peak >= at_least:
+                break
+        return peak
+
+    async def settle_at_most(self, limit: int, max_waves: int = 15) -> list[int]:
+        """Waves until a whole wave runs at ``limit`` or less (at most ``max_waves``); the leases
+        the last wave saw."""
+        leases = [limit + 1]
+        for _ in range(max_waves):
+            leases = await self.wave()
+            if max(leases) <= limit:
+                break
+        return leases
+
+    def decided(self, prefix: str) -> bool:
+        return any(decision.startswith(prefix) for _, decision in self.samples)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from engine_driver import (
     OPTIONS,
+    LeaseWaves,
     collect,
     engine_config,
     generate,
-    greedy,
     mapped_segments,
     open_memfds,
     running_engine,
@@ -186,41 +186,15 @@ async def test_the_lease_follows_a_link_cut_mid_run_through_worker_processes(mod
     )
     client = Engine(config, OPTIONS, workers="processes")
     await client.start()
-    samples: list[tuple[int, str]] = []
-
-    async def watch() -> None:
-        while True:
-            stats = client.stats()
-            samples.append((stats.host_lease, stats.host_decision))
-            await asyncio.sleep(0.02)
-
-    async def wave(index: int) -> list[int]:
-        """One wave of the batch; the leases seen while it ran."""
-        first = len(samples)
-        streams = [
-            client.add_request(proto.AddRequest(f"{request_id}-{index}", proto.pack_i32(prompt), greedy(MAX_TOKENS)))
-            for request_id, prompt in requests.items()
-        ]
-        outputs = await asyncio.wait_for(asyncio.gather(*(collect(stream) for stream in streams)), 300)
-        assert {request_id: tokens for request_id, (tokens, _) in zip(requests, outputs)} == reference
-        return [lease for lease, _ in samples[first:]]
-
-    watcher = asyncio.create_task(watch())
+    waves = LeaseWaves(client, requests, reference, MAX_TOKENS)
+    watcher = asyncio.create_task(waves.watch())
     try:
-        waves = 0
-        fast_peak = 0
-        while waves < 10 and fast_peak < 48:  # the fast link: the lease grows with demand
-            fast_peak = max([fast_peak, *await wave(waves)])
-            waves += 1
-        assert fast_peak >= 48, samples
+        fast_peak = await waves.grow(48)  # the fast link: the lease grows with demand
+        assert fast_peak >= 48, waves.samples
         control.write_text("8e6")  # another tenant takes nearly all of the link
-        slow_waves = 0
-        leases = [fast_peak]
-        while slow_waves < 15 and max(leases) > fast_peak // 2:
-            leases = await wave(waves)  # until a whole wave runs at half the fast lease or less
-            waves, slow_waves = waves + 1, slow_waves + 1
+        leases = await waves.settle_at_most(fast_peak // 2)  # a whole wave at half the fast lease or less
         assert max(leases) <= fast_peak // 2, (fast_peak, leases)
-        assert any(decision.startswith("shrink") for _, decision in samples), samples
+        assert waves.decided("shrink"), waves.samples
     finally:
         watcher.cancel()
         await client.shutdown()

@@ -24,7 +24,14 @@ import numpy as np
 import pytest
 import torch
 from daemon import cmdline, live_pids, shm_entries, wait_gone
-from engine_driver import OPTIONS, collect, engine_config, generate, greedy, mapped_segments, running_engine
+from engine_driver import (
+    OPTIONS,
+    LeaseWaves,
+    engine_config,
+    generate,
+    mapped_segments,
+    running_engine,
+)
 from safetensors.torch import load_file
 from server import EventStream, running_server
 from test_engine import hf_greedy
@@ -284,46 +291,23 @@ async def test_adaptive_expansion_steers_by_the_slowest_rank(tiny_model_dir, tmp
     client = Engine(config, OPTIONS, workers="processes")
     await client.start()
     pids = dict(client.worker_pids)
-    samples: list[tuple[int, str]] = []
     mapped = {rank: 0 for rank in range(2)}
 
-    async def watch() -> None:
-        while True:
-            stats = client.stats()
-            samples.append((stats.host_lease, stats.host_decision))
-            for rank, name in enumerate(("executor", "executor-1")):
-                mapped[rank] = max(mapped[rank], mapped_segments(pids[name]))
-            await asyncio.sleep(0.02)
+    def map_counts() -> None:
+        for rank, name in enumerate(("executor", "executor-1")):
+            mapped[rank] = max(mapped[rank], mapped_segments(pids[name]))
 
-    async def wave(index: int) -> list[int]:
-        """One wave of the batch; the leases seen while it ran."""
-        first = len(samples)
-        streams = [
-            client.add_request(proto.AddRequest(f"{request_id}-{index}", proto.pack_i32(prompt), greedy(ADAPTIVE_TOKENS)))
-            for request_id, prompt in requests.items()
-        ]
-        outputs = await asyncio.wait_for(asyncio.gather(*(collect(stream) for stream in streams)), 300)
-        assert {request_id: tokens for request_id, (tokens, _) in zip(requests, outputs)} == reference
-        return [lease for lease, _ in samples[first:]]
-
-    watcher = asyncio.create_task(watch())
+    waves = LeaseWaves(client, requests, reference, ADAPTIVE_TOKENS, on_sample=map_counts)
+    watcher = asyncio.create_task(waves.watch())
     try:
-        waves = 0
-        fast_peak = 0
-        while waves < 10 and fast_peak < 48:  # both links fast: the lease grows with demand
-            fast_peak = max([fast_peak, *await wave(waves)])
-            waves += 1
-        assert fast_peak >= 48, samples
+        fast_peak = await waves.grow(48)  # both links fast: the lease grows with demand
+        assert fast_peak >= 48, waves.samples
         assert mapped[0] > 0 and mapped[1] > 0, mapped  # each rank mapped the segments it streams from
         before = client.stats().ranks
         Path(str(throttle).replace("{rank}", "1")).write_text("4e6")  # rank 1's link only
-        slow_waves = 0
-        leases = [fast_peak]
-        while slow_waves < 15 and max(leases) > fast_peak // 2:
-            leases = await wave(waves)  # until a whole wave runs at half the fast lease or less
-            waves, slow_waves = waves + 1, slow_waves + 1
+        leases = await waves.settle_at_most(fast_peak // 2)  # a whole wave at half the fast lease or less
         assert max(leases) <= fast_peak // 2, (fast_peak, leases)
-        assert any(decision.startswith("shrink") for _, decision in samples), samples
+        assert waves.decided("shrink"), waves.samples
         after = client.stats().ranks
         stalls = [after[rank].stall_seconds_total - before[rank].stall_seconds_total for rank in range(2)]
         assert stalls[1] > stalls[0], stalls  # the stalls the lease shrank for were rank 1's
