@@ -153,7 +153,14 @@ def test_chat_streams_replies_and_ctrl_c_stops_one(server: ServerProcess) -> Non
 
         # Ctrl-C at the prompt only warns; /exit quits.
         terminal.type("\x03")
-        terminal.expect(b"Ctrl-C again")
+        try:
+            terminal.expect(b"Ctrl-C again", timeout=5)
+        except AssertionError:
+            # NOTE: CPython's input() acts on a SIGINT only when it interrupts the blocking read; one
+            # that lands between the prompt's write and the read waits for the next key (seen once
+            # in CI). Enter delivers it; a ^C that was never delivered prints nothing and fails here.
+            terminal.type("\r")
+            terminal.expect(b"Ctrl-C again")
         terminal.type("/exit\r")
         assert terminal.wait() == 0, terminal.text()
 
