@@ -383,6 +383,23 @@ def check_rank_metrics(server) -> dict[str, float]:
     return metrics
 
 
+
+def signal_mid_stream(server, pid: int, signum: int, read_timeout: float) -> float:
+    """Three greedy streams generating, then ``signum`` to ``pid`` (a rank): every stream must end
+    with a 503 error event (a stream still open after ``read_timeout`` fails the test). Returns
+    when the signal was sent (time.monotonic)."""
+    body = {"prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+    streams = [EventStream(server, "/v1/completions", body, timeout=read_timeout) for _ in range(3)]
+    for stream in streams:
+        assert stream.next_event()["choices"]  # generating
+    sent = time.monotonic()
+    os.kill(pid, signum)
+    for stream in streams:
+        events = stream.rest()
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 503, events[-3:]
+    return sent
+
+
 def test_serve_two_ranks_then_kill_one(tiny_model_dir):
     folder = tiny_model_dir("llama")
     with LLM(str(folder), dtype="float32", device_kv_blocks=256) as llm:
@@ -398,15 +415,7 @@ def test_serve_two_ranks_then_kill_one(tiny_model_dir):
         ranks = rank_pids(server.process.pid)
         assert set(ranks) == {0, 1}, ranks
         workers = [pid for pid in live_pids() if _parent(pid) == str(server.process.pid)]
-        body = {"prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
-        streams = [EventStream(server, "/v1/completions", body, timeout=30) for _ in range(3)]
-        for stream in streams:
-            assert stream.next_event()["choices"]  # generating
-        killed = time.monotonic()
-        os.kill(ranks[1], signal.SIGKILL)
-        for stream in streams:
-            events = stream.rest()  # ends (the 30 s read timeout would fail the test) with an error
-            assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 503, events[-3:]
+        killed = signal_mid_stream(server, ranks[1], signal.SIGKILL, read_timeout=30)
         print(f"every caller failed {time.monotonic() - killed:.2f} s after the kill")
         assert server.process.wait(60) != 0
         assert wait_gone(workers, 30) == []  # rank 0, the scheduler and the memory manager too
@@ -431,15 +440,7 @@ def test_serve_two_ranks_then_stop_one(tiny_model_dir, tmp_path, monkeypatch):
         assert set(ranks) == {0, 1}, ranks
         workers = [pid for pid in live_pids() if _parent(pid) == str(server.process.pid)]
         try:
-            body = {"prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
-            streams = [EventStream(server, "/v1/completions", body, timeout=60) for _ in range(3)]
-            for stream in streams:
-                assert stream.next_event()["choices"]  # generating
-            stopped = time.monotonic()
-            os.kill(ranks[1], signal.SIGSTOP)
-            for stream in streams:
-                events = stream.rest()  # ends (the 60 s read timeout would fail the test) with an error
-                assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 503, events[-3:]
+            stopped = signal_mid_stream(server, ranks[1], signal.SIGSTOP, read_timeout=60)
             print(f"every caller failed {time.monotonic() - stopped:.2f} s after the stop")
             assert server.process.wait(60) != 0
             print(f"the daemon exited {time.monotonic() - stopped:.2f} s after the stop")
