@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,11 @@ def assert_all_free(engine: Engine) -> None:
     stats = engine.stats()
     assert stats.num_running == stats.num_waiting == 0
     assert stats.device_usage == 0.0 and stats.host_usage == 0.0
+
+
+def engine_threads() -> list[str]:
+    """Every Python thread of this process but tqdm's monitor (started by building a model)."""
+    return sorted(thread.name for thread in threading.enumerate() if thread.name != "tqdm_monitor")
 
 
 def open_memfds(pid: int | None = None) -> int:

@@ -146,7 +146,9 @@ async def test_adaptive_lease_grows_and_is_returned_through_worker_processes(tmp
             assert {request_id: tokens for request_id, (tokens, _) in zip(requests, outputs)} == reference
             if max(leases) > 0 and max(executor_mappings) > 0:
                 break
-        assert max(leases) > 0 and any(decision.startswith("grow") for decision in decisions), decisions
+        # Grown from 0 (only the controller moves an adaptive lease). Its "grow" reason is not asserted:
+        # a fast machine's next decision can replace it between two 20 ms samples.
+        assert max(leases) > 0, decisions
         assert max(executor_mappings) > 0  # mapped by the executor while the engine ran
         assert client.stats().host_link_bandwidth > 0  # the executor's link measurement, via the controller
         for _ in range(300):  # idle: the controller's ticks return the lease, then the segments go

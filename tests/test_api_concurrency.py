@@ -20,6 +20,8 @@ COMPLETION_PROMPTS = [f"The {word} statement" for word in WORDS]
 CHAT_MESSAGES = [[{"role": "user", "content": f"Explain {word} briefly."}] for word in WORDS]
 DEVICE_USAGE = "pied:kv_cache_usage_perc"
 ABORTED = 'pied:request_success_total{finished_reason="abort"}'
+FINISHED = 'pied:request_success_total{finished_reason="length"}'
+RUNNING = "pied:num_requests_running"
 
 
 @pytest.fixture(scope="module")
@@ -79,40 +81,63 @@ def wait_for(server: ServerProcess, condition, timeout: float = 10) -> dict[str,
 
 
 def idle_and_empty(samples: dict[str, float]) -> bool:
-    return samples[DEVICE_USAGE] == 0 and samples["pied:num_requests_running"] == 0
+    return samples[DEVICE_USAGE] == 0 and samples[RUNNING] == 0
+
+
+def disconnect_while_running(server: ServerProcess, start, n: int = 1, attempts: int = 3) -> int:
+    """Start a long request (``start()`` returns its connection), close the connection once
+    ``/metrics`` shows it running (``n`` sequences, device blocks in use), wait until the server is
+    idle, and return how many requests it counted aborted. A request that finishes before a poll
+    sees it running (a loaded machine can deschedule this process for the whole generation) is
+    started again: closing it then would test nothing."""
+    for _ in range(attempts):
+        wait_for(server, idle_and_empty)
+        before = server.metrics()
+        connection = start()
+        try:
+            samples = wait_for(
+                server,
+                lambda s: (s[DEVICE_USAGE] > 0 and s[RUNNING] == n) or s.get(FINISHED, 0) > before.get(FINISHED, 0),
+                timeout=30,
+            )
+        finally:
+            connection.close()
+        if samples.get(FINISHED, 0) == before.get(FINISHED, 0):
+            wait_for(server, idle_and_empty, timeout=10)
+            return server.metrics()[ABORTED] - before[ABORTED]
+    raise AssertionError(f"each of {attempts} requests finished before /metrics showed it running")
 
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_disconnect_mid_stream_frees_blocks(server: ServerProcess, n: int) -> None:
-    wait_for(server, idle_and_empty)
-    aborted_before = server.metrics()[ABORTED]
     body = {"model": MODEL, "prompt": COMPLETION_PROMPTS[0], "max_tokens": 400, "ignore_eos": True, "stream": True,
             "n": n}  # fmt: skip
-    stream = EventStream(server, "/v1/completions", body)
-    assert stream.status == 200
-    for _ in range(3):
-        assert stream.next_event()["choices"] is not None
-    wait_for(server, lambda s: s[DEVICE_USAGE] > 0 and s["pied:num_requests_running"] == n)
-    stream.close()
-    wait_for(server, idle_and_empty, timeout=5)
+
+    def start() -> EventStream:
+        stream = EventStream(server, "/v1/completions", body)
+        assert stream.status == 200
+        for _ in range(3):
+            assert stream.next_event()["choices"] is not None
+        return stream
+
     # Aborted, not finished on its own (400 tokens would also end, a little later).
-    assert server.metrics()[ABORTED] - aborted_before == n
+    assert disconnect_while_running(server, start, n) == n
 
 
 def test_disconnect_while_waiting_for_a_full_response(server: ServerProcess) -> None:
-    wait_for(server, idle_and_empty)
-    aborted_before = server.metrics()[ABORTED]
     body = json.dumps(
         {"model": MODEL, "prompt": COMPLETION_PROMPTS[1], "max_tokens": 400, "ignore_eos": True}
     )
-    with socket.create_connection((server.host, server.port)) as sock:
+
+    def start() -> socket.socket:
+        sock = socket.create_connection((server.host, server.port))
         sock.sendall(
             f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
         )
-        wait_for(server, lambda s: s[DEVICE_USAGE] > 0 and s["pied:num_requests_running"] == 1)
-    wait_for(server, idle_and_empty, timeout=5)
-    assert server.metrics()[ABORTED] - aborted_before == 1
+        return sock
+
+    assert disconnect_while_running(server, start) == 1
 
 
 def test_inproc_engine_and_chat_template_override(tiny_model_dir, tmp_path) -> None:
@@ -137,11 +162,11 @@ def test_inproc_engine_and_chat_template_override(tiny_model_dir, tmp_path) -> N
         streamed = "".join(c["delta"].get("content") or "" for e in events[:-1] for c in e["choices"])
         assert streamed == full["message"]["content"]
 
-        wait_for(inproc, idle_and_empty)
         long_body = {"prompt": COMPLETION_PROMPTS[2], "max_tokens": 400, "ignore_eos": True, "stream": True}
-        stream = EventStream(inproc, "/v1/completions", long_body)
-        stream.next_event()
-        wait_for(inproc, lambda s: s[DEVICE_USAGE] > 0)
-        stream.close()
-        wait_for(inproc, idle_and_empty, timeout=5)
-        assert inproc.metrics()[ABORTED] == 1
+
+        def start() -> EventStream:
+            stream = EventStream(inproc, "/v1/completions", long_body)
+            stream.next_event()
+            return stream
+
+        assert disconnect_while_running(inproc, start) == 1

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 
-from engine_driver import generate, running_engine
+from engine_driver import engine_threads, generate, running_engine
 
 NUM_CYCLES = 3
 SETTLE_SECONDS = 30.0  # generous: a loaded machine takes a while to end the actors' pool threads
@@ -31,10 +31,11 @@ def open_descriptors() -> list[str]:
 
 
 def snapshot() -> tuple[int, int, int, int]:
-    """(threads, open descriptors, memfd segments held, segments mapped) of this process."""
+    """(threads but tqdm's monitor, open descriptors, memfd segments held, segments mapped) of this
+    process."""
     descriptors = open_descriptors()
     memfds = sum("pied-kv" in target for target in descriptors)
-    return threading.active_count(), len(descriptors), memfds, host_segments_mapped()
+    return len(engine_threads()), len(descriptors), memfds, host_segments_mapped()
 
 
 def at_most(counts: tuple[int, ...], baseline: tuple[int, ...]) -> bool:
@@ -65,7 +66,7 @@ async def test_starting_and_stopping_an_engine_leaves_no_thread_descriptor_or_se
 
     # The first engine of a process leaves what is made once and reused: a worker thread of this
     # loop's default executor (the supervisor's preload) and a pipe of its own.
-    baseline = (threading.active_count(), 0, 0, 0)
+    baseline = (len(engine_threads()), 0, 0, 0)
     await cycle()
     baseline = snapshot()
     for index in range(NUM_CYCLES):

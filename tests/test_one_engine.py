@@ -15,13 +15,12 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from engine_driver import collect, greedy, mapped_segments, open_memfds, running_engine
+from engine_driver import collect, engine_threads, greedy, mapped_segments, open_memfds, running_engine
 from server import REPO, ServerProcess, start_server
 from tiny_models import ARCHES
 
@@ -121,11 +120,6 @@ def test_same_greedy_tokens_from_llm_and_serve_threads_and_processes(tiny_model_
 
 
 # ---------------------------------------------------------------- the threads' lifecycle
-
-
-def engine_threads() -> list[str]:
-    """Every Python thread of this process but tqdm's monitor (started by building a model)."""
-    return sorted(thread.name for thread in threading.enumerate() if thread.name != "tqdm_monitor")
 
 
 def open_sockets() -> int:
