@@ -87,7 +87,9 @@ def scenarios_for(
 ) -> tuple[str, int, list[int], list[Scenario]]:
     """The model folder, device budget, static-N sweep and the scenarios named."""
     model_dir, requests, device_blocks, fixed_ns = workload_model(quick)
-    sweep = [*fixed_ns, 2 * max(fixed_ns)]  # up to where more host memory stops paying
+    # From below where a throttled link's limit lies (so the best N is inside the sweep, not at its
+    # edge) up to where more host memory stops paying.
+    sweep = [min(fixed_ns) // 2, *fixed_ns, 2 * max(fixed_ns)]
     vocab = 8192 if quick else 49152
     scale = 1 if quick else 2
     short = dict(rate=40.0, prompt_range=(32, 128), output_range=(16, 48), vocab=vocab)
@@ -197,7 +199,13 @@ def write_throttle(path: Path, bytes_per_s: float | None) -> None:
 
 
 def compare(
-    model_dir: str, scenario: Scenario, device_blocks: int, sweep: list[int], pairs: int, workers: str
+    model_dir: str,
+    scenario: Scenario,
+    device_blocks: int,
+    sweep: list[int],
+    pairs: int,
+    workers: str,
+    stall_target: float,
 ) -> dict:
     """Every ``fixed:N`` of ``sweep``, then ``pairs`` adaptive runs, each next to a best-N run (the
     sweep's own for the first)."""
@@ -220,7 +228,9 @@ def compare(
     ratios = []
     for pair in range(pairs):
         best = fixed[best_n] if pair == 0 else once(expansion=f"fixed:{best_n}").result
-        adaptive_runs.append(once(keep_trace=True, expansion="adaptive", host_kv_gib=host_gib))
+        adaptive_runs.append(
+            once(keep_trace=True, expansion="adaptive", host_kv_gib=host_gib, stall_target=stall_target)
+        )
         ratios.append(adaptive_runs[-1].result["throughput"] / best["throughput"])
     median = sorted(range(pairs), key=lambda pair: ratios[pair])[pairs // 2]
     adaptive = adaptive_runs[median]
@@ -266,18 +276,20 @@ def phases_of(trace: list, changes: list[int]) -> list[dict]:
     return phases
 
 
-def steps_to_converge(trace: list, tolerance: float = 0.1) -> tuple[int, int]:
-    """The step (of the first trace sample) from which the lease stays within ``tolerance`` of where
-    it ends up under demand (the release that returns host memory once the stream drains is not
-    counted), and that lease."""
+def steps_to_converge(trace: list, low: float = 0.8, high: float = 1.25) -> tuple[int, int]:
+    """The step (of the first trace sample) from which the lease stays within ``low``-``high`` of
+    where it ends up under demand (the release that returns host memory once the stream drains is
+    not counted), and that lease. The band is the closed-loop tests' (0.8-1.25 of the limit, with
+    the settled lease standing in for the limit no run can measure), widened to a block either way
+    so that a lease of a few blocks is not "unsettled" by a one-block move."""
     end = len(trace)
     while end > 0 and trace[end - 1][4].startswith(("release", "hold: no demand")):
         end -= 1
     leases = [lease for _, lease, *_ in trace[: end or len(trace)]]
     final = leases[-1] if leases else 0
-    band = max(1.0, tolerance * final)
+    lowest, highest = min(low * final, final - 1), max(high * final, final + 1)
     for sample in range(len(leases)):
-        if all(abs(lease - final) <= band for lease in leases[sample:]):
+        if all(lowest <= lease <= highest for lease in leases[sample:]):
             return trace[sample][5], final
     return trace[-1][5] if trace else 0, final
 
@@ -294,6 +306,12 @@ def main() -> None:
     )
     parser.add_argument("--pairs", type=int, default=5, help="adaptive / best-N pairs per scenario (median)")
     parser.add_argument(
+        "--stall-target",
+        type=float,
+        default=EngineConfig.stall_target,
+        help="the adaptive runs' --stall-target (default: the daemon's)",
+    )
+    parser.add_argument(
         "--scenarios", default=",".join(SCENARIOS), help="comma-separated, of " + ", ".join(SCENARIOS)
     )
     add_workers_arg(parser)
@@ -307,7 +325,9 @@ def main() -> None:
     for scenario in scenarios:
         # On a throttled link more host memory stops paying well below the link scenario's largest N.
         scenario_sweep = sweep if scenario.throttle is None else sweep[:-1]
-        result = compare(model_dir, scenario, device_blocks, scenario_sweep, args.pairs, args.workers)
+        result = compare(
+            model_dir, scenario, device_blocks, scenario_sweep, args.pairs, args.workers, args.stall_target
+        )
         results[scenario.name] = result
         # Progress on stderr: a long run on a loaded machine keeps what it measured if cut short.
         progress = {key: value for key, value in result.items() if key != "trace"}
@@ -322,6 +342,7 @@ def main() -> None:
             "quick": args.quick,
             "workers": args.workers,
             "device_kv_blocks": device_blocks,
+            "stall_target": args.stall_target,
             "ratios": ratios,
             "worst_ratio": min(ratios.values()),
             "worst_phase_stall_fraction": max(phase["stall_fraction"] for phase in phases),

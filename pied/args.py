@@ -26,6 +26,8 @@ FLAG_HELP: dict[str, str] = {
     "distributed_init_method": "how the ranks meet: env:// (MASTER_ADDR/MASTER_PORT; default) or tcp://HEAD:PORT; "
     "with --nnodes above 1 the head also listens on PORT+1..PORT+4+T (see the README)",
     "nnodes": "machines the tensor-parallel ranks span (torchrun's --nnodes); node 0 serves the API",
+    "stall_target": "with --expansion adaptive: the share of step time the controller lets host-KV stalls "
+    "take (0.02: 2%%); it holds the lease while stalls are within 0.5-1.5x of it and shrinks above",
     "node_rank": "this machine (torchrun's --node-rank): 0 is the head; K > 0 runs only its T/N ranks, "
     "takes every engine setting from the head and ignores API flags",
 }

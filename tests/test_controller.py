@@ -389,10 +389,24 @@ def test_shrink_waits_for_consistent_evidence_after_a_grow_unless_stalls_are_far
     for _ in range(4):
         decision = controller.observe(stalled_step(lease, 0.05), demand_sample(lease))
     assert decision == Decision(lease, decision.target, "hold: confirming shrink")
-    for _ in range(4):
-        decision = controller.observe(stalled_step(lease, 0.30), demand_sample(lease))
-    assert decision.action == "shrink" and decision.lease < lease
-    assert decision.reason == "shrink: stalls 30% > 2%"
+    decisions = [controller.observe(stalled_step(lease, 0.30), demand_sample(lease)) for _ in range(3)]
+    # Three steps in a row each stalled over 4x the target close the window a step early.
+    assert decisions[:2] == [None, None] and decisions[2].action == "shrink" and decisions[2].lease < lease
+    assert decisions[2].reason == "shrink: stalls 30% > 2%"
+
+
+def test_a_run_of_strongly_stalled_steps_is_acted_on_before_the_window_ends_and_one_step_is_not() -> None:
+    tuning = ControllerTuning(decide_every=16)
+    controller = ExpansionController(1000, initial_lease=400, tuning=tuning)
+    # A step stalled 40% between steps stalled 1% (a copy delayed on a busy CPU): only whole windows.
+    pattern = [0.01, 0.01, 0.4, 0.01, 0.4, 0.4, 0.01, 0.01] * 2
+    decisions = [controller.observe(stalled_step(400, fraction), demand_sample(400)) for fraction in pattern]
+    assert decisions[:-1] == [None] * 15 and decisions[-1] is not None
+    # The link is cut: the third step in a row stalled 40% decides (16 steps would be a window).
+    decisions = [controller.observe(stalled_step(400, 0.4), demand_sample(400)) for _ in range(3)]
+    assert decisions[:2] == [None, None] and decisions[2].action == "shrink"
+    # Proportionally, to about the blocks that would have stalled the target (not a small step).
+    assert decisions[2].lease < 0.7 * 400
 
 
 def test_a_shrink_that_has_not_landed_is_not_shrunk_again() -> None:

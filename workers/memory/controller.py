@@ -48,7 +48,9 @@ Control law. Windows at the same lease are pooled (ratio of sums); ``f`` is thei
   down to the peak usage plus headroom, never below the highest block in use (that would move
   blocks, or preempt, for nothing), so host memory goes back when the engine idles.
 - Noise: a small move needs ``confirm_windows`` windows at the lease, a reversal twice that;
-  stalls above ``strong_factor * stall_target`` in one window shrink at once.
+  stalls above ``strong_factor * stall_target`` in one window shrink at once, and ``strong_steps``
+  steps in a row that each stalled that much close their window early (a cut link is acted on in
+  a few steps, not a window).
 - **Change**: when the median compute time, or link bandwidth (from the executor's copy time), of
   the last ``change_steps`` host-reading steps is off the median of the steps before them (those
   the current plan was made from) by more than ``change_threshold`` and more than their noise, with
@@ -182,6 +184,7 @@ class ControllerTuning:
     evidence_windows: int = 8  # windows pooled at one lease, at most
     evidence_z: float = 2.0  # leave the band only by this many standard errors of the stall fraction
     strong_factor: float = 4.0  # stalls above strong_factor * target shrink without confirmation
+    strong_steps: int = 3  # this many host-reading steps in a row stalled that much close the window early
     growth_factor: float = 2.0  # geometric growth while no bandwidth is known
     blind_jump: float = 0.25  # share of the modelled limit a jump takes before any step read host blocks
     jump: float = 0.75  # share of the way from the lease to the modelled limit a jump takes
@@ -207,10 +210,12 @@ class ControllerTuning:
             self.confirm_windows,
             self.release_after,
             self.change_steps,
+            self.strong_steps,
         )
         if min(counts) < 1:
             raise ValueError(
-                "decide_every, first_window, confirm_windows, release_after and change_steps must be at least 1."
+                "decide_every, first_window, confirm_windows, release_after, change_steps and strong_steps "
+                "must be at least 1."
             )
         if self.change_threshold <= 0:
             raise ValueError(f"change_threshold must be positive, got {self.change_threshold}.")
@@ -390,6 +395,7 @@ class ExpansionController:
             min_reference=max(2, tuning.decide_every),
         )
         self._recent: deque[tuple[StepSample, DemandSample]] = deque(maxlen=tuning.change_steps)
+        self._strong_run = 0  # host-reading steps in a row, to the last, stalled strong_factor over target
         self._gain_before_run = self._gain  # a window that closed during a run measured both plants
 
     # ------------------------------------------------------------------ inputs and outputs
@@ -423,6 +429,8 @@ class ExpansionController:
             window = self._window = _Window()
         window.add(step, demand)
         if step is not None and step.num_host_blocks > 0:
+            strong = step.stall_time > self.tuning.strong_factor * self.stall_target * step.step_time
+            self._strong_run = self._strong_run + 1 if strong else 0
             self._recent.append((step, demand))
             change = self._detector.observe(step.compute_time, step.measured_bandwidth)
             if change is not None:
@@ -432,12 +440,17 @@ class ExpansionController:
         # A short first window, so the first jump (the bandwidth prior and a couple of steps'
         # compute time are enough) comes at once rather than after a window of preemptions.
         first = self.lease == 0 and window.num_demand == window.num_samples >= self.tuning.first_window
-        if first or window.num_samples >= self.tuning.decide_every:
+        # A run of steps each stalled far over the target (the link was cut under a full lease) is
+        # acted on at once, not a window later: each step of it costs several times the target. One
+        # such step is not enough (a busy CPU delays a copy now and then); a run of them is.
+        stalling = self._strong_run >= self.tuning.strong_steps
+        if first or stalling or window.num_samples >= self.tuning.decide_every:
             return self.decide()
         return None
 
     def decide(self) -> Decision:
         """Close the current window and decide the lease from it."""
+        self._strong_run = 0
         window, self._window = self._window, _Window()
         lease = self.lease
         self._decision = self._next(window)
