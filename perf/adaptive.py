@@ -236,6 +236,10 @@ def compare(
     adaptive = adaptive_runs[median]
     phases = phases_of(adaptive.trace, adaptive.changes)
     converged = [phase["steps_to_converge"] for phase in phases if phase["steps_to_converge"] is not None]
+    # After a change: the phases that began with one (the first climbs from an empty lease).
+    after_change = [
+        phase["steps_to_converge"] for phase in phases[1:] if phase["steps_to_converge"] is not None
+    ]
     return {
         "copy_throttle_bytes_per_s": scenario.throttle,
         "cut_to_bytes_per_s": scenario.cut_to,
@@ -246,6 +250,8 @@ def compare(
         "throughput_ratio_adaptive_vs_best_fixed": round(ratios[median], 3),
         "phases": phases,
         "steps_to_converge": max(converged, default=None),  # the slowest phase
+        **({"steps_to_converge_after_a_change": max(after_change)} if after_change else {}),
+        "worst_phase_stall_fraction": max(phase["stall_fraction"] for phase in phases),
         "final_lease": phases[-1]["settled_lease"],
         "stall_fraction": adaptive.result["stall_fraction"],
         # The machine's load when the scenario ended: a shared CPU's timings are only comparable
