@@ -182,22 +182,24 @@ def openai_client(server: ServerProcess, timeout: float = 60) -> Any:
     return openai.OpenAI(base_url=server.url("/v1"), api_key="none", max_retries=0, timeout=timeout)
 
 
-def api_server_fixtures(served_model_name: str, *flags: str) -> tuple[Any, Any]:
+def api_server_fixtures(
+    served_model_name: str, *flags: str, max_model_len: int = 128, timeout: float = 60
+) -> tuple[Any, Any]:
     """Module-scoped ``server`` and ``client`` fixtures: one ``pied serve`` of the tiny Llama, served
-    as ``served_model_name`` with a 128-token context (plus ``flags``), for the module's tests. At a
-    test module's top level: ``server, client = api_server_fixtures(MODEL)``."""
+    as ``served_model_name`` with a ``max_model_len``-token context (plus ``flags``), and the
+    ``openai`` client for it (``timeout`` seconds a request), for the module's tests. At a test
+    module's top level: ``server, client = api_server_fixtures(MODEL)``."""
 
     @pytest.fixture(scope="module")
     def server(tiny_model_dir) -> Iterator[ServerProcess]:
         model_dir = tiny_model_dir("llama")
-        with running_server(
-            model_dir, "--served-model-name", served_model_name, "--max-model-len", "128", *flags
-        ) as process:
+        context = ("--max-model-len", str(max_model_len))
+        with running_server(model_dir, "--served-model-name", served_model_name, *context, *flags) as process:
             yield process
 
     @pytest.fixture(scope="module")
     def client(server: ServerProcess) -> Any:
-        return openai_client(server)
+        return openai_client(server, timeout)
 
     return server, client
 

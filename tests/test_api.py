@@ -8,7 +8,7 @@ import re
 
 import openai
 import pytest
-from server import ServerProcess, running_server, sse_events
+from server import ServerProcess, api_server_fixtures, sse_events
 
 MODEL = "tiny-llama"
 MAX_MODEL_LEN = 128
@@ -19,17 +19,7 @@ MESSAGES = [
 PROMPT = "The class statement defines"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir) -> ServerProcess:
-    with running_server(
-        tiny_model_dir("llama"), "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN)
-    ) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url("/v1"), api_key="none", max_retries=0, timeout=60)
+server, client = api_server_fixtures(MODEL, max_model_len=MAX_MODEL_LEN)
 
 
 def stream_chat(client: openai.OpenAI, **kwargs) -> tuple[dict[int, str], dict[int, str | None], list]:

@@ -93,16 +93,17 @@ def disconnect_while_running(server: ServerProcess, start, n: int = 1, attempts:
     for _ in range(attempts):
         wait_for(server, idle_and_empty)
         before = server.metrics()
+        finished = before.get(FINISHED, 0)
         connection = start()
         try:
             samples = wait_for(
                 server,
-                lambda s: (s[DEVICE_USAGE] > 0 and s[RUNNING] == n) or s.get(FINISHED, 0) > before.get(FINISHED, 0),
+                lambda s, finished=finished: (s[DEVICE_USAGE] > 0 and s[RUNNING] == n) or s.get(FINISHED, 0) > finished,
                 timeout=30,
             )
         finally:
             connection.close()
-        if samples.get(FINISHED, 0) == before.get(FINISHED, 0):
+        if samples.get(FINISHED, 0) == finished:
             wait_for(server, idle_and_empty, timeout=10)
             return server.metrics()[ABORTED] - before[ABORTED]
     raise AssertionError(f"each of {attempts} requests finished before /metrics showed it running")

@@ -11,9 +11,8 @@ import json
 import re
 
 import jsonschema
-import openai
 import pytest
-from server import ServerProcess, running_server
+from server import api_server_fixtures
 
 MODEL = "tiny"
 
@@ -51,26 +50,16 @@ def loads(text: str):
     return json.loads(text, strict=False)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir) -> ServerProcess:
-    with running_server(
-        tiny_model_dir("llama"),
-        "--served-model-name",
-        MODEL,
-        "--max-model-len",
-        "512",
-        "--enable-auto-tool-choice",
-        "--tool-call-parser",
-        "hermes",
-        "--reasoning-parser",
-        "qwen3",
-    ) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url("/v1"), api_key="none", max_retries=0, timeout=120)
+server, client = api_server_fixtures(
+    MODEL,
+    "--enable-auto-tool-choice",
+    "--tool-call-parser",
+    "hermes",
+    "--reasoning-parser",
+    "qwen3",
+    max_model_len=512,
+    timeout=120,
+)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
