@@ -409,6 +409,27 @@ def test_a_run_of_strongly_stalled_steps_is_acted_on_before_the_window_ends_and_
     assert decisions[2].lease < 0.7 * 400
 
 
+def test_a_re_plan_starts_the_run_of_strongly_stalled_steps_afresh() -> None:
+    """Steps stalled before a change was detected are the old plant's: they neither count towards
+    the run that closes a window early nor make a one-step window of the next stalled step."""
+    controller = ExpansionController(1000, initial_lease=400)
+
+    def step(compute: float, stall_fraction: float) -> StepSample:
+        stall = compute * stall_fraction / (1 - stall_fraction)
+        return StepSample(step_time=compute + stall, forward_time=compute + stall, stall_time=stall,
+                          num_host_blocks=400, bytes_to_device=400 << 20)  # fmt: skip
+
+    idle = DemandSample(num_waiting=0, num_host_blocks_in_use=400)
+    for _ in range(16):  # the reference: 10 ms steps, no stall (two windows without demand: holds)
+        controller.observe(step(0.010, 0.0), idle)
+    # The compute time halves; the fifth such step of six is a change.
+    decisions = [controller.observe(step(0.005, 0.0), idle) for _ in range(3)]
+    decisions += [controller.observe(step(0.005, 0.4), idle) for _ in range(2)]  # a run of 2 ...
+    assert decisions[:4] == [None] * 4
+    assert decisions[4].reason.endswith("compute time 0.5x, re-planned")  # ... ended by the re-plan
+    assert controller.observe(step(0.005, 0.4), idle) is None  # the third is the new run's first
+
+
 def test_a_shrink_that_has_not_landed_is_not_shrunk_again() -> None:
     controller = ExpansionController(1000, initial_lease=1000, tuning=ControllerTuning(decide_every=4))
     decisions = []

@@ -513,6 +513,7 @@ class ExpansionController:
             window.add(step, demand)
         self._recent.clear()
         self._window = _Window()  # its earlier samples were the old plant's
+        self._strong_run = 0  # and so were the stalled steps before the change
         # A decision on a window that straddled the change calibrated the gain on both plants.
         self._gain = self._gain_before_run
         self._learn(window, fresh=True)
