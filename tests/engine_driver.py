@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import proto
 from pied.engine import Engine, SupervisorOptions, WorkerKind
 from proto.config import EngineConfig
@@ -57,6 +59,12 @@ async def collect(stream: Any) -> tuple[list[int], proto.TokenDelta]:
         last = delta
     assert last is not None
     return tokens, last
+
+
+def random_prompts(count: int, seed: int, length: int = 40) -> dict[str, list[int]]:
+    """``count`` prompts of token 1 and ``length`` seeded random tokens, by request id r0, r1, ..."""
+    rng = np.random.default_rng(seed)
+    return {f"r{i}": [1] + rng.integers(5, 500, size=length).tolist() for i in range(count)}
 
 
 async def generate(

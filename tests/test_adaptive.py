@@ -16,6 +16,7 @@ from engine_driver import (
     generate,
     mapped_segments,
     open_memfds,
+    random_prompts,
     running_engine,
 )
 from tiny_models import build_model_dir
@@ -63,8 +64,7 @@ class StepLog:
 
 async def run(model_dir, throttle: float | None) -> dict:
     extra = {"copy_throttle_bytes_per_s": throttle} if throttle else {}
-    rng = np.random.default_rng(0)
-    requests = {f"r{i}": [1] + rng.integers(5, 500, size=40).tolist() for i in range(24)}
+    requests = random_prompts(24, seed=0)
     async with running_engine(
         model_dir,
         device_kv_blocks=24,
@@ -173,8 +173,7 @@ async def test_the_lease_follows_a_link_cut_mid_run_through_worker_processes(mod
     does not depend on how fast the machine is."""
     from test_pooling import MAX_TOKENS
 
-    rng = np.random.default_rng(1)
-    requests = {f"r{i}": [1] + rng.integers(5, 500, size=40).tolist() for i in range(16)}
+    requests = random_prompts(16, seed=1)
     async with running_engine(model_dir, device_kv_blocks=512) as engine:
         reference = await generate(engine, requests, MAX_TOKENS)
     control = tmp_path / "copy-throttle"

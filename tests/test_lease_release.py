@@ -144,20 +144,19 @@ class Engine:
         self.memory.host.close()
 
 
+def adaptive_pie_config(model_dir, **overrides) -> EngineConfig:
+    """The tiny Llama under pie with adaptive expansion and a 2 MB host budget, through the preflight."""
+    return preflight(
+        EngineConfig(
+            model=str(model_dir), dtype="float32", device="cpu", block_size=4, kv_policy="pie", host_kv_gib=0.002,
+            **overrides,
+        )
+    )  # fmt: skip
+
+
 @pytest.fixture
 def engine(tiny_model_dir) -> Iterator[Engine]:
-    config = preflight(
-        EngineConfig(
-            model=str(tiny_model_dir("llama")),
-            dtype="float32",
-            device="cpu",
-            block_size=4,
-            device_kv_blocks=NUM_DEVICE_BLOCKS,
-            kv_policy="pie",
-            expansion="adaptive",
-            host_kv_gib=0.002,
-        )
-    )
+    config = adaptive_pie_config(tiny_model_dir("llama"), device_kv_blocks=NUM_DEVICE_BLOCKS)
     context = zmq.asyncio.Context()
     built = Engine(config, context)
     try:
@@ -225,16 +224,7 @@ def test_a_lease_decided_after_the_scheduler_stopped_is_not_a_failure(tiny_model
     """The memory manager stops last (it owns the segments); with actors as threads the scheduler's
     mailbox is closed by then, and an idle tick that moves the lease meanwhile must not fail the
     memory manager (an engine shut down cleanly would log it as dead)."""
-    config = preflight(
-        EngineConfig(
-            model=str(tiny_model_dir("llama")),
-            dtype="float32",
-            device="cpu",
-            block_size=4,
-            kv_policy="pie",
-            host_kv_gib=0.002,
-        )
-    )
+    config = adaptive_pie_config(tiny_model_dir("llama"))
     context = zmq.asyncio.Context()
     memory = MemoryActor(config, Addresses.inproc(), context=context)
     memory.host = host = HostMemory(config)

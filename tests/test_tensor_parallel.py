@@ -20,7 +20,6 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from daemon import cmdline, live_pids, shm_entries, wait_gone
@@ -30,6 +29,7 @@ from engine_driver import (
     engine_config,
     generate,
     mapped_segments,
+    random_prompts,
     running_engine,
 )
 from safetensors.torch import load_file
@@ -274,8 +274,7 @@ async def test_adaptive_expansion_steers_by_the_slowest_rank(tiny_model_dir, tmp
     rank 1's stalls and shrinks the lease. Driven wave by wave until each condition holds, so it
     does not depend on how fast the machine is."""
     folder = tiny_model_dir("llama", **ADAPTIVE_MODEL)
-    rng = np.random.default_rng(1)
-    requests = {f"r{i}": [1] + rng.integers(5, 500, size=40).tolist() for i in range(16)}
+    requests = random_prompts(16, seed=1)
     async with running_engine(folder, device_kv_blocks=512) as engine:
         reference = await generate(engine, requests, ADAPTIVE_TOKENS)
     throttle = tmp_path / "copy-throttle-{rank}"
