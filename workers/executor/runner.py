@@ -333,7 +333,8 @@ class ModelRunner:
         self.update_states(plan)
         swapped = self.swap(plan)
         inputs = self.prepare(plan)
-        states = [self.states[request_id] for request_id in compress(plan.request_ids, inputs.sample)]
+        sampled_ids = list(compress(plan.request_ids, inputs.sample))
+        states = [self.states[request_id] for request_id in sampled_ids]
         layers = self._layer_timer(inputs) if self.record_layer_times else None
         timer = ForwardTimer(self.device)
         try:
@@ -364,7 +365,7 @@ class ModelRunner:
         sampled_token_ids = token_ids.tolist()
         for state, token_id in zip(states, sampled_token_ids):
             state.append(token_id)
-        self.feedback.record(plan.step_id, list(compress(plan.request_ids, inputs.sample)), sampled_token_ids)
+        self.feedback.record(plan.step_id, sampled_ids, sampled_token_ids)
         prompt_logprobs = (
             self.sampler.prompt_logprobs(all_logits[len(states) :], inputs.prompt_runs) if self.tp.is_first else []
         )

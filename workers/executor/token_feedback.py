@@ -22,12 +22,14 @@ class SampledTokenFeedback:
 
     def __init__(self) -> None:
         self.step_id = -1
-        self.tokens: dict[str, int] = {}
+        self._request_ids: list[str] = []
+        self._token_ids: list[int] = []
 
     def record(self, step_id: int, request_ids: list[str], token_ids: list[int]) -> None:
-        """Step ``step_id`` sampled ``token_ids[i]`` for ``request_ids[i]`` (none: an empty list)."""
+        """Step ``step_id`` sampled ``token_ids[i]`` for ``request_ids[i]`` (none: an empty list).
+        Kept as given: only a plan with placeholders (async scheduling) looks them up."""
         self.step_id = step_id
-        self.tokens = dict(zip(request_ids, token_ids))
+        self._request_ids, self._token_ids = request_ids, token_ids
 
     def fill(self, plan: proto.StepPlan, token_ids: np.ndarray, query_lens: np.ndarray) -> np.ndarray:
         """``token_ids`` (the plan's, request by request, ``query_lens`` each) with every placeholder
@@ -41,10 +43,11 @@ class SampledTokenFeedback:
                 f"step {plan.step_id} has sampled-token placeholders but the last step run was {self.step_id}."
             )
         owners = np.repeat(np.arange(len(query_lens)), query_lens)[holes].tolist()
+        sampled = dict(zip(self._request_ids, self._token_ids))
         filled = token_ids.copy()
         for hole, owner in zip(holes.tolist(), owners):
             request_id = plan.request_ids[owner]
-            token_id = self.tokens.get(request_id)
+            token_id = sampled.get(request_id)
             if token_id is None or query_lens[owner] != 1:
                 raise ValueError(
                     f"step {plan.step_id}: request {request_id!r} has a placeholder token, but step "
