@@ -278,6 +278,33 @@ def assert_follows_each_change(plant: Plant, trace: Trace) -> None:
         assert trace.stall_fraction_between(start + CONVERGE_STEPS, end) <= BAND[1]
 
 
+@pytest.mark.parametrize("kind, scale", [("compute time", 3.0), ("link bandwidth", 4.0)])
+def test_a_few_steps_of_good_news_do_not_raise_the_lease_and_lasting_news_does(
+    kind: str, scale: float
+) -> None:
+    # A few prefill-heavy steps after admissions (3x the compute time of the decode steps around
+    # them), or a link that is fast for a moment: a change to the detector, not to the steady
+    # steps. Re-planned at once, the lease would jump far past what those steps hide, and the
+    # stalls that take it back cost more than the wait. Growth waits for change_steps more steps.
+    field = {"compute time": "compute_scale", "link bandwidth": "bandwidth_scale"}[kind]
+    transient = 8  # steps: beyond the detector's 6, within its confirmation
+    phases = (Phase(SETTLE_STEPS, **{field: scale}), Phase(SETTLE_STEPS + transient))
+    plant = Plant(bandwidth=12.5e9, noise=0.1, seed=1, report_copy_time=True, phases=phases)
+    controller, trace = settle(plant, num_steps=SETTLE_STEPS + PHASE_STEPS)
+    limit = plant.transparent_limit(SETTLE_STEPS - 1)
+    after = trace.leases[SETTLE_STEPS:]
+    assert all(lease <= 1.25 * limit for lease in after), after[:40]
+    assert not [reason for reason in trace.reasons if reason.startswith("grow: " + kind)], trace.reasons
+    assert f"hold: {kind} " in " ".join(trace.reasons)  # it was seen, and waited out
+    # The same change, lasting: the lease follows it within the same 50 steps as a bad one.
+    lasting = Plant(bandwidth=12.5e9, noise=0.1, seed=1, report_copy_time=True, phases=phases[:1])
+    controller, trace = settle(lasting, num_steps=SETTLE_STEPS + PHASE_STEPS)
+    new_limit = lasting.transparent_limit(SETTLE_STEPS)
+    settled = trace.leases[SETTLE_STEPS + CONVERGE_STEPS :]
+    assert all(0.8 * new_limit <= lease <= 1.25 * new_limit for lease in settled), settled[:20]
+    assert any(reason.startswith("grow: " + kind) for reason in trace.reasons), trace.reasons
+
+
 @pytest.mark.parametrize("copy_time, outliers", [(True, 0.0), (False, 0.0), (True, 0.1)])
 def test_follows_short_requests_to_long_contexts_and_back(copy_time: bool, outliers: float) -> None:
     # Many short requests, then a few long-context ones, then short ones again: in the long phase
