@@ -428,12 +428,17 @@ def test_a_run_of_strongly_stalled_steps_is_acted_on_before_the_window_ends_and_
     # A step stalled 40% between steps stalled 1% (a copy delayed on a busy CPU): only whole windows.
     pattern = [0.01, 0.01, 0.4, 0.01, 0.4, 0.4, 0.01, 0.01] * 2
     decisions = [controller.observe(stalled_step(400, fraction), demand_sample(400)) for fraction in pattern]
-    assert decisions[:-1] == [None] * 15 and decisions[-1] is not None
+    assert decisions[:-1] == [None] * 15 and decisions[-1].action == "shrink"
+    lease = controller.lease
+    # The shrink landed (the blocks above it moved); its first landing_steps steps measure that
+    # traffic, not the new lease: no evidence, however they stalled.
+    landing = [controller.observe(stalled_step(lease, 0.4), demand_sample(lease)) for _ in range(2)]
+    assert landing == [None, None] and tuning.landing_steps == 2
     # The link is cut: the third step in a row stalled 40% decides (16 steps would be a window).
-    decisions = [controller.observe(stalled_step(400, 0.4), demand_sample(400)) for _ in range(3)]
+    decisions = [controller.observe(stalled_step(lease, 0.4), demand_sample(lease)) for _ in range(3)]
     assert decisions[:2] == [None, None] and decisions[2].action == "shrink"
     # Proportionally, to about the blocks that would have stalled the target (not a small step).
-    assert decisions[2].lease < 0.7 * 400
+    assert decisions[2].lease < 0.7 * lease
 
 
 def test_a_re_plan_starts_the_run_of_strongly_stalled_steps_afresh() -> None:
@@ -471,6 +476,23 @@ def test_a_shrink_that_has_not_landed_is_not_shrunk_again() -> None:
         decision == Decision(first.lease, decision.target, "hold: shrink pending")
         for decision in decisions[1:]
     )
+
+
+def test_the_traffic_of_a_landing_shrink_is_not_evidence_for_another() -> None:
+    # Stalls 30% at 400 blocks: shrink. The scheduler moves the blocks above the new lease to the
+    # device over the next steps (copies on the same link) and recomputes what it preempted, so
+    # those steps stall hard whatever the lease; then the lease turns out right (1% stalls).
+    controller = ExpansionController(1000, initial_lease=400, tuning=ControllerTuning(decide_every=8))
+    for _ in range(3):
+        decision = controller.observe(stalled_step(400, 0.3), demand_sample(400))
+    assert decision.action == "shrink"
+    lease = controller.lease
+    decisions = [controller.observe(stalled_step(400, 0.4), demand_sample(400)) for _ in range(3)]  # landing
+    decisions += [controller.observe(stalled_step(lease, 0.4), demand_sample(lease)) for _ in range(2)]  # landed
+    decisions += [controller.observe(stalled_step(lease, 0.01), demand_sample(lease)) for _ in range(32)]
+    made = [decision for decision in decisions if decision is not None]
+    assert made and all(decision.lease == lease for decision in made), made
+    assert not [decision for decision in made if decision.action == "shrink"]
 
 
 def test_a_starved_engine_grows_whatever_the_stalls_and_is_not_shrunk_back() -> None:

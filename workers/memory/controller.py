@@ -34,8 +34,10 @@ Control law. Windows at the same lease are pooled (ratio of sums); ``f`` is thei
   ``gain = stall limit / H_limit``, and the lease that stalled becomes a ceiling for later jumps.
 - ``f`` below ``stall_target * (1 - deadband)`` by as much, demand in most of the window, and the
   lease actually filled: **grow**. When ``gain * H_limit`` is ``far`` above the lease, jump from
-  below: ``jump`` of the way there (``blind_jump`` of it before any step read host blocks, since
-  prefill-heavy first steps overstate compute), as an overshoot costs preemptions when the stalls
+  below: ``jump`` of the way there (``blind_jump`` of it before any step read host blocks, and
+  from the median compute time of the last ``decide_every`` steps, those before demand included:
+  the steps since demand began are a burst's first, prefill-heavy, 200 ms where the decode steps
+  after take 30 on the CPU), as an overshoot costs preemptions when the stalls
   take it back and stopping short costs one window; never past the ceiling. Near the limit probe
   up by a small fraction that doubles while grows keep finding room and halves on every reversal
   (bisection), passing the ceiling only by the smallest probe. With no bandwidth known yet, grow
@@ -51,6 +53,12 @@ Control law. Windows at the same lease are pooled (ratio of sums); ``f`` is thei
   stalls above ``strong_factor * stall_target`` in one window shrink at once, and ``strong_steps``
   steps in a row that each stalled that much close their window early (a cut link is acted on in
   a few steps, not a window).
+- **Landing**: a shrink lands over a few steps, as the scheduler moves the blocks above the lease
+  to the device (copies on the link the streamed blocks need) or preempts and recomputes. Until
+  the blocks in use are within the lease, and for ``landing_steps`` steps after, a step's stalls
+  measure that traffic, not the new lease: they are no evidence (the change detector still sees
+  the steps). Counted, they had shrunk the lease again, 42 -> 10 blocks where 40 hide, and the
+  pooled stalls held it there for 100 steps.
 - **Change**: when the median compute time, or link bandwidth (from the executor's copy time), of
   the last ``change_steps`` host-reading steps is off the median of the steps before them (those
   the current plan was made from) by more than ``change_threshold`` and more than their noise, with
@@ -204,6 +212,7 @@ class ControllerTuning:
     bandwidth_smoothing: float = 0.5  # EWMA weight of a new bandwidth measurement
     change_threshold: float = 0.3  # relative: the recent median compute time or bandwidth this far off,
     change_steps: int = 6  # over this many host-reading steps (all but one moved): the plant changed
+    landing_steps: int = 2  # host-reading steps after a shrink landed that are not yet its evidence
     gain_min: float = 1 / 16
     gain_max: float = 4.0
 
@@ -215,6 +224,7 @@ class ControllerTuning:
             self.release_after,
             self.change_steps,
             self.strong_steps,
+            self.landing_steps + 1,
         )
         if min(counts) < 1:
             raise ValueError(
@@ -262,6 +272,7 @@ class _Window:
     host_fraction_sum: float = 0.0  # per-step stall fractions, for their spread
     host_fraction_squares: float = 0.0
     host_step_time: float = 0.0
+    num_landing: int = 0  # host-reading steps of a shrink still landing: counted, but no evidence
     # Per host-reading step, for medians: a step whose timer waited for a core (a busy CPU) reports
     # 4x its compute or copy time, and one in ten of those would move a mean by a third.
     host_compute_times: list[float] = field(default_factory=list)
@@ -271,7 +282,9 @@ class _Window:
     link_bandwidth: float = 0.0  # the executor's measurement at start (summed over samples carrying it)
     num_link_samples: int = 0
 
-    def add(self, step: StepSample | None, demand: DemandSample) -> None:
+    def add(self, step: StepSample | None, demand: DemandSample, evidence: bool = True) -> None:
+        """One sample; ``evidence=False``: a step of a shrink still landing, whose stalls and blocks
+        describe the migration and the old lease, not the new one (its time and copies still count)."""
         self.num_samples += 1
         self.num_demand += demand.wants_blocks
         self.num_preemptions += max(0, demand.num_preemptions)
@@ -288,7 +301,9 @@ class _Window:
             self.num_link_samples += 1
         self.compute_time += compute
         self.step_time += step_time
-        if step.num_host_blocks > 0:
+        if step.num_host_blocks > 0 and not evidence:
+            self.num_landing += 1
+        elif step.num_host_blocks > 0:
             self.num_host_steps += 1
             self.host_blocks += step.num_host_blocks
             self.host_bytes += max(0, step.bytes_to_device)
@@ -405,6 +420,9 @@ class ExpansionController:
         # its quantity, host-reading steps since it was detected).
         self._pending: tuple[Change, float, int] | None = None
         self._strong_run = 0  # host-reading steps in a row, to the last, stalled strong_factor over target
+        self._landing = 0  # after a shrink: host-reading steps still to pass before evidence counts
+        # The compute time of the last steps, host-reading or not: what a blind jump is sized from.
+        self._compute_times: deque[float] = deque(maxlen=tuning.decide_every)
         self._gain_before_run = self._gain  # a window that closed during a run measured both plants
 
     # ------------------------------------------------------------------ inputs and outputs
@@ -436,10 +454,24 @@ class ExpansionController:
         if self.lease == 0 and demand.wants_blocks and window.num_demand < window.num_samples:
             # Demand against an empty lease: the idle samples before it say nothing about it.
             window = self._window = _Window()
-        window.add(step, demand)
+        landing = False
+        if step is not None and step.num_host_blocks > 0 and self._landing:
+            # A shrink lands over a few steps: the scheduler moves the blocks above the lease to
+            # the device (host -> device copies on the link the streamed blocks need) or preempts
+            # and recomputes. Until it has, and for ``landing_steps`` steps after, the stalls
+            # measure that traffic: taken as evidence they had shrunk the lease again, 42 -> 10
+            # blocks where 40 hide (the throttled link), and held it there for 100 steps.
+            landing = True
+            if demand.num_host_blocks_in_use <= self.lease:
+                self._landing -= 1
+        window.add(step, demand, evidence=not landing)
+        if step is not None:
+            self._compute_times.append(max(0.0, step.compute_time))
         if step is not None and step.num_host_blocks > 0:
-            strong = step.stall_time > self.tuning.strong_factor * self.stall_target * step.step_time
-            self._strong_run = self._strong_run + 1 if strong else 0
+            if not landing:
+                strong = step.stall_time > self.tuning.strong_factor * self.stall_target * step.step_time
+                self._strong_run = self._strong_run + 1 if strong else 0
+            # The change detector watches every step: a link cut while a shrink lands is still a cut.
             self._recent.append((step, demand))
             change = self._detector.observe(step.compute_time, step.measured_bandwidth)
             if change is not None and change.ratio > 1:
@@ -528,6 +560,8 @@ class ExpansionController:
         if window.num_samples == 0:
             return self._hold("no samples")
         self._learn(window)
+        if window.num_landing and not window.num_host_steps:
+            return self._hold("shrink pending")  # no evidence at the new lease yet
         tuning = self.tuning
         self._evidence = [*self._evidence[1 - tuning.evidence_windows :], window]
         pooled = _Window.pool(self._evidence)
@@ -660,11 +694,16 @@ class ExpansionController:
 
     def _grow(self, evidence: _Window, fraction: float) -> Decision:
         lease = self.lease
-        model = self._model_limit(evidence)
+        blind = not self._measured_host_steps
+        # Blind (no step read host blocks yet), the window is the steps since demand began: the
+        # first of a burst, prefill-heavy (200 ms where the decode steps after take 30, on the CPU
+        # with the throttled link), so the median of the last steps, before demand too, stands in.
+        compute = statistics.median(self._compute_times) if blind and self._compute_times else None
+        model = self._model_limit(evidence, compute)
         target = self._gain * model if model else None
-        if target is not None and not self._measured_host_steps:
-            # Modelled from steps that read no host block (the first ones: prefill-heavy, no
-            # write-backs): go part way, and let the next window, which reads host blocks, jump on.
+        if target is not None and blind:
+            # Modelled from steps that read no host block (no write-backs, no stalls yet): go part
+            # way, and let the next window, which reads host blocks, jump on.
             target *= self.tuning.blind_jump
         if target is not None and self._ceiling is not None:
             target = min(target, self._ceiling - 1)  # not back into stalls measured on this climb
@@ -748,6 +787,7 @@ class ExpansionController:
         self._direction = direction
         if direction > 0:
             self._shrink_point = None  # a grow ends a series of shrinks
+        self._landing = tuning.landing_steps if direction < 0 else 0
         self._evidence = []  # what was measured at the old lease says nothing about the new one
         return Decision(new, self._target(), reason)
 
@@ -788,15 +828,17 @@ class ExpansionController:
         """Stall seconds per step that make ``stall_target`` of a step with the same other time."""
         return self.stall_target * max(0.0, step - stall) / (1 - self.stall_target)
 
-    def _model_limit(self, window: _Window) -> float | None:
+    def _model_limit(self, window: _Window, compute_time: float | None = None) -> float | None:
         """(bandwidth * (compute + target stall) - bytes written back) / block bytes: the blocks
         one copy engine can load per step beside the step's write-backs; uncorrected, None when
-        unknown."""
+        unknown. ``compute_time``: the step's, where the caller knows better than the window."""
         times = window.per_step()
         if self._bandwidth is None or not self._block_bytes or times is None:
             return None
         compute, stall, step = times
-        if window.host_compute_times:
+        if compute_time is not None:
+            compute = compute_time
+        elif window.host_compute_times:
             compute = statistics.median(window.host_compute_times)  # robust to a step's delayed timer
         written = window.host_write_bytes / window.num_host_steps if window.num_host_steps else 0.0
         budget = self._bandwidth * (compute + self._target_stall(stall, step)) - written
