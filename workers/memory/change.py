@@ -101,17 +101,6 @@ class _Watch:
             run, direction = run + 1, side
         return run
 
-    def fell(self, threshold: float, num_steps: int, min_reference: int) -> tuple[float, int] | None:
-        """(log(new level / reference median), steps) when each of the last ``num_steps`` steps
-        fell below the reference's median by more than ``threshold``, else None."""
-        if len(self.reference) < min_reference or len(self.recent) < num_steps:
-            return None
-        center = statistics.median(self.reference)
-        last = list(self.recent)[-num_steps:]
-        if not all(value < center - math.log1p(threshold) for value in last):
-            return None
-        return statistics.median(last) - center, num_steps
-
     def rebase(self, num_steps: int) -> None:
         """The last ``num_steps`` recent steps measured a change: they are the reference from now on."""
         self.reference.clear()
@@ -162,19 +151,6 @@ class ChangeDetector:
                 shift, num_steps = found
                 watch.rebase(num_steps)
                 return Change(watch.quantity, math.exp(shift), num_steps)
-        return None
-
-    def corroborated(self, num_steps: int) -> Change | None:
-        """A fall of the link bandwidth, or else of the compute time, in each of the last
-        ``num_steps`` steps, beyond the threshold: less room for copies, seen sooner than
-        :meth:`observe` sees a change, for a caller that has other evidence of it (those steps
-        stalled far over the target). Those steps become that quantity's reference."""
-        for watch in (self._bandwidth, self._compute):
-            found = watch.fell(self.threshold, num_steps, self.min_reference)
-            if found is not None:
-                shift, steps = found
-                watch.rebase(steps)
-                return Change(watch.quantity, math.exp(shift), steps)
         return None
 
     @property

@@ -52,9 +52,7 @@ Control law. Windows at the same lease are pooled (ratio of sums); ``f`` is thei
 - Noise: a small move needs ``confirm_windows`` windows at the lease, a reversal twice that;
   stalls above ``strong_factor * stall_target`` in one window shrink at once, and ``strong_steps``
   steps in a row that each stalled that much close their window early (a cut link is acted on in
-  a few steps, not a window). Where each step of such a run also measured less room beyond the
-  change threshold (a slower link, else less compute: ``ChangeDetector.corroborated``), the two
-  signals agree and the change is re-planned from those steps at once, not ``change_steps`` later.
+  a few steps, not a window).
 - **Landing**: a shrink lands over a few steps, as the scheduler moves the blocks above the lease
   to the device (copies on the link the streamed blocks need) or preempts and recomputes. Until
   the blocks in use are within the lease, and for ``landing_steps`` steps after, a step's stalls
@@ -496,14 +494,6 @@ class ExpansionController:
         # acted on at once, not a window later: each step of it costs several times the target. One
         # such step is not enough (a busy CPU delays a copy now and then); a run of them is.
         stalling = self._strong_run >= self.tuning.strong_steps
-        if stalling and step is not None:
-            # Each of those steps also measured less room (a slower link, less compute) beyond the
-            # threshold: two signals agree, so the change is re-planned now, from those steps,
-            # rather than after change_steps (a cut link stalls 60-80% a step until the lease lands).
-            change = self._detector.corroborated(self._strong_run)
-            if change is not None:
-                self._pending = None
-                return self._replan(change)
         if first or stalling or window.num_samples >= self.tuning.decide_every:
             return self.decide()
         return None
