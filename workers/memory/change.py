@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 COMPUTE_TIME = "compute time"
@@ -46,6 +47,12 @@ class Change:
     quantity: str
     ratio: float
     num_steps: int = 0  # the last steps that measured the new level (those that moved)
+
+
+def beyond(values: Iterable[float], center: float, bar: float, direction: float) -> list[bool]:
+    """Per value (logarithms): whether it is more than ``bar`` from ``center`` on the side of
+    ``direction`` (its sign). A change is all of them but one."""
+    return [(value - center) * direction > 0 and abs(value - center) > bar for value in values]
 
 
 class _Watch:
@@ -78,7 +85,7 @@ class _Watch:
             return None
         # And all recent steps but one beyond the threshold the same way: a median that a few
         # delayed steps carried (three of six, when one step in ten is delayed 4x) is no change.
-        moved = [(value - center) * shift > 0 and abs(value - center) > bar for value in self.recent]
+        moved = beyond(self.recent, center, bar, shift)
         if sum(moved) < len(moved) - 1:
             return None
         # The change may have come after the window's first step: the new level is measured from

@@ -95,7 +95,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import proto
-from workers.memory.change import COMPUTE_TIME, Change, ChangeDetector
+from workers.memory.change import COMPUTE_TIME, Change, ChangeDetector, beyond
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,10 +535,10 @@ class ExpansionController:
             return None
         self._pending = None
         # As the detector tests a change: all the steps since but one beyond the threshold.
-        bar = old_level * (1 + self.tuning.change_threshold)
-        values = self._values(change.quantity, seen)
-        moved = [value for value in values if value > bar]
-        if not values or len(moved) < len(values) - 1:
+        logs = [math.log(value) for value in self._values(change.quantity, seen)]
+        bar = math.log1p(self.tuning.change_threshold)
+        moved = beyond(logs, math.log(old_level), bar, +1) if old_level > 0 else []
+        if not moved or sum(moved) < len(moved) - 1:
             # It passed: the steps are back near the old level, which they measure afresh.
             self._detector.forget()
             self._decision = self._hold(f"{change.quantity} {change.ratio:.2g}x for a few steps only")
