@@ -166,6 +166,14 @@ async def _run(model_dir: str, scenario: Scenario, workers: str, keep_trace: boo
             sampler = asyncio.ensure_future(sample_stats(engine, start, trace)) if keep_trace else None
             counts: dict[str, int] = {}
             finished = 0
+            # The executor's totals at each change: every run's stall fraction per phase, exactly
+            # (not from the sampled trace, which only the adaptive runs keep).
+            marks = [before]
+
+            def change() -> None:
+                marks.append(engine.stats())
+                run.changes.append(marks[-1].num_steps - before.num_steps)
+
             half = scenario.num_requests // 2
             phase_seconds = []
 
@@ -183,14 +191,6 @@ async def _run(model_dir: str, scenario: Scenario, workers: str, keep_trace: boo
                     # Another tenant takes most of the link: the executor sees it from its next step.
                     write_throttle(control, scenario.cut_to)
                     change()
-
-            # The executor's totals at each change: every run's stall fraction per phase, exactly
-            # (not from the sampled trace, which only the adaptive runs keep).
-            marks = [before]
-
-            def change() -> None:
-                marks.append(engine.stats())
-                run.changes.append(marks[-1].num_steps - before.num_steps)
 
             for index, phase in enumerate(scenario.phases):
                 phase_start = time.perf_counter()
@@ -259,12 +259,7 @@ def compare(
     swapping). Where stalls are cheap (a CPU, whose bigger batch gains more than its stalls cost)
     the first can be a lease that stalls a quarter of its time."""
 
-    def once(n: int | None, keep_trace: bool = False) -> Run:
-        expansion = (
-            dict(expansion=f"fixed:{n}")
-            if n is not None
-            else dict(expansion="adaptive", host_kv_gib=host_gib, stall_target=stall_target)
-        )
+    def once(keep_trace: bool = False, **expansion) -> Run:
         return run_scenario(
             model_dir,
             scenario,
@@ -275,8 +270,10 @@ def compare(
             **expansion,
         )
 
-    host_gib = 0.0
-    fixed = {n: once(n).result for n in scenario.sweep}
+    def static(n: int) -> dict:
+        return once(expansion=f"fixed:{n}").result
+
+    fixed = {n: static(n) for n in scenario.sweep}
     best_n = max(fixed, key=lambda n: fixed[n]["throughput"])
     transparent = [n for n in fixed if max(fixed[n]["phase_stall_fractions"]) <= stall_limit]
     best_transparent = max(transparent, key=lambda n: fixed[n]["throughput"], default=None)
@@ -287,17 +284,17 @@ def compare(
         if pair == 0:
             best, fair = fixed[best_n], fixed.get(best_transparent)
         else:
-            best = once(best_n).result
-            fair = best if best_transparent in (best_n, None) else once(best_transparent).result
-        adaptive_runs.append(once(None, keep_trace=True))
+            best = static(best_n)
+            fair = best if best_transparent in (best_n, None) else static(best_transparent)
+        adaptive_runs.append(
+            once(keep_trace=True, expansion="adaptive", host_kv_gib=host_gib, stall_target=stall_target)
+        )
         ratios.append(adaptive_runs[-1].result["throughput"] / best["throughput"])
         if best_transparent is not None:
             transparent_ratios.append(adaptive_runs[-1].result["throughput"] / fair["throughput"])
     median = sorted(range(pairs), key=lambda pair: ratios[pair])[pairs // 2]
     adaptive = adaptive_runs[median]
-    phases = phases_of(adaptive.trace, adaptive.changes)
-    for phase, stall in zip(phases, adaptive.result["phase_stall_fractions"]):
-        phase["stall_fraction"] = stall  # exact, where the trace's is sampled
+    phases = phases_of(adaptive.trace, adaptive.changes, adaptive.result["phase_stall_fractions"])
     converged = [phase["steps_to_converge"] for phase in phases if phase["steps_to_converge"] is not None]
     # After a change: the phases that began with one (the first climbs from an empty lease).
     after_change = [
@@ -330,20 +327,19 @@ def compare(
     }
 
 
-def phases_of(trace: list, changes: list[int]) -> list[dict]:
-    """Per phase (from the start, then from each change): its first step, its stall fraction, the
-    steps from its start until the lease settled, and the lease it settled on."""
+def phases_of(trace: list, changes: list[int], stall_fractions: list[float]) -> list[dict]:
+    """Per phase (from the start, then from each change): its first step, its stall fraction (the
+    run's exact ``phase_stall_fractions``), the steps from its start until the lease settled, and
+    the lease it settled on."""
     bounds = [0, *changes, None]
     phases = []
-    for start, end in zip(bounds, bounds[1:]):
+    for start, end, stall_fraction in zip(bounds, bounds[1:], stall_fractions):
         part = [row for row in trace if row[5] > start and (end is None or row[5] <= end)]
-        stall = sum(row[2] for row in part)
-        step = sum(row[3] for row in part)
         settled_at, lease = steps_to_converge(part)
         phases.append(
             dict(
                 first_step=start,
-                stall_fraction=round(stall / step, 4) if step > 0 else 0.0,
+                stall_fraction=stall_fraction,
                 steps_to_converge=max(0, settled_at - start) if part else None,
                 settled_lease=lease,
             )
