@@ -81,15 +81,22 @@ async def test_ring_follows_the_command_and_tokens_equal_device_only(model_dir, 
             memory = engine.actor("memory").host
             # The executor runs the ring the memory manager last commanded (an idle engine's lease
             # and ring may still narrow meanwhile: poll until both sides agree), its pages are gone.
+            # The executor thread resizes the ring and then its pages: both are read in one snapshot
+            # once they agree (reading them apart, CI once saw the ring of one resize and the pages of
+            # the one before).
+            def ring_and_pages() -> tuple[int, int, int]:
+                ring = runner.staging
+                pages = runner.kv_pool.pages.shape[0]
+                return ring.area_size, pages, runner.num_device_blocks * runner.model_config.num_layers + ring.num_pages
+
             for _ in range(400):
-                if runner.staging.area_size == memory.num_staging_blocks:
+                area, pages, expected = ring_and_pages()
+                if area == memory.num_staging_blocks and pages == expected:
                     break
                 await asyncio.sleep(0.05)
-            assert runner.staging.area_size == memory.num_staging_blocks < capacity
-            assert runner.kv_pool.pages.shape[0] < full_pages
-            assert runner.kv_pool.pages.shape[0] == runner.num_device_blocks * runner.model_config.num_layers + (
-                runner.staging.num_pages
-            )
+            assert area == memory.num_staging_blocks < capacity
+            assert pages < full_pages
+            assert pages == expected
             # No step read more host blocks than the ring it ran with held.
             blocks, widths = np.array(log.steps).T
             assert (blocks <= widths).all()
