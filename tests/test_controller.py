@@ -518,6 +518,22 @@ def test_a_starved_engine_grows_whatever_the_stalls_and_is_not_shrunk_back() -> 
     assert controller.lease < grown
 
 
+def test_a_starved_grow_ends_a_landing_shrink() -> None:
+    # A shrink, then a long context starves the engine before any step at the new lease ran: the
+    # grow replaces the shrink, so the steps it lets run are evidence, not the shrink's landing.
+    controller = ExpansionController(1000, initial_lease=400, tuning=ControllerTuning(decide_every=2))
+    for _ in range(2):
+        controller.observe(stalled_step(400, 0.3), demand_sample(400, waiting=0))
+    assert controller.decision.action == "shrink"
+    for _ in range(2):
+        controller.observe(None, demand_sample(10))
+    grown = controller.lease
+    assert controller.decision.reason == "grow: starved, requests wait and no step runs"
+    for _ in range(2):
+        controller.observe(stalled_step(grown // 2, 0.3), demand_sample(grown // 2, waiting=0))
+    assert controller.decision.reason == "hold: stalls, at the lease a starved engine needed"
+
+
 def test_growth_needs_demand_and_a_filled_lease() -> None:
     controller = ExpansionController(1000, initial_lease=100, tuning=ControllerTuning(decide_every=4))
     for _ in range(4):

@@ -748,6 +748,7 @@ class ExpansionController:
         self._ceiling = None  # stalls measured at a smaller lease do not bound a starved engine's
         self._evidence = []
         self._direction = +1
+        self._landing = 0  # a grow: no shrink is landing now, the next steps are evidence
         return Decision(new, self._target(), "grow: starved, requests wait and no step runs")
 
     def _release(self, window: _Window) -> Decision:
