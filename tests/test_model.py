@@ -52,6 +52,12 @@ VARIANTS = {
         arch="phi3", rope_parameters=PHI3_LONGROPE, original_max_position_embeddings=64
     ),
     "smollm3": dict(arch="smollm3"),
+    # Config keys that these architectures' transformers classes ignore, so must we: a partial
+    # rotary factor (only Phi-3 reads it), Mistral's attention_bias, Qwen2's unused window of 0.
+    "llama-partial-rotary-key": dict(arch="llama", partial_rotary_factor=0.5),
+    "qwen3-partial-rotary-key": dict(arch="qwen3", partial_rotary_factor=0.5),
+    "mistral-attention-bias-key": dict(arch="mistral", attention_bias=True),
+    "qwen2-unused-window-zero": dict(arch="qwen2", use_sliding_window=False, sliding_window=0),
     "gemma3-multimodal-folder": dict(arch="gemma3-multimodal"),  # its text model
 }
 # The architectures' fixtures that the batching and placement tests run on.

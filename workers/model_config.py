@@ -245,7 +245,11 @@ def _parse(folder: Path, raw: dict[str, Any], generation: dict[str, Any], file: 
     head_dim = raw.get("head_dim") or hidden_size // num_heads
     is_qwen2 = architecture == "Qwen2ForCausalLM"
     # Which projections have biases, as each transformers class builds them.
-    attention_bias = bool(raw.get("attention_bias", False)) and architecture != "Phi3ForCausalLM"
+    # (Mistral's and Phi-3's have none whatever attention_bias says.)
+    attention_bias = bool(raw.get("attention_bias", False)) and architecture not in (
+        "MistralForCausalLM",
+        "Phi3ForCausalLM",
+    )
     has_mlp_bias = architecture in ("LlamaForCausalLM", "SmolLM3ForCausalLM")
     return ModelConfig(
         path=folder,
@@ -382,7 +386,13 @@ def _rope(architecture: str, scaling: dict[str, Any], raw: dict[str, Any], file:
         raise ModelFolderError(
             f"{file}: rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}."
         )
-    partial_rotary_factor = float(scaling.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
+    # Of our architectures only Phi-3's transformers class rotates part of each head; the others
+    # rotate all of head_dim whatever the config says (transformers' output is the same without it).
+    partial_rotary_factor = (
+        float(scaling.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
+        if architecture == "Phi3ForCausalLM"
+        else 1.0
+    )
     if not 0.0 < partial_rotary_factor <= 1.0:
         raise ModelFolderError(
             f"{file}: partial_rotary_factor must be in (0, 1], got {partial_rotary_factor}."
@@ -457,7 +467,7 @@ def _layer_types(architecture: str, raw: dict[str, Any], num_layers: int, file: 
 def _sliding_windows(
     architecture: str, raw: dict[str, Any], num_layers: int, file: Path
 ) -> tuple[int | None, ...]:
-    window = raw.get("sliding_window")
+    window = raw.get("sliding_window") or None  # 0: none (use_sliding_window false; model_folder)
     if architecture in ("MistralForCausalLM", "Phi3ForCausalLM"):
         return (window,) * num_layers
     sliding = architecture in GEMMA3 or (
