@@ -119,12 +119,24 @@ def check_config_fields(raw: dict[str, Any], file: Path) -> None:
     def wrong(key: str, expected: str) -> ModelFolderError:
         return ModelFolderError(f"{file}: '{key}' must be {expected}, got {raw[key]!r}.")
 
+    # First: an unsupported architecture is the answer, not one of its fields we would misread.
+    architectures = raw.get("architectures")
+    if architectures is not None:
+        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+            raise wrong("architectures", "a list of class names")
+        if architectures and not set(architectures) & set(SUPPORTED_ARCHITECTURES):
+            raise ModelFolderError(
+                f"{file}: architecture {', '.join(architectures)} is not supported; supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}."
+            )
     for key in POSITIVE_INTS:
         if key not in raw:
             raise ModelFolderError(f"{file}: '{key}' is missing; it must be a positive integer.")
         if not _is_int(raw[key]) or raw[key] < 1:
             raise wrong(key, "a positive integer")
     for key in OPTIONAL_POSITIVE_INTS:
+        if key == "sliding_window" and _is_int(raw.get(key)) and raw[key] == 0 and raw.get("use_sliding_window") is False:
+            continue  # transformers 5 saves Qwen2's unused window as 0
         if raw.get(key) is not None and (not _is_int(raw[key]) or raw[key] < 1):
             raise wrong(key, "a positive integer or null")
     for key in OPTIONAL_NUMBERS:
@@ -152,15 +164,6 @@ def check_config_fields(raw: dict[str, Any], file: Path) -> None:
             f"{file}: num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})."
         )
 
-    architectures = raw.get("architectures")
-    if architectures is not None:
-        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
-            raise wrong("architectures", "a list of class names")
-        if architectures and not set(architectures) & set(SUPPORTED_ARCHITECTURES):
-            raise ModelFolderError(
-                f"{file}: architecture {', '.join(architectures)} is not supported; supported: "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}."
-            )
     for key in ("torch_dtype", "dtype"):
         value = raw.get(key)
         if value is None:

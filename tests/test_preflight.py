@@ -422,6 +422,10 @@ def test_plan_sizes_the_device_pool_and_the_model_length(tiny):
         (dict(num_key_value_heads=3), "multiple of num_key_value_heads (3)"),
         (dict(architectures="LlamaForCausalLM"), "'architectures' must be a list"),
         (dict(architectures=["GPT2LMHeadModel"]), "GPT2LMHeadModel is not supported"),
+        # The architecture is the answer, not a field it has that ours would misread.
+        (dict(architectures=["Qwen2MoeForCausalLM"], sliding_window=0), "Qwen2MoeForCausalLM is not supported"),
+        (dict(sliding_window=0), "'sliding_window' must be a positive integer or null"),
+        (dict(sliding_window=False, use_sliding_window=False), "'sliding_window' must be a positive integer"),
         (dict(torch_dtype="int4"), "torch_dtype 'int4' is not supported"),
     ],
 )
@@ -431,6 +435,12 @@ def test_config_fields(tiny, changes, message):
     raw = {k: v for k, v in raw.items() if v is not None}
     with pytest.raises(ModelFolderError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_config_fields(raw, Path("config.json"))
+
+
+def test_an_unused_sliding_window_may_be_zero(tiny):
+    # transformers 5 saves a Qwen2 without sliding as use_sliding_window false, sliding_window 0.
+    raw = json.loads((Path(tiny.path) / "config.json").read_text())
+    check_config_fields({**raw, "sliding_window": 0, "use_sliding_window": False}, Path("config.json"))
 
 
 def test_head_dim_may_differ_from_hidden_over_heads(tiny):
