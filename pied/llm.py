@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import threading
 import weakref
 from collections.abc import Coroutine, Sequence
@@ -84,7 +85,7 @@ class LLM:
 
     def __init__(
         self,
-        model: str = "",
+        model: str | os.PathLike[str] = "",
         dtype: str = "auto",
         seed: int = 0,
         workers: WorkerKind | None = None,
@@ -94,6 +95,7 @@ class LLM:
         unknown = set(engine_args) - EngineConfig.field_names()
         if unknown:
             raise TypeError(f"unknown engine arguments: {', '.join(sorted(unknown))}")
+        model = os.fspath(model)  # a folder given as a Path
         config = with_default_model(EngineConfig(model=model, dtype=dtype, seed=seed, **engine_args))
         # Every setting and the model folder, checked before any worker starts (ConfigError,
         # ModelFolderError); the workers get the plan it derived.
@@ -197,10 +199,19 @@ class LLM:
         self,
         messages: list[dict[str, str]] | list[list[dict[str, str]]],
         sampling_params: proto.SamplingParams | None = None,
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
-        """Render each conversation with the model's chat template, then generate."""
+        """Render each conversation with the model's chat template (``chat_template``: a template's
+        text, or the name of one of the folder's, as vLLM's ``LLM.chat`` takes it), then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        prompts = [
+            self.tokenizer.apply_chat_template(
+                c, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+            )
+            for c in conversations
+        ]
         token_prompts: list[PromptType] = [
             {"prompt": p, "prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)} for p in prompts
         ]

@@ -262,7 +262,8 @@ class Tokenizer:
                 f"the model has named chat templates ({names}) but none called 'default'."
             )
         raise ChatTemplateError(
-            f"the model at {self.folder} has no chat template; give one with --chat-template."
+            f"the model at {self.folder} has no chat template; give one with --chat-template "
+            "(in Python: LLM.chat(..., chat_template=TEXT))."
         )
 
     def apply_chat_template(

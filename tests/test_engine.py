@@ -210,3 +210,30 @@ def test_cli_bad_model_folder_is_a_clear_error(tmp_path):
     assert run.returncode == 2
     assert "config.json" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_llm_takes_a_path_and_a_chat_template_for_a_folder_without_one(tmp_path):
+    import json
+    from pathlib import Path
+
+    from pied.chat_template import ChatTemplateError
+
+    folder = build_model_dir(tmp_path / "no-template", "llama")
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    template = settings.pop("chat_template")
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    conversation = [{"role": "user", "content": "hello there"}]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with LLM(model=Path(folder), block_size=4) as llm:  # a folder as a Path, as vLLM's users pass it
+        assert llm.config.model == str(folder)
+        with pytest.raises(ChatTemplateError, match=r"chat_template="):  # says how, in Python
+            llm.chat(conversation, params)
+        chatted = llm.chat(conversation, params, chat_template=template)[0]
+        # The same tokens as generating from the conversation rendered with that template.
+        rendered = llm.tokenizer.apply_chat_template(conversation, chat_template=template)
+        prompt = {"prompt": rendered, "prompt_token_ids": llm.tokenizer.encode(rendered, add_special_tokens=False)}
+        assert chatted.prompt_token_ids == prompt["prompt_token_ids"]
+        assert chatted.outputs[0].token_ids == llm.generate([prompt], params)[0].outputs[0].token_ids
+        # Without the generation prompt the rendering ends at the user's turn.
+        bare = llm.chat(conversation, params, chat_template=template, add_generation_prompt=False)[0]
+        assert len(bare.prompt_token_ids) < len(chatted.prompt_token_ids)
