@@ -11,6 +11,14 @@ def default_model_dir() -> Path:
     return Path(__file__).parent / "models" / "default"
 
 
+DEFAULT_MODEL_NAME = "default"
+
+
 def with_default_model(config: EngineConfig) -> EngineConfig:
-    """``config`` with its model folder filled in (the bundled default when none was given)."""
-    return config if config.model else config.replace(model=str(default_model_dir()))
+    """``config`` with its model folder filled in: the bundled default when none was given, served
+    as ``default`` (the README's quickstart asks for that name) unless another name was given."""
+    if config.model:
+        return config
+    return config.replace(
+        model=str(default_model_dir()), served_model_name=config.served_model_name or DEFAULT_MODEL_NAME
+    )

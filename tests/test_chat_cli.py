@@ -18,7 +18,6 @@ from collections.abc import Iterator
 import pytest
 from server import REPO, ServerProcess, start_server
 
-from pied.default_model import default_model_dir
 
 PROMPT = re.compile(rb"(?:^|\n)> $")
 # The child becomes a session leader whose controlling terminal is the pty (what login_tty does),
@@ -100,7 +99,7 @@ def server() -> Iterator[ServerProcess]:
     # One torch thread in the server's processes: see tests/test_default_model.py's llm fixture.
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
-        process = start_server(default_model_dir(), "--served-model-name", "default")
+        process = start_server(None)  # the quickstart's: no --model, the bundled default
     try:
         yield process
     finally:
@@ -163,6 +162,16 @@ def test_chat_streams_replies_and_ctrl_c_stops_one(server: ServerProcess) -> Non
             terminal.expect(b"Ctrl-C again")
         terminal.type("/exit\r")
         assert terminal.wait() == 0, terminal.text()
+
+
+def test_the_quickstart_request_is_answered(server: ServerProcess) -> None:
+    # The README's curl, word for word: the bundled model is served as "default".
+    assert [model["id"] for model in server.request("GET", "/v1/models").json()["data"]] == ["default"]
+    body = {"model": "default", "messages": [{"role": "user", "content": "Tell me about lists"}], "max_tokens": 8}
+    response = server.request("POST", "/v1/chat/completions", body)
+    assert response.status == 200, response.body
+    reply = response.json()
+    assert reply["model"] == "default" and reply["choices"][0]["message"]["role"] == "assistant"
 
 
 def test_chat_shows_server_errors_and_goes_on(server: ServerProcess) -> None:
