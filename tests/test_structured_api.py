@@ -177,6 +177,25 @@ def test_auto_tool_calls_are_parsed(client):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_a_tool_call_round_trip_is_rendered(client):
+    # What the openai SDK sends back after a call: the assistant's message with content null and
+    # its tool_calls, then the tool's result. The tiny model's template (as many do) concatenates
+    # content: null content renders as "", as vLLM renders it.
+    call = {"id": "call-1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    conversation = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call-1", "content": "sunny, 21 C"},
+    ]
+    answer = dict(model=MODEL, tools=[WEATHER_TOOL], max_completion_tokens=20,
+                  extra_body={"structured_outputs": {"choice": ["It is sunny."]}})  # fmt: skip
+    response = client.chat.completions.create(messages=conversation, **answer)
+    assert response.choices[0].message.content == "It is sunny."
+    # The tool's result is in the prompt: the same conversation without it is shorter.
+    shorter = client.chat.completions.create(messages=conversation[:2], **answer)
+    assert response.usage.prompt_tokens > shorter.usage.prompt_tokens
+
+
 def test_content_without_a_tool_call_stays_content(client):
     response = client.chat.completions.create(
         model=MODEL,

@@ -49,7 +49,7 @@ def message_dicts(messages: list[ChatMessage], param: str = "messages") -> list[
                     )
                 texts.append(part.text)
             content = "\n".join(texts)
-        if content is None and not message.tool_calls:
+        if content is None:  # an assistant turn of tool calls only: "" (templates concatenate it), as vLLM
             content = ""
         entry: dict[str, Any] = {"role": message.role, "content": content}
         for key in ("name", "tool_calls", "tool_call_id"):
