@@ -103,6 +103,16 @@ class ChoiceState:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def _stop_reason(self, stop_token_id: int) -> int | None:
+        """The stop token id that ended the choice, as vLLM reports it: the tokenizer's EOS ended
+        it by itself (None), any other (a stop_token_ids entry, or another EOS id of the model's
+        generation config) is named, and so is the EOS where the request listed it."""
+        if stop_token_id < 0:
+            return None
+        if stop_token_id == self.tokenizer.eos_token_id and stop_token_id not in self.params.stop_token_ids:
+            return None
+        return stop_token_id
+
     def update(self, delta: proto.TokenDelta) -> ChoiceUpdate:
         """Apply one delta. After a stop string the rest of the delta is dropped."""
         if self.finished:
@@ -126,7 +136,7 @@ class ChoiceState:
         elif delta.finish_reason is not None:
             update.text += self.detokenizer.finish()
             update.finish_reason = str(delta.finish_reason)
-            update.stop_reason = delta.stop_token_id if delta.stop_token_id >= 0 else None
+            update.stop_reason = self._stop_reason(delta.stop_token_id)
             update.error = delta.error
         if self.logprobs is not None and delta.logprobs:
             entries = delta.logprobs[: len(update.token_ids)]

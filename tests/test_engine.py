@@ -237,3 +237,24 @@ def test_llm_takes_a_path_and_a_chat_template_for_a_folder_without_one(tmp_path)
         # Without the generation prompt the rendering ends at the user's turn.
         bare = llm.chat(conversation, params, chat_template=template, add_generation_prompt=False)[0]
         assert len(bare.prompt_token_ids) < len(chatted.prompt_token_ids)
+
+
+def test_stop_reason_names_a_stop_token_but_not_the_eos(tmp_path):
+    from tiny_models import EOS, IM_END
+
+    # IM_END is a second EOS id of the generation config (as chat models list <|im_end|>).
+    folder = build_model_dir(tmp_path / "two-eos", "llama", extra_eos=[IM_END])
+    with LLM(model=str(folder), block_size=4) as llm:
+
+        def ended_by(token: int, **params) -> tuple[str, int | str | None]:
+            # The only token the request may sample: it ends the output at once.
+            output = llm.generate("x", SamplingParams(max_tokens=4, allowed_token_ids=[token], **params))[0].outputs[0]
+            assert output.token_ids == [token]
+            return output.finish_reason, output.stop_reason
+
+        # As vLLM reports them: the tokenizer's EOS ended it by itself (no stop reason); another EOS
+        # id of the model's, or a stop token the request listed (the EOS too), is named.
+        assert ended_by(EOS) == ("stop", None)
+        assert ended_by(IM_END) == ("stop", IM_END)
+        assert ended_by(EOS, stop_token_ids=[EOS]) == ("stop", EOS)
+        assert ended_by(7, stop_token_ids=[7]) == ("stop", 7)
