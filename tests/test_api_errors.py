@@ -200,6 +200,12 @@ def test_wrong_method_or_path(server: ServerProcess) -> None:
     assert "POST" in response.headers["allow"]
     assert_error(server.request("DELETE", "/v1/models", headers=AUTH), 405)
     assert_error(post(server, "/v1/nothing/here", {}), 404)
+    # HEAD on a GET route is its GET without the body (load balancers probe with it).
+    for path, headers in (("/health", {}), ("/v1/models", AUTH)):
+        head = server.request("HEAD", path, headers=headers)
+        assert head.status == 200 and head.body == b"", (path, head.status)
+    assert server.request("HEAD", "/v1/models").status == 401  # the key still guards it
+    assert "HEAD" not in response.headers["allow"]  # and POST routes take no HEAD
     assert_still_serving(server)
 
 

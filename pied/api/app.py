@@ -281,5 +281,8 @@ def create_app(
     app[OPENAPI] = openapi.build_document(ROUTES, secured=bool(api_key), open_paths=OPEN_PATHS)
     app.on_response_prepare.append(add_request_id)
     for route in ROUTES:
-        app.router.add_route(route.method, route.path, route.handler)
+        if route.method == "GET":  # and HEAD, as Starlette (vLLM) answers it: probes use it
+            app.router.add_get(route.path, route.handler, allow_head=True)
+        else:
+            app.router.add_route(route.method, route.path, route.handler)
     return app
