@@ -148,3 +148,26 @@ def test_bad_grammars_are_value_errors():
             grammar_of(constraint)
     with pytest.raises(ValueError):
         choice_constraint([])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_row_left_without_a_token_ends_rather_than_samples_token_0(compiler, tokenizer, temperature):
+    sampler = Sampler(VOCAB + 20, DEVICE)
+    choice = choice_constraint(["ab"])
+    # min_tokens forbids eos, and once "ab" is out the grammar allows only eos: the grammar wins.
+    s = state(VOCAB + 20, compiler, grammar=choice, min_tokens=6, temperature=temperature, seed=1)
+    ids = generate(sampler, s, seed=0, steps=8)
+    text = decode(tokenizer, ids)
+    assert text == "ab" and ids[-1] == EOS and 0 not in ids, ids
+    # allowed_token_ids outside the choice: no token is left from the start, and the row ends.
+    outside = tokenizer.encode("z", add_special_tokens=False).ids
+    s = state(VOCAB + 20, compiler, grammar=choice, allowed_token_ids=outside, temperature=temperature, seed=1)
+    assert generate(sampler, s, seed=0, steps=4) == [EOS]
+    # bad_words banning eos beside allowed_token_ids of only eos: the same.
+    s = state(VOCAB + 20, allowed_token_ids=[EOS], bad_words_token_ids=[[EOS]], temperature=temperature, seed=1)
+    assert int(sampler.sample(logits_row(VOCAB + 20, 0), [s])[0][0]) == EOS
+    # A row with tokens left is untouched beside it (the same logits, the same pick).
+    free = state(VOCAB + 20, temperature=0.0, allowed_token_ids=[7, 8])
+    logits = logits_row(VOCAB + 20, 5).expand(2, -1).contiguous()
+    ids, _ = sampler.sample(logits, [state(VOCAB + 20, allowed_token_ids=[EOS], bad_words_token_ids=[[EOS]]), free])
+    assert int(ids[0]) == EOS and int(ids[1]) == max((7, 8), key=lambda t: float(logits[1, t]))

@@ -128,6 +128,18 @@ def test_allowed_token_ids_and_bad_words(client, server):
     assert response.choices[0].text == " and" * 6
 
 
+def test_a_choice_with_min_tokens_ends_with_the_choice(client):
+    # Past the choice the grammar allows only the end, which min_tokens forbids: the grammar wins,
+    # not a token the masks left no room for (it was "<unk>" until min_tokens).
+    response = client.completions.create(
+        model=MODEL, prompt="x", max_tokens=12, temperature=1.0,
+        extra_body={"structured_outputs": {"choice": ["sunny"]}, "min_tokens": 8, "skip_special_tokens": False},
+    )  # fmt: skip
+    choice = response.choices[0]
+    assert choice.text.replace("</s>", "") == "sunny" and "<unk>" not in choice.text, choice.text
+    assert choice.finish_reason == "stop" and response.usage.completion_tokens >= 8
+
+
 def test_bad_constraints_are_400s_naming_the_field(server):
     for body, param in (
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},

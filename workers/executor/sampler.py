@@ -226,7 +226,36 @@ class Sampler:
         self._block_stop_tokens(processed, states)
         self._apply_penalties(processed, states)
         self._apply_masks(processed, states)
+        self._end_rows_left_without_a_token(logits, processed, states)
         return processed
+
+    def _end_rows_left_without_a_token(
+        self, logits: torch.Tensor, processed: torch.Tensor, states: list[SamplingState]
+    ) -> None:
+        """A row every token of which is masked would sample token 0 (the argmax of -inf): a
+        grammar that can only end under min_tokens, which forbids ending, or constraints that
+        contradict each other (allowed_token_ids outside a choice). The constraints win over
+        min_tokens: such a row is processed again without it. A row still without a token can only
+        end: its eos ids are all it may sample (the request stops, or with ignore_eos goes on with
+        eos). Checked on constrained rows only (one host-device sync where a mask is applied)."""
+        rows = [i for i, state in enumerate(states) if state.constrained]
+        if not rows:
+            return
+        empty = torch.isneginf(processed[self._row_index(rows)]).all(dim=1).tolist()
+        dead = [i for i, none_left in zip(rows, empty) if none_left]
+        relaxed = [i for i in dead if states[i].blocks_stop_tokens]
+        if relaxed:
+            again = logits[self._row_index(relaxed)].to(torch.float32)
+            subset = [states[i] for i in relaxed]
+            self._apply_penalties(again, subset)
+            self._apply_masks(again, subset)
+            processed[self._row_index(relaxed)] = again
+            still = dict(zip(relaxed, torch.isneginf(again).all(dim=1).tolist()))
+            dead = [i for i in dead if still.get(i, True)]
+        for i in dead:
+            if states[i].eos_ids:
+                processed[i] = float("-inf")
+                processed[i, states[i].eos_ids] = 0.0
 
     def _apply_masks(self, logits: torch.Tensor, states: list[SamplingState]) -> None:
         """allowed_token_ids, bad_words and the grammar's next-token bitmask: -inf where masked."""
