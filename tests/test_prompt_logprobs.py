@@ -208,3 +208,27 @@ def test_echo_with_logprobs_covers_the_prompt(server, reference) -> None:
     assert logprobs["text_offset"] == sorted(logprobs["text_offset"])
     streamed = server.request("POST", "/v1/completions", {**body, "stream": True})
     assert streamed.status == 400 and streamed.json()["error"]["param"] == "echo"
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_without_generating(server, reference) -> None:
+    """max_tokens 0 with echo (vLLM's echo without generation; the legacy API's way of scoring a
+    text): the prompt back with its logprobs, nothing generated, no completion tokens counted."""
+    prompt = OTHER
+    body = {"prompt": prompt, "max_tokens": 0, "temperature": 0, "echo": True, "logprobs": 1}
+    response = server.request("POST", "/v1/completions", body)
+    assert response.status == 200, response.text
+    answer = response.json()
+    choice = answer["choices"][0]
+    full = server.request("POST", "/v1/completions", {**body, "max_tokens": 2}).json()["choices"][0]
+    assert full["text"].startswith(choice["text"]) and choice["finish_reason"] == "length"
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == len(prompt) and logprobs["token_logprobs"][0] is None
+    expected = reference(prompt)
+    want = [expected[p - 1, prompt[p]].item() for p in range(1, len(prompt))]
+    np.testing.assert_allclose(logprobs["token_logprobs"][1:], want, atol=ATOL)
+    assert answer["usage"]["completion_tokens"] == 0 and answer["usage"]["total_tokens"] == len(prompt)
+    # Without echo, max_tokens 0 is still refused; streamed, echo without generation is too.
+    unscored = {key: value for key, value in body.items() if key != "logprobs"}
+    for refused in ({**body, "echo": False}, {**unscored, "stream": True}):
+        error = server.request("POST", "/v1/completions", refused)
+        assert error.status == 400 and error.json()["error"]["param"] == "max_tokens", error.text

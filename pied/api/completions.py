@@ -102,6 +102,11 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
     if echo_with_logprobs and body.stream:
         raise bad_request("echo with logprobs is not available when stream is true.", "echo")
     engine_prompt_top = max(num_prompt_top or 0, body.logprobs or 0) if echo_with_logprobs else num_prompt_top
+    # echo with max_tokens 0: the prompt back, with its logprobs when asked, and nothing generated,
+    # as vLLM (and OpenAI's legacy API) answers it: how a text is scored. The engine runs one step.
+    echo_only = bool(body.echo) and body.max_tokens == 0
+    if echo_only and body.stream:
+        raise bad_request("echo with max_tokens 0 is not available when stream is true.", "max_tokens")
     prompts = []
     inputs = await prompt_inputs(server, body)
     for index, (token_ids, text) in enumerate(inputs):
@@ -112,7 +117,9 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
             token_ids = token_ids[-body.truncate_prompt_tokens :]
         params = sampling_params(
             body,
-            max_tokens=server.generation_defaults.max_tokens(body.max_tokens, len(token_ids), server.max_model_len),
+            max_tokens=1
+            if echo_only
+            else server.generation_defaults.max_tokens(body.max_tokens, len(token_ids), server.max_model_len),
             logprobs=body.logprobs,
             num_prompt_tokens=len(token_ids),
             max_model_len=server.max_model_len,
@@ -140,21 +147,31 @@ async def create_completion(request: web.Request, server: ServerState) -> web.St
             state = choice.state
             logprobs = None
             if state.logprobs is not None:
-                logprobs = completion_choice_logprobs(server, generation, choice, num_top, echo_with_logprobs)
-            text = echo_text(server, generation, choice, bool(body.echo)) + state.text
-            answer_choice = CompletionChoice(state.index, text, logprobs, state.finish_reason, state.stop_reason)
+                logprobs = completion_choice_logprobs(
+                    server, generation, choice, num_top, echo_with_logprobs, generated=not echo_only
+                )
+            text = echo_text(server, generation, choice, bool(body.echo))
+            if echo_only:
+                answer_choice = CompletionChoice(state.index, text, logprobs, "length", None)
+            else:
+                answer_choice = CompletionChoice(
+                    state.index, text + state.text, logprobs, state.finish_reason, state.stop_reason
+                )
             if num_prompt_top is not None:
                 answer_choice.prompt_logprobs = prompt_logprobs_of(server, generation, choice, num_prompt_top)
             choices.append(answer_choice)
         usage = responses.usage(generation)
+        if echo_only:  # the step the engine ran generated nothing the answer shows
+            usage.completion_tokens, usage.total_tokens = 0, usage.prompt_tokens
         answer = CompletionResponse(generation.request_id, created, server.model_name, choices, usage)
         return web.Response(body=msgspec.json.encode(answer), content_type="application/json")
 
 
 def completion_choice_logprobs(
-    server: ServerState, generation: Generation, choice: Choice, num_top: int, echo: bool
+    server: ServerState, generation: Generation, choice: Choice, num_top: int, echo: bool, generated: bool = True
 ) -> CompletionLogprobs:
-    """The choice's logprobs: of its generated tokens, after the echoed prompt's when ``echo``."""
+    """The choice's logprobs: of its generated tokens (unless not ``generated``: echo without
+    generation), after the echoed prompt's when ``echo``."""
     state = choice.state
     assert state.logprobs is not None
     if not echo:
@@ -162,6 +179,8 @@ def completion_choice_logprobs(
     prompt_token_ids = generation.prompts[choice.prompt_index].token_ids
     entries = prompt_entries(generation, choice) or [None] * len(prompt_token_ids)
     logprobs = echo_logprobs(server, prompt_token_ids, entries, num_top)
+    if not generated:
+        return logprobs
     offset = (logprobs.text_offset[-1] + len(logprobs.tokens[-1])) if logprobs.tokens else 0
     generated = responses.completion_logprobs(server, state.token_ids, state.logprobs, num_top, offset)
     logprobs.tokens += generated.tokens
