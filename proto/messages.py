@@ -13,6 +13,7 @@ Wire rules (see DESIGN.md "Messages"):
 from __future__ import annotations
 
 import enum
+import math
 from typing import Union
 
 import msgspec
@@ -80,7 +81,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     every token; ``bad_words_token_ids`` are token sequences whose last token is masked when the
     output ends with the rest (the frontend tokenizes vLLM's ``bad_words``); ``grammar`` None means
     unconstrained. ``prompt_logprobs`` None means none, otherwise the number of top alternatives
-    returned with each prompt token's own logprob (:class:`PromptLogprobs`).
+    returned with each prompt token's own logprob (:class:`PromptLogprobs`). ``logit_bias`` adds
+    its value to the logit of its token id before sampling (OpenAI's, as vLLM applies it: with
+    min_tokens, before the penalties; greedy rows too).
     """
 
     n: int = 1
@@ -104,6 +107,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     bad_words_token_ids: list[list[int]] = []
     grammar: Union[GrammarConstraint, None] = None
     prompt_logprobs: Union[int, None] = None
+    logit_bias: dict[int, float] = {}
 
     def validate(self, max_logprobs: int = 20) -> None:
         """Raise ``ValueError(message)`` naming the offending parameter; ``.param`` is set on it."""
@@ -147,6 +151,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             bad("allowed_token_ids", "allowed_token_ids must be non-negative token ids.")
         if any(not word or any(t < 0 for t in word) for word in self.bad_words_token_ids):
             bad("bad_words", "bad_words must be non-empty sequences of token ids.")
+        if any(t < 0 for t in self.logit_bias) or not all(math.isfinite(b) for b in self.logit_bias.values()):
+            bad("logit_bias", "logit_bias maps non-negative token ids to finite numbers.")
 
     @property
     def greedy(self) -> bool:

@@ -343,3 +343,23 @@ def test_metrics_exposition(client: openai.OpenAI, server: ServerProcess) -> Non
         buckets = [value for key, value in after.items() if key.startswith(f"{name}_bucket")]
         assert buckets == sorted(buckets), name  # cumulative
         assert after[f'{name}_bucket{{le="+Inf"}}'] == after[f"{name}_count"] > 0
+
+
+def test_logit_bias_steers_greedy_output(client: openai.OpenAI, server: ServerProcess) -> None:
+    greedy = dict(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=4, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**greedy).choices[0]
+    [favourite] = server.request("POST", "/tokenize", {"prompt": " the", "add_special_tokens": False}).json()["tokens"]
+    # +100 on one token: the greedy pick every step (OpenAI's range; past it is clamped, as vLLM does).
+    for bias in (100, 1e6):
+        pushed = client.completions.create(**greedy, logit_bias={str(favourite): bias}).choices[0]
+        assert pushed.text == " the" * 4
+    # -100 on the first token greedy chose: never chosen; chat takes the same field.
+    first = client.completions.create(**greedy, logprobs=0).choices[0].logprobs.tokens[0]
+    [first_id] = server.request("POST", "/tokenize", {"prompt": first, "add_special_tokens": False}).json()["tokens"]
+    banned = client.completions.create(**greedy, logprobs=0, logit_bias={str(first_id): -100}).choices[0]
+    assert first not in banned.logprobs.tokens and banned.text != plain.text
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=0, max_tokens=3,
+        logit_bias={str(favourite): 100}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert chat.choices[0].message.content == " the" * 3

@@ -218,10 +218,12 @@ FIELD_STRATEGIES = {
     "min_tokens": st.one_of(st.integers(0, MAX_OUTPUT_TOKENS), st.sampled_from([-1, 2**63])),
     "seed": st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([2**63, -(2**63) - 1, 2**64])),
     "top_logprobs": st.one_of(st.integers(0, 20), st.sampled_from([21, -1, 2**40])),
+    "logit_bias": st.one_of(
+        st.none(), st.dictionaries(st.integers(0, 300).map(str), st.floats(-1e3, 1e3), max_size=4)
+    ),
     # Features pied refuses (a 400 each): left to the mutations, or every other request would be refused.
     "suffix": st.none(),
     "best_of": st.none(),
-    "logit_bias": st.one_of(st.none(), st.just({})),
 }
 # Fields generated in every valid body: a completion without max_tokens asks for 16 (OpenAI's
 # default), past this server's limit.

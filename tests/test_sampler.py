@@ -457,3 +457,28 @@ def test_sampled_ids_are_in_range_for_a_large_vocabulary():
     top50 = logits.topk(50, dim=-1).indices
     assert all(int(ids[i]) in top50[i].tolist() for i in range(8))
     assert math.isfinite(float(logits[0, ids[0]]))
+
+
+def test_logit_bias_is_added_before_sampling_and_penalties():
+    vocab = 50
+    sampler = Sampler(vocab, "cpu")
+    logits = torch.zeros(2, vocab)
+    logits[:, 3] = 5.0  # the favourite
+    logits[:, 9] = 4.0
+
+    def make(**params):
+        return SamplingState(proto.SamplingParams(**params), np.array([1, 2], dtype=np.int32), vocab, {0}, torch.device("cpu"))
+
+    plain, banned = make(temperature=0), make(temperature=0, logit_bias={3: -100.0})
+    ids, _ = sampler.sample(logits, [plain, banned])
+    assert ids.tolist() == [3, 9]  # -100 takes the favourite out; the unbiased row beside it is as it was
+    # +10 on a token far behind makes it the pick, sampled or greedy; ids past the vocabulary are dropped.
+    for temperature in (0.0, 1.0):
+        boosted = make(temperature=temperature, seed=3, logit_bias={20: 10.0, vocab + 5: 50.0})
+        assert int(sampler.sample(logits[:1], [boosted])[0][0]) == 20
+    # Logprobs stay those of the raw logits (vLLM's default), not of the biased ones.
+    scored = make(temperature=0, logit_bias={20: 10.0}, logprobs=0)
+    _, [entry] = sampler.sample(logits[:1], [scored])
+    assert entry is not None
+    raw = torch.log_softmax(logits[0], dim=-1)[20].item()
+    assert abs(entry.logprob - raw) < 1e-5

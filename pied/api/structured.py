@@ -225,10 +225,31 @@ async def bad_words_token_ids(server: Any, words: list[str]) -> list[list[int]]:
     return sequences
 
 
+LOGIT_BIAS_RANGE = 100.0  # OpenAI's: a bias is clamped to [-100, 100], as vLLM clamps it
+
+
+def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias (token ids as strings -> bias) as the engine takes it: ids checked
+    against the vocabulary, biases clamped to [-100, 100]."""
+    result = {}
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}.", "logit_bias") from None
+        if not 0 <= token_id < vocab_size:
+            raise bad_request(
+                f"logit_bias: token id {token_id} is out of vocabulary (size {vocab_size}).", "logit_bias"
+            )
+        result[token_id] = min(LOGIT_BIAS_RANGE, max(-LOGIT_BIAS_RANGE, float(value)))
+    return result
+
+
 async def constrain(
     server: Any, body: SamplingFields, params: proto.SamplingParams, grammar: proto.GrammarConstraint | None
 ) -> proto.SamplingParams:
-    """``params`` with the request's masks: allowed_token_ids, bad_words and the grammar."""
+    """``params`` with the request's masks (allowed_token_ids, bad_words, the grammar) and its
+    logit_bias."""
     changes: dict[str, Any] = {}
     if body.allowed_token_ids is not None:
         if not body.allowed_token_ids:
@@ -237,6 +258,8 @@ async def constrain(
         changes["allowed_token_ids"] = list(dict.fromkeys(body.allowed_token_ids))  # each id once
     if body.bad_words:
         changes["bad_words_token_ids"] = await bad_words_token_ids(server, body.bad_words)
+    if body.logit_bias:
+        changes["logit_bias"] = logit_bias(body.logit_bias, server.vocab_size)
     if grammar is not None:
         changes["grammar"] = grammar
     return msgspec.structs.replace(params, **changes) if changes else params

@@ -1,7 +1,7 @@
 """Turns one step's logits into one token per request, the way vLLM v1's sampler does.
 
 Order of operations (vLLM's): raw logprobs come from the logits as the model produced them; then
-min_tokens masking, then penalties (repetition over prompt + output, frequency and presence over
+min_tokens masking and logit_bias, then penalties (repetition over prompt + output, frequency and presence over
 output); greedy rows take the argmax of that; the others are divided by their temperature, filtered
 by min_p, top_k and top_p, and sampled with the exponential race ``argmax(probs / Exponential(1))``,
 which draws from a request's own ``torch.Generator`` when it has a seed, so a seeded request gives
@@ -99,6 +99,14 @@ class SamplingState:
             self.disallowed = torch.ones(vocab_size, dtype=torch.bool, device=self.device)
             self.disallowed[torch.tensor(allowed, dtype=torch.long, device=self.device)] = False
         self.bad_words = [list(word) for word in params.bad_words_token_ids if word]
+        # logit_bias as (ids, values) on the device, built once (ids past the vocabulary dropped).
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        biased = {t: b for t, b in params.logit_bias.items() if 0 <= t < vocab_size}
+        if biased:
+            self.bias = (
+                torch.tensor(list(biased), dtype=torch.long, device=self.device),
+                torch.tensor(list(biased.values()), dtype=torch.float32, device=self.device),
+            )
         self.eos_ids = sorted(t for t in eos_token_ids if 0 <= t < vocab_size)
         # prompt_logprobs: the prompt (the targets of its logits rows) and the first position whose
         # logits row is still owed. Kept across preemption, so a recomputed prompt is not sent twice.
@@ -149,7 +157,13 @@ class SamplingState:
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that changes the logits first: the argmax of the raw logits."""
-        return self.greedy and not self.uses_penalties and not self.blocks_stop_tokens and not self.constrained
+        return (
+            self.greedy
+            and not self.uses_penalties
+            and not self.blocks_stop_tokens
+            and not self.constrained
+            and self.bias is None
+        )
 
     def append(self, token_id: int) -> None:
         """Record one sampled output token (and advance the grammar by it)."""
@@ -224,6 +238,7 @@ class Sampler:
         rows take the argmax of and the others divide by their temperature."""
         processed = logits.to(torch.float32, copy=True)
         self._block_stop_tokens(processed, states)
+        self._apply_logit_bias(processed, states)
         self._apply_penalties(processed, states)
         self._apply_masks(processed, states)
         self._end_rows_left_without_a_token(logits, processed, states)
@@ -247,6 +262,7 @@ class Sampler:
         if relaxed:
             again = logits[self._row_index(relaxed)].to(torch.float32)
             subset = [states[i] for i in relaxed]
+            self._apply_logit_bias(again, subset)
             self._apply_penalties(again, subset)
             self._apply_masks(again, subset)
             processed[self._row_index(relaxed)] = again
@@ -307,6 +323,13 @@ class Sampler:
         if rows:
             index = torch.tensor([rows, columns], dtype=torch.long).to(self.device, non_blocking=True)
             logits[index[0], index[1]] = float("-inf")
+
+    def _apply_logit_bias(self, logits: torch.Tensor, states: list[SamplingState]) -> None:
+        """logit_bias: each biased token's logit plus its bias (one indexed add per biased row)."""
+        for i, state in enumerate(states):
+            if state.bias is not None:
+                ids, values = state.bias
+                logits[i].index_add_(0, ids, values)
 
     def _apply_penalties(self, logits: torch.Tensor, states: list[SamplingState]) -> None:
         """vLLM's ``apply_penalties``: repetition (HF style: divide positive logits, multiply
