@@ -54,7 +54,8 @@ def test_forced_tool_calls():
     ("parser", "text", "reasoning", "content"),
     [
         ("qwen3", "<think>hmm</think>answer", "hmm", "answer"),
-        ("qwen3", "hmm</think>answer", "hmm", "answer"),
+        ("qwen3", "hmm</think>answer", None, "hmm</think>answer"),  # not opened: content, as streamed
+        ("qwen3", "<think>unclosed", "unclosed", ""),
         ("qwen3", "just an answer", None, "just an answer"),
         ("deepseek_r1", "hmm</think>answer", "hmm", "answer"),
         ("deepseek_r1", "<think>still thinking", "still thinking", ""),
@@ -80,12 +81,9 @@ def test_reasoning_stream_adds_up(parser, text):
         for i, piece in enumerate(pieces):
             r, c = stream.feed(piece, final=i == len(pieces) - 1)
             reasoning, content = reasoning + r, content + c
-        # qwen3's stream commits at the first character (as vLLM's does): an output that does not
-        # open with <think> is content, one that does is reasoning; the whole-output rule agrees
-        # exactly when the output opens with <think> if and only if it closes it.
+        # However the output is cut into deltas, the stream splits it as the whole output is split.
         whole_reasoning, whole_content = split_reasoning(parser, text)
-        if parser == "deepseek_r1" or text.startswith("<think>") == ("</think>" in text):
-            assert (reasoning or None, content) == (whole_reasoning or None, whole_content), (pieces, reasoning, content)
+        assert (reasoning or None, content) == (whole_reasoning or None, whole_content), (pieces, reasoning, content)
 
 
 def merged_calls(deltas: list[dict]) -> list[dict]:

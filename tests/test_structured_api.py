@@ -267,6 +267,20 @@ def test_reasoning_content_is_split_off(client):
         assert "<think>" not in streamed_content + streamed_reasoning
 
 
+@pytest.mark.parametrize(
+    ("output", "reasoning", "content"),
+    [("no think</think>answer", None, "no think</think>answer"), ("<think>unclosed", "unclosed", "")],
+)
+def test_streamed_and_whole_outputs_split_reasoning_alike(client, output, reasoning, content):
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_completion_tokens=40,
+                  extra_body={"structured_outputs": {"choice": [output]}})  # fmt: skip
+    message = client.chat.completions.create(**kwargs).choices[0].message
+    assert (message.model_extra.get("reasoning_content"), message.content or "") == (reasoning, content)
+    deltas = [chunk.choices[0].delta for chunk in client.chat.completions.create(stream=True, **kwargs) if chunk.choices]
+    streamed_reasoning = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
+    assert (streamed_reasoning or None, "".join(d.content or "" for d in deltas)) == (reasoning, content)
+
+
 def test_include_reasoning_false_drops_it(client):
     response = client.chat.completions.create(
         model=MODEL, messages=MESSAGES, max_completion_tokens=100,

@@ -5,9 +5,12 @@ Two dialects, as vLLM names them:
 - ``deepseek_r1``: the chat template opens ``<think>`` in the prompt, so the output starts inside
   the reasoning (a leading ``<think>`` is dropped too); everything before ``</think>`` is
   reasoning, and without ``</think>`` all of it is.
-- ``qwen3``: reasoning only when the output closes it with ``</think>`` (a leading ``<think>`` is
-  dropped); without ``</think>`` everything is content. Streaming cannot wait for the end, so
-  there an output that does not start with ``<think>`` is content from its first character.
+- ``qwen3``: reasoning only when the output opens it with ``<think>`` (dropped), up to ``</think>``
+  (or the end, unclosed); an output that does not start with ``<think>`` is content, a later
+  ``</think>`` in it included. The rule a stream can apply at its first characters, so streamed and
+  whole outputs split the same way. (vLLM's whole-output qwen3 rule also takes text before a
+  ``</think>`` with no ``<think>`` as reasoning, which its stream cannot match. A chat template that
+  opens ``<think>`` in the prompt, as QwQ's and Qwen3 *-Thinking-2507's do, is ``deepseek_r1``'s.)
 
 :class:`ReasoningStream` splits a stream of text deltas the same way, holding back a partial
 ``<think>``/``</think>`` at the end of a delta until the next one decides it.
@@ -24,13 +27,12 @@ REASONING_PARSERS = ("deepseek_r1", "qwen3")
 
 def split_reasoning(parser: str, text: str) -> tuple[str | None, str]:
     """``(reasoning_content, content)`` of a whole output; reasoning None when there is none."""
-    body = text[len(THINK_START) :] if text.startswith(THINK_START) else text
-    if THINK_END in body:
-        reasoning, _, content = body.partition(THINK_END)
-        return reasoning, content
-    if parser == "deepseek_r1":
-        return body, ""
-    return None, text
+    opened = text.startswith(THINK_START)
+    if parser == "qwen3" and not opened:
+        return None, text
+    body = text[len(THINK_START) :] if opened else text
+    reasoning, closed, content = body.partition(THINK_END)
+    return (reasoning, content) if closed else (body, "")
 
 
 def _partial_marker_suffix(text: str, marker: str) -> int:
