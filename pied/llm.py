@@ -35,6 +35,13 @@ def check_prompt_length(num_prompt_tokens: int, max_tokens: int | None, max_mode
     if num_prompt_tokens == 0:
         raise ValueError("The prompt is empty; give at least one token.")
     requested = num_prompt_tokens + (max_tokens or 0)
+    if num_prompt_tokens >= max_model_len and not max_tokens:
+        # The prompt alone fills the context (vLLM's wording for input too long).
+        raise PromptTooLongError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+            f"{num_prompt_tokens} input tokens, which leaves no room for output. Please reduce the length "
+            "of the prompt."
+        )
     if num_prompt_tokens >= max_model_len or requested > max_model_len:
         raise PromptTooLongError(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "

@@ -122,6 +122,8 @@ OUT_OF_RANGE = [
     ("/v1/completions", {"prompt": []}, "prompt"),
     ("/v1/completions", {"echo": True, "logprobs": 1, "stream": True}, "echo"),
     ("/v1/completions", {"suffix": "x"}, "suffix"),
+    ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/chat/completions", {"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
     ("/detokenize", {"tokens": [10**9]}, "tokens"),
 ]  # fmt: skip
 
@@ -142,6 +144,13 @@ def test_prompt_that_does_not_fit(server: ServerProcess) -> None:
         400,
         "prompt",
         "maximum context length",
+    )
+    # Exactly the context, no max_tokens (all that is left): no room, and the message says so.
+    assert_error(
+        post(server, "/v1/completions", {"prompt": [5] * max_model_len, "max_tokens": None}),
+        400,
+        "prompt",
+        f"has {max_model_len} input tokens, which leaves no room for output",
     )
     # The prompt fits, the prompt plus max_tokens does not.
     assert_error(
@@ -185,9 +194,10 @@ def test_api_key(server: ServerProcess) -> None:
         assert error["type"] == "AuthenticationError"
         assert response.headers["www-authenticate"] == "Bearer"
     assert_error(server.request("GET", "/v1/models"), 401)
-    # Probes and scrapers need no key.
+    # Probes, scrapers and version checks need no key (vLLM guards only /v1).
     assert server.request("GET", "/health").status == 200
     assert server.request("GET", "/metrics").status == 200
+    assert server.request("GET", "/version").status == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url("/v1"), api_key="wrong", max_retries=0).models.list()
     models = openai.OpenAI(base_url=server.url("/v1"), api_key=API_KEY, max_retries=0).models.list()

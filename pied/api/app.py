@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 STATE = web.AppKey("state", ServerState)
 OPENAPI = web.AppKey("openapi", bytes)
 REQUEST_ID_HEADER = "X-Request-Id"
-OPEN_PATHS = frozenset({"/health", "/ping", "/metrics"})  # reachable without the API key (probes, scrapers)
+# Reachable without the API key (probes, scrapers, version checks; vLLM guards only /v1).
+OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
 # Paths whose requests count against --max-admitted-requests (they hold a body, the tokenizer or
 # the engine); the cheap GETs, /health among them, are always answered.
 ADMITTED_PATHS = frozenset(

@@ -97,6 +97,8 @@ def check_request_limits(request: SamplingFields, limits: RequestLimits) -> None
     tokenizing: each costs O(1) or one pass over a list the body size already bounds."""
     if request.n is not None and request.n > limits.max_n:
         raise bad_request(f"n must be at most {limits.max_n}, got {request.n}.", "n")
+    if getattr(request, "stream_options", None) is not None and not getattr(request, "stream", False):
+        raise bad_request("stream_options can only be given when stream is true.", "stream_options")  # as vLLM
     # Raw length first (O(1)): a body of millions of ids is refused before anything walks it.
     stop_token_ids = request.stop_token_ids or []
     if len(stop_token_ids) > limits.max_stop_token_ids:
