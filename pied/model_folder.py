@@ -5,8 +5,9 @@ fields of the right types that agree with each other (``hidden_size`` a multiple
 ``num_attention_heads`` when there is no ``head_dim``, heads a multiple of KV heads, an architecture
 and a dtype pied runs); safetensors weights present, and every shard that
 ``model.safetensors.index.json`` names inside the folder (no ``..``, no absolute path, no symlink
-out of it), existing, with a readable safetensors header; a tokenizer whose largest token id is
-below the model's ``vocab_size``. Every refusal is a ``ModelFolderError`` naming the file.
+out of it), existing, with a readable safetensors header, and every tensor the architecture
+needs named in those headers (``ModelConfig.checkpoint_tensor_names``); a tokenizer whose largest
+token id is below the model's ``vocab_size``. Every refusal is a ``ModelFolderError`` naming the file.
 
 A model id (``org/name``) that is not a folder is looked up in the local Hugging Face cache, as
 ``huggingface_hub`` lays it out and finds it (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, ...): its
@@ -49,6 +50,7 @@ OPTIONAL_NUMBERS = ("rms_norm_eps", "rope_theta")
 OPTIONAL_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
 OPTIONAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
+MAX_NAMES_SHOWN = 8  # missing tensors named in an error
 
 
 # What the Hub accepts as a repository id: ``name`` or ``org/name`` (letters, digits, ``-_.``).
@@ -104,8 +106,17 @@ def check_model_folder(path: str | Path) -> ModelConfig:
         raw = {**text_config, "architectures": raw.get("architectures")}
     check_config_fields(raw, config_file)
     model = ModelConfig.from_folder(folder)  # the architecture's own checks (rope, activation, ...)
-    for shard in weight_files(folder):
-        check_safetensors_header(shard)
+    shards = weight_files(folder)
+    present: set[str] = set()
+    for shard in shards:
+        present |= check_safetensors_header(shard)
+    missing = sorted(model.checkpoint_tensor_names() - present)
+    if missing:
+        where = shards[0] if len(shards) == 1 else folder / WEIGHTS_INDEX_FILE
+        shown = ", ".join(missing[:MAX_NAMES_SHOWN]) + (
+            f" and {len(missing) - MAX_NAMES_SHOWN} more" if len(missing) > MAX_NAMES_SHOWN else ""
+        )
+        raise ModelFolderError(f"{where}: missing tensors {shown} (a {model.architecture} checkpoint has them).")
     return model
 
 
@@ -222,8 +233,9 @@ def check_inside(folder: Path, file: Path, named_by: Path) -> None:
         )
 
 
-def check_safetensors_header(file: Path) -> None:
-    """The 8-byte length and JSON header of a safetensors file (its data is not read)."""
+def check_safetensors_header(file: Path) -> set[str]:
+    """The 8-byte length and JSON header of a safetensors file (its data is not read); the names of
+    the tensors it holds."""
     try:
         with open(file, "rb") as handle:
             prefix = handle.read(8)
@@ -241,6 +253,7 @@ def check_safetensors_header(file: Path) -> None:
         parsed = None
     if len(header) < length or not isinstance(parsed, dict):
         raise ModelFolderError(f"{file}: corrupt safetensors header (truncated or not JSON).")
+    return set(parsed) - {"__metadata__"}
 
 
 def check_tokenizer_vocabulary(max_token_id: int | None, model: ModelConfig, folder: Path) -> None:

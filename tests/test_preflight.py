@@ -475,6 +475,38 @@ def test_truncated_safetensors_header(model):
         check_safetensors_header(weights)
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_checkpoint_missing_a_tensor_is_refused_before_any_worker(model, command):
+    from safetensors.torch import load_file, save_file
+
+    weights = model / "model.safetensors"
+    tensors = load_file(weights)
+    assert "lm_head.weight" in tensors  # untied: the checkpoint must hold it
+    del tensors["lm_head.weight"], tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, weights)
+    line = assert_refused(command, ["--model", str(model)], str(weights), "missing tensors")
+    assert "lm_head.weight" in line and "model.layers.1.mlp.up_proj.weight" in line
+
+
+def test_the_tensors_a_folder_must_hold_are_the_ones_the_model_loads(tiny_model_dir):
+    """``ModelConfig.checkpoint_tensor_names`` (torch-free, for the preflight) against the model's
+    own ``checkpoint_targets`` (what the loader fills), built on the meta device."""
+    import torch
+
+    from workers.executor.model import CausalLM
+
+    variants = [
+        ("llama", {}), ("llama", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
+        ("mistral", {}), ("qwen2", {}), ("qwen3", dict(attention_bias=True)), ("phi3", {}),
+        ("gemma3", {}), ("smollm3", {}), ("gemma3-multimodal", {}),
+    ]  # fmt: skip
+    for arch, overrides in variants:
+        config = ModelConfig.from_folder(tiny_model_dir(arch, **overrides))
+        with torch.device("meta"):
+            targets = CausalLM(config, torch.float32).checkpoint_targets()
+        assert config.checkpoint_tensor_names() == set(targets), (arch, overrides)
+
+
 def test_llm_refuses_before_starting_anything(model):
     from pied import LLM
 

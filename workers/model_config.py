@@ -148,6 +148,36 @@ class ModelConfig:
     # activations are not quantized). None: unquantized.
     fp8_block_size: tuple[int, int] | None
 
+    def checkpoint_tensor_names(self) -> set[str]:
+        """Every tensor the checkpoint must hold (without loading torch: the preflight checks a
+        folder's safetensors headers against it). The model's ``CausalLM.checkpoint_targets``
+        names the same set (``tests/test_model.py`` holds them equal on every architecture)."""
+        prefix = self.checkpoint_prefix
+        names = {prefix + "embed_tokens.weight", prefix + "norm.weight"}
+        if not self.tie_word_embeddings:
+            names.add(self.lm_head_name)
+        norms = ["input_layernorm", "post_attention_layernorm"]
+        if self.sandwich_norms:
+            norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        projections = [  # (name, has a bias)
+            *(("self_attn.qkv_proj", self.qkv_bias),) * self.fused_checkpoint,
+            *((f"self_attn.{p}_proj", self.qkv_bias) for p in "qkv" if not self.fused_checkpoint),
+            ("self_attn.o_proj", self.o_proj_bias),
+            *(("mlp.gate_up_proj", self.mlp_bias),) * self.fused_checkpoint,
+            *((f"mlp.{p}_proj", self.mlp_bias) for p in ("gate", "up") if not self.fused_checkpoint),
+            ("mlp.down_proj", self.mlp_bias),
+        ]
+        for layer in range(self.num_layers):
+            at = f"{prefix}layers.{layer}."
+            names.update(at + norm + ".weight" for norm in norms)
+            if self.qk_norm:
+                names.update((at + "self_attn.q_norm.weight", at + "self_attn.k_norm.weight"))
+            for name, bias in projections:
+                names.add(at + name + ".weight")
+                if bias:
+                    names.add(at + name + ".bias")
+        return names
+
     @property
     def lm_head_name(self) -> str:
         """The untied lm_head's tensor name (multimodal checkpoints nest it beside the text model)."""

@@ -392,7 +392,7 @@ class CausalLM(nn.Module):
         self.embedding_multiplier = (
             None
             if config.embedding_multiplier is None
-            else torch.tensor(config.embedding_multiplier).to(dtype).item()
+            else torch.tensor(config.embedding_multiplier, device="cpu").to(dtype).item()  # (a number, on any device)
         )
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, dtype, backend, tp) for i in range(config.num_layers)
