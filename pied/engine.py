@@ -97,8 +97,18 @@ class Engine:
         streams = [RequestStream(request_id) for request_id in choice_ids]
         for stream in streams:
             self._streams[stream.request_id] = stream
+        was_idle = self._idle.is_set()
         self._idle.clear()
-        self._supervisor.send(request)
+        try:
+            self._supervisor.send(request)
+        except BaseException:
+            # Not sent (a message that cannot be encoded): no stream may wait for it, and an idle
+            # engine stays idle for wait_idle.
+            for stream in streams:
+                self._streams.pop(stream.request_id, None)
+            if was_idle and not self._streams:
+                self._idle.set()
+            raise
         return streams
 
     async def abort(self, request_ids: list[str]) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import threading
 import weakref
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar, Union
+
+import msgspec
 
 import proto
 from pied.default_model import with_default_model
@@ -48,6 +51,31 @@ def check_prompt_length(num_prompt_tokens: int, max_tokens: int | None, max_mode
             f"{requested} tokens ({num_prompt_tokens} in the prompt, {max_tokens or 0} for the completion). "
             "Please reduce the length of the prompt or the completion."
         )
+
+
+def check_vocabulary(token_ids: Sequence[int], vocab_size: int, what: str) -> None:
+    """Every id indexes the model's vocabulary (one out of it would fail the engine)."""
+    for token_id in token_ids:
+        if not 0 <= token_id < vocab_size:
+            raise ValueError(f"{what}: token id {token_id} is out of vocabulary (size {vocab_size}).")
+
+
+def checked_params(params: proto.SamplingParams, vocab_size: int, max_logprobs: int) -> proto.SamplingParams:
+    """``params`` validated as the engine will decode them: a field of the wrong type (a float
+    seed, say) is a ValueError naming it here, where the scheduler would drop the request unseen,
+    and token ids are in the vocabulary. A single stop string is a list of one, as vLLM takes it."""
+    if isinstance(params.stop, str):
+        params = msgspec.structs.replace(params, stop=[params.stop])
+    with contextlib.suppress(TypeError):  # a wrong type: the decode below names its field
+        params.validate(max_logprobs)  # values out of range, each named
+    try:
+        params = msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=proto.SamplingParams)
+    except (msgspec.ValidationError, OverflowError, TypeError) as error:
+        raise ValueError(f"SamplingParams: {error}") from None
+    params.validate(max_logprobs)
+    check_vocabulary(params.allowed_token_ids, vocab_size, "allowed_token_ids")
+    check_vocabulary(list(params.logit_bias), vocab_size, "logit_bias")
+    return params
 
 
 def prompt_request(
@@ -150,8 +178,10 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: proto.SamplingParams | Sequence[proto.SamplingParams] | None = None,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion, batched together; results in prompt order."""
+        """Run every prompt to completion, batched together; results in prompt order.
+        (``use_tqdm``: taken as vLLM takes it; pied shows no progress bar.)"""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if sampling_params is None:
@@ -165,13 +195,17 @@ class LLM:
 
         outputs: list[RequestOutput] = []
         choices: list[tuple[proto.AddRequest, ChoiceState]] = []
+        vocab_size = self.engine.vocab_size
         for prompt, params in zip(prompts, sampling_params):
-            params.validate(self.config.max_logprobs)
+            # Everything is checked before the first request goes out: a bad one is this call's
+            # ValueError, and no request of it runs.
+            params = checked_params(params, vocab_size, self.config.max_logprobs)
             if params.grammar is not None:
                 from workers.grammar import grammar_of  # xgrammar loads only when a grammar is used
 
                 grammar_of(params.grammar)  # a bad grammar is this call's ValueError, not the engine's
             text, token_ids = self._prompt_token_ids(prompt)
+            check_vocabulary(token_ids, vocab_size, "prompt_token_ids")
             check_prompt_length(len(token_ids), None, self.engine.max_model_len)
             request_id = str(next(self._request_counter))
             outputs.append(RequestOutput(request_id, text, token_ids))
@@ -206,16 +240,29 @@ class LLM:
         self,
         messages: list[dict[str, str]] | list[list[dict[str, str]]],
         sampling_params: proto.SamplingParams | None = None,
+        use_tqdm: bool = True,
         *,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Render each conversation with the model's chat template (``chat_template``: a template's
-        text, or the name of one of the folder's, as vLLM's ``LLM.chat`` takes it), then generate."""
+        """Render each conversation with the model's chat template, then generate; the arguments
+        as vLLM's ``LLM.chat`` takes them (``chat_template``: a template's text, or the name of
+        one of the folder's; ``continue_final_message``: the last message is left open, for the
+        model to go on with)."""
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true.")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
             self.tokenizer.apply_chat_template(
-                c, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+                c,
+                add_generation_prompt=add_generation_prompt,
+                tools=tools,
+                chat_template=chat_template,
+                continue_final_message=continue_final_message,
+                **(chat_template_kwargs or {}),
             )
             for c in conversations
         ]
@@ -234,8 +281,10 @@ async def run_choices(engine: Engine, choices: list[tuple[proto.AddRequest, Choi
             if choice.update(delta).abort_engine:
                 await engine.abort([delta.request_id])  # a stop string: the rest is not wanted
 
-    streams = [(engine.add_request(request), choice) for request, choice in choices]
+    streams: list[tuple[RequestStream, ChoiceState]] = []
     try:
+        for request, choice in choices:  # a request that fails to go out aborts those sent before it
+            streams.append((engine.add_request(request), choice))
         await asyncio.gather(*(consume(stream, choice) for stream, choice in streams))
     except BaseException:
         await engine.abort([request.request_id for request, _ in choices])

@@ -119,8 +119,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
 
         if self.n < 1:
             bad("n", f"n must be at least 1, got {self.n}.")
-        if self.temperature < 0:
-            bad("temperature", f"temperature must be non-negative, got {self.temperature}.")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            bad("temperature", f"temperature must be a non-negative number, got {self.temperature}.")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            bad("seed", f"seed must fit in 64 bits, got {self.seed}.")
         if not 0 < self.top_p <= 1:
             bad("top_p", f"top_p must be in (0, 1], got {self.top_p}.")
         if self.top_k < -1:

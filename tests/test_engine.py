@@ -237,6 +237,14 @@ def test_llm_takes_a_path_and_a_chat_template_for_a_folder_without_one(tmp_path)
         # Without the generation prompt the rendering ends at the user's turn.
         bare = llm.chat(conversation, params, chat_template=template, add_generation_prompt=False)[0]
         assert len(bare.prompt_token_ids) < len(chatted.prompt_token_ids)
+        # continue_final_message: the last (assistant) message is left open for the model to go on.
+        opened = [*conversation, {"role": "assistant", "content": "General"}]
+        going_on = llm.chat(
+            opened, params, chat_template=template, add_generation_prompt=False, continue_final_message=True
+        )[0]
+        assert going_on.prompt.endswith("General"), going_on.prompt
+        with pytest.raises(ValueError, match="continue_final_message"):
+            llm.chat(opened, params, chat_template=template, continue_final_message=True)
 
 
 def test_stop_reason_names_a_stop_token_but_not_the_eos(tmp_path):
@@ -258,3 +266,52 @@ def test_stop_reason_names_a_stop_token_but_not_the_eos(tmp_path):
         assert ended_by(IM_END) == ("stop", IM_END)
         assert ended_by(EOS, stop_token_ids=[EOS]) == ("stop", EOS)
         assert ended_by(7, stop_token_ids=[7]) == ("stop", 7)
+
+
+def test_bad_requests_are_value_errors_before_anything_runs(llama_dir):
+    """What the API refuses with a 400, the offline API refuses with a ValueError naming it, before
+    any request of the call goes out; the engine serves the next call as if nothing happened."""
+    with LLM(model=str(llama_dir), block_size=4) as llm:
+        ok = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        reference = greedy_tokens(llm, max_tokens=4)
+        vocab = llm.engine.vocab_size
+        bad_calls = [
+            ({"prompt_token_ids": [1, vocab]}, ok, "out of vocabulary"),  # the engine died of this
+            ({"prompt_token_ids": [-5, 1, 1]}, ok, "out of vocabulary"),
+            ("x", SamplingParams(max_tokens=4, seed=1.5), "seed"),  # a float where an int goes: hung
+            ("x", SamplingParams(max_tokens=2.5), "max_tokens"),
+            ("x", SamplingParams(max_tokens=4, seed=2**64), "seed"),  # could not be sent: wedged the engine
+            ("x", SamplingParams(max_tokens=4, temperature=float("nan")), "temperature"),
+            ("x", SamplingParams(max_tokens=4, allowed_token_ids=[vocab + 7]), "allowed_token_ids"),
+            ("x", SamplingParams(max_tokens=4, logit_bias={vocab: 5.0}), "logit_bias"),
+        ]
+        for prompt, params, named in bad_calls:
+            with pytest.raises(ValueError, match=named):
+                # The first prompt is fine: it must not run either.
+                llm.generate([{"prompt_token_ids": PROMPTS[0]}, prompt], [ok, params])
+            assert llm.engine.num_open_requests == 0
+        assert greedy_tokens(llm, max_tokens=4) == reference
+        # vLLM takes a single stop string as a list of one.
+        free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        text = llm.generate("def f(x):", free)[0].outputs[0].text
+        stop = text[3:6]
+        stopped = llm.generate("def f(x):", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=stop))
+        assert stopped[0].outputs[0].stop_reason == stop
+        assert_no_blocks_in_use(llm)
+
+
+def test_a_request_that_cannot_be_sent_leaves_the_engine_idle(llama_dir):
+    import proto
+    from pied.llm import prompt_request
+
+    with LLM(model=str(llama_dir), block_size=4) as llm:
+        unsendable = prompt_request("x", PROMPTS[0], SamplingParams(max_tokens=2, seed=2**64))
+
+        async def submit_then_wait():
+            with pytest.raises(OverflowError):
+                llm.engine.add_request(unsendable)
+            return await llm.engine.wait_idle(5)
+
+        stats = llm._loop.call(submit_then_wait())  # idle at once, not a 5 s timeout
+        assert isinstance(stats, proto.Stats) and llm.engine.num_open_requests == 0
+        assert greedy_tokens(llm, max_tokens=2)
