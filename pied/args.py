@@ -100,6 +100,13 @@ def engine_config_from_args(args: argparse.Namespace, **defaults) -> EngineConfi
         values["host_kv_gib"] = offloading
         # vLLM: giving the size turns offloading on; pied's way of using host KV is pooling.
         values.setdefault("kv_policy", "pie")
+    if values.get("host_kv_gib") == 0 and values.get("kv_policy", "none") != "none":
+        # (Unset, the size is the default; given as 0 it would be read as unset.)
+        flag = "--kv-offloading-size" if offloading is not None else "--host-kv-gib"
+        raise ConfigError(
+            f"{flag} 0 leaves --kv-policy {values['kv_policy']} no host memory: give a positive size, "
+            "or --kv-policy none."
+        )
     return with_default_model(EngineConfig(**values)).validate()
 
 

@@ -6,13 +6,16 @@ Lifecycle:
   http://HOST:PORT ...``, and tell systemd ``READY=1`` when run under it (:mod:`pied.sdnotify`;
   before that, ``STATUS=`` lines and ``EXTEND_TIMEOUT_USEC`` while the workers load; after it,
   ``WATCHDOG=1`` pings while every worker heartbeats);
-- SIGTERM drains: ``/health`` and new requests answer 503 while requests in flight finish (up to
-  ``--shutdown-timeout``), then what is left is aborted and the server stops; exit status 0;
+- SIGTERM (and SIGHUP: the terminal of a foreground daemon closed) drains: ``/health`` and new
+  requests answer 503 while requests in flight finish (up to ``--shutdown-timeout``), then what is
+  left is aborted and the server stops; exit status 0;
 - SIGINT stops at once (requests in flight end with ``finish_reason: abort``); a second signal
   of either kind also stops at once;
 - the engine dying (a worker exits, fails or hangs) fails every request in flight with an error,
   and the daemon exits 1 so that its service manager restarts it (also when it happens while
-  draining); a configuration error exits 2 before anything starts (not worth a restart).
+  draining); a configuration error exits 2 before anything starts (not worth a restart): an
+  address that cannot be listened on (``--host`` not resolvable or not this machine's, a port it
+  may not bind) too; a port in use exits 1, before the model loads (it may come free).
 
 Every flag is also a key of the ``--config`` TOML file (:mod:`pied.config_file`).
 """
@@ -22,11 +25,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import functools
 import ipaddress
 import logging
 import os
 import signal
+import socket
 import stat
 import sys
 import time
@@ -433,6 +438,10 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         return run_node(config, options)
     check_chat_template_option(options.chat_template)
+    # The address before any worker: a typo in --host must not cost a model load (under systemd,
+    # one per restart); a port in use is worth a restart (exit 1), still before the load.
+    if not can_listen(options.host, options.port):
+        return 1
     api_key = options.resolved_api_key()
     if api_key is None and not is_loopback(options.host):
         logger.warning("listening on %s without an API key: anyone who can reach it can use it", options.host)
@@ -529,6 +538,31 @@ async def start_engine(
     return None
 
 
+def can_listen(host: str | None, port: int) -> bool:
+    """Whether ``host``:``port`` can be listened on, found by binding it (as the server will, with
+    SO_REUSEADDR) and letting go. A host that does not resolve or is not this machine's, or a port
+    this user may not bind, is a ConfigError (exit 2); a port in use prints why and is False."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise ConfigError(f"--host {host!r} cannot be resolved ({error.strerror}).") from None
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds it
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    print(f"pied: cannot listen on {host}:{port}: {error.strerror}", file=sys.stderr)
+                    return False
+                if error.errno == errno.EACCES:
+                    raise ConfigError(f"--port {port}: this user may not listen on it ({error.strerror}).") from None
+                raise ConfigError(f"--host {host}: cannot listen on it ({error.strerror}).") from None
+    return True
+
+
 async def serve(
     config: EngineConfig,
     options: ServeOptions,
@@ -548,7 +582,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     notifier = Notifier()
     signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, signals.put_nowait, signum)
 
     model_dir = config.resolved_model()
@@ -647,7 +681,7 @@ async def serve(
         await wait_idle(server, DEATH_GRACE_SECONDS, None, notifier)
     else:
         signum = next_signal.result()
-        timeout = options.shutdown_timeout if signum == signal.SIGTERM else 0.0
+        timeout = options.shutdown_timeout if signum in (signal.SIGTERM, signal.SIGHUP) else 0.0
         logger.info("%s: draining %d requests (up to %g s)", signum.name, server.num_in_flight, timeout)
         notifier.stopping(f"Draining {server.num_in_flight} requests")
         notifier.extend_timeout(timeout + STOP_MARGIN_SECONDS)

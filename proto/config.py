@@ -136,6 +136,11 @@ class EngineConfig:
             raise ConfigError(f"--kv-policy must be none, swap or pie, got {self.kv_policy!r}.")
         if not (math.isfinite(self.host_kv_gib) and self.host_kv_gib >= 0):
             raise ConfigError(f"--host-kv-gib must be a non-negative number of GiB, got {self.host_kv_gib}.")
+        if self.host_kv_gib > 0 and self.kv_policy == "none":
+            raise ConfigError(
+                f"--host-kv-gib {self.host_kv_gib:g} is host memory for --kv-policy pie or swap, unused with "
+                "--kv-policy none: add --kv-policy pie, or drop --host-kv-gib."
+            )
         fixed = parse_expansion(self.expansion)
         if fixed is not None and fixed < 1:
             raise ConfigError(

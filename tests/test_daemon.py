@@ -201,13 +201,14 @@ def test_sigterm_lets_requests_in_flight_finish(long_model: Path) -> None:
         server.stop()
 
 
-def test_shutdown_timeout_aborts_what_is_left(long_model: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: a closed terminal
+def test_shutdown_timeout_aborts_what_is_left(long_model: Path, signum: signal.Signals) -> None:
     server = start_server(long_model, "--shutdown-timeout", "1")
     try:
         stream = EventStream(server, "/v1/completions", completion(PROMPTS[0], 4000, stream=True))
         assert stream.next_event()["choices"]
         signalled = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
+        server.process.send_signal(signum)
         events = stream.rest()
         ended = time.monotonic() - signalled
         assert events[-1] == "[DONE]" and finish_reasons(events) == ["abort"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -123,6 +124,26 @@ def test_host_kv_gib_above_available_memory(model, command):
         command, ["--model", str(model), "--kv-policy", "pie", "--host-kv-gib", "100000"], "--host-kv-gib"
     )
     assert "available" in line
+
+
+def test_an_address_that_cannot_be_listened_on_is_refused_before_any_worker(model):
+    # Not this machine's (TEST-NET-1): a configuration error, one line, exit 2.
+    assert_refused("serve", ["--model", str(model), "--host", "192.0.2.1"], "--host 192.0.2.1")
+    assert_refused("serve", ["--model", str(model), "--host", "no-such-host.invalid"], "--host")
+    # A port in use may come free: exit 1 (worth a restart), but before any worker loads the model.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result, marker = run_cli("serve", "--model", str(model), "--port", str(port))
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].endswith("Address already in use")
+    assert "Traceback" not in result.stderr and marked_processes(marker) == []
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_host_kv_gib_zero_with_a_host_policy(model, command):
+    # 0 read as "unset" had given pie the 1 GiB default and half the device blocks for its ring.
+    assert_refused(command, ["--model", str(model), "--kv-policy", "pie", "--host-kv-gib", "0"], "--host-kv-gib 0")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -319,6 +340,7 @@ def test_systemd_does_not_restart_on_exit_2():
         (dict(gpu_memory_utilization=1.5), "--gpu-memory-utilization"),
         (dict(host_kv_gib=-1.0), "--host-kv-gib"),
         (dict(host_kv_gib=float("nan")), "--host-kv-gib"),
+        (dict(host_kv_gib=4.0), "--host-kv-gib 4 is host memory for --kv-policy pie or swap"),  # policy none
         (dict(device_kv_gib=float("inf")), "--device-kv-gib"),
         (dict(device_kv_blocks=4, device_kv_gib=1.0), "--device-kv-blocks and --device-kv-gib"),
         (dict(device="gpu"), "--device"),
@@ -341,7 +363,7 @@ def test_validate_names_the_flag(changes, flag):
 
 def test_validate_accepts_the_defaults_and_ints_for_floats():
     EngineConfig().validate()
-    EngineConfig(host_kv_gib=2, expansion="fixed:16", device="cuda:1", gpu_memory_utilization=1).validate()
+    EngineConfig(kv_policy="pie", host_kv_gib=2, expansion="fixed:16", device="cuda:1", gpu_memory_utilization=1).validate()
     assert parse_expansion("adaptive") is None and parse_expansion("fixed:16") == 16
 
 

@@ -74,3 +74,17 @@ def test_help_shows_each_default():
     assert "(default: 8000)" in help_text and "--drain-timeout" in help_text
     assert f"larger request bodies (default: {ServeOptions().max_request_body_bytes})" in help_text
     assert "load the model (default: 600)" in help_text and "the largest n (default: 128)" in help_text
+
+
+def test_an_unknown_flag_gets_the_commands_usage() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pied", "serve", "--swap-space=4"], capture_output=True, text=True, timeout=60
+    )
+    # vLLM's --swap-space is not pied's: exit 2, under `pied serve`'s usage, not `pied`'s.
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("usage: pied serve ") and result.stderr.strip().splitlines()[-1] == (
+        "pied serve: error: unrecognized arguments: --swap-space=4"
+    )
