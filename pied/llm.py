@@ -18,7 +18,7 @@ from pied.default_model import with_default_model
 from pied.engine import Engine, SupervisorOptions, WorkerKind
 from pied.engine_client import RequestStream
 from pied.output_processor import ChoiceState
-from pied.outputs import CompletionOutput, RequestOutput
+from pied.outputs import CompletionOutput, Logprob, RequestOutput
 from pied.preflight import preflight
 from pied.tokenizer import Tokenizer
 from proto.config import EngineConfig
@@ -165,6 +165,28 @@ class LLM:
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
 
+    def _logprob_objects(self, entry: dict[int, tuple[float, int]]) -> dict[int, Logprob]:
+        """One position's {token_id: (logprob, rank)} as vLLM's {token_id: Logprob}."""
+        return {
+            token_id: Logprob(logprob, rank, self.tokenizer.decode([token_id], skip_special_tokens=False))
+            for token_id, (logprob, rank) in entry.items()
+        }
+
+    def _generated_logprobs(self, choice: ChoiceState) -> list[dict[int, Logprob]]:
+        """The choice's {token_id: logprob} per token, with ranks: the sampled token's from the
+        sampler, an alternative's its place among the top ones (which hold every more likely
+        token)."""
+        assert choice.logprobs is not None
+        positions = []
+        for entry, sampled_rank in zip(choice.logprobs, choice.sampled_ranks):
+            values = list(entry.values())
+            ranked = {
+                token_id: (logprob, (sampled_rank or None) if i == 0 else 1 + sum(v > logprob for v in values))
+                for i, (token_id, logprob) in enumerate(entry.items())
+            }
+            positions.append(self._logprob_objects(ranked))
+        return positions
+
     def _prompt_token_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
@@ -219,7 +241,9 @@ class LLM:
             output = by_request[choice.request_id.rsplit("-", 1)[0]]
             output.num_cached_tokens = choice.num_cached_tokens
             if choice.prompt_logprobs is not None:  # the prompt's first choice computes them
-                output.prompt_logprobs = choice.prompt_logprobs
+                output.prompt_logprobs = [
+                    None if entry is None else self._logprob_objects(entry) for entry in choice.prompt_logprobs
+                ]
             output.outputs.append(
                 CompletionOutput(
                     index=choice.index,
@@ -227,7 +251,7 @@ class LLM:
                     token_ids=choice.token_ids,
                     finish_reason=choice.finish_reason,
                     stop_reason=choice.stop_reason,
-                    logprobs=choice.logprobs,
+                    logprobs=None if choice.logprobs is None else self._generated_logprobs(choice),
                     cumulative_logprob=choice.cumulative_logprob if choice.logprobs is not None else None,
                 )
             )

@@ -69,6 +69,7 @@ class ChoiceState:
     tokenizer: Tokenizer
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
+    sampled_ranks: list[int] = field(default_factory=list)  # each logprobs entry's sampled token's
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -142,6 +143,7 @@ class ChoiceState:
             entries = delta.logprobs[: len(update.token_ids)]
             update.logprobs = logprobs_dicts(entries, update.token_ids)
             self.logprobs.extend(update.logprobs)
+            self.sampled_ranks.extend(e.rank for e in entries)
             self.cumulative_logprob += sum(e.logprob for e in entries)
         self.token_ids.extend(update.token_ids)
         if update.finish_reason is not None:

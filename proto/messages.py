@@ -254,12 +254,14 @@ class TokenDeltas(msgspec.Struct, tag=True, **HOT):
 
 
 class TokenLogprobs(msgspec.Struct, **HOT):
-    """Logprob of one sampled token and its ``k`` best alternatives (int32 ids, float32 values,
-    best first). Logprobs are of the model's distribution before any sampling transform."""
+    """Logprob of one sampled token, its rank (1: the most likely; 0: not computed) and its ``k``
+    best alternatives (int32 ids, float32 values, best first). Logprobs are of the model's
+    distribution before any sampling transform."""
 
     logprob: float
     top_ids: bytes = b""
     top_logprobs: bytes = b""
+    rank: int = 0
 
 
 class PromptLogprobs(msgspec.Struct, **HOT):

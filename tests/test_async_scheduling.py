@@ -439,7 +439,7 @@ def test_llm_grammar_logprobs_and_prompt_logprobs_equal_with_async_scheduling(ll
 
 
 def assert_logprobs_close(got, expected) -> None:
-    """Logprob dicts (token -> value, or -> (value, rank)) with the same tokens and ranks, values to 1e-4."""
+    """Logprob dicts (token -> vLLM's Logprob) with the same tokens, ranks and texts, values to 1e-4."""
     if got is None or expected is None:
         assert got is expected
         return
@@ -451,10 +451,8 @@ def assert_logprobs_close(got, expected) -> None:
         assert row.keys() == expected_row.keys()
         for token, value in row.items():
             expected_value = expected_row[token]
-            if isinstance(value, tuple):
-                assert value[1] == expected_value[1]
-                value, expected_value = value[0], expected_value[0]
-            assert value == pytest.approx(expected_value, abs=1e-4)
+            assert (value.rank, value.decoded_token) == (expected_value.rank, expected_value.decoded_token)
+            assert value.logprob == pytest.approx(expected_value.logprob, abs=1e-4)
 
 
 def test_the_runner_fills_placeholders_with_the_tokens_it_sampled(llama):

@@ -176,8 +176,17 @@ def test_logprobs_match_transformers(llama_dir):
     entry = choice.logprobs[0]
     assert list(entry)[0] == choice.token_ids[0] == best.indices[0].item()
     assert set(entry) == set(best.indices.tolist())
+    # vLLM's Logprob: the value, the rank in the whole distribution and the token's text.
     for token_id, value in entry.items():
-        assert abs(value - reference[token_id].item()) < 1e-4
+        assert abs(value.logprob - reference[token_id].item()) < 1e-4
+        assert value.rank == int((reference > reference[token_id]).sum()) + 1
+        assert value.decoded_token == llm.get_tokenizer().decode([token_id], skip_special_tokens=False)
+    # A sampled token outside the top k still has its true rank (computed in the sampler).
+    sampled = llm.generate(
+        {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=1, logprobs=0, allowed_token_ids=[7])
+    )[0].outputs[0]
+    [(token_id, value)] = sampled.logprobs[0].items()
+    assert token_id == 7 and value.rank == int((reference > reference[7]).sum()) + 1
 
 
 def test_prompt_too_long_is_a_clear_error(llama_dir):

@@ -14,6 +14,7 @@ from tiny_models import load_hf_model
 
 import proto
 from pied import LLM, SamplingParams
+from pied.outputs import Logprob
 from proto.config import EngineConfig
 from workers.executor.runner import ModelRunner
 
@@ -54,16 +55,16 @@ def check_against_reference(entries, token_ids: list[int], reference_logprobs: t
         token_id = token_ids[position]
         entry = entries[position]
         assert next(iter(entry)) == token_id  # the prompt token comes first
-        logprob, rank = entry[token_id]
+        logprob, rank = entry[token_id].logprob, entry[token_id].rank  # vLLM's Logprob
         assert logprob == pytest.approx(row[token_id].item(), abs=ATOL), position
         assert rank == int((row > row[token_id]).sum()) + 1
         top = row.topk(k)
         expected_top = dict(zip(top.indices.tolist(), top.values.tolist()))
         assert set(entry) == set(expected_top) | {token_id}
         for r, (top_id, top_logprob) in enumerate(expected_top.items()):
-            assert entry[top_id][0] == pytest.approx(top_logprob, abs=ATOL)
+            assert entry[top_id].logprob == pytest.approx(top_logprob, abs=ATOL)
             if top_id != token_id:
-                assert entry[top_id][1] == r + 1
+                assert entry[top_id].rank == r + 1
 
 
 def test_prompt_logprobs_equal_transformers_with_chunked_prefill(llm, reference) -> None:
@@ -122,7 +123,9 @@ def test_completions_return_prompt_logprobs(server, reference) -> None:
     for choice in choices:  # every choice of the prompt carries them
         entries = choice["prompt_logprobs"]
         assert entries[0] is None and len(entries) == len(PROMPT)
-        converted = [None] + [{int(t): (v["logprob"], v["rank"]) for t, v in e.items()} for e in entries[1:]]
+        converted = [None] + [
+            {int(t): Logprob(v["logprob"], v["rank"], v["decoded_token"]) for t, v in e.items()} for e in entries[1:]
+        ]
         check_against_reference(converted, PROMPT, expected, 2)
         token_id = str(PROMPT[1])
         assert entries[1][token_id]["decoded_token"] is not None

@@ -253,9 +253,9 @@ def test_two_ranks_on_more_architectures_with_prompt_logprobs(tiny_model_dir, ar
     check_against_reference(outputs[2].prompt_logprobs, SHORT_PROMPT, reference, 3)
     for entry_one, entry_two in zip(outputs[1].prompt_logprobs[1:], outputs[2].prompt_logprobs[1:]):
         assert list(entry_two) == list(entry_one)  # the same tokens, in the same order
-        for token_id, (logprob, rank) in entry_one.items():
-            assert entry_two[token_id][0] == pytest.approx(logprob, abs=ATOL)
-            assert entry_two[token_id][1] == rank
+        for token_id, one_rank in entry_one.items():
+            assert entry_two[token_id].logprob == pytest.approx(one_rank.logprob, abs=ATOL)
+            assert entry_two[token_id].rank == one_rank.rank
 
 
 # ---------------------------------------------------------------- adaptive expansion

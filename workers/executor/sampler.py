@@ -507,7 +507,10 @@ class Sampler:
             index = self._row_index(rows)
             raw, sampled_rows = logits[index], sampled[index]
         logprobs = raw.log_softmax(dim=-1, dtype=torch.float32)
-        sampled_logprobs = logprobs.gather(1, sampled_rows.long().unsqueeze(1)).squeeze(1).cpu().tolist()
+        sampled_column = logprobs.gather(1, sampled_rows.long().unsqueeze(1))
+        sampled_logprobs = sampled_column.squeeze(1).cpu().tolist()
+        # The sampled token's rank, as vLLM computes it: 1 + the tokens strictly more likely.
+        ranks = ((logprobs > sampled_column).sum(dim=1) + 1).cpu().tolist()
         num_top = [min(states[i].params.logprobs or 0, self.max_logprobs, self.vocab_size) for i in rows]
         # topk returns its values sorted, best first (ties in an unspecified order).
         top = logprobs.topk(max(num_top), dim=-1)
@@ -520,5 +523,6 @@ class Sampler:
                 logprob=sampled_logprobs[j],
                 top_ids=proto.pack_i32(top_ids[j, :k]),
                 top_logprobs=proto.pack_f32(top_values[j, :k]),
+                rank=ranks[j],
             )
         return results
