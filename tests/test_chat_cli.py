@@ -18,7 +18,6 @@ from collections.abc import Iterator
 import pytest
 from server import REPO, ServerProcess, start_server
 
-
 PROMPT = re.compile(rb"(?:^|\n)> $")
 # The child becomes a session leader whose controlling terminal is the pty (what login_tty does),
 # so that ^C typed into the pty is turned into SIGINT for it by the terminal driver.
