@@ -317,6 +317,11 @@ def test_otlp_target_from_the_flag_and_the_standard_variables():
     assert otlp_target("http://jaeger:4318", {}) == OtlpTarget("http://jaeger:4318/v1/traces", HTTP_PROTOBUF)
     assert otlp_target("localhost:4318/", {}) == OtlpTarget("http://localhost:4318/v1/traces", HTTP_PROTOBUF)
     assert otlp_target("https://c.example/otlp/v1/traces", {}).endpoint == "https://c.example/otlp/v1/traces"
+    # A path of the flag's own is the traces URL as given (vLLM's --otlp-traces-endpoint).
+    assert otlp_target("http://c:4318/custom/traces", {}).endpoint == "http://c:4318/custom/traces"
+    assert otlp_target(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/base"}).endpoint == (
+        "http://c:4318/base/v1/traces"  # the base variable always gets the signal's path
+    )
     assert otlp_target("grpc://jaeger:4317", {}) == OtlpTarget("http://jaeger:4317", GRPC)
     grpc = {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
     assert otlp_target("https://c.example:4317", grpc) == OtlpTarget("https://c.example:4317", GRPC)
@@ -337,6 +342,8 @@ def test_otlp_target_from_the_flag_and_the_standard_variables():
         otlp_target("http://c:4318", {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
     with pytest.raises(ConfigError, match="no host"):
         otlp_target("http://:4318", {})
+    with pytest.raises(ConfigError, match="port must be in 1-65535"):
+        otlp_target("http://127.0.0.1:99999", {})
     with pytest.raises(ConfigError, match="grpc://"):
         otlp_target("ftp://c:21", {})
     with pytest.raises(ConfigError, match="trace-layers-every"):

@@ -99,11 +99,13 @@ def otlp_target(endpoint: str | None, environ: Mapping[str, str] = os.environ) -
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
     signal_url = False  # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is the signal's own URL, used as is
+    base_url = False  # OTEL_EXPORTER_OTLP_ENDPOINT is a base: the signal's path always goes after it
     if not endpoint:
         endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
         signal_url = bool(endpoint)
     if not endpoint:
         endpoint = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+        base_url = bool(endpoint)
     if not endpoint:
         return None
     if "://" not in endpoint:
@@ -112,6 +114,10 @@ def otlp_target(endpoint: str | None, environ: Mapping[str, str] = os.environ) -
     scheme = parts.scheme.lower()
     if not parts.hostname:
         raise ConfigError(f"--otlp-endpoint {endpoint!r} names no host; give one like http://localhost:4318.")
+    try:
+        parts.port  # noqa: B018 - raises for a port out of range
+    except ValueError:
+        raise ConfigError(f"--otlp-endpoint {endpoint!r}: the port must be in 1-65535.") from None
     protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
     protocol = (protocol or HTTP_PROTOBUF).strip().lower()
     if scheme == "grpc":
@@ -127,7 +133,9 @@ def otlp_target(endpoint: str | None, environ: Mapping[str, str] = os.environ) -
     if protocol == GRPC:
         return OtlpTarget(urlunsplit((scheme, parts.netloc, "", "", "")), GRPC)
     path = parts.path
-    if not signal_url and not path.rstrip("/").endswith(TRACES_PATH):
+    # --otlp-endpoint: a URL without a path is the collector's, and gets /v1/traces; one with a
+    # path is the traces URL, as given (as vLLM's --otlp-traces-endpoint is used).
+    if (base_url and not path.rstrip("/").endswith(TRACES_PATH)) or (not signal_url and path.strip("/") == ""):
         path = path.rstrip("/") + TRACES_PATH
     return OtlpTarget(urlunsplit((scheme, parts.netloc, path, parts.query, "")), HTTP_PROTOBUF)
 
