@@ -10,8 +10,9 @@ output is one ``message`` item holding one ``output_text`` part. Streamed, the e
 ``response.completed`` (``response.incomplete`` when ``max_output_tokens`` cut it short), each
 with its ``sequence_number``; an engine failure after the stream started is an ``error`` event.
 
-Nothing is stored (``store`` must not be true), so ``previous_response_id`` and retrieving a
-response are not available; tools, reasoning and non-text formats answer 400 naming the field.
+Nothing is stored: ``store: true`` (OpenAI's default) is answered with ``store: false``, as vLLM
+answers it without its store; ``previous_response_id`` and retrieving a response are not
+available; tools, reasoning and non-text formats answer 400 naming the field.
 """
 
 from __future__ import annotations
@@ -93,10 +94,6 @@ def check_request(body: ResponsesRequest) -> None:
             raise bad_request(
                 f"{name} is not supported by pied's /v1/responses (text input and output only).", name
             )
-    if body.store:
-        raise bad_request(
-            "store: pied does not store responses; send store false (or leave it out).", "store"
-        )
     if body.text is not None and body.text.format.type != "text":
         raise bad_request(
             f"text.format type {body.text.format.type!r} is not supported; only text is.", "text.format"
