@@ -394,6 +394,11 @@ def test_host_plan_segments_and_limits():
     assert plan_host(EngineConfig(), 1 << 20, pinned=True) == HostPlan()
     with pytest.raises(ConfigError, match="--expansion fixed:100: the host KV pool needs"):
         plan_host(config, 1 << 20, pinned=False, available=50 << 20)
+    # --host-kv-gib caps the fixed lease too (100 MiB of blocks above a 64 MiB cap); within it, fine.
+    capped = EngineConfig(kv_policy="pie", expansion="fixed:100", host_kv_gib=1 / 16)
+    with pytest.raises(ConfigError, match=r"fixed:100 needs .* above --host-kv-gib 0.0625: lower N to 64"):
+        plan_host(capped, 1 << 20, pinned=False, available=1 << 40)
+    assert plan_host(capped.replace(expansion="fixed:64"), 1 << 20, pinned=False, available=1 << 40).max_host_blocks == 64
     # On CUDA: 512 MiB segments, and no memlock refusal (the executor probes by registering).
     cuda = plan_host(EngineConfig(kv_policy="pie", host_kv_gib=2), 1 << 20, pinned=True, available=1 << 40)
     assert (cuda.blocks_per_segment, cuda.num_segments, cuda.segment_bytes, cuda.pinned) == (512, 4, 512 << 20, True)

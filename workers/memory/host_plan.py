@@ -56,6 +56,13 @@ def plan_host(
         max_host_blocks = fixed
         budget = fixed * block_bytes
         flag = f"--expansion fixed:{fixed}"
+        if config.host_kv_gib and budget > config.host_kv_gib * GIB:
+            # --host-kv-gib caps host memory whatever the lease (it was ignored here).
+            raise ConfigError(
+                f"{flag} needs {budget / GIB:.3g} GiB of host KV ({block_bytes} bytes a block), above "
+                f"--host-kv-gib {config.host_kv_gib:g}: lower N to {int(config.host_kv_gib * GIB) // block_bytes} "
+                "or less, or raise --host-kv-gib."
+            )
     else:
         budget = int(budget_gib * GIB)
         max_host_blocks = budget // block_bytes
