@@ -53,11 +53,18 @@ def check_prompt_length(num_prompt_tokens: int, max_tokens: int | None, max_mode
         )
 
 
+def out_of_vocabulary(token_ids: Sequence[int], vocab_size: int) -> int | None:
+    """The first id that does not index the model's embedding table (it would fail the engine),
+    or None. min/max run in C: millions of ids cost milliseconds."""
+    if not token_ids or (min(token_ids) >= 0 and max(token_ids) < vocab_size):
+        return None
+    return next(t for t in token_ids if not 0 <= t < vocab_size)
+
+
 def check_vocabulary(token_ids: Sequence[int], vocab_size: int, what: str) -> None:
-    """Every id indexes the model's vocabulary (one out of it would fail the engine)."""
-    for token_id in token_ids:
-        if not 0 <= token_id < vocab_size:
-            raise ValueError(f"{what}: token id {token_id} is out of vocabulary (size {vocab_size}).")
+    token_id = out_of_vocabulary(token_ids, vocab_size)
+    if token_id is not None:
+        raise ValueError(f"{what}: token id {token_id} is out of vocabulary (size {vocab_size}).")
 
 
 def checked_params(params: proto.SamplingParams, vocab_size: int, max_logprobs: int) -> proto.SamplingParams:

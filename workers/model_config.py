@@ -151,7 +151,7 @@ class ModelConfig:
     def checkpoint_tensor_names(self) -> set[str]:
         """Every tensor the checkpoint must hold (without loading torch: the preflight checks a
         folder's safetensors headers against it). The model's ``CausalLM.checkpoint_targets``
-        names the same set (``tests/test_model.py`` holds them equal on every architecture)."""
+        names the same set (``tests/test_preflight.py`` holds them equal on every architecture)."""
         prefix = self.checkpoint_prefix
         names = {prefix + "embed_tokens.weight", prefix + "norm.weight"}
         if not self.tie_word_embeddings:

@@ -10,7 +10,7 @@ import msgspec
 import proto
 from pied.api.errors import bad_request, from_decode_error
 from pied.api.protocol import SamplingFields
-from pied.llm import PromptTooLongError, check_prompt_length
+from pied.llm import PromptTooLongError, check_prompt_length, out_of_vocabulary
 
 T = TypeVar("T")
 
@@ -123,12 +123,10 @@ def check_engine_integers(request: SamplingFields) -> None:
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
-    """Token ids (from the client or the tokenizer) must index the model's embedding table; a bad
-    one would fail the engine. min/max run in C: millions of ids cost milliseconds."""
-    if not token_ids or (min(token_ids) >= 0 and max(token_ids) < vocab_size):
-        return
-    token_id = next(t for t in token_ids if not 0 <= t < vocab_size)
-    raise bad_request(f"Token id {token_id} is out of vocabulary (size {vocab_size}).", param)
+    """Token ids (from the client or the tokenizer) must index the model's embedding table."""
+    token_id = out_of_vocabulary(token_ids, vocab_size)
+    if token_id is not None:
+        raise bad_request(f"Token id {token_id} is out of vocabulary (size {vocab_size}).", param)
 
 
 def sampling_params(

@@ -237,11 +237,8 @@ def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
             token_id = int(key)
         except ValueError:
             raise bad_request(f"logit_bias keys must be token ids, got {key!r}.", "logit_bias") from None
-        if not 0 <= token_id < vocab_size:
-            raise bad_request(
-                f"logit_bias: token id {token_id} is out of vocabulary (size {vocab_size}).", "logit_bias"
-            )
         result[token_id] = min(LOGIT_BIAS_RANGE, max(-LOGIT_BIAS_RANGE, float(value)))
+    check_token_ids(list(result), vocab_size, "logit_bias")
     return result
 
 
