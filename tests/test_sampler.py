@@ -462,7 +462,7 @@ def test_sampled_ids_are_in_range_for_a_large_vocabulary():
 def test_logit_bias_is_added_before_sampling_and_penalties():
     vocab = 50
     sampler = Sampler(vocab, "cpu")
-    logits = torch.zeros(2, vocab)
+    logits = torch.zeros(3, vocab)
     logits[:, 3] = 5.0  # the favourite
     logits[:, 9] = 4.0
 
@@ -470,8 +470,11 @@ def test_logit_bias_is_added_before_sampling_and_penalties():
         return SamplingState(proto.SamplingParams(**params), np.array([1, 2], dtype=np.int32), vocab, {0}, torch.device("cpu"))
 
     plain, banned = make(temperature=0), make(temperature=0, logit_bias={3: -100.0})
-    ids, _ = sampler.sample(logits, [plain, banned])
-    assert ids.tolist() == [3, 9]  # -100 takes the favourite out; the unbiased row beside it is as it was
+    pushed = make(temperature=0, logit_bias={20: 10.0, 3: -1.0})
+    ids, _ = sampler.sample(logits, [plain, banned, pushed])
+    # -100 takes the favourite out, +10 makes another the pick (both rows biased in one batch);
+    # the unbiased row beside them is as it was.
+    assert ids.tolist() == [3, 9, 20]
     # +10 on a token far behind makes it the pick, sampled or greedy; ids past the vocabulary are dropped.
     for temperature in (0.0, 1.0):
         boosted = make(temperature=temperature, seed=3, logit_bias={20: 10.0, vocab + 5: 50.0})

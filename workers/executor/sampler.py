@@ -260,12 +260,13 @@ class Sampler:
         dead = [i for i, none_left in zip(rows, empty) if none_left]
         relaxed = [i for i in dead if states[i].blocks_stop_tokens]
         if relaxed:
-            again = logits[self._row_index(relaxed)].to(torch.float32)
+            index = self._row_index(relaxed)
+            again = logits[index].to(torch.float32)
             subset = [states[i] for i in relaxed]
             self._apply_logit_bias(again, subset)
             self._apply_penalties(again, subset)
             self._apply_masks(again, subset)
-            processed[self._row_index(relaxed)] = again
+            processed[index] = again
             still = dict(zip(relaxed, torch.isneginf(again).all(dim=1).tolist()))
             dead = [i for i in dead if still.get(i, True)]
         for i in dead:
@@ -325,11 +326,15 @@ class Sampler:
             logits[index[0], index[1]] = float("-inf")
 
     def _apply_logit_bias(self, logits: torch.Tensor, states: list[SamplingState]) -> None:
-        """logit_bias: each biased token's logit plus its bias (one indexed add per biased row)."""
-        for i, state in enumerate(states):
-            if state.bias is not None:
-                ids, values = state.bias
-                logits[i].index_add_(0, ids, values)
+        """logit_bias: each biased token's logit plus its bias, for every biased row in one
+        indexed add (each row's ids are distinct)."""
+        biased = [(i, state.bias) for i, state in enumerate(states) if state.bias is not None]
+        if not biased:
+            return
+        rows = torch.cat([torch.full_like(ids, i) for i, (ids, _) in biased])
+        columns = torch.cat([ids for _, (ids, _) in biased])
+        values = torch.cat([values for _, (_, values) in biased])
+        logits.index_put_((rows, columns), values, accumulate=True)
 
     def _apply_penalties(self, logits: torch.Tensor, states: list[SamplingState]) -> None:
         """vLLM's ``apply_penalties``: repetition (HF style: divide positive logits, multiply
